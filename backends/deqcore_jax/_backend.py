@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deqcore._solution import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Solution
+
+
+class JaxBackend:
+    """The protocol on JAX: ``lax`` loops over fixed-shape state, so a whole solve runs under
+    ``jax.jit`` and ``jax.vmap``; ``custom_vjp`` with closure conversion for gradients.
+    """
+
+    name = "jax"
+    xp = jnp
+
+    def __init__(self) -> None:
+        self.register_pytree(Solution, SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS)
+
+    def is_array(self, obj: object) -> bool:
+        return isinstance(obj, (jax.Array, jax.core.Tracer))
+
+    def no_grad(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def while_loop(self, cond, body, state):
+        return jax.lax.while_loop(cond, body, state)
+
+    def fori_loop(self, length, body, state):
+        return jax.lax.fori_loop(0, length, body, state)
+
+    def set_index(self, buffer, index, value, axis=0):
+        idx = (slice(None),) * (axis % buffer.ndim) + (index,)
+        return buffer.at[idx].set(value)
+
+    def linear_solve(self, a, b):
+        return jnp.linalg.solve(a, b[..., None])[..., 0]
+
+    def vjp(self, fn, *primals):
+        return jax.vjp(fn, *primals)
+
+    def stop_gradient(self, x):
+        return jax.lax.stop_gradient(x)
+
+    def attach_adjoint(self, f, z_star, x, adjoint):
+        z_star = jax.lax.stop_gradient(z_star)
+        f_closed, consts = jax.closure_convert(f, z_star, x)
+
+        @jax.custom_vjp
+        def fixed_point(z, x, consts):
+            return z
+
+        def fwd(z, x, consts):
+            return z, (z, x, consts)
+
+        def bwd(res, g):
+            z, x, consts = res
+            _, pullback = jax.vjp(lambda z_, x_, c_: f_closed(z_, x_, *c_), z, x, consts)
+            u = adjoint(g, lambda v: pullback(v)[0])
+            _, gx, gc = pullback(u)
+            return jnp.zeros_like(z), gx, gc
+
+        fixed_point.defvjp(fwd, bwd)
+        return fixed_point(z_star, x, consts)
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def is_concrete(self, x):
+        return not isinstance(x, jax.core.Tracer)
+
+    def device(self, x):
+        return None
+
+    def host_check(self, failed, make_error: Callable[..., Exception], *payload):
+        if self.is_concrete(failed) and all(self.is_concrete(p) for p in payload):
+            if bool(jnp.any(failed)):
+                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+            return
+
+        def callback(failed, *payload):
+            if np.any(failed):
+                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+
+        jax.debug.callback(callback, failed, *payload)
+
+    def register_pytree(self, cls, data_fields, meta_fields):
+        try:
+            jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
+        except ValueError:  # already registered (registry reset in tests)
+            pass

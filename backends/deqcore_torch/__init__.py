@@ -1,0 +1,18 @@
+"""deqcore's PyTorch backend, registered as a plugin. Importing this package does not import torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deqcore import hookimpl
+
+
+def _make_backend() -> Any:
+    from ._backend import TorchBackend
+
+    return TorchBackend()
+
+
+@hookimpl
+def deqcore_register_backends(register: Any) -> None:
+    register("torch", _make_backend, modules=("torch",), install="pip install 'deqcore[torch]'")

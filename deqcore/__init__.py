@@ -1,0 +1,40 @@
+"""deqcore: deep equilibrium models, with algorithms written once for PyTorch and JAX.
+
+``deqcore.solve(f, x)`` finds the fixed point ``z* = f(z*, x)`` with Anderson acceleration,
+Broyden's method or (damped) fixed-point iteration, per sample of a batch. The array framework
+is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neither.
+"""
+
+from ._hookspecs import hookimpl, hookspec
+from ._loop import Problem, Solver
+from ._options import Option
+from ._protocol import Backend
+from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Registry, available, registry
+from ._solution import ConvergenceError, Result, Solution, Status
+from ._solve import COMMON_OPTIONS, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "KINDS",
+    "Backend",
+    "ConvergenceError",
+    "Entry",
+    "Option",
+    "PluginError",
+    "PluginWarning",
+    "Problem",
+    "Register",
+    "Registry",
+    "Result",
+    "Solution",
+    "Solver",
+    "Status",
+    "__version__",
+    "available",
+    "hookimpl",
+    "hookspec",
+    "registry",
+    "solve",
+]

@@ -1,0 +1,133 @@
+"""The backend protocol: the few operations deqcore's algorithms need from an array framework.
+
+Every solver and gradient mode in deqcore is written once against this protocol. A backend
+(``deqcore_torch``, ``deqcore_jax``, or a third-party one) implements it and registers itself
+through the ``deqcore_register_backends`` hook.
+
+Arithmetic goes through ``backend.xp``, an Array-API namespace (array-api-compat's wrapper for
+torch, ``jax.numpy`` for JAX). Everything that differs between eager and traced frameworks is a
+method here: loops, in-place-or-functional updates, differentiation, and the custom-gradient hook.
+
+Ownership rule: arrays in a loop state belong to the loop. ``set_index`` may update its buffer in
+place (torch) or return a new one (JAX), so an algorithm never reads a buffer after passing it to
+``set_index``; it uses the return value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+State = TypeVar("State")
+Array = Any
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a framework must provide for deqcore's solvers and gradient modes.
+
+    Attributes:
+        name: the registry name (``"torch"``, ``"jax"``).
+        xp: an Array-API namespace for this framework's arrays.
+    """
+
+    name: str
+    xp: Any
+
+    def is_array(self, obj: object) -> bool:
+        """True if ``obj`` is an array of this framework (including tracers)."""
+        ...
+
+    def no_grad(self) -> Any:
+        """A context manager under which no autograd graph is recorded (torch) or a null context."""
+        ...
+
+    def while_loop(
+        self, cond: Callable[[State], Array], body: Callable[[State], State], state: State
+    ) -> State:
+        """Run ``state = body(state)`` while ``cond(state)`` holds; not differentiable.
+
+        ``cond`` returns a boolean scalar array. JAX: ``lax.while_loop`` (jit- and vmap-safe).
+        torch: a Python loop without autograd; ``bool(cond(state))`` is the only host
+        round-trip of an iteration.
+        """
+        ...
+
+    def fori_loop(self, length: int, body: Callable[[int, State], State], state: State) -> State:
+        """Run ``state = body(i, state)`` for ``i`` in ``range(length)``, differentiably.
+
+        ``length`` is static. Used by unrolled gradient modes and hypersolver training.
+        """
+        ...
+
+    def set_index(self, buffer: Array, index: Any, value: Array, axis: int = 0) -> Array:
+        """Write ``value`` at position ``index`` of ``buffer`` along ``axis``; return the buffer.
+
+        ``index`` may be a Python int or an integer scalar array (traced under JAX). torch
+        writes in place; JAX returns an updated copy (in place once compiled).
+        """
+        ...
+
+    def linear_solve(self, a: Array, b: Array) -> Array:
+        """Solve the batched systems ``a @ x = b`` (``a``: (..., k, k), ``b``: (..., k)).
+
+        Never raises and never synchronises with the host: a singular system yields
+        non-finite entries, which the calling algorithm detects and handles.
+        """
+        ...
+
+    def vjp(self, fn: Callable[..., Array], *primals: Array) -> tuple[Array, Callable[..., Any]]:
+        """Return ``(fn(*primals), pullback)`` where ``pullback(ct)`` gives one cotangent per primal.
+
+        The pullback may be called many times (backward solvers do).
+        """
+        ...
+
+    def stop_gradient(self, x: Array) -> Array:
+        """``x`` with no gradient flowing back through it."""
+        ...
+
+    def attach_adjoint(
+        self,
+        f: Callable[[Array, Any], Array],
+        z_star: Array,
+        x: Any,
+        adjoint: Callable[[Array, Callable[[Array], Array]], Array],
+    ) -> Array:
+        """The custom-gradient hook every gradient mode is built on.
+
+        Returns an array equal to ``z_star`` whose gradient is defined as follows: the incoming
+        cotangent ``g`` (w.r.t. the returned array) is turned into an adjoint
+        ``u = adjoint(g, vjp_z)``, where ``vjp_z(v) = v @ df/dz`` at ``(z_star, x)``, and ``u`` is
+        carried to ``x`` and to everything ``f`` closes over (parameters) by one VJP of ``f`` at
+        ``z_star``. No gradient flows into ``z_star`` itself.
+
+        torch: the hook-on-``f(z*)`` pattern (parameters of modules used by ``f`` receive
+        ``.grad`` through ``loss.backward()``); JAX: ``custom_vjp`` with closure conversion, so
+        arrays ``f`` closes over receive gradients under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+        """
+        ...
+
+    def to_numpy(self, x: Array) -> Any:
+        """A NumPy copy of a concrete array (used for reports, never inside a solver loop)."""
+        ...
+
+    def is_concrete(self, x: Array) -> bool:
+        """False while ``x`` is an abstract tracer (inside ``jax.jit``/``vmap``); True otherwise."""
+        ...
+
+    def device(self, x: Array) -> Any:
+        """The device ``x`` lives on, or None when it cannot be known (tracers)."""
+        ...
+
+    def host_check(self, failed: Array, make_error: Callable[[Any], Exception]) -> None:
+        """Raise ``make_error(failed_mask_as_numpy)`` if any entry of ``failed`` is True.
+
+        Concrete arrays are checked at once; under tracing the check runs when the compiled
+        computation executes (the error then arrives wrapped in the framework's runtime error).
+        """
+        ...
+
+    def register_pytree(self, cls: type, data_fields: list[str], meta_fields: list[str]) -> None:
+        """Make ``cls`` (a dataclass) traversable by the framework (no-op where meaningless)."""
+        ...

@@ -1,0 +1,117 @@
+"""The result of a fixed-point solve: :class:`Solution`, per-sample :class:`Status`, :class:`Result`."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class Status(enum.IntEnum):
+    """Per-sample outcome; larger values are worse.
+
+    CONVERGED: the stop residual reached ``tol``.
+    MAX_ITER: ``max_iter`` steps ran without reaching ``tol``; the lowest-residual iterate is kept.
+    DIVERGED: the residual grew beyond ``divergence`` times the initial one; the sample was frozen.
+    NONFINITE: ``f`` produced NaN or Inf for this sample (for example from a NaN in ``x``); the
+        sample was frozen at its last finite iterate, or at ``z0`` if ``f(z0)`` was not finite.
+    """
+
+    CONVERGED = 0
+    MAX_ITER = 1
+    DIVERGED = 2
+    NONFINITE = 3
+
+
+class Result(enum.IntEnum):
+    """Outcome of a whole solve: the worst :class:`Status` over the batch."""
+
+    SUCCESS = 0
+    MAX_ITER = 1
+    DIVERGED = 2
+    NONFINITE = 3
+
+
+class ConvergenceError(RuntimeError):
+    """Raised by ``deqcore.solve(..., throw=True)`` when a sample did not converge."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """The outcome of :func:`deqcore.solve`.
+
+    Per-sample arrays have the batch as their (last) axis and live on the input's device.
+
+    Attributes:
+        z: the fixed point, with the structure of ``z0`` (an array or a tuple of arrays). Per
+            sample, the iterate with the lowest stop residual seen.
+        abs_residual: (B,) ``||f(z) - z||`` at the returned ``z``.
+        rel_residual: (B,) ``||f(z) - z|| / (||f(z)|| + 1e-9)`` at the returned ``z``.
+        converged: (B,) bool, the stop residual reached ``tol``.
+        status: (B,) int, a :class:`Status` code per sample.
+        iterations: (B,) int, the steps each sample took before it was frozen.
+        steps: int scalar, the loop steps run (the largest of ``iterations``).
+        nfe: int scalar, batched evaluations of ``f`` (the initial ``f(z0)`` included).
+        abs_trace: (max_iter + 1, B) absolute residual of the iterate at each step; entries after
+            a sample was frozen repeat its final value.
+        rel_trace: (max_iter + 1, B) relative residual, likewise.
+        solver_state: the solver's final state (for Broyden: ``U``, ``V`` of the low-rank inverse
+            Jacobian estimate, kept for the GDEQ gradient).
+        solver: the solver's name.
+        stop_mode: ``"abs"`` or ``"rel"``, the residual ``tol`` applied to.
+        tol: the tolerance.
+    """
+
+    z: Any
+    abs_residual: Any
+    rel_residual: Any
+    converged: Any
+    status: Any
+    iterations: Any
+    steps: Any
+    nfe: Any
+    abs_trace: Any
+    rel_trace: Any
+    solver_state: Any
+    solver: str = dataclasses.field(default="", metadata={"static": True})
+    stop_mode: str = dataclasses.field(default="rel", metadata={"static": True})
+    tol: float = dataclasses.field(default=0.0, metadata={"static": True})
+
+    @property
+    def result(self) -> Result:
+        """The worst per-sample status as a :class:`Result` (needs concrete arrays)."""
+        import numpy as np
+
+        status = np.asarray(_to_numpy(self.status))
+        return Result(int(status.max())) if status.size else Result.SUCCESS
+
+    @property
+    def residual(self) -> Any:
+        """The per-sample residual that ``tol`` was applied to."""
+        return self.rel_residual if self.stop_mode == "rel" else self.abs_residual
+
+    def summary(self) -> str:
+        """A one-line human-readable report (needs concrete arrays)."""
+        import numpy as np
+
+        res = np.asarray(_to_numpy(self.residual), dtype=float)
+        conv = np.asarray(_to_numpy(self.converged))
+        return (
+            f"{self.solver}: {self.result.name}, {int(conv.sum())}/{conv.size} converged, "
+            f"steps {int(_to_numpy(self.steps))}, nfe {int(_to_numpy(self.nfe))}, "
+            f"max {self.stop_mode} residual {res.max(initial=0.0):.3e}"
+        )
+
+
+SOLUTION_DATA_FIELDS = [
+    f.name for f in dataclasses.fields(Solution) if not f.metadata.get("static", False)
+]
+SOLUTION_META_FIELDS = [f.name for f in dataclasses.fields(Solution) if f.metadata.get("static")]
+
+
+def _to_numpy(x: Any) -> Any:
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)

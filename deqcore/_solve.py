@@ -1,0 +1,184 @@
+"""``deqcore.solve``: the public entry point for forward fixed-point solves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import _options as opt
+from ._loop import Problem, run
+from ._registry import registry
+from ._solution import ConvergenceError, Solution, Status
+from ._structure import Structure, leaves
+
+COMMON_OPTIONS = {
+    "tol": opt.Option(1e-4, "stop when the stop residual is <= tol", opt.positive_float),
+    "max_iter": opt.Option(50, "maximum solver steps (f-evaluations: 1 + steps, more with a line search)",
+                           opt.positive_int),
+    "stop_mode": opt.Option("rel", "'rel': ||f(z)-z||/||f(z)||, 'abs': ||f(z)-z||", opt.one_of("rel", "abs")),
+    "divergence": opt.Option(1e6, "flag a sample DIVERGED when its abs residual exceeds this factor times "
+                             "the initial one; None disables", opt.optional(opt.positive_float)),
+    "batched": opt.Option(True, "axis 0 of z is the batch axis (per-sample convergence); False: one state",
+                          opt.boolean),
+    "throw": opt.Option(False, "raise ConvergenceError unless every sample converged", opt.boolean),
+}
+
+
+def solve(
+    f: Callable[[Any, Any], Any],
+    x: Any,
+    z0: Any = None,
+    *,
+    backend: str | None = None,
+    solver: str = "anderson",
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop_mode: str = "rel",
+    divergence: float | None = 1e6,
+    batched: bool = True,
+    throw: bool = False,
+    **options: Any,
+) -> Solution:
+    """Find ``z*`` with ``z* = f(z*, x)``, per sample of a batch.
+
+    Args:
+        f: the layer, called as ``f(z, x)``. ``z`` is an array or a tuple of arrays (several
+            resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device.
+        x: the input injection, passed to ``f`` unchanged (an array, a tuple of arrays, or None).
+        z0: the initial state; default zeros with the structure of ``x``.
+        backend: ``"torch"``, ``"jax"`` or a plugin's backend; default inferred from the arrays.
+            A backend that does not match the arrays' type is a ``TypeError`` naming both.
+        solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver.
+        tol, stop_mode: stop a sample when its ``rel`` (``||f(z)-z|| / ||f(z)||``) or ``abs``
+            (``||f(z)-z||``) residual is ``<= tol``. Converged samples are frozen; the loop ends
+            when all samples are frozen or after ``max_iter`` steps.
+        divergence: a sample whose abs residual exceeds ``divergence`` times its initial one is
+            flagged ``DIVERGED`` and frozen; ``None`` disables the test.
+        batched: axis 0 of every array of ``z`` is the batch axis (default). ``False`` treats the
+            whole state as one sample (use it inside ``jax.vmap``).
+        throw: raise :class:`ConvergenceError` when any sample did not converge (under
+            ``jax.jit`` the error surfaces when the computation runs).
+        **options: the solver's own options (``memory``, ``beta``, ``lam``, ``damping``,
+            ``line_search`` ...). Unknown names are a ``TypeError`` listing the valid ones.
+
+    Returns:
+        A :class:`Solution`. Per sample, ``z`` is the iterate with the lowest stop residual seen;
+        samples whose ``f`` produced NaN/Inf are flagged ``NONFINITE``, never silently returned
+        as converged. The solve records no autograd graph.
+    """
+    reg = registry()
+    common = opt.resolve(
+        "deqcore.solve",
+        COMMON_OPTIONS,
+        {"tol": tol, "max_iter": max_iter, "stop_mode": stop_mode, "divergence": divergence,
+         "batched": batched, "throw": throw},
+    )
+    be = _resolve_backend(reg, backend, x, z0)
+    solver_cls = reg.get("solvers", solver).obj
+    solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
+    solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
+
+    if z0 is None:
+        z0 = _zeros_like(be, x)
+    structure = Structure.of(be, z0, common["batched"])
+    ref = leaves(z0)[0]
+
+    def fn(zf: Any) -> Any:
+        out = f(structure.unflatten(be, zf), x)
+        structure.check_output(be, out, ref)
+        return structure.flatten(be, out)
+
+    with be.no_grad():
+        z0f = be.stop_gradient(structure.flatten(be, z0))
+        problem = Problem(be, fn, structure.batch, structure.n, structure.dtype)
+        state, _ = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
+                       stop_mode=common["stop_mode"], divergence=common["divergence"])
+    xp = be.xp
+    solution = Solution(
+        z=structure.unflatten(be, state.best_z),
+        abs_residual=state.best_abs,
+        rel_residual=state.best_rel,
+        converged=state.status == int(Status.CONVERGED),
+        status=state.status,
+        iterations=state.iterations,
+        steps=xp.max(state.iterations),
+        nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,
+        abs_trace=state.abs_trace,
+        rel_trace=state.rel_trace,
+        solver_state=state.solver,
+        solver=solver,
+        stop_mode=common["stop_mode"],
+        tol=float(common["tol"]),
+    )
+    if common["throw"]:
+        be.host_check(~solution.converged, _convergence_error(solver, common, x, be),
+                      solution.status, solution.residual)
+    return solution
+
+
+def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any) -> Callable[..., Exception]:
+    def make(failed: np.ndarray, status: np.ndarray, residual: np.ndarray) -> Exception:
+        bad = np.flatnonzero(failed)
+        names = {int(s): Status(int(s)).name for s in np.unique(status[bad])}
+        counts = ", ".join(f"{int((status[bad] == s).sum())} {n}" for s, n in names.items())
+        msg = (f"deqcore.solve({solver!r}): {bad.size} of {failed.size} samples did not converge "
+               f"({counts}); samples {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}, worst "
+               f"{common['stop_mode']} residual {np.nanmax(residual[bad]):.3e} > tol {common['tol']:g}")
+        if int(Status.NONFINITE) in names:
+            msg += ". f produced NaN/Inf"
+            arrays = [a for a in leaves(x) if be.is_array(a)]
+            if any(be.is_concrete(a) and not np.all(np.isfinite(be.to_numpy(a))) for a in arrays):
+                msg += "; x itself contains NaN/Inf"
+        elif int(Status.DIVERGED) in names:
+            msg += ". The residual grew: is f a contraction? Try damping (fixed_point damping<1)"
+        else:
+            msg += f". Raise max_iter (now {common['max_iter']}) or loosen tol"
+        return ConvergenceError(msg)
+
+    return make
+
+
+def _zeros_like(be: Any, x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(be.xp.zeros_like(item) for item in x)
+    if not be.is_array(x):
+        raise TypeError(
+            f"deqcore.solve: cannot make a default z0 from x of type {type(x).__name__}; pass z0="
+        )
+    return be.xp.zeros_like(x)
+
+
+def _resolve_backend(reg: Any, name: str | None, x: Any, z0: Any) -> Any:
+    candidates = [leaf for leaf in leaves(z0) + leaves(x) if leaf is not None]
+    inferred = None
+    for leaf in candidates:
+        inferred = reg.backend_for(leaf)
+        if inferred is not None:
+            break
+    if name is None:
+        if inferred is None:
+            kinds = sorted({type(leaf).__name__ for leaf in candidates}) or ["nothing"]
+            raise TypeError(
+                f"deqcore.solve: cannot infer the backend from {', '.join(kinds)}; pass backend= "
+                f"(available: {', '.join(reg.names('backends'))})"
+            )
+        return reg.backend(inferred)
+    be = reg.backend(name)
+    for leaf in candidates:
+        if be.is_array(leaf):
+            return be
+        other = reg.backend_for(leaf)
+        if other is not None:
+            raise TypeError(
+                f"deqcore.solve: backend {name!r} was requested but the input is a "
+                f"{type(leaf).__module__}.{type(leaf).__name__} (backend {other!r}); convert the "
+                f"arrays or pass backend={other!r}"
+            )
+    if not candidates or all(not hasattr(leaf, "shape") for leaf in candidates):
+        return be
+    raise TypeError(
+        f"deqcore.solve: backend {name!r} cannot handle inputs of type "
+        f"{', '.join(sorted({type(leaf).__name__ for leaf in candidates}))}"
+    )

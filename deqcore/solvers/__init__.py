@@ -1,0 +1,7 @@
+"""The built-in solvers, each written once over the backend protocol."""
+
+from ._anderson import Anderson, AndersonState
+from ._broyden import Broyden, BroydenState
+from ._fixed_point import FixedPoint, FixedPointState
+
+__all__ = ["Anderson", "AndersonState", "Broyden", "BroydenState", "FixedPoint", "FixedPointState"]

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .._loop import Problem, Solver, select_rows
+from .._options import Option, boolean, nonnegative_int, optional, positive_int
+
+
+class BroydenState(NamedTuple):
+    """Broyden's low-rank inverse-Jacobian estimate ``B = -I + sum_i U_i V_i^T`` (U, V: (B, m, n)).
+
+    ``B`` approximates the inverse Jacobian of ``g(z) = f(z) - z``. ``count`` pairs have been
+    written (slot ``count % m`` is next); ``breakdowns`` (B,) counts updates skipped because the
+    secant denominator was zero or the update non-finite.
+    """
+
+    z: Any
+    fz: Any
+    U: Any
+    V: Any
+    count: Any
+    breakdowns: Any
+
+
+def apply_inverse(xp: Any, U: Any, V: Any, y: Any) -> Any:
+    """``B y = -y + sum_i U_i (V_i . y)`` per sample."""
+    coeff = xp.matmul(y[:, None, :], xp.matrix_transpose(V))
+    return xp.matmul(coeff, U)[:, 0] - y
+
+
+def apply_inverse_transpose(xp: Any, U: Any, V: Any, y: Any) -> Any:
+    """``y^T B = -y + sum_i V_i (U_i . y)`` per sample (GDEQ's ``-B^T g`` is its negation)."""
+    coeff = xp.matmul(y[:, None, :], xp.matrix_transpose(U))
+    return xp.matmul(coeff, V)[:, 0] - y
+
+
+class Broyden(Solver):
+    """"Good" Broyden with a low-rank inverse-Jacobian ring memory (locuslab style).
+
+    Starts from ``B_0 = -I`` (so step 1 is ``z_1 = f(z_0)``), steps ``z <- z - s B g(z)``, and after
+    each step that leaves a sample unconverged stores the rank-one update that makes
+    ``B dg = dz`` (the secant condition) in slot ``count % memory``, overwriting the oldest pair
+    once the ring is full. The pair of the converging step is not stored. Optional per-sample
+    backtracking Armijo line search on ``||g||^2`` with quadratic interpolation.
+    """
+
+    name = "broyden"
+    options = {
+        "memory": Option(None, "stored rank-one pairs m; None keeps all (m = max_iter)",
+                         optional(nonnegative_int)),
+        "line_search": Option(False, "backtracking Armijo line search on ||f(z) - z||^2", boolean),
+        "ls_max_trials": Option(3, "extra f-evaluations the line search may spend per step",
+                                positive_int),
+    }
+    memory: int | None
+    line_search: bool
+    ls_max_trials: int
+
+    def __init__(self, *, max_iter: int, **options: Any) -> None:
+        super().__init__(max_iter=max_iter, **options)
+        self.m = max_iter if self.memory is None else self.memory
+
+    def init(self, problem: Problem, z0: Any, fz0: Any) -> BroydenState:
+        xp = problem.backend.xp
+        ring = xp.tile(xp.zeros_like(z0)[:, None, :], (1, self.m, 1))
+        breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
+        return BroydenState(z0, fz0, ring, xp.zeros_like(ring), 0, breakdowns)
+
+    def step(self, problem: Problem, state: BroydenState, active: Any):
+        xp = problem.backend.xp
+        g = state.fz - state.z
+        p = -apply_inverse(xp, state.U, state.V, g)
+        z = select_rows(xp, active, state.z + p, state.z)
+        fz = problem.fn(z)
+        if not self.line_search:
+            return z, fz, state, 1
+        z, fz, nfe = self._line_search(problem, state, p, g, z, fz, active)
+        return z, fz, state, nfe
+
+    def _line_search(self, problem, state, p, g, z1, fz1, active):
+        backend = problem.backend
+        xp = backend.xp
+        c1, amin = 1e-4, 1e-2
+        phi0 = xp.sum(g * g, axis=-1)
+
+        def quadratic(phi, s):
+            denom = 2.0 * (phi - phi0 + phi0 * s)
+            return xp.where(denom > 0, phi0 * s * s / denom, xp.zeros_like(s))
+
+        def armijo(phi, s):
+            return phi <= phi0 * (1.0 - c1 * s)
+
+        phi1 = xp.sum((fz1 - z1) ** 2, axis=-1)
+        s = xp.ones_like(phi0)
+        pending = active & ~armijo(phi1, s)
+        s = quadratic(phi1, s)
+        pending = pending & (s >= amin)
+
+        def cond(ls):
+            return (ls[4] < self.ls_max_trials) & xp.any(ls[3])
+
+        def body(ls):
+            z_out, fz_out, s, pending, trials = ls
+            z_try = select_rows(xp, pending, state.z + s[:, None] * p, state.z)
+            fz_try = problem.fn(z_try)
+            phi = xp.sum((fz_try - z_try) ** 2, axis=-1)
+            ok = pending & armijo(phi, s)
+            z_out = select_rows(xp, ok, z_try, z_out)
+            fz_out = select_rows(xp, ok, fz_try, fz_out)
+            s_next = quadratic(phi, s)
+            pending = pending & ~ok & (s_next >= amin)
+            return z_out, fz_out, s_next, pending, trials + 1
+
+        z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0))
+        return z_out, fz_out, 1 + trials
+
+    def commit(self, problem, state: BroydenState, z_new, fz_new, active, keep):
+        if self.m == 0:
+            return state._replace(z=z_new, fz=fz_new)
+        backend = problem.backend
+        xp = backend.xp
+        dz = z_new - state.z
+        dg = (fz_new - z_new) - (state.fz - state.z)
+        v = apply_inverse_transpose(xp, state.U, state.V, dz)
+        u = (dz - apply_inverse(xp, state.U, state.V, dg)) / xp.sum(v * dg, axis=-1, keepdims=True)
+        finite = xp.all(xp.isfinite(u), axis=-1) & xp.all(xp.isfinite(v), axis=-1)
+        write = keep & finite
+        slot = state.count % self.m
+        U = backend.set_index(state.U, slot, select_rows(xp, write, u, state.U[:, slot]), axis=1)
+        V = backend.set_index(state.V, slot, select_rows(xp, write, v, state.V[:, slot]), axis=1)
+        breakdowns = state.breakdowns + xp.astype(keep & ~finite, xp.int32)
+        return BroydenState(z_new, fz_new, U, V, state.count + 1, breakdowns)
