@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -46,12 +47,22 @@ class Entry:
 
 
 class Register:
-    """The ``register`` callable handed to a plugin's hook, bound to one kind and one plugin."""
+    """The ``register`` callable handed to a plugin's hook, bound to one kind and one plugin.
+
+    It is valid only while the hook runs: a plugin that keeps it and calls it later gets a
+    :class:`PluginError` rather than silently changing (or failing to change) the registry.
+    """
 
     def __init__(self, registry: Registry, kind: str, plugin: str) -> None:
         self._registry, self.kind, self.plugin = registry, kind, plugin
+        self._open = True
 
     def __call__(self, name: str, obj: Any, **info: Any) -> None:
+        if not self._open:
+            raise PluginError(
+                f"plugin {self.plugin!r} called register() for {self.kind} after its "
+                f"deqcore_register_{self.kind} hook returned; register from inside the hook"
+            )
         if not isinstance(name, str) or not name:
             raise ValueError(f"plugin {self.plugin!r} registered a {self.kind[:-1]} with name {name!r}")
         self._registry._add(Entry(self.kind, name, obj, self.plugin, info))
@@ -75,14 +86,18 @@ class Registry:
             self._plugins: list[str] = []
             self._backend_instances: dict[str, Any] = {}
             self._pending: dict[str, dict[str, Entry]] = {}
+            self._loading = False
 
     def _add(self, entry: Entry) -> None:
         table = self._pending[entry.kind]
         if entry.name in table:
             other = table[entry.name].plugin
+            builtin = {name for name, _ in BUILTIN_PLUGINS}
+            # suggest blocking the third-party one: blocking "deqcore" would drop every built-in
+            culprit = other if entry.plugin in builtin and other not in builtin else entry.plugin
             raise PluginError(
                 f"{entry.kind[:-1]} {entry.name!r} is registered twice: by plugin {other!r} and by "
-                f"plugin {entry.plugin!r}. Uninstall one, or block it with {BLOCK_ENV}={entry.plugin}"
+                f"plugin {entry.plugin!r}. Uninstall one, or block it with {BLOCK_ENV}={culprit}"
             )
         table[entry.name] = entry
 
@@ -90,48 +105,69 @@ class Registry:
         with self._lock:
             if self._entries is not None:
                 return self._entries
-            pm = pluggy.PluginManager("deqcore")
-            pm.add_hookspecs(_hookspecs)
-            blocked = {b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()}
-            for name in blocked:
-                pm.set_blocked(name)
-            for name, module in BUILTIN_PLUGINS:
-                if name not in blocked:
-                    pm.register(importlib.import_module(module), name=name)
-            if os.environ.get(DISABLE_ENV, "").strip() in ("", "0"):
-                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                    if ep.name in blocked or pm.is_registered(ep) or pm.has_plugin(ep.name):
-                        continue
-                    try:
-                        plugin = ep.load()
-                        pm.register(plugin, name=ep.name)
-                    except Exception as exc:  # a broken plugin must not break the others
-                        warnings.warn(
-                            f"deqcore: plugin {ep.name!r} ({ep.value}) could not be loaded and is "
-                            f"ignored: {type(exc).__name__}: {exc}",
-                            PluginWarning,
-                            stacklevel=3,
-                        )
-            self._pending = {kind: {} for kind in KINDS}
-            for kind in KINDS:
-                hook = getattr(pm.hook, f"deqcore_register_{kind}")
-                for impl in reversed(hook.get_hookimpls()):
-                    before = {k: dict(v) for k, v in self._pending.items()}
-                    try:
-                        impl.function(register=Register(self, kind, impl.plugin_name))
-                    except PluginError:
-                        raise
-                    except Exception as exc:
-                        self._pending = before
-                        warnings.warn(
-                            f"deqcore: plugin {impl.plugin_name!r} failed while registering {kind} "
-                            f"and is ignored: {type(exc).__name__}: {exc}",
-                            PluginWarning,
-                            stacklevel=3,
-                        )
-            self._plugins = [name for name, _ in pm.list_name_plugin()]
-            self._entries = self._pending
-            return self._entries
+            if self._loading:  # the lock is reentrant: only a hook of this very load gets here
+                raise PluginError(
+                    "the deqcore registry was used while plugins were registering (a plugin hook "
+                    "called deqcore.solve/available/registry()); hooks must only call register()"
+                )
+            self._loading = True
+            try:
+                return self._load_plugins()
+            finally:
+                self._loading = False
+
+    def _load_plugins(self) -> dict[str, dict[str, Entry]]:
+        pm = pluggy.PluginManager("deqcore")
+        pm.add_hookspecs(_hookspecs)
+        blocked = {b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()}
+        for name in blocked:
+            pm.set_blocked(name)
+        for name, module in BUILTIN_PLUGINS:
+            if name not in blocked:
+                pm.register(importlib.import_module(module), name=name)
+        if os.environ.get(DISABLE_ENV, "").strip().lower() in ("", "0", "false", "no", "off"):
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if ep.name in blocked:
+                    continue
+                if pm.has_plugin(ep.name):
+                    _warn(f"plugin {ep.name!r} ({ep.value}) is ignored: the name {ep.name!r} is already "
+                          f"taken by {_describe(pm.get_plugin(ep.name))}")
+                    continue
+                try:
+                    plugin = ep.load()
+                    pm.register(plugin, name=ep.name)
+                except Exception as exc:  # a broken plugin must not break the others
+                    _warn(f"plugin {ep.name!r} ({ep.value}) could not be loaded and is ignored: "
+                          f"{type(exc).__name__}: {exc}")
+        _warn_unknown_hooks(pm)
+        # Call hooks in plugin registration order (built-ins first), so that a duplicate name is
+        # reported against the plugin that came second.
+        order = {name: i for i, (name, plugin) in enumerate(pm.list_name_plugin()) if plugin is not None}
+        self._pending = {kind: {} for kind in KINDS}
+        failed: set[str] = set()
+        for kind in KINDS:
+            hook = getattr(pm.hook, f"deqcore_register_{kind}")
+            impls = [i for i in hook.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+            for impl in sorted(impls, key=lambda i: order.get(i.plugin_name, len(order))):
+                if impl.plugin_name in failed:
+                    continue
+                register = Register(self, kind, impl.plugin_name)
+                try:
+                    impl.function(**{arg: register for arg in impl.argnames})
+                except PluginError:
+                    raise
+                except Exception as exc:  # drop everything this plugin registered, all kinds
+                    failed.add(impl.plugin_name)
+                    for table in self._pending.values():
+                        for name in [n for n, e in table.items() if e.plugin == impl.plugin_name]:
+                            del table[name]
+                    _warn(f"plugin {impl.plugin_name!r} failed while registering {kind} and is "
+                          f"ignored: {type(exc).__name__}: {exc}")
+                finally:
+                    register._open = False
+        self._plugins = [name for name in order if name not in failed]
+        self._entries = self._pending
+        return self._entries
 
     def names(self, kind: str) -> list[str]:
         """Sorted names registered for ``kind`` (one of ``KINDS``)."""
@@ -182,6 +218,32 @@ class Registry:
         if kind not in KINDS:
             raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
         return self._load()[kind]
+
+
+def _warn(message: str) -> None:
+    """Warn with :class:`PluginWarning`, attributed to the first caller outside deqcore."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"deqcore: {message}", PluginWarning, stacklevel=level)
+
+
+def _describe(plugin: Any) -> str:
+    return f"module {plugin.__name__!r}" if hasattr(plugin, "__name__") else repr(plugin)
+
+
+def _warn_unknown_hooks(pm: pluggy.PluginManager) -> None:
+    """Warn about ``deqcore_*`` hook implementations that match no hook (a misspelt hook name
+    would otherwise register nothing, silently)."""
+    for name, caller in vars(pm.hook).items():
+        if not isinstance(caller, pluggy.HookCaller) or caller.spec is not None:
+            continue
+        for impl in caller.get_hookimpls():
+            if not impl.optionalhook:
+                known = ", ".join(sorted(n for n in vars(_hookspecs) if n.startswith("deqcore_")))
+                _warn(f"plugin {impl.plugin_name!r} implements {name!r}, which is not a deqcore hook "
+                      f"(hooks: {known}); it is never called")
 
 
 REGISTRY = Registry()

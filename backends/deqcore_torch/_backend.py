@@ -41,8 +41,11 @@ class TorchBackend:
         return buffer
 
     def linear_solve(self, a, b):
+        dtype = a.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half-precision solve
+            a, b = a.float(), b.float()
         x, _ = torch.linalg.solve_ex(a, b.unsqueeze(-1), check_errors=False)
-        return x.squeeze(-1)
+        return x.squeeze(-1).to(dtype)
 
     def vjp(self, fn, *primals):
         leaves = [p.detach().requires_grad_(True) for p in primals]

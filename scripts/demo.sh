@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Newcomer demo: create (or reuse) .venv, install deqcore with PyTorch, JAX and matplotlib, and run
+# `python -m deqcore.demo` on Fashion-MNIST from the local data folder (never downloaded).
+#
+#   bash scripts/demo.sh                 # data from $DEQCORE_DATA, else ../shared/data
+#   bash scripts/demo.sh --problem symmetric --dtype float64    # extra flags go to the demo
+#
+# Environment: PYTHON (interpreter for a new venv), DEQCORE_VENV (venv folder, default .venv),
+# DEQCORE_DATA (data folder).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/_common.sh
+
+venv="${DEQCORE_VENV:-.venv}"
+ensure_venv "$venv"
+echo ">> pip install -e '.[torch,jax,demo]'" >&2
+"$venv/bin/python" -m pip install -e '.[torch,jax,demo]'
+
+data="${DEQCORE_DATA:-../shared/data}"
+echo ">> python -m deqcore.demo --data $data $*" >&2
+exec "$venv/bin/python" -m deqcore.demo --data "$data" "$@"

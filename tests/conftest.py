@@ -1,0 +1,95 @@
+"""Shared fixtures: the ``backend`` fixture runs a test once per selected backend.
+
+``DEQCORE_TEST_BACKENDS=torch`` (or ``jax``, or ``torch,jax``) selects backends; by default every
+backend whose framework imports. A selected backend whose framework is missing is an error, not a
+skip, so a misconfigured tox env cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import deqcore
+
+ALL_BACKENDS = ("torch", "jax")
+
+
+def _selected() -> tuple[str, ...]:
+    raw = os.environ.get("DEQCORE_TEST_BACKENDS", "").strip()
+    if raw:
+        names = tuple(n.strip() for n in raw.split(",") if n.strip())
+        missing = [n for n in names if importlib.util.find_spec(n) is None]
+        if missing:
+            raise pytest.UsageError(f"DEQCORE_TEST_BACKENDS selects {missing} but they are not installed")
+        return names
+    return tuple(n for n in ALL_BACKENDS if importlib.util.find_spec(n) is not None)
+
+
+SELECTED = _selected()
+
+if "jax" in SELECTED:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+class Harness:
+    """Array conversion and solving for one backend, so tests read the same for all backends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.backend = deqcore.registry().backend(name)
+        self.xp = self.backend.xp
+
+    def asarray(self, a, dtype="float64"):
+        a = np.asarray(a, dtype=dtype)
+        if self.name == "torch":
+            import torch
+
+            return torch.from_numpy(a.copy())
+        import jax.numpy as jnp
+
+        return jnp.asarray(a)
+
+    def numpy(self, a):
+        return np.asarray(self.backend.to_numpy(a))
+
+    def solve(self, f, x, z0=None, jit=False, **kw):
+        """``deqcore.solve``; with ``jit=True`` on JAX the whole solve is compiled."""
+        if self.name == "jax" and jit:
+            import jax
+
+            return jax.jit(lambda x, z0: deqcore.solve(f, x, z0, **kw))(x, z0)
+        return deqcore.solve(f, x, z0, **kw)
+
+    def tanh_layer(self, W, U, b):
+        """f(z, x) = tanh(z W^T + x U^T + b) with numpy weights converted to this backend."""
+        Wb, Ub, bb = (self.asarray(a, dtype=W.dtype) for a in (W, U, b))
+        if self.name == "torch":
+            import torch
+
+            return lambda z, x: torch.tanh(z @ Wb.T + x @ Ub.T + bb)
+        import jax.numpy as jnp
+
+        return lambda z, x: jnp.tanh(z @ Wb.T + x @ Ub.T + bb)
+
+    def affine_layer(self, A, c):
+        """f(z, x) = z A^T + x + c."""
+        Ab, cb = self.asarray(A, dtype=A.dtype), self.asarray(c, dtype=c.dtype)
+        return lambda z, x: z @ Ab.T + x + cb
+
+
+@pytest.fixture(params=SELECTED)
+def h(request) -> Harness:
+    return Harness(request.param)
+
+
+@pytest.fixture
+def both() -> tuple[Harness, Harness]:
+    if set(ALL_BACKENDS) - set(SELECTED):
+        pytest.skip("cross-backend equivalence needs both torch and jax selected")
+    return Harness("torch"), Harness("jax")

@@ -1,0 +1,285 @@
+"""Solver behaviour on both backends: exact float64 checks against the algorithms' math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from problems import scaled_gaussian, tanh_deq, tanh_fixed_point
+
+import deqcore
+from deqcore._loop import Problem
+from deqcore.solvers import Anderson, Broyden
+from deqcore.solvers._anderson import mixing_weights
+from deqcore.solvers._broyden import apply_inverse, apply_inverse_transpose
+
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+
+
+def affine_problem(h, d, batch=2, seed=0, rho=0.9):
+    rng = np.random.default_rng(seed)
+    A = scaled_gaussian(rng, d, rho)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((batch, d))
+    exact = np.linalg.solve(np.eye(d) - A, (x + c).T).T
+    return h.affine_layer(A, c), h.asarray(x), exact
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_tanh_deq_reaches_reference_fixed_point(h, solver):
+    W, U, b, x = tanh_deq(seed=1)
+    f = h.tanh_layer(W, U, b)
+    sol = h.solve(f, h.asarray(x), solver=solver, tol=1e-11, max_iter=300, jit=True)
+    ref = tanh_fixed_point(W, U, b, x)
+    assert h.numpy(sol.converged).all()
+    assert sol.result is deqcore.Result.SUCCESS
+    np.testing.assert_allclose(h.numpy(sol.z), ref, atol=1e-9)
+    # the reported residual is the residual of the returned z
+    z = h.numpy(sol.z)
+    fz = np.tanh(z @ W.T + x @ U.T + b)
+    np.testing.assert_allclose(h.numpy(sol.abs_residual), np.linalg.norm(fz - z, axis=1), rtol=1e-6,
+                               atol=1e-15)
+
+
+@pytest.mark.parametrize("d", [4, 8, 16])
+def test_broyden_affine_contraction_within_2d_steps(h, d):
+    f, x, exact = affine_problem(h, d, seed=d)
+    sol = h.solve(f, x, solver="broyden", tol=1e-10, max_iter=4 * d)
+    assert h.numpy(sol.converged).all()
+    assert int(h.numpy(sol.steps)) <= 2 * d
+    np.testing.assert_allclose(h.numpy(sol.z), exact, atol=1e-8)
+
+
+@pytest.mark.parametrize("d", [4, 8])
+def test_anderson_affine_contraction_gmres_bound(h, d):
+    f, x, exact = affine_problem(h, d, seed=10 + d)
+    sol = h.solve(f, x, solver="anderson", tol=1e-8, max_iter=50, memory=d + 3, lam=1e-12)
+    assert h.numpy(sol.converged).all()
+    assert int(h.numpy(sol.nfe)) <= d + 2
+    np.testing.assert_allclose(h.numpy(sol.z), exact, atol=1e-7)
+
+
+def _flat_problem(h, f, x):
+    return Problem(h.backend, lambda z: f(z, x), x.shape[0], x.shape[1], x.dtype)
+
+
+def test_broyden_secant_condition_and_dense_products(h):
+    W, U, b, x_np = tanh_deq(seed=3, d=8, batch=3)
+    f, x = h.tanh_layer(W, U, b), h.asarray(x_np)
+    problem = _flat_problem(h, f, x)
+    solver = Broyden(max_iter=30, memory=4, line_search=False, ls_max_trials=3)
+    xp = h.xp
+    z0 = xp.zeros_like(x)
+    fz0 = problem.fn(z0)
+    state = solver.init(problem, z0, fz0)
+    active = xp.ones(x.shape[0], dtype=xp.bool)
+    z_new, fz_new, state, nfe = solver.step(problem, state, active)
+    np.testing.assert_array_equal(h.numpy(z_new), h.numpy(fz0))  # step 1 is z1 = f(z0)
+    m = 4
+    for t in range(1, 11):
+        prev_z, prev_g = np.array(h.numpy(state.z)), np.array(h.numpy(state.fz - state.z))
+        U_before, V_before = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
+        state = solver.commit(problem, state, z_new, fz_new, active, active)
+        dz = np.array(h.numpy(z_new)) - prev_z
+        dg = np.array(h.numpy(fz_new - z_new)) - prev_g
+        U_, V_ = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
+        slot = (t - 1) % m  # pair t lives in slot (t - 1) % m; the other slots are untouched
+        others = [i for i in range(m) if i != slot]
+        np.testing.assert_array_equal(U_[:, others], U_before[:, others])
+        np.testing.assert_array_equal(V_[:, others], V_before[:, others])
+        # the new pair is the rank-one update that makes (B_before + u v^T) dg = dz
+        dense_before = -np.eye(8) + np.einsum("bmi,bmj->bij", U_before, V_before)
+        updated = dense_before + np.einsum("bi,bj->bij", U_[:, slot], V_[:, slot])
+        np.testing.assert_allclose(np.einsum("bij,bj->bi", updated, dg), dz, atol=1e-10)
+        dense = -np.eye(8) + np.einsum("bmi,bmj->bij", U_, V_)
+        if t <= m:  # before the ring wraps, the stored B itself satisfies the secant condition
+            np.testing.assert_allclose(np.einsum("bij,bj->bi", dense, dg), dz, atol=1e-10)
+        y = np.random.default_rng(t).standard_normal((3, 8))
+        np.testing.assert_allclose(h.numpy(apply_inverse(xp, state.U, state.V, h.asarray(y))),
+                                   np.einsum("bij,bj->bi", dense, y), atol=1e-12)
+        np.testing.assert_allclose(h.numpy(apply_inverse_transpose(xp, state.U, state.V, h.asarray(y))),
+                                   np.einsum("bi,bij->bj", y, dense), atol=1e-12)
+        z_new, fz_new, state, nfe = solver.step(problem, state, active)
+
+
+def test_broyden_ring_memory_semantics(h):
+    W, U, b, x = tanh_deq(seed=4, d=12, batch=2, sym=True)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    kw = dict(solver="broyden", tol=1e-13, max_iter=20)
+    full = h.solve(f, xa, **kw)
+    same = h.solve(f, xa, memory=20, **kw)
+    bigger = h.solve(f, xa, memory=40, **kw)
+    small = h.solve(f, xa, memory=3, **kw)
+    np.testing.assert_array_equal(h.numpy(full.z), h.numpy(same.z))
+    np.testing.assert_allclose(h.numpy(full.z), h.numpy(bigger.z), atol=1e-14)
+    assert np.abs(h.numpy(full.z) - h.numpy(small.z)).max() > 1e-12
+    assert h.numpy(small.solver_state.U).shape == (2, 3, 12)
+
+
+def test_broyden_memory_zero_is_fixed_point_iteration(h):
+    W, U, b, x = tanh_deq(seed=5)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    a = h.solve(f, xa, solver="broyden", memory=0, tol=1e-8, max_iter=40)
+    p = h.solve(f, xa, solver="fixed_point", tol=1e-8, max_iter=40)
+    np.testing.assert_allclose(h.numpy(a.z), h.numpy(p.z), atol=1e-14)
+    assert int(h.numpy(a.nfe)) == int(h.numpy(p.nfe))
+
+
+def test_broyden_line_search_converges_and_counts_evaluations(h):
+    W, U, b, x = tanh_deq(seed=6, d=16, batch=4, rho=0.95, sym=True)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    sol = h.solve(f, xa, solver="broyden", line_search=True, tol=1e-10, max_iter=60, jit=True)
+    assert h.numpy(sol.converged).all()
+    assert int(h.numpy(sol.nfe)) >= int(h.numpy(sol.steps)) + 1
+    np.testing.assert_allclose(h.numpy(sol.z), tanh_fixed_point(W, U, b, x, 4000), atol=1e-8)
+
+
+def test_anderson_weights_match_bordered_system(h):
+    rng = np.random.default_rng(7)
+    G = rng.standard_normal((3, 4, 10))
+    valid = np.array([True, True, True, False])
+    G[:, 3] = 0.0
+    lam = 1e-3
+    alpha, singular = mixing_weights(h.backend, h.asarray(G), h.asarray(valid, dtype=bool), lam)
+    alpha = h.numpy(alpha)
+    assert not h.numpy(singular).any()
+    for b in range(3):
+        Gv = G[b, :3]
+        s = np.mean(np.sum(Gv * Gv, axis=1))
+        k = 3
+        M = np.zeros((k + 1, k + 1))
+        M[0, 1:] = M[1:, 0] = 1.0
+        M[1:, 1:] = Gv @ Gv.T + lam * s * np.eye(k)
+        nu_alpha = np.linalg.solve(M, np.r_[1.0, np.zeros(k)])
+        np.testing.assert_allclose(alpha[b, :3], nu_alpha[1:], atol=1e-12)
+        assert alpha[b, 3] == 0.0
+    np.testing.assert_allclose(alpha.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_lowest_residual_iterate_is_returned_and_traces_padded(h):
+    W, U, b, x = tanh_deq(seed=8, d=16, batch=5, sym=True, rho=0.95)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    for solver in SOLVERS:
+        sol = h.solve(f, xa, solver=solver, tol=1e-6, max_iter=12)
+        rel_trace = h.numpy(sol.rel_trace)
+        assert rel_trace.shape == (13, 5)
+        np.testing.assert_allclose(h.numpy(sol.rel_residual), rel_trace.min(axis=0), rtol=1e-12)
+        its = h.numpy(sol.iterations)
+        for s in range(5):  # after a sample stops, its trace repeats its final value
+            assert (rel_trace[its[s]:, s] == rel_trace[its[s], s]).all()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batch_solve_equals_per_sample_solves(h, solver):
+    W, U, b, x = tanh_deq(seed=9, d=16, batch=4, sym=True)
+    f = h.tanh_layer(W, U, b)
+    batch = h.solve(f, h.asarray(x), solver=solver, tol=1e-9, max_iter=80)
+    for i in range(4):
+        single = h.solve(f, h.asarray(x[i:i + 1]), solver=solver, tol=1e-9, max_iter=80)
+        np.testing.assert_allclose(h.numpy(batch.z)[i], h.numpy(single.z)[0], atol=1e-8)
+        assert int(h.numpy(batch.iterations)[i]) == int(h.numpy(single.iterations)[0])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_converged_samples_stop_changing(h, solver):
+    W, U, b, x = tanh_deq(seed=10, d=16, batch=4, sym=True)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    long = h.solve(f, xa, solver=solver, tol=1e-8, max_iter=80)
+    its = h.numpy(long.iterations)
+    first = int(np.argmin(its))
+    assert its[first] < its.max()  # samples converge at different steps
+    short = h.solve(f, xa, solver=solver, tol=1e-8, max_iter=int(its[first]))
+    # the early sample is frozen: the longer run returns it bit for bit unchanged
+    np.testing.assert_array_equal(h.numpy(long.z)[first], h.numpy(short.z)[first])
+    assert h.numpy(short.converged)[first] and not h.numpy(short.converged).all()
+
+
+def test_fixed_point_damping(h):
+    f, x, exact = affine_problem(h, 6, seed=11)
+    plain = h.solve(f, x, solver="fixed_point", tol=1e-10, max_iter=500)
+    damped = h.solve(f, x, solver="fixed_point", damping=0.5, tol=1e-10, max_iter=500)
+    np.testing.assert_allclose(h.numpy(damped.z), exact, atol=1e-8)
+    np.testing.assert_allclose(h.numpy(plain.z), exact, atol=1e-8)
+    # a damped first step moves halfway to f(z0)
+    one = h.solve(f, x, solver="fixed_point", damping=0.5, tol=1e-14, max_iter=1)
+    fz0 = h.numpy(f(h.xp.zeros_like(x), x))
+    np.testing.assert_allclose(h.numpy(one.z), 0.5 * fz0, atol=1e-15)
+
+
+def test_tuple_state_equals_flat_state(h):
+    W, U, b, x = tanh_deq(seed=12, d=10, batch=3)
+    f = h.tanh_layer(W, U, b)
+    xa = h.asarray(x)
+    xp = h.xp
+
+    def f_tuple(z, x):
+        a, c = z
+        flat = xp.concat([a, xp.reshape(c, (c.shape[0], -1))], axis=1)
+        out = f(flat, x)
+        return out[:, :4], xp.reshape(out[:, 4:], (out.shape[0], 2, 3))
+
+    z0 = (xp.zeros_like(xa[:, :4]), xp.reshape(xp.zeros_like(xa[:, 4:]), (3, 2, 3)))
+    for solver in SOLVERS:
+        flat = h.solve(f, xa, solver=solver, tol=1e-10, max_iter=100)
+        tup = h.solve(f_tuple, xa, z0, solver=solver, tol=1e-10, max_iter=100)
+        assert isinstance(tup.z, tuple) and tuple(tup.z[1].shape) == (3, 2, 3)
+        joined = np.concatenate([h.numpy(tup.z[0]), h.numpy(tup.z[1]).reshape(3, -1)], axis=1)
+        np.testing.assert_allclose(joined, h.numpy(flat.z), atol=1e-13)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_float32_smoke(h, solver):
+    W, U, b, x = tanh_deq(seed=13, d=64, batch=8)
+    W, U, b, x = (a.astype(np.float32) for a in (W, U, b, x))
+    f = h.tanh_layer(W, U, b)
+    sol = h.solve(f, h.asarray(x, dtype="float32"), solver=solver, tol=1e-4, jit=True)
+    assert str(h.numpy(sol.z).dtype) == "float32"
+    assert h.numpy(sol.converged).all()
+    np.testing.assert_allclose(h.numpy(sol.z), tanh_fixed_point(*(a.astype(np.float64) for a in (W, U, b, x))),
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_half_precision_torch(solver):
+    torch = pytest.importorskip("torch")
+    from conftest import SELECTED, Harness
+
+    if "torch" not in SELECTED:
+        pytest.skip("torch not selected")
+    h = Harness("torch")
+    W, U, b, x = tanh_deq(seed=14, d=32, batch=4, rho=0.5)
+    ref = tanh_fixed_point(W, U, b, x)
+    for dtype in (torch.bfloat16, torch.float16):
+        Wt, Ut, bt, xt = (torch.tensor(a, dtype=dtype) for a in (W, U, b, x))
+        sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x @ Ut.T + bt), xt, solver=solver, tol=2e-2)
+        assert sol.z.dtype == dtype
+        assert h.numpy(sol.converged).all()
+        np.testing.assert_allclose(sol.z.float().numpy(), ref, atol=0.1)
+
+
+def test_jax_jit_and_vmap():
+    from conftest import SELECTED, Harness
+
+    if "jax" not in SELECTED:
+        pytest.skip("jax not selected")
+    import jax
+
+    h = Harness("jax")
+    W, U, b, x = tanh_deq(seed=15, d=12, batch=5)
+    f = h.tanh_layer(W, U, b)
+    xa = h.asarray(x)
+    for solver in SOLVERS:
+        batched = jax.jit(lambda x: deqcore.solve(f, x, solver=solver, tol=1e-10, max_iter=100))(xa)
+        single = jax.jit(jax.vmap(lambda xi: deqcore.solve(f, xi, solver=solver, tol=1e-10, max_iter=100,
+                                                           batched=False)))(xa)
+        assert single.z.shape == xa.shape
+        np.testing.assert_allclose(np.asarray(single.z), np.asarray(batched.z), atol=1e-9)
+        assert np.asarray(single.converged).shape == (5, 1) and np.asarray(single.converged).all()
+
+
+def test_solution_summary_and_result(h):
+    W, U, b, x = tanh_deq(seed=16)
+    sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), solver="anderson", tol=1e-12, max_iter=3)
+    assert sol.result is deqcore.Result.MAX_ITER
+    assert (h.numpy(sol.status) == int(deqcore.Status.MAX_ITER)).all()
+    text = sol.summary()
+    assert "anderson" in text and "MAX_ITER" in text and "0/4 converged" in text
