@@ -68,6 +68,16 @@ class Backend(Protocol):
         """
         ...
 
+    def active_prefix(self, buffer: Array, count: Any, axis: int) -> Array:
+        """The first ``count`` entries of ``buffer`` along ``axis`` where shapes may be dynamic
+        (torch: a view), else the whole buffer (JAX: fixed shapes).
+
+        Algorithms call it on ring memories and must give the unused trailing entries no weight
+        (zero rows, masked weights), so both answers give the same result; the prefix only saves
+        work while the ring is filling.
+        """
+        ...
+
     def linear_solve(self, a: Array, b: Array) -> Array:
         """Solve the batched systems ``a @ x = b`` (``a``: (..., k, k), ``b``: (..., k)).
 

@@ -40,6 +40,9 @@ class TorchBackend:
         buffer.select(axis, int(index)).copy_(value)
         return buffer
 
+    def active_prefix(self, buffer, count, axis):
+        return buffer.narrow(axis, 0, min(int(count), buffer.shape[axis]))
+
     def linear_solve(self, a, b):
         dtype = a.dtype
         if dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half-precision solve

@@ -74,13 +74,15 @@ class Anderson(Solver):
     def step(self, problem: Problem, state: AndersonState, active: Any):
         backend = problem.backend
         xp = backend.xp
-        slots = xp.arange(self.memory, device=array_api_compat.device(state.z))
+        X = backend.active_prefix(state.X, state.count, axis=1)
+        G = backend.active_prefix(state.G, state.count, axis=1)
+        slots = xp.arange(X.shape[1], device=array_api_compat.device(state.z))
         newest = slots == (state.count - 1) % self.memory
-        alpha, singular = mixing_weights(backend, state.G, slots < state.count, self.lam)
+        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam)
         alpha = xp.where(singular[:, None], xp.astype(newest, alpha.dtype), alpha)
         weights = alpha[:, None, :]
-        proposal = xp.matmul(weights, state.X)[:, 0]
-        mixed_g = xp.matmul(weights, state.G)[:, 0]
+        proposal = xp.matmul(weights, X)[:, 0]
+        mixed_g = xp.matmul(weights, G)[:, 0]
         proposal = proposal + mixed_g if self.beta == 1.0 else proposal + self.beta * mixed_g
         z = select_rows(xp, active, proposal, state.z)
         fz = problem.fn(z)
