@@ -207,11 +207,17 @@ class Registry:
             return self._backend_instances[name]
 
     def backend_for(self, obj: Any) -> str | None:
-        """The name of the backend whose arrays include ``obj``'s type, judged by module name."""
-        root = type(obj).__module__.split(".")[0]
-        for entry in self.entries("backends"):
-            if root in entry.info.get("modules", ()):
-                return entry.name
+        """The name of the backend whose arrays include ``obj``'s type, judged by module name.
+
+        The type's bases count too, so a user's subclass of ``torch.Tensor`` (defined in the
+        user's own module) still belongs to torch. Nothing is imported.
+        """
+        backends = self.entries("backends")
+        for cls in type(obj).__mro__:
+            root = getattr(cls, "__module__", "").split(".")[0]
+            for entry in backends:
+                if root in entry.info.get("modules", ()):
+                    return entry.name
         return None
 
     def _table(self, kind: str) -> dict[str, Entry]:

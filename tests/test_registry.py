@@ -530,6 +530,27 @@ def test_unknown_kind_lists_the_kinds():
         deqcore.registry().entries("widgets")
 
 
+def test_backend_for_judges_by_module_and_bases_without_importing():
+    reg = deqcore.registry()
+    assert reg.backend_for(np.zeros(2)) is None
+    assert reg.backend_for([1.0]) is None
+    assert reg.backend_for(None) is None
+    framework = _framework()
+    _, x = _problem()
+    assert reg.backend_for(x) == framework
+    if framework == "torch":
+        import torch
+
+        class MyTensor(torch.Tensor):  # defined here, in a module no backend names
+            pass
+
+        sub = x.as_subclass(MyTensor)
+        assert type(sub).__module__ == __name__
+        assert reg.backend_for(sub) == "torch"
+        sol = deqcore.solve(lambda z, x: 0.5 * z + x, sub, tol=1e-10, max_iter=100)
+        assert bool(sol.converged.all())
+
+
 def test_available_lists_every_kind():
     available = deqcore.available()
     assert list(available) == list(deqcore.KINDS)
