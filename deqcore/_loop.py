@@ -3,7 +3,7 @@
 A solver supplies ``init`` (its state from ``z0`` and ``f(z0)``), ``step`` (propose and evaluate
 the next iterate for the active samples) and ``commit`` (update its memory for the samples that
 stay active). Everything else, which is the same for every solver, lives here: the stop test
-(``terminate``), the divergence and non-finite checks, the lowest-residual iterate, the traces.
+and the outcome per sample (``terminate``), the divergence and non-finite checks, the lowest-residual iterate, the traces.
 """
 
 from __future__ import annotations
@@ -59,12 +59,10 @@ class LoopState(NamedTuple):
     it: Any
     nfe: Any
     active: Any
-    status: Any
     iterations: Any
     best_z: Any
     best_abs: Any
     best_rel: Any
-    abs0: Any
     abs_trace: Any
     rel_trace: Any
 
@@ -75,44 +73,47 @@ def residuals(xp: Any, z: Any, fz: Any) -> tuple[Any, Any]:
     return a, a / (xp.linalg.vector_norm(fz, axis=-1) + 1e-9)
 
 
-def terminate(xp: Any, abs_res: Any, rel_res: Any, abs0: Any, *, tol: float, stop_mode: str,
-              divergence: float | None) -> tuple[Any, Any, Any]:
-    """Per-sample stop test: (converged, diverged, finite) masks for one iterate."""
-    finite = xp.isfinite(abs_res) & xp.isfinite(rel_res)
+def terminate(xp: Any, abs_res: Any, rel_res: Any, limit: Any, *, tol: float,
+              stop_mode: str) -> Any:
+    """Per-sample :class:`Status` of an iterate with these residuals.
+
+    ``limit`` is the divergence threshold on the abs residual (``inf`` when disabled). Comparisons
+    with NaN are False, so a non-finite residual is neither converged nor below the limit.
+    """
     stop = rel_res if stop_mode == "rel" else abs_res
-    converged = finite & (stop <= tol)
-    if divergence is None:
-        diverged = xp.zeros_like(converged)
-    else:
-        diverged = finite & ~converged & (abs_res > divergence * abs0)
-    return converged, diverged, finite
+    finite = xp.isfinite(abs_res) & xp.isfinite(rel_res)
+    code = xp.where(abs_res > limit, int(Status.DIVERGED), int(Status.MAX_ITER))
+    code = xp.where(stop <= tol, int(Status.CONVERGED), code)
+    return xp.where(finite, code, int(Status.NONFINITE))
 
 
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
         divergence: float | None) -> tuple[LoopState, Any]:
-    """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and ``fn(z0)``."""
+    """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and per-sample status.
+
+    A sample stays active while its stop residual is above ``tol`` and its abs residual below
+    the divergence limit (both tests are False for NaN, so a non-finite sample stops too). The
+    status is read off the last trace row after the loop, which holds each sample's residual at
+    the step it stopped: nothing status-related runs inside an iteration.
+    """
     backend = problem.backend
     xp = backend.xp
     fz0 = problem.fn(z0)
     abs0, rel0 = residuals(xp, z0, fz0)
-    converged, _, finite = terminate(xp, abs0, rel0, abs0, tol=tol, stop_mode=stop_mode,
-                                     divergence=None)
-    zero_int = xp.astype(xp.zeros_like(abs0), xp.int32)
-    status = xp.where(finite, zero_int + int(Status.MAX_ITER), zero_int + int(Status.NONFINITE))
-    status = xp.where(converged, zero_int + int(Status.CONVERGED), status)
+    stop0 = rel0 if stop_mode == "rel" else abs0
     inf = xp.full_like(abs0, float("inf"))
+    limit = inf if divergence is None else abs0 * divergence
+    finite0 = xp.isfinite(abs0) & xp.isfinite(rel0)
     trace = xp.tile(xp.zeros_like(abs0)[None, :], (max_iter + 1, 1))
     state = LoopState(
         solver=solver.init(problem, z0, fz0),
         it=0,
         nfe=1,
-        active=finite & ~converged,
-        status=status,
-        iterations=zero_int,
+        active=stop0 > tol,
+        iterations=xp.astype(xp.zeros_like(abs0), xp.int32),
         best_z=xp.asarray(z0, copy=True),
-        best_abs=xp.where(finite, abs0, inf),
-        best_rel=xp.where(finite, rel0, inf),
-        abs0=abs0,
+        best_abs=xp.where(finite0, abs0, inf),
+        best_rel=xp.where(finite0, rel0, inf),
         abs_trace=backend.set_index(trace, 0, abs0),
         rel_trace=backend.set_index(xp.zeros_like(trace), 0, rel0),
     )
@@ -124,41 +125,33 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         active = s.active
         z_new, fz_new, sstate, nfe = solver.step(problem, s.solver, active)
         abs_res, rel_res = residuals(xp, z_new, fz_new)
-        conv, div, finite = terminate(xp, abs_res, rel_res, s.abs0, tol=tol, stop_mode=stop_mode,
-                                      divergence=divergence)
-        keep = active & finite & ~conv & ~div
-        sstate = solver.commit(problem, sstate, z_new, fz_new, active, keep)
-        status = xp.where(active & conv, int(Status.CONVERGED), s.status)
-        status = xp.where(active & div, int(Status.DIVERGED), status)
-        status = xp.where(active & ~finite, int(Status.NONFINITE), status)
-        best_stop = s.best_rel if stop_mode == "rel" else s.best_abs
         new_stop = rel_res if stop_mode == "rel" else abs_res
-        better = active & finite & (new_stop < best_stop)
-        prev_abs = s.abs_trace[s.it]
-        prev_rel = s.rel_trace[s.it]
+        keep = active & (new_stop > tol) & (abs_res <= limit)
+        sstate = solver.commit(problem, sstate, z_new, fz_new, active, keep)
+        better = new_stop < (s.best_rel if stop_mode == "rel" else s.best_abs)
         return LoopState(
             solver=sstate,
             it=s.it + 1,
             nfe=s.nfe + nfe,
             active=keep,
-            status=status,
             iterations=s.iterations + xp.astype(active, xp.int32),
-            best_z=xp.where(better[:, None], z_new, s.best_z),
+            best_z=select_rows(xp, better, z_new, s.best_z),
             best_abs=xp.where(better, abs_res, s.best_abs),
             best_rel=xp.where(better, rel_res, s.best_rel),
-            abs0=s.abs0,
-            abs_trace=backend.set_index(s.abs_trace, s.it + 1, xp.where(active, abs_res, prev_abs)),
-            rel_trace=backend.set_index(s.rel_trace, s.it + 1, xp.where(active, rel_res, prev_rel)),
+            abs_trace=backend.set_index(s.abs_trace, s.it + 1, xp.where(active, abs_res, s.abs_trace[s.it])),
+            rel_trace=backend.set_index(s.rel_trace, s.it + 1, xp.where(active, rel_res, s.rel_trace[s.it])),
         )
 
     state = backend.while_loop(cond, body, state)
+    last_abs, last_rel = state.abs_trace[state.it], state.rel_trace[state.it]
+    status = terminate(xp, last_abs, last_rel, limit, tol=tol, stop_mode=stop_mode)
     rows = xp.cumsum(xp.ones_like(state.abs_trace[:, :1]), axis=0) - 1
     after = rows > state.it
     state = state._replace(
-        abs_trace=xp.where(after, state.abs_trace[state.it], state.abs_trace),
-        rel_trace=xp.where(after, state.rel_trace[state.it], state.rel_trace),
+        abs_trace=xp.where(after, last_abs, state.abs_trace),
+        rel_trace=xp.where(after, last_rel, state.rel_trace),
     )
-    return state, fz0
+    return state, xp.astype(status, xp.int32)
 
 
 def select_rows(xp: Any, mask: Any, new: Any, old: Any) -> Any:

@@ -93,15 +93,15 @@ def solve(
     with be.no_grad():
         z0f = be.stop_gradient(structure.flatten(be, z0))
         problem = Problem(be, fn, structure.batch, structure.n, structure.dtype)
-        state, _ = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
+        state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
                        stop_mode=common["stop_mode"], divergence=common["divergence"])
     xp = be.xp
     solution = Solution(
         z=structure.unflatten(be, state.best_z),
         abs_residual=state.best_abs,
         rel_residual=state.best_rel,
-        converged=state.status == int(Status.CONVERGED),
-        status=state.status,
+        converged=status == int(Status.CONVERGED),
+        status=status,
         iterations=state.iterations,
         steps=xp.max(state.iterations),
         nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,

@@ -9,34 +9,42 @@ from .._options import Option, nonnegative_float, positive_float, positive_int
 
 
 class AndersonState(NamedTuple):
-    """Anderson's ring memory: iterates ``X`` and residuals ``G = f(X) - X``, each (B, m, n)."""
+    """Anderson's ring memory of the last ``m`` iterates ``X_i``.
+
+    ``G`` (B, m, n) holds the residuals ``f(X_i) - X_i``, ``Y`` (B, m, n) the mixing targets
+    ``X_i + beta * G_i`` (so a step is one product ``alpha @ Y``), and ``gram`` (B, m, m) the Gram
+    matrix ``G G^T``, updated one row and column per step. ``count`` iterates have been stored;
+    ``breakdowns`` (B,) counts steps whose mixing system had no finite solution.
+    """
 
     z: Any
     fz: Any
-    X: Any
     G: Any
+    Y: Any
+    gram: Any
     count: Any
     breakdowns: Any
 
 
-def mixing_weights(backend: Any, G: Any, valid: Any, lam: float) -> tuple[Any, Any]:
-    """Anderson's mixing weights for the residual window ``G`` (B, m, n).
+def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = None) -> tuple[Any, Any]:
+    """Anderson's mixing weights for the residual window ``G`` (B, k, n).
 
-    Returns ``(alpha, singular)``: alpha (B, m) minimises ``||G^T a||^2 + lam*s*||a||^2`` subject to
+    Returns ``(alpha, singular)``: alpha (B, k) minimises ``||G^T a||^2 + lam*s*||a||^2`` subject to
     ``sum(a) = 1``, where ``s`` is the mean squared norm of the valid residuals, so ``lam`` is
     relative to the residuals' size (an absolute lam swamps the Gram matrix once residuals are
-    small). Slots where ``valid`` (m,) is False get weight 0. ``singular`` (B,) marks samples whose
+    small). Slots where ``valid`` (k,) is False get weight 0. ``singular`` (B,) marks samples whose
     system had no finite solution; their alpha is not usable. ``lam`` is floored at 64 machine
     epsilons so that a numerically singular window (collinear residuals, ``lam=0``) still gives
-    bounded weights instead of huge ones.
+    bounded weights instead of huge ones. ``gram`` may pass a precomputed ``G G^T``.
     """
     xp = backend.xp
     lam = max(lam, 64.0 * float(xp.finfo(G.dtype).eps))
-    gram = xp.matmul(G, xp.matrix_transpose(G))
+    if gram is None:
+        gram = xp.matmul(G, xp.matrix_transpose(G))
     validf = xp.astype(valid, G.dtype)
     diag = xp.linalg.diagonal(gram)
     scale = xp.sum(diag * validf, axis=-1, keepdims=True) / xp.sum(validf)
-    eye = xp.eye(G.shape[1], dtype=G.dtype, device=array_api_compat.device(G))
+    eye = xp.eye(gram.shape[-1], dtype=G.dtype, device=array_api_compat.device(G))
     shift = lam * scale * validf + (1.0 - validf)
     a = backend.linear_solve(gram + shift[:, :, None] * eye, xp.broadcast_to(validf, diag.shape))
     alpha = a / xp.sum(a, axis=-1, keepdims=True)
@@ -64,34 +72,41 @@ class Anderson(Solver):
     lam: float
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> AndersonState:
-        xp = problem.backend.xp
+        backend = problem.backend
+        xp = backend.xp
         ring = xp.tile(xp.zeros_like(z0)[:, None, :], (1, self.memory, 1))
-        X = problem.backend.set_index(ring, 0, z0, axis=1)
-        G = problem.backend.set_index(xp.zeros_like(ring), 0, fz0 - z0, axis=1)
+        gram = xp.tile(xp.zeros_like(z0[:, :1])[:, None, :], (1, self.memory, self.memory))
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
-        return AndersonState(z0, fz0, X, G, 1, breakdowns)
+        state = AndersonState(z0, fz0, ring, xp.zeros_like(ring), gram, 0, breakdowns)
+        return self._store(backend, state, z0, fz0)
+
+    def _store(self, backend: Any, state: AndersonState, z: Any, fz: Any) -> AndersonState:
+        xp = backend.xp
+        slot = state.count % self.memory
+        g = fz - z
+        y = fz if self.beta == 1.0 else z + self.beta * g
+        G = backend.set_index(state.G, slot, g, axis=1)
+        Y = backend.set_index(state.Y, slot, y, axis=1)
+        row = xp.matmul(G, g[:, :, None])[:, :, 0]
+        gram = backend.set_index(backend.set_index(state.gram, slot, row, axis=1), slot, row, axis=2)
+        return AndersonState(z, fz, G, Y, gram, state.count + 1, state.breakdowns)
 
     def step(self, problem: Problem, state: AndersonState, active: Any):
         backend = problem.backend
         xp = backend.xp
-        X = backend.active_prefix(state.X, state.count, axis=1)
         G = backend.active_prefix(state.G, state.count, axis=1)
-        slots = xp.arange(X.shape[1], device=array_api_compat.device(state.z))
+        gram = backend.active_prefix(backend.active_prefix(state.gram, state.count, axis=1),
+                                     state.count, axis=2)
+        slots = xp.arange(G.shape[1], device=array_api_compat.device(state.z))
         newest = slots == (state.count - 1) % self.memory
-        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam)
+        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam, gram)
         alpha = xp.where(singular[:, None], xp.astype(newest, alpha.dtype), alpha)
-        weights = alpha[:, None, :]
-        proposal = xp.matmul(weights, X)[:, 0]
-        mixed_g = xp.matmul(weights, G)[:, 0]
-        proposal = proposal + mixed_g if self.beta == 1.0 else proposal + self.beta * mixed_g
+        Y = backend.active_prefix(state.Y, state.count, axis=1)
+        proposal = xp.matmul(alpha[:, None, :], Y)[:, 0]
         z = select_rows(xp, active, proposal, state.z)
         fz = problem.fn(z)
         breakdowns = state.breakdowns + xp.astype(active & singular, xp.int32)
         return z, fz, state._replace(breakdowns=breakdowns), 1
 
     def commit(self, problem, state: AndersonState, z_new, fz_new, active, keep):
-        backend = problem.backend
-        slot = state.count % self.memory
-        X = backend.set_index(state.X, slot, z_new, axis=1)
-        G = backend.set_index(state.G, slot, fz_new - z_new, axis=1)
-        return AndersonState(z_new, fz_new, X, G, state.count + 1, state.breakdowns)
+        return self._store(problem.backend, state, z_new, fz_new)
