@@ -2,8 +2,9 @@
 
 A solver supplies ``init`` (its state from ``z0`` and ``f(z0)``), ``step`` (propose and evaluate
 the next iterate for the active samples) and ``commit`` (update its memory for the samples that
-stay active). Everything else, which is the same for every solver, lives here: the stop test
-and the outcome per sample (``terminate``), the divergence and non-finite checks, the lowest-residual iterate, the traces.
+stay active). Everything else, which is the same for every solver, lives here: the stop
+test and the outcome per sample (``terminate``), the divergence and non-finite checks, the
+lowest-residual iterate, the traces.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class Structure:
         if not backend.xp.isdtype(dtype, "real floating"):
             raise TypeError(f"deqcore.solve: {what} must have a real floating dtype, got {dtype}")
         if batched:
-            for i, s in enumerate(shapes):
+            for s in shapes:
                 if len(s) < 2:
                     raise ValueError(
                         f"deqcore.solve: {what} has an array of shape {s}; with batched=True (the "
@@ -87,7 +87,7 @@ class Structure:
         if not self.is_tuple:
             return xp.reshape(zf, self.shapes[0])
         out, start = [], 0
-        for shape, size in zip(self.shapes, self.sizes):
+        for shape, size in zip(self.shapes, self.sizes, strict=True):
             out.append(xp.reshape(zf[:, start:start + size], shape))
             start += size
         return tuple(out)
@@ -104,10 +104,12 @@ class Structure:
                 f"deqcore.solve: f returned {len(items)} arrays, z0 has {len(self.shapes)}{hint}"
             )
         ref_device = backend.device(ref)
-        for i, (item, shape) in enumerate(zip(items, self.shapes)):
+        for i, (item, shape) in enumerate(zip(items, self.shapes, strict=True)):
             name = f"f(z)[{i}]" if self.is_tuple else "f(z)"
             if not backend.is_array(item):
-                raise TypeError(f"deqcore.solve: {name} is a {type(item).__name__}, not a {backend.name} array")
+                raise TypeError(
+                    f"deqcore.solve: {name} is a {type(item).__name__}, not a {backend.name} array"
+                )
             if tuple(item.shape) != shape:
                 raise ValueError(
                     f"deqcore.solve: {name} has shape {tuple(item.shape)}, z0 has {shape}{hint}"

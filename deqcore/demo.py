@@ -71,9 +71,9 @@ def load_idx_images(path: Path, count: int | None = None) -> np.ndarray:
                 raise DataError(f"{path}: file is {len(header)} bytes, shorter than the 16-byte IDX header")
             magic, n, rows, cols = (int(v) for v in np.frombuffer(header, dtype=">i4"))
             if magic != 0x803:
-                raise DataError(f"{path}: magic number {magic:#010x}, expected 0x00000803")
+                raise DataError(f"{path}: magic number {magic:#010x}, not 0x00000803; expected {expected}")
             if n <= 0 or rows <= 0 or cols <= 0:
-                raise DataError(f"{path}: bad header dimensions {n}x{rows}x{cols}")
+                raise DataError(f"{path}: bad header dimensions {n}x{rows}x{cols}; expected {expected}")
             take = n if count is None else min(n, count)
             body = fh.read(take * rows * cols)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
@@ -159,7 +159,7 @@ def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int) -> t
         t0 = time.perf_counter()
         out = sync(fn())
         best = min(best, (time.perf_counter() - t0) * 1e3)
-    return out, best, first
+    return out, (first if repeats == 0 else best), first
 
 
 def _torch_solver(p: Problem, dtype: str, solver: str, kw: dict[str, Any]) -> tuple[Callable[[], Any], Any]:
@@ -256,6 +256,13 @@ def checkpoints(max_iter: int) -> list[int]:
     return [k for k in pts if k < max_iter] + [max_iter]
 
 
+def make_out_dir(out: Path) -> None:
+    """Create the output folder; one the demo creates ignores itself in git (like .pytest_cache)."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        (out / ".gitignore").write_text("# created by python -m deqcore.demo\n*\n")
+
+
 def save_plot(runs: Sequence[Run], tol: float, title: str, out: Path) -> Path | None:
     try:
         import matplotlib
@@ -290,7 +297,7 @@ def save_plot(runs: Sequence[Run], tol: float, title: str, out: Path) -> Path | 
     axes[0][0].set_ylabel("worst-sample relative residual ||f(z)-z|| / ||f(z)||", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     path = out / "residuals.png"
     fig.savefig(path)
     plt.close(fig)
@@ -300,13 +307,22 @@ def save_plot(runs: Sequence[Run], tol: float, title: str, out: Path) -> Path | 
 # --------------------------------------------------------------------------------------- main
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except where the default is None (those helps describe it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m deqcore.demo",
         description="Solve a tanh DEQ layer f(z, x) = tanh(z W^T + x U^T + b) on a batch of Fashion-MNIST "
                     "test images with every registered solver on PyTorch and JAX (same weights on both), "
                     "and print a convergence table, the cross-backend agreement and a residual summary.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     ap.add_argument("--data", type=Path, default=None,
                     help=f"folder holding {IMAGES} (IDX, gzip); default: $DEQCORE_DATA, else {DEFAULT_DATA}. "
@@ -450,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\nnote: matplotlib is not installed, no plot (pip install -e '.[demo]')")
         else:
             out_files.append(png)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     results = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "data": str(data / IMAGES),

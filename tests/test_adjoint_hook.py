@@ -141,5 +141,5 @@ def test_jax_adjoint_under_vmap():
         sol = deqcore.solve(f, jnp.asarray(x), tol=1e-13, max_iter=200)
         return jnp.sum(h.backend.attach_adjoint(f, sol.z, jnp.asarray(x), exact_adjoint))
 
-    np.testing.assert_allclose(np.asarray(per_sample).sum(axis=0), np.asarray(jax.grad(batched_loss)(jnp.asarray(W))),
-                               atol=1e-10)
+    expected = np.asarray(jax.grad(batched_loss)(jnp.asarray(W)))
+    np.testing.assert_allclose(np.asarray(per_sample).sum(axis=0), expected, atol=1e-10)

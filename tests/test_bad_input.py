@@ -35,14 +35,14 @@ def test_f_producing_nan_midway_is_flagged_and_keeps_last_finite_iterate(h, solv
     xp = h.xp
     W, U, b, x = tanh_deq(seed=21, d=8, batch=3)
     f0 = h.tanh_layer(W, U, b)
+    radius = 0.5 * float(np.linalg.norm(tanh_fixed_point(W, U, b, x)[1]))
 
     def f(z, x):  # sample 1 turns NaN once its state leaves a small ball
         out = f0(z, x)
-        bad = xp.linalg.vector_norm(z, axis=-1) > 0.5 * float(np.linalg.norm(tanh_fixed_point(W, U, b, x_np)[1]))
+        bad = xp.linalg.vector_norm(z, axis=-1) > radius
         poison = xp.where(bad & (xp.arange(3) == 1), float("nan"), 0.0)
         return out + poison[:, None]
 
-    x_np = x
     sol = h.solve(f, h.asarray(x), solver=solver, tol=1e-10, max_iter=100)
     status = h.numpy(sol.status)
     assert status[1] == Status.NONFINITE

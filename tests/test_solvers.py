@@ -8,7 +8,7 @@ from problems import scaled_gaussian, tanh_deq, tanh_fixed_point
 
 import deqcore
 from deqcore._loop import Problem
-from deqcore.solvers import Anderson, Broyden
+from deqcore.solvers import Broyden
 from deqcore.solvers._anderson import mixing_weights
 from deqcore.solvers._broyden import apply_inverse, apply_inverse_transpose
 
@@ -155,17 +155,17 @@ def test_anderson_weights_match_bordered_system(h):
     np.testing.assert_allclose(alpha.sum(axis=1), 1.0, atol=1e-12)
 
 
-def test_lowest_residual_iterate_is_returned_and_traces_padded(h):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lowest_residual_iterate_is_returned_and_traces_padded(h, solver):
     W, U, b, x = tanh_deq(seed=8, d=16, batch=5, sym=True, rho=0.95)
     f, xa = h.tanh_layer(W, U, b), h.asarray(x)
-    for solver in SOLVERS:
-        sol = h.solve(f, xa, solver=solver, tol=1e-6, max_iter=12)
-        rel_trace = h.numpy(sol.rel_trace)
-        assert rel_trace.shape == (13, 5)
-        np.testing.assert_allclose(h.numpy(sol.rel_residual), rel_trace.min(axis=0), rtol=1e-12)
-        its = h.numpy(sol.iterations)
-        for s in range(5):  # after a sample stops, its trace repeats its final value
-            assert (rel_trace[its[s]:, s] == rel_trace[its[s], s]).all()
+    sol = h.solve(f, xa, solver=solver, tol=1e-6, max_iter=12)
+    rel_trace = h.numpy(sol.rel_trace)
+    assert rel_trace.shape == (13, 5)
+    np.testing.assert_allclose(h.numpy(sol.rel_residual), rel_trace.min(axis=0), rtol=1e-12)
+    its = h.numpy(sol.iterations)
+    for s in range(5):  # after a sample stops, its trace repeats its final value
+        assert (rel_trace[its[s]:, s] == rel_trace[its[s], s]).all()
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -205,7 +205,8 @@ def test_fixed_point_damping(h):
     np.testing.assert_allclose(h.numpy(one.z), 0.5 * fz0, atol=1e-15)
 
 
-def test_tuple_state_equals_flat_state(h):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_tuple_state_equals_flat_state(h, solver):
     W, U, b, x = tanh_deq(seed=12, d=10, batch=3)
     f = h.tanh_layer(W, U, b)
     xa = h.asarray(x)
@@ -218,12 +219,11 @@ def test_tuple_state_equals_flat_state(h):
         return out[:, :4], xp.reshape(out[:, 4:], (out.shape[0], 2, 3))
 
     z0 = (xp.zeros_like(xa[:, :4]), xp.reshape(xp.zeros_like(xa[:, 4:]), (3, 2, 3)))
-    for solver in SOLVERS:
-        flat = h.solve(f, xa, solver=solver, tol=1e-10, max_iter=100)
-        tup = h.solve(f_tuple, xa, z0, solver=solver, tol=1e-10, max_iter=100)
-        assert isinstance(tup.z, tuple) and tuple(tup.z[1].shape) == (3, 2, 3)
-        joined = np.concatenate([h.numpy(tup.z[0]), h.numpy(tup.z[1]).reshape(3, -1)], axis=1)
-        np.testing.assert_allclose(joined, h.numpy(flat.z), atol=1e-13)
+    flat = h.solve(f, xa, solver=solver, tol=1e-10, max_iter=100)
+    tup = h.solve(f_tuple, xa, z0, solver=solver, tol=1e-10, max_iter=100)
+    assert isinstance(tup.z, tuple) and tuple(tup.z[1].shape) == (3, 2, 3)
+    joined = np.concatenate([h.numpy(tup.z[0]), h.numpy(tup.z[1]).reshape(3, -1)], axis=1)
+    np.testing.assert_allclose(joined, h.numpy(flat.z), atol=1e-13)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -234,29 +234,30 @@ def test_float32_smoke(h, solver):
     sol = h.solve(f, h.asarray(x, dtype="float32"), solver=solver, tol=1e-4, jit=True)
     assert str(h.numpy(sol.z).dtype) == "float32"
     assert h.numpy(sol.converged).all()
-    np.testing.assert_allclose(h.numpy(sol.z), tanh_fixed_point(*(a.astype(np.float64) for a in (W, U, b, x))),
-                               atol=1e-3)
+    ref = tanh_fixed_point(*(a.astype(np.float64) for a in (W, U, b, x)))
+    np.testing.assert_allclose(h.numpy(sol.z), ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_half_precision_torch(solver):
+def test_half_precision_torch(solver, dtype):
     torch = pytest.importorskip("torch")
-    from conftest import SELECTED, Harness
+    from conftest import SELECTED
 
     if "torch" not in SELECTED:
         pytest.skip("torch not selected")
-    h = Harness("torch")
     W, U, b, x = tanh_deq(seed=14, d=32, batch=4, rho=0.5)
     ref = tanh_fixed_point(W, U, b, x)
-    for dtype in (torch.bfloat16, torch.float16):
-        Wt, Ut, bt, xt = (torch.tensor(a, dtype=dtype) for a in (W, U, b, x))
-        sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x @ Ut.T + bt), xt, solver=solver, tol=2e-2)
-        assert sol.z.dtype == dtype
-        assert h.numpy(sol.converged).all()
-        np.testing.assert_allclose(sol.z.float().numpy(), ref, atol=0.1)
+    tdtype = getattr(torch, dtype)
+    Wt, Ut, bt, xt = (torch.tensor(a, dtype=tdtype) for a in (W, U, b, x))
+    sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x @ Ut.T + bt), xt, solver=solver, tol=2e-2)
+    assert sol.z.dtype == tdtype
+    assert sol.converged.all()
+    np.testing.assert_allclose(sol.z.float().numpy(), ref, atol=0.1)
 
 
-def test_jax_jit_and_vmap():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_jax_jit_and_vmap(solver):
     from conftest import SELECTED, Harness
 
     if "jax" not in SELECTED:
@@ -267,13 +268,12 @@ def test_jax_jit_and_vmap():
     W, U, b, x = tanh_deq(seed=15, d=12, batch=5)
     f = h.tanh_layer(W, U, b)
     xa = h.asarray(x)
-    for solver in SOLVERS:
-        batched = jax.jit(lambda x: deqcore.solve(f, x, solver=solver, tol=1e-10, max_iter=100))(xa)
-        single = jax.jit(jax.vmap(lambda xi: deqcore.solve(f, xi, solver=solver, tol=1e-10, max_iter=100,
-                                                           batched=False)))(xa)
-        assert single.z.shape == xa.shape
-        np.testing.assert_allclose(np.asarray(single.z), np.asarray(batched.z), atol=1e-9)
-        assert np.asarray(single.converged).shape == (5, 1) and np.asarray(single.converged).all()
+    kw = dict(solver=solver, tol=1e-10, max_iter=100)
+    batched = jax.jit(lambda x: deqcore.solve(f, x, **kw))(xa)
+    single = jax.jit(jax.vmap(lambda xi: deqcore.solve(f, xi, batched=False, **kw)))(xa)
+    assert single.z.shape == xa.shape
+    np.testing.assert_allclose(np.asarray(single.z), np.asarray(batched.z), atol=1e-9)
+    assert np.asarray(single.converged).shape == (5, 1) and np.asarray(single.converged).all()
 
 
 def test_solution_summary_and_result(h):

@@ -5,7 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch as xp
-import numpy as np
 import torch
 
 
@@ -57,7 +56,7 @@ class TorchBackend:
 
         def pullback(ct):
             grads = torch.autograd.grad(out, leaves, ct, retain_graph=True, allow_unused=True)
-            return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
+            return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True))
 
         return out, pullback
 
