@@ -42,7 +42,7 @@ class TorchBackend:
     def active_prefix(self, buffer, count, axis):
         return buffer.narrow(axis, 0, min(int(count), buffer.shape[axis]))
 
-    def linear_solve(self, a, b):
+    def linear_solve(self, a, b, symmetric_positive_definite=False):
         dtype = a.dtype
         if dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half-precision solve
             a, b = a.float(), b.float()

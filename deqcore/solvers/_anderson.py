@@ -46,7 +46,15 @@ def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = Non
     scale = xp.sum(diag * validf, axis=-1, keepdims=True) / xp.sum(validf)
     eye = xp.eye(gram.shape[-1], dtype=G.dtype, device=array_api_compat.device(G))
     shift = lam * scale * validf + (1.0 - validf)
-    a = backend.linear_solve(gram + shift[:, :, None] * eye, xp.broadcast_to(validf, diag.shape))
+    system = gram + shift[:, :, None] * eye
+    # Jacobi equilibration: residual norms fall geometrically, so the Gram diagonal spans many
+    # orders of magnitude; a unit diagonal keeps the solve accurate.
+    d = 1.0 / xp.sqrt(xp.linalg.diagonal(system))
+    # The system is SPD; with lam >= 1e-8 its condition number is at most ~k/lam, where a backend's
+    # unpivoted-LU-free SPD path (JAX: unrolled Gauss-Jordan) is as accurate as pivoted LU.
+    a = d * backend.linear_solve(system * d[:, :, None] * d[:, None, :],
+                                 d * xp.broadcast_to(validf, diag.shape),
+                                 symmetric_positive_definite=lam >= 1e-8)
     alpha = a / xp.sum(a, axis=-1, keepdims=True)
     singular = ~xp.all(xp.isfinite(alpha), axis=-1)
     return alpha, singular
@@ -74,8 +82,10 @@ class Anderson(Solver):
     def init(self, problem: Problem, z0: Any, fz0: Any) -> AndersonState:
         backend = problem.backend
         xp = backend.xp
-        ring = xp.tile(xp.zeros_like(z0)[:, None, :], (1, self.memory, 1))
-        gram = xp.tile(xp.zeros_like(z0[:, :1])[:, None, :], (1, self.memory, self.memory))
+        device = array_api_compat.device(z0)
+        B, n = z0.shape
+        ring = xp.zeros((B, self.memory, n), dtype=z0.dtype, device=device)
+        gram = xp.zeros((B, self.memory, self.memory), dtype=z0.dtype, device=device)
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         state = AndersonState(z0, fz0, ring, xp.zeros_like(ring), gram, 0, breakdowns)
         return self._store(backend, state, z0, fz0)
@@ -87,7 +97,7 @@ class Anderson(Solver):
         y = fz if self.beta == 1.0 else z + self.beta * g
         G = backend.set_index(state.G, slot, g, axis=1)
         Y = backend.set_index(state.Y, slot, y, axis=1)
-        row = xp.matmul(G, g[:, :, None])[:, :, 0]
+        row = xp.matmul(g[:, None, :], xp.matrix_transpose(G))[:, 0]
         gram = backend.set_index(backend.set_index(state.gram, slot, row, axis=1), slot, row, axis=2)
         return AndersonState(z, fz, G, Y, gram, state.count + 1, state.breakdowns)
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import array_api_compat
+
 from .._loop import Problem, Solver, select_rows
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
 
@@ -65,7 +67,8 @@ class Broyden(Solver):
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> BroydenState:
         xp = problem.backend.xp
-        ring = xp.tile(xp.zeros_like(z0)[:, None, :], (1, self.m, 1))
+        ring = xp.zeros((z0.shape[0], self.m, z0.shape[1]), dtype=z0.dtype,
+                        device=array_api_compat.device(z0))
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         return BroydenState(z0, fz0, z0 - fz0, ring, xp.zeros_like(ring), 0, breakdowns)
 
@@ -129,8 +132,10 @@ class Broyden(Solver):
         dg = g_new - (state.fz - state.z)
         Bg_new = apply_inverse(xp, U, V, g_new)
         v = apply_inverse_transpose(xp, U, V, dz)
-        u = (dz - (Bg_new - state.Bg)) / xp.sum(v * dg, axis=-1, keepdims=True)
-        finite = xp.all(xp.isfinite(u), axis=-1) & xp.all(xp.isfinite(v), axis=-1)
+        # a non-finite v makes the denominator NaN, so one scalar test per sample suffices
+        inverse = 1.0 / xp.sum(v * dg, axis=-1, keepdims=True)
+        u = (dz - (Bg_new - state.Bg)) * inverse
+        finite = xp.isfinite(inverse[:, 0])
         write = keep & finite
         slot = state.count % self.m
         u_old, v_old = state.U[:, slot], state.V[:, slot]
