@@ -26,7 +26,8 @@ class AndersonState(NamedTuple):
     breakdowns: Any
 
 
-def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = None) -> tuple[Any, Any]:
+def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = None,
+                   eye: Any = None) -> tuple[Any, Any]:
     """Anderson's mixing weights for the residual window ``G`` (B, k, n).
 
     Returns ``(alpha, singular)``: alpha (B, k) minimises ``||G^T a||^2 + lam*s*||a||^2`` subject to
@@ -35,7 +36,8 @@ def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = Non
     small). Slots where ``valid`` (k,) is False get weight 0. ``singular`` (B,) marks samples whose
     system had no finite solution; their alpha is not usable. ``lam`` is floored at 64 machine
     epsilons so that a numerically singular window (collinear residuals, ``lam=0``) still gives
-    bounded weights instead of huge ones. ``gram`` may pass a precomputed ``G G^T``.
+    bounded weights instead of huge ones. ``gram`` and ``eye`` may pass a precomputed ``G G^T`` and
+identity.
     """
     xp = backend.xp
     lam = max(lam, 64.0 * float(xp.finfo(G.dtype).eps))
@@ -44,17 +46,13 @@ def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = Non
     validf = xp.astype(valid, G.dtype)
     diag = xp.linalg.diagonal(gram)
     scale = xp.sum(diag * validf, axis=-1, keepdims=True) / xp.sum(validf)
-    eye = xp.eye(gram.shape[-1], dtype=G.dtype, device=array_api_compat.device(G))
+    if eye is None:
+        eye = xp.eye(gram.shape[-1], dtype=G.dtype, device=array_api_compat.device(G))
     shift = lam * scale * validf + (1.0 - validf)
-    system = gram + shift[:, :, None] * eye
-    # Jacobi equilibration: residual norms fall geometrically, so the Gram diagonal spans many
-    # orders of magnitude; a unit diagonal keeps the solve accurate.
-    d = 1.0 / xp.sqrt(xp.linalg.diagonal(system))
-    # The system is SPD; with lam >= 1e-8 its condition number is at most ~k/lam, where a backend's
-    # unpivoted-LU-free SPD path (JAX: unrolled Gauss-Jordan) is as accurate as pivoted LU.
-    a = d * backend.linear_solve(system * d[:, :, None] * d[:, None, :],
-                                 d * xp.broadcast_to(validf, diag.shape),
-                                 symmetric_positive_definite=lam >= 1e-8)
+    # The system is SPD; with lam >= 1e-8 its condition number is at most ~k/lam, where a
+    # backend's SPD path (JAX: unrolled Gauss-Jordan) is as accurate as pivoted LU.
+    a = backend.linear_solve(gram + shift[:, :, None] * eye, xp.broadcast_to(validf, diag.shape),
+                             symmetric_positive_definite=lam >= 1e-8)
     alpha = a / xp.sum(a, axis=-1, keepdims=True)
     singular = ~xp.all(xp.isfinite(alpha), axis=-1)
     return alpha, singular
@@ -80,6 +78,7 @@ class Anderson(Solver):
     lam: float
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> AndersonState:
+        self._eyes: dict[int, Any] = {}
         backend = problem.backend
         xp = backend.xp
         device = array_api_compat.device(z0)
@@ -109,7 +108,10 @@ class Anderson(Solver):
                                      state.count, axis=2)
         slots = xp.arange(G.shape[1], device=array_api_compat.device(state.z))
         newest = slots == (state.count - 1) % self.memory
-        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam, gram)
+        k = G.shape[1]
+        if k not in self._eyes:  # one identity per window size (torch's window grows to m)
+            self._eyes[k] = xp.eye(k, dtype=G.dtype, device=array_api_compat.device(state.z))
+        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam, gram, self._eyes[k])
         alpha = xp.where(singular[:, None], xp.astype(newest, alpha.dtype), alpha)
         Y = backend.active_prefix(state.Y, state.count, axis=1)
         proposal = xp.matmul(alpha[:, None, :], Y)[:, 0]
