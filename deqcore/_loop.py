@@ -54,6 +54,20 @@ class Solver:
                keep: Any) -> Any:
         raise NotImplementedError
 
+    def capacities(self, backend: Backend) -> list[int]:
+        """Memory capacities for successive loop stages; empty for one stage (the default).
+
+        On backends with static shapes a memory that fills one slot per step would otherwise be
+        multiplied in full from the first step. With capacities ``[c1, c2, ..., m]`` the loop runs
+        steps ``[0, c1)`` with memory ``c1``, then calls :meth:`grow` and runs ``[c1, c2)``, and so
+        on; the last stage runs to ``max_iter``. ``init`` allocates ``c1``.
+        """
+        return []
+
+    def grow(self, problem: Problem, state: Any, capacity: int) -> Any:
+        """Enlarge the solver's memory to ``capacity`` between loop stages."""
+        return state
+
 
 class LoopState(NamedTuple):
     solver: Any
@@ -106,6 +120,7 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     limit = inf if divergence is None else abs0 * divergence
     finite0 = xp.isfinite(abs0) & xp.isfinite(rel0)
     trace = xp.tile(xp.zeros_like(abs0)[None, :], (max_iter + 1, 1))
+    capacities = solver.capacities(backend)
     state = LoopState(
         solver=solver.init(problem, z0, fz0),
         it=0,
@@ -119,8 +134,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         rel_trace=backend.set_index(xp.zeros_like(trace), 0, rel0),
     )
 
-    def cond(s: LoopState) -> Any:
-        return (s.it < max_iter) & xp.any(s.active)
+    def until(end: int) -> Callable[[LoopState], Any]:
+        def cond(s: LoopState) -> Any:
+            return (s.it < end) & xp.any(s.active)
+
+        return cond
 
     def body(s: LoopState) -> LoopState:
         active = s.active
@@ -143,7 +161,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
             rel_trace=backend.set_index(s.rel_trace, s.it + 1, xp.where(active, rel_res, s.rel_trace[s.it])),
         )
 
-    state = backend.while_loop(cond, body, state)
+    ends = [min(c, max_iter) for c in capacities[:-1]] + [max_iter]
+    for stage, end in enumerate(ends):
+        if stage:
+            state = state._replace(solver=solver.grow(problem, state.solver, capacities[stage]))
+        state = backend.while_loop(until(end), body, state)
     last_abs, last_rel = state.abs_trace[state.it], state.rel_trace[state.it]
     status = terminate(xp, last_abs, last_rel, limit, tol=tol, stop_mode=stop_mode)
     rows = xp.cumsum(xp.ones_like(state.abs_trace[:, :1]), axis=0) - 1

@@ -29,10 +29,13 @@ class Backend(Protocol):
     Attributes:
         name: the registry name (``"torch"``, ``"jax"``).
         xp: an Array-API namespace for this framework's arrays.
+        static_shapes: True when every array shape in a loop must be fixed at trace time (JAX);
+            solvers with growing memories then run the loop in stages of growing capacity.
     """
 
     name: str
     xp: Any
+    static_shapes: bool
 
     def is_array(self, obj: object) -> bool:
         """True if ``obj`` is an array of this framework (including tracers)."""

@@ -18,6 +18,7 @@ class JaxBackend:
 
     name = "jax"
     xp = jnp
+    static_shapes = True
 
     def __init__(self) -> None:
         self.register_pytree(Solution, SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS)

@@ -17,6 +17,7 @@ class TorchBackend:
 
     name = "torch"
     xp = xp
+    static_shapes = False
 
     def is_array(self, obj: object) -> bool:
         return isinstance(obj, torch.Tensor)

@@ -65,12 +65,33 @@ class Broyden(Solver):
         super().__init__(max_iter=max_iter, **options)
         self.m = max_iter if self.memory is None else self.memory
 
+    def capacities(self, backend: Any) -> list[int]:
+        # JAX multiplies the whole fixed-shape ring every step; while it fills, run in stages of
+        # doubling capacity so a step costs about the filled slots, not m (torch skips empty
+        # slots through active_prefix and needs one stage).
+        if not backend.static_shapes or self.m <= 16 or self.max_iter <= 16:
+            return []
+        caps = [8]
+        while caps[-1] * 2 < min(self.m, self.max_iter):
+            caps.append(caps[-1] * 2)
+        return caps + [self.m]
+
+    def _ring(self, xp: Any, like: Any, capacity: int) -> Any:
+        return xp.zeros((like.shape[0], capacity, like.shape[1]), dtype=like.dtype,
+                        device=array_api_compat.device(like))
+
     def init(self, problem: Problem, z0: Any, fz0: Any) -> BroydenState:
         xp = problem.backend.xp
-        ring = xp.zeros((z0.shape[0], self.m, z0.shape[1]), dtype=z0.dtype,
-                        device=array_api_compat.device(z0))
+        caps = self.capacities(problem.backend)
+        ring = self._ring(xp, z0, caps[0] if caps else self.m)
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         return BroydenState(z0, fz0, z0 - fz0, ring, xp.zeros_like(ring), 0, breakdowns)
+
+    def grow(self, problem: Problem, state: BroydenState, capacity: int) -> BroydenState:
+        xp = problem.backend.xp
+        extra = capacity - state.U.shape[1]
+        pad = self._ring(xp, state.z, extra)
+        return state._replace(U=xp.concat([state.U, pad], axis=1), V=xp.concat([state.V, pad], axis=1))
 
     def step(self, problem: Problem, state: BroydenState, active: Any):
         xp = problem.backend.xp
