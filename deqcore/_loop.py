@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
+import array_api_compat
+
 from ._options import Option
 from ._protocol import Backend
 from ._solution import Status
@@ -50,8 +52,9 @@ class Solver:
         """Return ``(z_new, fz_new, state, nfe)``; ``state`` may already hold ``z_new``."""
         raise NotImplementedError
 
-    def commit(self, problem: Problem, state: Any, z_new: Any, fz_new: Any, active: Any,
-               keep: Any) -> Any:
+    def commit(self, problem: Problem, state: Any, z_new: Any, fz_new: Any, g_new: Any,
+               active: Any, keep: Any) -> Any:
+        """Update the memory after a step; ``g_new = fz_new - z_new`` is passed in (computed once)."""
         raise NotImplementedError
 
     def capacities(self, backend: Backend) -> list[int]:
@@ -82,9 +85,9 @@ class LoopState(NamedTuple):
     rel_trace: Any
 
 
-def residuals(xp: Any, z: Any, fz: Any) -> tuple[Any, Any]:
-    """Per-sample (abs, rel) residuals: ||f(z) - z|| and ||f(z) - z|| / (||f(z)|| + 1e-9)."""
-    a = xp.linalg.vector_norm(fz - z, axis=-1)
+def residuals(xp: Any, g: Any, fz: Any) -> tuple[Any, Any]:
+    """Per-sample (abs, rel) residuals from ``g = f(z) - z``: ||g|| and ||g|| / (||f(z)|| + 1e-9)."""
+    a = xp.linalg.vector_norm(g, axis=-1)
     return a, a / (xp.linalg.vector_norm(fz, axis=-1) + 1e-9)
 
 
@@ -108,16 +111,17 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
 
     A sample stays active while its stop residual is above ``tol`` and its abs residual below
     the divergence limit (both tests are False for NaN, so a non-finite sample stops too). The
-    status is read off the last trace row after the loop, which holds each sample's residual at
-    the step it stopped: nothing status-related runs inside an iteration.
+    status is read off each sample's trace row at the step it stopped, after the loop: nothing
+    status-related runs inside an iteration. Trace rows past a sample's stop are filled with its
+    final residuals after the loop too, so an iteration writes each trace row with one copy.
     """
     backend = problem.backend
     xp = backend.xp
     fz0 = problem.fn(z0)
-    abs0, rel0 = residuals(xp, z0, fz0)
+    abs0, rel0 = residuals(xp, fz0 - z0, fz0)
     stop0 = rel0 if stop_mode == "rel" else abs0
     inf = xp.full_like(abs0, float("inf"))
-    limit = inf if divergence is None else abs0 * divergence
+    limit = None if divergence is None else abs0 * divergence
     finite0 = xp.isfinite(abs0) & xp.isfinite(rel0)
     trace = xp.tile(xp.zeros_like(abs0)[None, :], (max_iter + 1, 1))
     capacities = solver.capacities(backend)
@@ -136,29 +140,32 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
 
     def until(end: int) -> Callable[[LoopState], Any]:
         def cond(s: LoopState) -> Any:
-            return (s.it < end) & xp.any(s.active)
+            return xp.any(s.active) & (s.it < end)
 
         return cond
 
     def body(s: LoopState) -> LoopState:
         active = s.active
         z_new, fz_new, sstate, nfe = solver.step(problem, s.solver, active)
-        abs_res, rel_res = residuals(xp, z_new, fz_new)
+        g_new = fz_new - z_new
+        abs_res, rel_res = residuals(xp, g_new, fz_new)
         new_stop = rel_res if stop_mode == "rel" else abs_res
-        keep = active & (new_stop > tol) & (abs_res <= limit)
-        sstate = solver.commit(problem, sstate, z_new, fz_new, active, keep)
+        keep = active & (new_stop > tol)
+        if limit is not None:
+            keep = keep & (abs_res <= limit)
+        sstate = solver.commit(problem, sstate, z_new, fz_new, g_new, active, keep)
         better = new_stop < (s.best_rel if stop_mode == "rel" else s.best_abs)
         return LoopState(
             solver=sstate,
             it=s.it + 1,
             nfe=s.nfe + nfe,
             active=keep,
-            iterations=s.iterations + xp.astype(active, xp.int32),
+            iterations=s.iterations + active,
             best_z=select_rows(xp, better, z_new, s.best_z),
             best_abs=xp.where(better, abs_res, s.best_abs),
             best_rel=xp.where(better, rel_res, s.best_rel),
-            abs_trace=backend.set_index(s.abs_trace, s.it + 1, xp.where(active, abs_res, s.abs_trace[s.it])),
-            rel_trace=backend.set_index(s.rel_trace, s.it + 1, xp.where(active, rel_res, s.rel_trace[s.it])),
+            abs_trace=backend.set_index(s.abs_trace, s.it + 1, abs_res),
+            rel_trace=backend.set_index(s.rel_trace, s.it + 1, rel_res),
         )
 
     ends = [min(c, max_iter) for c in capacities[:-1]] + [max_iter]
@@ -166,10 +173,17 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         if stage:
             state = state._replace(solver=solver.grow(problem, state.solver, capacities[stage]))
         state = backend.while_loop(until(end), body, state)
-    last_abs, last_rel = state.abs_trace[state.it], state.rel_trace[state.it]
-    status = terminate(xp, last_abs, last_rel, limit, tol=tol, stop_mode=stop_mode)
-    rows = xp.cumsum(xp.ones_like(state.abs_trace[:, :1]), axis=0) - 1
-    after = rows > state.it
+    # Row ``iterations[b]`` holds sample b's residuals at the step it stopped; later rows were
+    # written while it was frozen (or not at all) and take that final value.
+    stopped = state.iterations[None, :]
+    rows = xp.arange(state.abs_trace.shape[0], dtype=stopped.dtype, device=array_api_compat.device(z0))
+    at_stop = rows[:, None] == stopped
+    zero = xp.zeros_like(state.abs_trace)
+    last_abs = xp.sum(xp.where(at_stop, state.abs_trace, zero), axis=0, keepdims=True)
+    last_rel = xp.sum(xp.where(at_stop, state.rel_trace, zero), axis=0, keepdims=True)
+    after = rows[:, None] > stopped
+    status = terminate(xp, last_abs[0], last_rel[0], inf if limit is None else limit, tol=tol,
+                       stop_mode=stop_mode)
     state = state._replace(
         abs_trace=xp.where(after, last_abs, state.abs_trace),
         rel_trace=xp.where(after, last_rel, state.rel_trace),

@@ -145,12 +145,12 @@ def test_anderson_singular_system(h):
     G = rng.standard_normal((2, 4, 6))
     G[:, 2] = G[:, 1]  # duplicate residuals: G G^T is exactly singular
     valid = h.asarray(np.ones(4, dtype=bool), dtype=bool)
-    alpha, singular = mixing_weights(h.backend, h.asarray(G), valid, 0.0)
+    alpha, singular = mixing_weights(h.backend, h.asarray(G @ G.transpose(0, 2, 1)), 0.0, valid)
     assert not h.numpy(singular).any()  # the eps floor keeps the weights bounded
     np.testing.assert_allclose(h.numpy(xp.sum(alpha, axis=-1)), 1.0, atol=1e-10)
     assert np.abs(h.numpy(alpha)).max() < 1e6
-    zero = h.asarray(np.zeros((2, 4, 6)))
-    _, singular = mixing_weights(h.backend, zero, valid, 0.0)
+    zero = h.asarray(np.zeros((2, 4, 4)))
+    _, singular = mixing_weights(h.backend, zero, 0.0, valid)
     assert h.numpy(singular).all()  # all-zero window: no finite weights, flagged
 
 

@@ -78,7 +78,7 @@ def test_broyden_secant_condition_and_dense_products(h):
     for t in range(1, 11):
         prev_z, prev_g = np.array(h.numpy(state.z)), np.array(h.numpy(state.fz - state.z))
         U_before, V_before = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
-        state = solver.commit(problem, state, z_new, fz_new, active, active)
+        state = solver.commit(problem, state, z_new, fz_new, fz_new - z_new, active, active)
         dz = np.array(h.numpy(z_new)) - prev_z
         dg = np.array(h.numpy(fz_new - z_new)) - prev_g
         U_, V_ = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
@@ -139,7 +139,8 @@ def test_anderson_weights_match_bordered_system(h):
     valid = np.array([True, True, True, False])
     G[:, 3] = 0.0
     lam = 1e-3
-    alpha, singular = mixing_weights(h.backend, h.asarray(G), h.asarray(valid, dtype=bool), lam)
+    alpha, singular = mixing_weights(h.backend, h.asarray(G @ G.transpose(0, 2, 1)), lam,
+                                     h.asarray(valid, dtype=bool))
     alpha = h.numpy(alpha)
     assert not h.numpy(singular).any()
     for b in range(3):

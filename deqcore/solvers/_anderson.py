@@ -26,35 +26,40 @@ class AndersonState(NamedTuple):
     breakdowns: Any
 
 
-def mixing_weights(backend: Any, G: Any, valid: Any, lam: float, gram: Any = None,
+def mixing_weights(backend: Any, gram: Any, lam: float, valid: Any = None,
                    eye: Any = None) -> tuple[Any, Any]:
-    """Anderson's mixing weights for the residual window ``G`` (B, k, n).
+    """Anderson's mixing weights from the Gram matrix ``gram = G G^T`` (B, k, k) of the residuals.
 
     Returns ``(alpha, singular)``: alpha (B, k) minimises ``||G^T a||^2 + lam*s*||a||^2`` subject to
     ``sum(a) = 1``, where ``s`` is the mean squared norm of the valid residuals, so ``lam`` is
     relative to the residuals' size (an absolute lam swamps the Gram matrix once residuals are
-    small). Slots where ``valid`` (k,) is False get weight 0. ``singular`` (B,) marks samples whose
-    system had no finite solution; their alpha is not usable. ``lam`` is floored at 64 machine
-    epsilons so that a numerically singular window (collinear residuals, ``lam=0``) still gives
-    bounded weights instead of huge ones. ``gram`` and ``eye`` may pass a precomputed ``G G^T`` and
-identity.
+    small). ``valid`` (k,) marks the slots in use (None: all); the others get weight 0.
+    ``singular`` (B,) marks samples whose system had no finite solution; their alpha is not
+    usable. ``lam`` is floored at 64 machine epsilons so that a numerically singular window
+    (collinear residuals, ``lam=0``) still gives bounded weights instead of huge ones. ``eye``
+    may pass a cached (k, k) identity.
     """
     xp = backend.xp
-    lam = max(lam, 64.0 * float(xp.finfo(G.dtype).eps))
-    if gram is None:
-        gram = xp.matmul(G, xp.matrix_transpose(G))
-    validf = xp.astype(valid, G.dtype)
-    diag = xp.linalg.diagonal(gram)
-    scale = xp.sum(diag * validf, axis=-1, keepdims=True) / xp.sum(validf)
+    lam = max(lam, 64.0 * float(xp.finfo(gram.dtype).eps))
+    k = gram.shape[-1]
     if eye is None:
-        eye = xp.eye(gram.shape[-1], dtype=G.dtype, device=array_api_compat.device(G))
-    shift = lam * scale * validf + (1.0 - validf)
+        eye = xp.eye(k, dtype=gram.dtype, device=array_api_compat.device(gram))
+    diag = xp.linalg.diagonal(gram)
+    if valid is None:
+        shift = lam * xp.mean(diag, axis=-1, keepdims=True)
+        rhs = xp.ones_like(diag)
+    else:
+        validf = xp.astype(valid, gram.dtype)
+        scale = xp.sum(diag * validf, axis=-1, keepdims=True) / xp.sum(validf)
+        shift = lam * scale * validf + (1.0 - validf)
+        rhs = xp.broadcast_to(validf, diag.shape)
     # The system is SPD; with lam >= 1e-8 its condition number is at most ~k/lam, where a
     # backend's SPD path (JAX: unrolled Gauss-Jordan) is as accurate as pivoted LU.
-    a = backend.linear_solve(gram + shift[:, :, None] * eye, xp.broadcast_to(validf, diag.shape),
+    a = backend.linear_solve(gram + shift[:, :, None] * eye, rhs,
                              symmetric_positive_definite=lam >= 1e-8)
     alpha = a / xp.sum(a, axis=-1, keepdims=True)
-    singular = ~xp.all(xp.isfinite(alpha), axis=-1)
+    # x * 0 is 0 for finite x and NaN otherwise: one reduction flags any non-finite weight
+    singular = xp.isnan(xp.sum(alpha * 0.0, axis=-1))
     return alpha, singular
 
 
@@ -87,12 +92,11 @@ class Anderson(Solver):
         gram = xp.zeros((B, self.memory, self.memory), dtype=z0.dtype, device=device)
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         state = AndersonState(z0, fz0, ring, xp.zeros_like(ring), gram, 0, breakdowns)
-        return self._store(backend, state, z0, fz0)
+        return self._store(backend, state, z0, fz0, fz0 - z0)
 
-    def _store(self, backend: Any, state: AndersonState, z: Any, fz: Any) -> AndersonState:
+    def _store(self, backend: Any, state: AndersonState, z: Any, fz: Any, g: Any) -> AndersonState:
         xp = backend.xp
         slot = state.count % self.memory
-        g = fz - z
         y = fz if self.beta == 1.0 else z + self.beta * g
         G = backend.set_index(state.G, slot, g, axis=1)
         Y = backend.set_index(state.Y, slot, y, axis=1)
@@ -100,25 +104,30 @@ class Anderson(Solver):
         gram = backend.set_index(backend.set_index(state.gram, slot, row, axis=1), slot, row, axis=2)
         return AndersonState(z, fz, G, Y, gram, state.count + 1, state.breakdowns)
 
+    def _eye(self, xp: Any, k: int, like: Any) -> Any:
+        if k not in self._eyes:  # one identity per window size (torch's window grows to m)
+            self._eyes[k] = xp.eye(k, dtype=like.dtype, device=array_api_compat.device(like))
+        return self._eyes[k]
+
     def step(self, problem: Problem, state: AndersonState, active: Any):
         backend = problem.backend
         xp = backend.xp
-        G = backend.active_prefix(state.G, state.count, axis=1)
-        gram = backend.active_prefix(backend.active_prefix(state.gram, state.count, axis=1),
-                                     state.count, axis=2)
-        slots = xp.arange(G.shape[1], device=array_api_compat.device(state.z))
-        newest = slots == (state.count - 1) % self.memory
-        k = G.shape[1]
-        if k not in self._eyes:  # one identity per window size (torch's window grows to m)
-            self._eyes[k] = xp.eye(k, dtype=G.dtype, device=array_api_compat.device(state.z))
-        alpha, singular = mixing_weights(backend, G, slots < state.count, self.lam, gram, self._eyes[k])
-        alpha = xp.where(singular[:, None], xp.astype(newest, alpha.dtype), alpha)
-        Y = backend.active_prefix(state.Y, state.count, axis=1)
+        count = state.count
+        gram = backend.active_prefix(backend.active_prefix(state.gram, count, axis=1), count, axis=2)
+        k = gram.shape[-1]
+        eye = self._eye(xp, k, state.z)
+        # Backends with dynamic shapes pass only the filled slots; static ones the whole ring.
+        valid = None
+        if backend.static_shapes:
+            valid = xp.arange(k, device=array_api_compat.device(state.z)) < count
+        alpha, singular = mixing_weights(backend, gram, self.lam, valid, eye)
+        newest = eye[(count - 1) % self.memory]
+        alpha = xp.where(singular[:, None], newest, alpha)
+        Y = backend.active_prefix(state.Y, count, axis=1)
         proposal = xp.matmul(alpha[:, None, :], Y)[:, 0]
         z = select_rows(xp, active, proposal, state.z)
         fz = problem.fn(z)
-        breakdowns = state.breakdowns + xp.astype(active & singular, xp.int32)
-        return z, fz, state._replace(breakdowns=breakdowns), 1
+        return z, fz, state._replace(breakdowns=state.breakdowns + (active & singular)), 1
 
-    def commit(self, problem, state: AndersonState, z_new, fz_new, active, keep):
-        return self._store(problem.backend, state, z_new, fz_new)
+    def commit(self, problem, state: AndersonState, z_new, fz_new, g_new, active, keep):
+        return self._store(problem.backend, state, z_new, fz_new, g_new)

@@ -141,8 +141,7 @@ class Broyden(Solver):
         z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0))
         return z_out, fz_out, 1 + trials
 
-    def commit(self, problem, state: BroydenState, z_new, fz_new, active, keep):
-        g_new = fz_new - z_new
+    def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
         if self.m == 0:
             return state._replace(z=z_new, fz=fz_new, Bg=-g_new)
         backend = problem.backend

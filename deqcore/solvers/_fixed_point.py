@@ -33,5 +33,5 @@ class FixedPoint(Solver):
         fz = problem.fn(z)
         return z, fz, FixedPointState(z, fz), 1
 
-    def commit(self, problem, state, z_new, fz_new, active, keep):
+    def commit(self, problem, state, z_new, fz_new, g_new, active, keep):
         return state
