@@ -5,6 +5,14 @@ Broyden's method or (damped) fixed-point iteration, per sample of a batch. The a
 is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neither.
 """
 
+from ._gradients import (
+    AdjointContext,
+    AdjointMode,
+    BackwardProblem,
+    BackwardReport,
+    BackwardWarning,
+    GradientMode,
+)
 from ._hookspecs import hookimpl, hookspec
 from ._loop import Problem, Solver
 from ._options import Option
@@ -16,6 +24,12 @@ from ._solve import COMMON_OPTIONS, solve
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdjointContext",
+    "AdjointMode",
+    "BackwardProblem",
+    "BackwardReport",
+    "BackwardWarning",
+    "GradientMode",
     "COMMON_OPTIONS",
     "KINDS",
     "Backend",

@@ -106,7 +106,7 @@ def terminate(xp: Any, abs_res: Any, rel_res: Any, limit: Any, *, tol: float,
 
 
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
-        divergence: float | None) -> tuple[LoopState, Any]:
+        divergence: float | None, differentiable: bool = False) -> tuple[LoopState, Any]:
     """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and per-sample status.
 
     A sample stays active while its stop residual is above ``tol`` and its abs residual below
@@ -172,7 +172,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     for stage, end in enumerate(ends):
         if stage:
             state = state._replace(solver=solver.grow(problem, state.solver, capacities[stage]))
-        state = backend.while_loop(until(end), body, state)
+        if differentiable:
+            steps = end - (ends[stage - 1] if stage else 0)
+            state = backend.differentiable_loop(until(end), body, state, steps)
+        else:
+            state = backend.while_loop(until(end), body, state)
     # Row ``iterations[b]`` holds sample b's residuals at the step it stopped; later rows were
     # written while it was frozen (or not at all) and take that final value.
     stopped = state.iterations[None, :]

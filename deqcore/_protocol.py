@@ -56,6 +56,17 @@ class Backend(Protocol):
         """
         ...
 
+    def differentiable_loop(
+        self, cond: Callable[[State], Any], body: Callable[[State], State], state: State, max_steps: int
+    ) -> State:
+        """Like :meth:`while_loop` (at most ``max_steps`` bodies) but reverse-differentiable.
+
+        Used by the ``unroll`` gradient mode. torch: a Python loop with autograd recording;
+        JAX: ``lax.fori_loop`` over ``max_steps`` whose body is skipped by ``lax.cond`` once
+        ``cond`` fails (so the compiled loop always has ``max_steps`` iterations).
+        """
+        ...
+
     def fori_loop(self, length: int, body: Callable[[int, State], State], state: State) -> State:
         """Run ``state = body(i, state)`` for ``i`` in ``range(length)``, differentiably.
 
@@ -107,19 +118,35 @@ class Backend(Protocol):
         f: Callable[[Array, Any], Array],
         z_star: Array,
         x: Any,
-        adjoint: Callable[[Array, Callable[[Array], Array]], Array],
+        adjoint: Callable[..., Array],
+        saved: tuple[Array, ...] = (),
     ) -> Array:
         """The custom-gradient hook every gradient mode is built on.
 
         Returns an array equal to ``z_star`` whose gradient is defined as follows: the incoming
         cotangent ``g`` (w.r.t. the returned array) is turned into an adjoint
-        ``u = adjoint(g, vjp_z)``, where ``vjp_z(v) = v @ df/dz`` at ``(z_star, x)``, and ``u`` is
-        carried to ``x`` and to everything ``f`` closes over (parameters) by one VJP of ``f`` at
-        ``z_star``. No gradient flows into ``z_star`` itself.
+        ``u = adjoint(g, vjp_z, *saved)``, where ``vjp_z(v) = v @ df/dz`` at ``(z_star, x)``, and
+        ``u`` is carried to ``x`` and to everything ``f`` closes over (parameters) by one VJP of
+        ``f`` at ``z_star``. No gradient flows into ``z_star`` itself.
 
-        torch: the hook-on-``f(z*)`` pattern (parameters of modules used by ``f`` receive
-        ``.grad`` through ``loss.backward()``); JAX: ``custom_vjp`` with closure conversion, so
-        arrays ``f`` closes over receive gradients under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+        ``saved`` are arrays the adjoint needs (GDEQ: Broyden's ``U``, ``V``). They are kept for
+        the backward pass the framework's own way (torch: ``ctx.save_for_backward``, so
+        ``saved_tensors_hooks`` see them; JAX: ``custom_vjp`` residuals), and ``adjoint`` must not
+        close over any other array: under ``jax.jit`` that would leak a tracer.
+
+        torch: an identity ``autograd.Function`` on ``f(z*)`` (parameters of modules used by ``f``
+        receive ``.grad`` through ``loss.backward()``); nothing is attached when grad mode is off or
+        nothing ``f`` uses requires grad. JAX: ``custom_vjp`` with closure conversion, so arrays
+        ``f`` closes over receive gradients under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+        """
+        ...
+
+    def host_callback(self, fn: Callable[..., None], *arrays: Array) -> None:
+        """Call ``fn`` with NumPy copies of ``arrays`` on the host, also from traced code.
+
+        Used for reports that must not stop a computation (a backward solve's statistics):
+        concrete arrays are passed at once; under tracing ``fn`` runs when the compiled
+        computation executes (JAX: ``jax.debug.callback``).
         """
         ...
 

@@ -60,6 +60,9 @@ class Solution:
         solver: the solver's name.
         stop_mode: ``"abs"`` or ``"rel"``, the residual ``tol`` applied to.
         tol: the tolerance.
+        grad: the gradient mode attached to ``z`` (None: no gradient path).
+        backward: a :class:`deqcore.BackwardReport` filled in when a backward pass runs
+            (backward-solve statistics of the ``implicit`` mode), None when ``grad`` is None.
     """
 
     z: Any
@@ -76,6 +79,8 @@ class Solution:
     solver: str = dataclasses.field(default="", metadata={"static": True})
     stop_mode: str = dataclasses.field(default="rel", metadata={"static": True})
     tol: float = dataclasses.field(default=0.0, metadata={"static": True})
+    grad: str | None = dataclasses.field(default=None, metadata={"static": True})
+    backward: Any = dataclasses.field(default=None, metadata={"static": True}, compare=False)
 
     @property
     def result(self) -> Result:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from . import _options as opt
+from ._gradients import BackwardProblem, BackwardReport
 from ._loop import Problem, run
 from ._registry import registry
 from ._solution import ConvergenceError, Solution, Status
@@ -39,6 +41,8 @@ def solve(
     divergence: float | None = 1e6,
     batched: bool = True,
     throw: bool = False,
+    grad: str | None = "implicit",
+    grad_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Solution:
     """Find ``z*`` with ``z* = f(z*, x)``, per sample of a batch.
@@ -60,6 +64,14 @@ def solve(
             whole state as one sample (use it inside ``jax.vmap``).
         throw: raise :class:`ConvergenceError` when any sample did not converge (under
             ``jax.jit`` the error surfaces when the computation runs).
+        grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
+            (default, exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``,
+            ``"gdeq"`` (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None``
+            returns ``z`` with no gradient path. On torch nothing is attached (and no extra
+            evaluation of ``f`` runs) when grad mode is off or nothing ``f`` uses requires grad.
+        grad_options: the gradient mode's options, for example ``{"k": 5, "lam": 0.5}`` for
+            ``npg``, or ``{"solver": "broyden", "tol": 1e-8}`` for ``implicit``. Unknown names are a
+            ``TypeError`` listing the valid ones.
         **options: the solver's own options (``memory``, ``beta``, ``lam``, ``damping``,
             ``line_search`` ...). Unknown names are a ``TypeError`` listing the valid ones.
 
@@ -79,6 +91,7 @@ def solve(
     solver_cls = reg.get("solvers", solver).obj
     solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
     solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
+    mode = _gradient_mode(reg, grad, grad_options, solver)
 
     if z0 is None:
         z0 = _zeros_like(be, x)
@@ -90,14 +103,26 @@ def solve(
         structure.check_output(be, out, ref)
         return structure.flatten(be, out)
 
-    with be.no_grad():
+    unrolled = mode is not None and mode.unrolled
+    with contextlib.nullcontext() if unrolled else be.no_grad():
         z0f = be.stop_gradient(structure.flatten(be, z0))
         problem = Problem(be, fn, structure.batch, structure.n, structure.dtype)
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
-                       stop_mode=common["stop_mode"], divergence=common["divergence"])
+                            stop_mode=common["stop_mode"], divergence=common["divergence"],
+                            differentiable=unrolled)
     xp = be.xp
+    report = None if mode is None else BackwardReport(mode.name)
+    z_flat = state.best_z
+    if not unrolled:
+        z_flat = be.stop_gradient(z_flat)
+    if mode is not None and not unrolled:
+
+        def f_flat(zf: Any, x_: Any) -> Any:
+            return structure.flatten(be, f(structure.unflatten(be, zf), x_))
+
+        z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
     solution = Solution(
-        z=structure.unflatten(be, state.best_z),
+        z=structure.unflatten(be, z_flat),
         abs_residual=state.best_abs,
         rel_residual=state.best_rel,
         converged=status == int(Status.CONVERGED),
@@ -111,11 +136,27 @@ def solve(
         solver=solver,
         stop_mode=common["stop_mode"],
         tol=float(common["tol"]),
+        grad=grad,
+        backward=report,
     )
     if common["throw"]:
         be.host_check(~solution.converged, _convergence_error(solver, common, x, be),
                       solution.status, solution.residual)
     return solution
+
+
+def _gradient_mode(reg: Any, grad: str | None, grad_options: Mapping[str, Any] | None,
+                   solver: str) -> Any:
+    if grad is None:
+        if grad_options:
+            raise TypeError("deqcore.solve: grad_options were given but grad=None")
+        return None
+    if grad_options is not None and not isinstance(grad_options, Mapping):
+        raise TypeError(f"deqcore.solve: grad_options must be a dict, got {type(grad_options).__name__}")
+    cls = reg.get("gradients", grad).obj
+    mode = cls(**opt.resolve(f"gradient mode {grad!r}", cls.options, dict(grad_options or {})))
+    mode.check(solver)
+    return mode
 
 
 def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any) -> Callable[..., Exception]:

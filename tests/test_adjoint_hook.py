@@ -72,7 +72,7 @@ def grads(h, adjoint, weights, jit=False):
         def f(z, x):
             return torch.tanh(z @ Wt.T + x @ Ut.T + bt)
 
-        sol = deqcore.solve(f, xt, tol=1e-13, max_iter=200)
+        sol = deqcore.solve(f, xt, tol=1e-13, max_iter=200, grad=None)
         assert not sol.z.requires_grad  # the forward solve records no graph
         z = h.backend.attach_adjoint(f, sol.z, xt, adjoint)
         np.testing.assert_array_equal(z.detach().numpy(), sol.z.numpy())
@@ -85,7 +85,7 @@ def grads(h, adjoint, weights, jit=False):
         def f(z, x):
             return jnp.tanh(z @ W_.T + x @ U.T + b)
 
-        sol = deqcore.solve(f, x_, tol=1e-13, max_iter=200)
+        sol = deqcore.solve(f, x_, tol=1e-13, max_iter=200, grad=None)
         z = h.backend.attach_adjoint(f, sol.z, x_, adjoint)
         return jnp.sum(z * c)
 
@@ -139,14 +139,14 @@ def test_jax_adjoint_under_vmap():
 
     def per_sample_loss(W_, xi):
         f = lambda z, x: jnp.tanh(z @ W_.T + x @ U.T + b)  # noqa: E731
-        sol = deqcore.solve(f, xi, tol=1e-13, max_iter=200, batched=False)
+        sol = deqcore.solve(f, xi, tol=1e-13, max_iter=200, batched=False, grad=None)
         return jnp.sum(h.backend.attach_adjoint(f, sol.z, xi, exact_adjoint))
 
     per_sample = jax.vmap(jax.grad(per_sample_loss), in_axes=(None, 0))(jnp.asarray(W), jnp.asarray(x))
 
     def batched_loss(W_):
         f = lambda z, x: jnp.tanh(z @ W_.T + x @ U.T + b)  # noqa: E731
-        sol = deqcore.solve(f, jnp.asarray(x), tol=1e-13, max_iter=200)
+        sol = deqcore.solve(f, jnp.asarray(x), tol=1e-13, max_iter=200, grad=None)
         return jnp.sum(h.backend.attach_adjoint(f, sol.z, jnp.asarray(x), exact_adjoint))
 
     expected = np.asarray(jax.grad(batched_loss)(jnp.asarray(W)))

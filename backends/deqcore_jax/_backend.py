@@ -32,6 +32,12 @@ class JaxBackend:
     def while_loop(self, cond, body, state):
         return jax.lax.while_loop(cond, body, state)
 
+    def differentiable_loop(self, cond, body, state, max_steps):
+        def step(_, s):
+            return jax.lax.cond(cond(s), body, lambda s_: s_, s)
+
+        return jax.lax.fori_loop(0, max_steps, step, state)
+
     def fori_loop(self, length, body, state):
         return jax.lax.fori_loop(0, length, body, state)
 
@@ -72,26 +78,33 @@ class JaxBackend:
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
-    def attach_adjoint(self, f, z_star, x, adjoint):
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=()):
         z_star = jax.lax.stop_gradient(z_star)
+        saved = tuple(jax.lax.stop_gradient(s) for s in saved)
         f_closed, consts = jax.closure_convert(f, z_star, x)
 
         @jax.custom_vjp
-        def fixed_point(z, x, consts):
+        def fixed_point(z, x, consts, saved):
             return z
 
-        def fwd(z, x, consts):
-            return z, (z, x, consts)
+        def fwd(z, x, consts, saved):
+            return z, (z, x, consts, saved)
 
         def bwd(res, g):
-            z, x, consts = res
+            z, x, consts, saved = res
             _, pullback = jax.vjp(lambda z_, x_, c_: f_closed(z_, x_, *c_), z, x, consts)
-            u = adjoint(g, lambda v: pullback(v)[0])
+            u = adjoint(g, lambda v: pullback(v)[0], *saved)
             _, gx, gc = pullback(u)
-            return jnp.zeros_like(z), gx, gc
+            return jnp.zeros_like(z), gx, gc, tuple(jnp.zeros_like(s) for s in saved)
 
         fixed_point.defvjp(fwd, bwd)
-        return fixed_point(z_star, x, consts)
+        return fixed_point(z_star, x, consts, saved)
+
+    def host_callback(self, fn, *arrays):
+        if all(self.is_concrete(a) for a in arrays):
+            fn(*(np.asarray(a) for a in arrays))
+            return
+        jax.debug.callback(lambda *a: fn(*(np.asarray(v) for v in a)), *arrays)
 
     def to_numpy(self, x):
         return np.asarray(x)

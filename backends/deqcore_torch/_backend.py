@@ -8,6 +8,40 @@ import array_api_compat.torch as xp
 import torch
 
 
+def _needs_gradient(fz, z):
+    """Whether the graph of ``fz`` reaches a leaf requiring grad other than ``z`` (depth-first)."""
+    if fz.grad_fn is None:
+        return False
+    stack, seen = [fz.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            if leaf is not z:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+class _Adjoint(torch.autograd.Function):
+    """Identity on ``f(z*)`` whose backward replaces the cotangent ``g`` by ``adjoint(g, ...)``."""
+
+    @staticmethod
+    def forward(ctx, fz, adjoint, vjp_z, *saved):
+        ctx.adjoint, ctx.vjp_z = adjoint, vjp_z
+        ctx.save_for_backward(*saved)
+        return fz.view_as(fz)
+
+    @staticmethod
+    def backward(ctx, g):
+        u = ctx.adjoint(g, ctx.vjp_z, *ctx.saved_tensors)
+        return (u, None, None) + (None,) * len(ctx.saved_tensors)
+
+
 class TorchBackend:
     """The protocol on PyTorch: eager loops, in-place buffer writes, autograd hooks.
 
@@ -31,12 +65,23 @@ class TorchBackend:
                 state = body(state)
         return state
 
+    def differentiable_loop(self, cond, body, state, max_steps):
+        for _ in range(max_steps):
+            if not bool(cond(state)):
+                break
+            state = body(state)
+        return state
+
     def fori_loop(self, length, body, state):
         for i in range(length):
             state = body(i, state)
         return state
 
     def set_index(self, buffer, index, value, axis=0):
+        if torch.is_grad_enabled() and (buffer.requires_grad or value.requires_grad):
+            # recorded for autograd (the unroll mode): an in-place write would invalidate
+            # tensors saved for backward
+            return torch.select_scatter(buffer, value, axis, int(index))
         buffer.select(axis, int(index)).copy_(value)
         return buffer
 
@@ -64,30 +109,28 @@ class TorchBackend:
     def stop_gradient(self, x):
         return x.detach()
 
-    def attach_adjoint(self, f, z_star, x, adjoint):
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=()):
+        z_star = z_star.detach()
+        if not torch.is_grad_enabled():
+            return z_star
         z = z_star.detach().requires_grad_(True)
         with torch.enable_grad():
             fz = f(z, x)
-        if not fz.requires_grad:
-            return z_star.detach()
-        busy = []
+        if not _needs_gradient(fz, z):  # nothing f uses but z requires a gradient
+            return z_star
 
         def vjp_z(v):
             (out,) = torch.autograd.grad(fz, z, v, retain_graph=True)
             return out
 
-        def hook(g):
-            if busy:  # a VJP issued by the adjoint itself: leave its cotangent alone
-                return g
-            busy.append(True)
-            try:
-                return adjoint(g, vjp_z)
-            finally:
-                busy.clear()
+        out = _Adjoint.apply(fz, adjoint, vjp_z, *(s.detach() for s in saved))
+        # Equal to z_star in value; the gradient path runs through f(z*, x). A non-finite f(z*)
+        # (a flagged sample) must not turn the returned value into NaN.
+        delta = out - out.detach()
+        return z_star + torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
 
-        fz.register_hook(hook)
-        # Equal to z_star in value; the gradient path runs through f(z*, x).
-        return z_star.detach() + (fz - fz.detach())
+    def host_callback(self, fn, *arrays):
+        fn(*(self.to_numpy(a) for a in arrays))
 
     def to_numpy(self, x):
         return x.detach().cpu().numpy()

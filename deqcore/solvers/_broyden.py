@@ -152,10 +152,13 @@ class Broyden(Solver):
         dg = g_new - (state.fz - state.z)
         Bg_new = apply_inverse(xp, U, V, g_new)
         v = apply_inverse_transpose(xp, U, V, dz)
-        # a non-finite v makes the denominator NaN, so one scalar test per sample suffices
-        inverse = 1.0 / xp.sum(v * dg, axis=-1, keepdims=True)
-        u = (dz - (Bg_new - state.Bg)) * inverse
-        finite = xp.isfinite(inverse[:, 0])
+        # A non-finite v makes the denominator NaN, so one scalar test per sample suffices. The
+        # division sees 1 where the update is skipped, so that a recorded (unroll) backward never
+        # meets 0 * inf.
+        den = xp.sum(v * dg, axis=-1, keepdims=True)
+        usable = xp.isfinite(1.0 / den)
+        u = (dz - (Bg_new - state.Bg)) / xp.where(usable, den, xp.ones_like(den))
+        finite = usable[:, 0]
         write = keep & finite
         slot = state.count % self.m
         u_old, v_old = state.U[:, slot], state.V[:, slot]

@@ -1,0 +1,136 @@
+"""The gradient-mode abstraction: how ``deqcore.solve`` makes ``z*`` differentiable.
+
+The forward solve records no graph. A gradient mode then attaches a gradient path to ``z*``:
+most modes turn the incoming cotangent ``g`` into an adjoint ``u ~ g (I - J)^-1`` (J = df/dz at
+``z*``) and let one VJP of ``f`` at ``z*`` carry ``u`` to the parameters and to ``x``
+(:class:`AdjointMode`, built on :meth:`Backend.attach_adjoint`); others differentiate through a
+few extra evaluations of ``f`` (UPG). Every mode works on the flat (B, n) state, per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from ._loop import Problem
+from ._options import Option
+from ._protocol import Backend
+
+
+class BackwardReport:
+    """What the backward passes of one solution did, filled in when a backward pass runs.
+
+    Modes that solve for the adjoint (``implicit``) record, for the latest backward pass: the
+    per-sample ``converged`` flags, the stop ``residual`` reached, the per-sample
+    ``iterations`` and the ``vjps`` (batched VJPs with respect to ``z``). ``calls`` counts the
+    backward passes. Before any backward pass ran, the arrays are None. Under ``jax.jit`` the
+    report is filled when the compiled computation runs.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.calls = 0
+        self.converged: np.ndarray | None = None
+        self.residual: np.ndarray | None = None
+        self.iterations: np.ndarray | None = None
+        self.vjps: int | None = None
+
+    def record(self, converged: Any, residual: Any, iterations: Any, vjps: Any) -> None:
+        self.calls += 1
+        self.converged = np.asarray(converged, dtype=bool)
+        self.residual = np.asarray(residual)
+        self.iterations = np.asarray(iterations)
+        self.vjps = int(np.max(vjps))
+
+    def summary(self) -> str:
+        if self.converged is None:
+            return f"{self.mode} backward: no backward-solve statistics (not an iterative mode)"
+        return (f"{self.mode} backward: {int(self.converged.sum())}/{self.converged.size} converged, "
+                f"max residual {float(np.max(self.residual, initial=0.0)):.3e}, vjps {self.vjps}, "
+                f"passes {self.calls}")
+
+    def __repr__(self) -> str:
+        return f"BackwardReport({self.summary()})"
+
+
+class BackwardProblem(NamedTuple):
+    """What a gradient mode gets: the flat layer and the forward solve's outcome.
+
+    ``f(zf, x)`` maps the flat (B, n) state to the flat next state; ``z_star`` is the flat fixed
+    point (no gradient attached); ``solver_state`` is the forward solver's final state and
+    ``solver`` its name; ``report`` is where backward statistics go.
+    """
+
+    backend: Backend
+    f: Callable[[Any, Any], Any]
+    x: Any
+    z_star: Any
+    solver_state: Any
+    solver: str
+    report: BackwardReport
+    problem: Problem
+
+
+class GradientMode:
+    """Base of gradient modes. Subclasses set ``name`` and ``options`` and implement :meth:`attach`.
+
+    The constructor takes the (validated) options as keywords. :meth:`check` rejects forward
+    solvers the mode cannot work with, before anything is solved.
+    """
+
+    name: ClassVar[str]
+    options: ClassVar[Mapping[str, Option]] = {}
+    #: True for modes that differentiate through the forward solve itself (``unroll``): the
+    #: forward then runs with gradient recording and :meth:`attach` is not called.
+    unrolled: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        for key, value in options.items():
+            setattr(self, key, value)
+
+    def check(self, solver: str) -> None:
+        """Raise ``ValueError`` if this mode cannot follow a forward solve by ``solver``."""
+
+    def attach(self, bp: BackwardProblem) -> Any:
+        """Return the flat ``z*`` with this mode's gradient path attached (same value)."""
+        raise NotImplementedError
+
+
+class AdjointMode(GradientMode):
+    """A mode defined by its adjoint ``u = adjoint(g)`` and one VJP of ``f`` at ``z*``.
+
+    :meth:`saved` names the arrays of the forward solve the adjoint needs (they are kept for the
+    backward pass and counted as such); :meth:`adjoint` gets them back, with the backend and the
+    report, and must not use any other array of the forward pass.
+    """
+
+    def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
+        return ()
+
+    def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Callable[[Any], Any],
+                saved: tuple[Any, ...]) -> Any:
+        raise NotImplementedError
+
+    def attach(self, bp: BackwardProblem) -> Any:
+        ctx = AdjointContext(bp.backend, bp.report, bp.problem.batch, bp.problem.n, bp.problem.dtype)
+
+        def adjoint(g: Any, vjp_z: Callable[[Any], Any], *saved: Any) -> Any:
+            return self.adjoint(ctx, g, vjp_z, saved)
+
+        return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp))
+
+
+class AdjointContext(NamedTuple):
+    """The static facts an adjoint may use: the backend, the report, and the problem's shape."""
+
+    backend: Backend
+    report: BackwardReport
+    batch: int
+    n: int
+    dtype: Any
+
+
+class BackwardWarning(UserWarning):
+    """A backward solve did not converge; the gradient is approximate."""

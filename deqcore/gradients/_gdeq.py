@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Any
+
+from .._gradients import AdjointContext, AdjointMode, BackwardProblem
+from ..solvers._broyden import apply_inverse_transpose
+
+
+class GDEQ(AdjointMode):
+    """GDEQ: reuse Broyden's inverse-Jacobian estimate ``B_T ~ (J - I)^-1`` in the backward pass.
+
+    ``u = -g B_T = g - sum_i (g . u_i) v_i`` per sample, with the ``(U, V)`` ring the Broyden
+    forward solve holds at termination (that of the last iterate). One VJP of ``f`` at ``z*``, no
+    VJP for the adjoint; keeps ``2 m n`` floats per sample for the backward pass. Needs
+    ``solver="broyden"``; with ``memory=0`` it is exactly JFB.
+    """
+
+    name = "gdeq"
+
+    def check(self, solver: str) -> None:
+        if solver != "broyden":
+            raise ValueError(
+                f"gradient mode 'gdeq' reuses Broyden's inverse-Jacobian estimate and needs "
+                f"solver='broyden', got solver={solver!r}"
+            )
+
+    def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
+        state = bp.solver_state
+        be = bp.backend
+        return (be.active_prefix(state.U, state.count, axis=1),
+                be.active_prefix(state.V, state.count, axis=1))
+
+    def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
+        U, V = saved
+        return -apply_inverse_transpose(ctx.backend.xp, U, V, g)

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from .. import _options as opt
+from .._gradients import AdjointContext, AdjointMode, BackwardWarning
+from .._loop import Problem, run
+from .._options import Option
+from .._solution import ConvergenceError, Status
+
+
+def _mapping(v: Any) -> str | None:
+    return None if isinstance(v, Mapping) else "a dict of the backward solver's options"
+
+
+class Implicit(AdjointMode):
+    """Implicit differentiation: solve ``u = g + u J`` for the exact adjoint ``u = g (I - J)^-1``.
+
+    The adjoint equation is a fixed-point problem in ``u`` (one VJP with respect to ``z`` per
+    evaluation), solved per sample from ``u_0 = g`` by any registered forward solver with its own
+    ``tol``/``max_iter`` and a relative stop test by default. The lowest-residual ``u`` is used.
+    Memory: nothing beyond ``f``'s graph at ``z*``. When a sample's backward solve does not
+    converge, ``on_fail`` decides: ``"warn"`` (a :class:`deqcore.BackwardWarning`), ``"raise"``
+    (:class:`deqcore.ConvergenceError`) or ``"ignore"``. Statistics of the latest backward pass
+    are in ``solution.backward``.
+    """
+
+    name = "implicit"
+    options = {
+        "solver": Option("anderson", "backward solver (any registered solver)", lambda v: None
+                         if isinstance(v, str) else "a solver name"),
+        "tol": Option(1e-6, "stop tolerance of the backward solve", opt.positive_float),
+        "max_iter": Option(100, "maximum backward solver steps", opt.positive_int),
+        "stop_mode": Option("rel", "'rel' (||r|| / ||g + uJ||) or 'abs' residual",
+                            opt.one_of("rel", "abs")),
+        "solver_options": Option({}, "options of the backward solver (memory, beta, ...)", _mapping),
+        "on_fail": Option("warn", "when the backward solve does not converge: 'warn', 'raise', "
+                          "'ignore'", opt.one_of("warn", "raise", "ignore")),
+    }
+    solver: str
+    tol: float
+    max_iter: int
+    stop_mode: str
+    solver_options: Mapping[str, Any]
+    on_fail: str
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        from .._registry import registry
+        from .._solve import COMMON_OPTIONS
+
+        cls = registry().get("solvers", self.solver).obj
+        resolved = opt.resolve(f"implicit backward solver {self.solver!r}", cls.options,
+                               dict(self.solver_options), COMMON_OPTIONS)
+        self._solver = cls(max_iter=self.max_iter, **resolved)
+
+    def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
+        be = ctx.backend
+        problem = Problem(be, lambda u: g + vjp_z(u), ctx.batch, ctx.n, ctx.dtype)
+        with be.no_grad():
+            state, status = run(problem, self._solver, g, tol=self.tol, max_iter=self.max_iter,
+                                stop_mode=self.stop_mode, divergence=None)
+        converged = status == int(Status.CONVERGED)
+        residual = state.best_rel if self.stop_mode == "rel" else state.best_abs
+        nfe = be.xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe
+        be.host_callback(self._report(ctx), converged, residual, state.iterations, nfe)
+        if self.on_fail == "raise":
+            be.host_check(~converged, self._error, residual)
+        return state.best_z
+
+    def _report(self, ctx: AdjointContext) -> Any:
+        def report(converged: Any, residual: Any, iterations: Any, vjps: Any) -> None:
+            ctx.report.record(converged, residual, iterations, vjps)
+            if self.on_fail == "warn" and not converged.all():
+                warnings.warn(
+                    f"implicit backward ({self.solver}): {int((~converged).sum())} of "
+                    f"{converged.size} samples did not reach {self.stop_mode} tol {self.tol:g} in "
+                    f"{self.max_iter} steps (worst residual {float(residual.max()):.3e}); the "
+                    f"gradient is approximate. Raise grad_options max_iter or loosen tol",
+                    BackwardWarning, stacklevel=2)
+
+        return report
+
+    def _error(self, failed: Any, residual: Any) -> Exception:
+        return ConvergenceError(
+            f"implicit backward ({self.solver}): {int(failed.sum())} of {failed.size} samples did "
+            f"not reach {self.stop_mode} tol {self.tol:g} in {self.max_iter} steps (worst residual "
+            f"{float(residual[failed].max()):.3e})")
