@@ -45,7 +45,7 @@ class BackwardReport:
         self.vjps = int(np.max(vjps))
 
     def summary(self) -> str:
-        if self.converged is None:
+        if self.converged is None or self.residual is None:
             return f"{self.mode} backward: no backward-solve statistics (not an iterative mode)"
         return (f"{self.mode} backward: {int(self.converged.sum())}/{self.converged.size} converged, "
                 f"max residual {float(np.max(self.residual, initial=0.0)):.3e}, vjps {self.vjps}, "

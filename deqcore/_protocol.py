@@ -162,8 +162,8 @@ class Backend(Protocol):
         """The device ``x`` lives on, or None when it cannot be known (tracers)."""
         ...
 
-    def host_check(self, failed: Array, make_error: Callable[[Any], Exception]) -> None:
-        """Raise ``make_error(failed_mask_as_numpy)`` if any entry of ``failed`` is True.
+    def host_check(self, failed: Array, make_error: Callable[..., Exception], *payload: Array) -> None:
+        """Raise ``make_error(failed, *payload)`` (NumPy copies) if any entry of ``failed`` is True.
 
         Concrete arrays are checked at once; under tracing the check runs when the compiled
         computation executes (the error then arrives wrapped in the framework's runtime error).

@@ -111,7 +111,7 @@ def solve(
                             stop_mode=common["stop_mode"], divergence=common["divergence"],
                             differentiable=unrolled)
     xp = be.xp
-    report = None if mode is None else BackwardReport(mode.name)
+    report = BackwardReport(mode.name) if mode is not None else None
     z_flat = state.best_z
     if not unrolled:
         z_flat = be.stop_gradient(z_flat)
@@ -120,6 +120,7 @@ def solve(
         def f_flat(zf: Any, x_: Any) -> Any:
             return structure.flatten(be, f(structure.unflatten(be, zf), x_))
 
+        assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
     solution = Solution(
         z=structure.unflatten(be, z_flat),
