@@ -9,6 +9,7 @@ so ``importlib.metadata`` finds it exactly as it finds an installed distribution
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import itertools
 import os
@@ -53,11 +54,25 @@ class Installer:
         return module
 
 
+# Plugins installed in the environment running the tests (e.g. plugins/deqcore-krylov in a dev
+# venv) are hidden, so that these tests see exactly the built-ins plus what they install themselves.
+_PREINSTALLED = {(ep.name, ep.value)
+                 for ep in importlib.metadata.entry_points(group=_registry.ENTRY_POINT_GROUP)}
+_entry_points = importlib.metadata.entry_points
+
+
+def _test_entry_points(**kwargs):
+    found = _entry_points(**kwargs)
+    return type(found)(ep for ep in found if (ep.name, ep.value) not in _PREINSTALLED)
+
+
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
-    """A registry that loads afresh, with the plugin env variables unset; reset again after."""
+    """A registry that loads afresh, with the plugin env variables unset and preinstalled
+    third-party plugins hidden; reset again after."""
     monkeypatch.delenv(_registry.DISABLE_ENV, raising=False)
     monkeypatch.delenv(_registry.BLOCK_ENV, raising=False)
+    monkeypatch.setattr(importlib.metadata, "entry_points", _test_entry_points)
     deqcore.registry().reset()
     yield
     deqcore.registry().reset()

@@ -1,11 +1,31 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat.torch as xp
+import array_api_compat.torch as compat
 import torch
+
+
+def _matmul(x1, x2, /):
+    # Batched (B, k, n) products are the solvers' inner loops: call bmm directly, skipping
+    # matmul's broadcast bookkeeping (three view ops) and the compat layer's dtype promotion.
+    if x1.ndim == 3 and x2.ndim == 3 and x1.shape[0] == x2.shape[0] and x1.dtype == x2.dtype:
+        return torch.bmm(x1, x2)
+    return compat.matmul(x1, x2)
+
+
+def _where(condition, x1, x2, /):
+    if type(x1) is torch.Tensor and type(x2) is torch.Tensor and x1.dtype == x2.dtype:
+        return torch.where(condition, x1, x2)
+    return compat.where(condition, x1, x2)
+
+
+#: array_api_compat's torch namespace with faster same-dtype ``matmul`` and ``where``.
+xp = types.SimpleNamespace(**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")})
+xp.matmul, xp.where = _matmul, _where
 
 
 def _needs_gradient(fz, z):

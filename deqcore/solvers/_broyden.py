@@ -13,13 +13,14 @@ class BroydenState(NamedTuple):
 
     ``B`` approximates the inverse Jacobian of ``g(z) = f(z) - z``. ``Bg`` caches ``B g(z)`` for
     the current iterate (the next direction is ``-Bg``), so a step costs four low-rank products
-    instead of six. ``count`` pairs have been written (slot ``count % m`` is next);
-    ``breakdowns`` (B,) counts updates skipped because the secant denominator was zero or the
-    update non-finite.
+    instead of six; ``g = f(z) - z`` is kept so it is computed once per step. ``count`` pairs have
+    been written (slot ``count % m`` is next); ``breakdowns`` (B,) counts updates skipped because
+    the secant denominator was zero or the update non-finite.
     """
 
     z: Any
     fz: Any
+    g: Any
     Bg: Any
     U: Any
     V: Any
@@ -85,7 +86,8 @@ class Broyden(Solver):
         caps = self.capacities(problem.backend)
         ring = self._ring(xp, z0, caps[0] if caps else self.m)
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
-        return BroydenState(z0, fz0, z0 - fz0, ring, xp.zeros_like(ring), 0, breakdowns)
+        g0 = fz0 - z0
+        return BroydenState(z0, fz0, g0, -g0, ring, xp.zeros_like(ring), 0, breakdowns)
 
     def grow(self, problem: Problem, state: BroydenState, capacity: int) -> BroydenState:
         xp = problem.backend.xp
@@ -95,13 +97,11 @@ class Broyden(Solver):
 
     def step(self, problem: Problem, state: BroydenState, active: Any):
         xp = problem.backend.xp
-        g = state.fz - state.z
-        p = -state.Bg
-        z = select_rows(xp, active, state.z + p, state.z)
+        z = select_rows(xp, active, state.z - state.Bg, state.z)
         fz = problem.fn(z)
         if not self.line_search:
             return z, fz, state, 1
-        z, fz, nfe = self._line_search(problem, state, p, g, z, fz, active)
+        z, fz, nfe = self._line_search(problem, state, -state.Bg, state.g, z, fz, active)
         return z, fz, state, nfe
 
     def _line_search(self, problem, state, p, g, z1, fz1, active):
@@ -143,30 +143,29 @@ class Broyden(Solver):
 
     def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
         if self.m == 0:
-            return state._replace(z=z_new, fz=fz_new, Bg=-g_new)
+            return state._replace(z=z_new, fz=fz_new, g=g_new, Bg=-g_new)
         backend = problem.backend
         xp = backend.xp
         U = backend.active_prefix(state.U, state.count, axis=1)
         V = backend.active_prefix(state.V, state.count, axis=1)
         dz = z_new - state.z
-        dg = g_new - (state.fz - state.z)
+        dg = g_new - state.g
         Bg_new = apply_inverse(xp, U, V, g_new)
         v = apply_inverse_transpose(xp, U, V, dz)
-        # A non-finite v makes the denominator NaN, so one scalar test per sample suffices. The
-        # division sees 1 where the update is skipped, so that a recorded (unroll) backward never
-        # meets 0 * inf.
+        # A non-finite v makes the denominator NaN, so one scalar test per sample suffices
+        # (r * 0 == 0 holds exactly for finite r). The division sees 1 where the update is skipped,
+        # so that a recorded (unroll) backward never meets 0 * inf.
         den = xp.sum(v * dg, axis=-1, keepdims=True)
-        usable = xp.isfinite(1.0 / den)
-        u = (dz - (Bg_new - state.Bg)) / xp.where(usable, den, xp.ones_like(den))
-        finite = usable[:, 0]
-        write = keep & finite
+        usable = (1.0 / den) * 0.0 == 0.0
+        u = (dz - Bg_new + state.Bg) / xp.where(usable, den, xp.ones_like(den))
+        write = keep & usable[:, 0]
         slot = state.count % self.m
         u_old, v_old = state.U[:, slot], state.V[:, slot]
         # B_new g_new = B g_new + u (v . g_new) - u_old (v_old . g_new) for the overwritten pair
         change = u * xp.sum(v * g_new, axis=-1, keepdims=True) - u_old * xp.sum(
             v_old * g_new, axis=-1, keepdims=True)
-        Bg_next = Bg_new + select_rows(xp, write, change, xp.zeros_like(change))
+        Bg_next = select_rows(xp, write, Bg_new + change, Bg_new)
         U_all = backend.set_index(state.U, slot, select_rows(xp, write, u, u_old), axis=1)
         V_all = backend.set_index(state.V, slot, select_rows(xp, write, v, v_old), axis=1)
-        breakdowns = state.breakdowns + xp.astype(keep & ~finite, xp.int32)
-        return BroydenState(z_new, fz_new, Bg_next, U_all, V_all, state.count + 1, breakdowns)
+        breakdowns = state.breakdowns + (keep & ~usable[:, 0])
+        return BroydenState(z_new, fz_new, g_new, Bg_next, U_all, V_all, state.count + 1, breakdowns)
