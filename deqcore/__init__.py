@@ -5,6 +5,7 @@ Broyden's method or (damped) fixed-point iteration, per sample of a batch. The a
 is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neither.
 """
 
+from . import validators
 from ._gradients import (
     AdjointContext,
     AdjointMode,
@@ -14,7 +15,7 @@ from ._gradients import (
     GradientMode,
 )
 from ._hookspecs import hookimpl, hookspec
-from ._loop import Problem, Solver
+from ._loop import Problem, Solver, select_rows
 from ._options import Option
 from ._protocol import Backend
 from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Registry, available, registry
@@ -50,5 +51,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "registry",
+    "select_rows",
     "solve",
+    "validators",
 ]

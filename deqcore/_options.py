@@ -50,6 +50,10 @@ def unit_interval(v: Any) -> str | None:
     return None if _is_real(v) and 0 < v <= 1 else "a float in (0, 1]"
 
 
+def open_unit_interval(v: Any) -> str | None:
+    return None if _is_real(v) and 0 < v < 1 else "a float in (0, 1)"
+
+
 def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "True or False"
 
