@@ -27,8 +27,15 @@ class GDEQ(AdjointMode):
     def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
         state = bp.solver_state
         be = bp.backend
-        return (be.active_prefix(state.U, state.count, axis=1),
-                be.active_prefix(state.V, state.count, axis=1))
+        saved = []
+        for ring in (state.U, state.V):
+            used = be.active_prefix(ring, state.count, axis=1)
+            # A prefix view would keep the whole ring's storage alive until the backward pass;
+            # while the ring is not full, a copy of the used slots is what training memory needs.
+            if used.shape[1] < ring.shape[1]:
+                used = be.xp.asarray(used, copy=True)
+            saved.append(used)
+        return tuple(saved)
 
     def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
         U, V = saved
