@@ -78,8 +78,9 @@ Goal lines:
   1.05x TorchDEQ IFT's (equal or better accuracy; the 5 % absorbs float32 noise). The total
   error is compared on ``bwd err`` because TorchDEQ's forward runs past the 1e-4 tolerance both
   are given (its stop test differs), which lowers its total error at the price of forward time;
-* memory flat: implicit / jfb / npg / gdeq bytes at max_iter 40 within 5 % of those at 10; unroll's
-  grow.
+* memory flat: implicit / jfb / npg / gdeq (memory=8) bytes at max_iter 40 within 5 % of those at
+  10; unroll's grow. gdeq with the default ring (memory = max_iter) is reported, not judged: its
+  ring is sized by max_iter by definition (2 m n floats per sample).
 
 Run:  python benchmarks/bench_gradients.py [--sizes 256,1024] [--repeats 7]
       python benchmarks/bench_gradients.py --quick
@@ -123,7 +124,9 @@ DEQCORE_MODES = (  # label, grad, forward solver, grad_options, solver options
     ("unroll", "unroll", "anderson", {}, {}),
 )
 MEM_MODES = DEQCORE_MODES + (("gdeq (memory=8)", "gdeq", "broyden", {}, {"memory": 8}),)
-FLAT_MODES = ("implicit", "jfb", "npg", "gdeq")
+# gdeq's ring holds `memory` pairs, by default max_iter of them: it is flat in the iterations for a
+# fixed ring, which is what the goal checks; the default row shows the ring growing with max_iter.
+FLAT_MODES = ("implicit", "jfb", "npg", "gdeq (memory=8)")
 GDEQ_TIME_LIMIT = 1.2
 GDEQ_COS_FACTOR = 0.5
 IFT_TIME_LIMIT = 0.5
@@ -735,6 +738,13 @@ def goals(rows: list[dict], mem: list[dict]) -> list[dict]:
         elif base == "unroll":
             ok = growth > FLAT_LIMIT
             want = "grows"
+        elif base == "gdeq":
+            out.append({"goal": "memory-info", "pass": None, "ratio": growth, "backend": m["backend"],
+                        "method": base, "line":
+                        f"[INFO] {m['backend']} gdeq with the default ring (memory = max_iter) keeps "
+                        f"{a} -> {b} bytes at max_iter {MEM_ITERS[0]} vs {MEM_ITERS[1]} = {growth:.3f}x: "
+                        f"the ring is sized by max_iter; set memory=m for a fixed budget"})
+            continue
         else:
             continue
         out.append({"goal": "memory", "pass": ok, "ratio": growth, "backend": m["backend"],
