@@ -835,14 +835,7 @@ def main(argv=None) -> int:
           f"VJPs: counted batched VJPs of f in the backward (rep: the mode's own report); "
           f"Jprod: VJPs + transposed products; cos / rel err: vs the float64 exact dL/dW; "
           f"bytes: torch saved-for-backward storages, JAX temp bytes of jit(grad)\n")
-    print(HEADER)
-    last = None
-    for r in rows:
-        key = (r["d"], r["problem"], r["backend"])
-        if last is not None and key != last:
-            print()
-        last = key
-        print(fmt_row(r))
+    fwd.print_grouped(HEADER, rows, fmt_row)
     if mem:
         print(f"\nMemory sweep (tol {MEM_TOL:g}: every iteration runs):")
         print(f"{'backend':<6} {'method':<18} {'bytes @' + str(MEM_ITERS[0]):>14} "

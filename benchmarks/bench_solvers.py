@@ -484,6 +484,18 @@ def _version(mod: str):
         return getattr(__import__(mod), "__version__", None)
 
 
+def print_grouped(header: str, rows: list[dict], fmt) -> None:
+    """The table: ``header``, then ``fmt(row)`` per row, a blank line between (d, problem, backend)."""
+    print(header)
+    last = None
+    for r in rows:
+        key = (r["d"], r["problem"], r["backend"])
+        if last is not None and key != last:
+            print()
+        last = key
+        print(fmt(r))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="256,1024", help="comma-separated d values (default 256,1024)")
@@ -554,14 +566,7 @@ def main(argv=None) -> int:
           f"max over samples of ||f(z)-z||/||f(z)|| at the returned z, computed here in float64; "
           f"conv: worst rel <= {TOL:g}; t/bare: time / time of NFE bare f evaluations; "
           f"vs anchor: time / fastest converged anchor (same backend, same problem)\n")
-    print(HEADER)
-    last = None
-    for r in rows:
-        key = (r["d"], r["problem"], r["backend"])
-        if last is not None and key != last:
-            print()
-        last = key
-        print(fmt_row(r))
+    print_grouped(HEADER, rows, fmt_row)
     idle_s = (f"; CPU idle before timing: min {min(idle_seen):.0%}, median "
               f"{statistics.median(idle_seen):.0%}" if idle_seen else "")
     print(f"\nload average (1/5/15 min) at start {tuple(round(v, 2) for v in load_start)}, at end "
