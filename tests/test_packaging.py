@@ -197,6 +197,16 @@ def test_pyproject_pins_torch_exactly():
         assert str(req.specifier) == TORCH_PIN, f"pyproject.toml: unpinned {req}"
 
 
+@pytest.mark.parametrize("pyproject", sorted(ROOT.glob("plugins/*/pyproject.toml")),
+                         ids=lambda p: p.parent.name)
+def test_plugin_distributions_pin_torch_exactly(pyproject):
+    data = tomllib.loads(pyproject.read_text())
+    reqs = _torch_requirements(_pyproject_requirements(data), str(pyproject))
+    assert reqs, f"{pyproject} requires torch nowhere (its torch extra should pin it)"
+    for req in reqs:
+        assert str(req.specifier) == TORCH_PIN, f"{pyproject}: unpinned {req}"
+
+
 def test_tox_and_requirement_files_pin_torch_exactly():
     checked = 0
     tox = ROOT / "tox.ini"
