@@ -11,7 +11,6 @@ agreement and a residual-vs-iteration summary. With matplotlib installed (``pip 
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
 import json
 import os
@@ -24,16 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from deqcore_models.data import DataError, read_idx
 
 import deqcore
 
 IMAGES = Path("fashion-mnist") / "t10k-images-idx3-ubyte.gz"
 DEFAULT_DATA = Path("..") / "shared" / "data"
 BACKENDS = ("torch", "jax")
-
-
-class DataError(RuntimeError):
-    """The data set is missing or not in the expected format."""
 
 
 # --------------------------------------------------------------------------------------- data
@@ -56,32 +52,7 @@ def default_data_dir() -> Path:
 def load_idx_images(path: Path, count: int | None = None) -> np.ndarray:
     """Read an IDX3 unsigned-byte image file (optionally gzip-compressed) as a ``(N, rows, cols)``
     uint8 array, keeping the first ``count`` images."""
-    expected = ("an IDX3 unsigned-byte image file (Fashion-MNIST/MNIST format: magic 0x00000803, "
-                "big-endian int32 count, rows, cols, then count*rows*cols bytes), gzip-compressed")
-    if not path.is_file():
-        raise DataError(
-            f"data file not found: {path}\n  expected {expected}.\n  Point --data (or the environment "
-            f"variable DEQCORE_DATA) at the folder that holds {IMAGES}; the demo never downloads data."
-        )
-    try:
-        opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:
-            header = fh.read(16)
-            if len(header) < 16:
-                raise DataError(f"{path}: file is {len(header)} bytes, shorter than the 16-byte IDX header")
-            magic, n, rows, cols = (int(v) for v in np.frombuffer(header, dtype=">i4"))
-            if magic != 0x803:
-                raise DataError(f"{path}: magic number {magic:#010x}, not 0x00000803; expected {expected}")
-            if n <= 0 or rows <= 0 or cols <= 0:
-                raise DataError(f"{path}: bad header dimensions {n}x{rows}x{cols}; expected {expected}")
-            take = n if count is None else min(n, count)
-            body = fh.read(take * rows * cols)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); expected {expected}") from exc
-    if len(body) != take * rows * cols:
-        raise DataError(f"{path}: truncated, {len(body)} bytes of image data where {take * rows * cols} "
-                        f"were expected for {take} images of {rows}x{cols}; expected {expected}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(take, rows, cols)
+    return read_idx(path, 3, count)
 
 
 # --------------------------------------------------------------------------------------- problem

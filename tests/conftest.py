@@ -93,3 +93,16 @@ def both() -> tuple[Harness, Harness]:
     if set(ALL_BACKENDS) - set(SELECTED):
         pytest.skip("cross-backend equivalence needs both torch and jax selected")
     return Harness("torch"), Harness("jax")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The real data folder: ``$DEQCORE_DATA`` (tox sets it), else ``../shared/data`` beside the
+    checkout. Missing data fails the test run rather than skipping the checks."""
+    from pathlib import Path
+
+    env = os.environ.get("DEQCORE_DATA", "").strip()
+    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (root / "fashion-mnist").is_dir():
+        pytest.fail(f"data folder {root} not found: set DEQCORE_DATA to the folder holding fashion-mnist/")
+    return root

@@ -72,3 +72,12 @@ def test_using_a_backend_imports_only_its_framework(backend):
     assert backend in imported  # the check above would notice a framework import
     other = {"torch": {"jax", "jaxlib"}, "jax": {"torch"}}[backend]
     assert not imported & other
+
+
+def test_models_package_and_data_loaders_import_no_framework():
+    out = _run("""
+        import deqcore_models, deqcore_models.data
+        out["loaders"] = [n for n in deqcore_models.data.__all__ if n.islower()]
+    """)
+    assert "fashion_mnist" in out["loaders"] and "wikitext2" in out["loaders"]
+    assert out["final"] == []

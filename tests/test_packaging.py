@@ -26,12 +26,13 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_LEVEL = {"deqcore", "deqcore_torch", "deqcore_jax"}
+TOP_LEVEL = {"deqcore", "deqcore_torch", "deqcore_jax", "deqcore_models"}
 # wheel path prefix -> source directory of that package
 PACKAGE_SOURCES = {
     "deqcore": ROOT / "deqcore",
     "deqcore_torch": ROOT / "backends" / "deqcore_torch",
     "deqcore_jax": ROOT / "backends" / "deqcore_jax",
+    "deqcore_models": ROOT / "models" / "deqcore_models",
 }
 TORCH_PIN = "==2.13.0"
 IGNORED = {".git", ".venv", ".tox", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache",
@@ -98,7 +99,7 @@ def test_wheel_has_every_source_module(wheel):
     names = set(_names(wheel))
     for must in ("deqcore/__init__.py", "deqcore/_registry.py", "deqcore/_hookspecs.py",
                  "deqcore/solvers/_anderson.py", "deqcore_torch/__init__.py", "deqcore_torch/_backend.py",
-                 "deqcore_jax/__init__.py", "deqcore_jax/_backend.py"):
+                 "deqcore_jax/__init__.py", "deqcore_jax/_backend.py", "deqcore_models/data/_images.py"):
         assert must in names
     # every module of the source tree ships, subpackages included (a new subpackage left out of
     # pyproject's package list would import in the repo but not after `pip install`)
