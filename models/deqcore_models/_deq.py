@@ -1,0 +1,58 @@
+"""How a model runs its equilibrium layer: the solve settings shared by every model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import deqcore
+
+
+@dataclass(frozen=True)
+class DEQSettings:
+    """Forward solver, gradient mode and pre-training switch of an equilibrium layer.
+
+    ``unrolled`` > 0 runs the layer as ``unrolled`` weight-tied steps from ``z = 0`` with ordinary
+    backpropagation (the papers' pre-training); 0 solves for the fixed point with ``solver`` and
+    differentiates with ``grad``. ``solver_options`` and ``grad_options`` go to
+    :func:`deqcore.solve` (unknown names are errors there).
+    """
+
+    solver: str = "broyden"
+    tol: float = 1e-3
+    max_iter: int = 18
+    stop_mode: str = "rel"
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    grad: str | None = "implicit"
+    grad_options: Mapping[str, Any] = field(default_factory=dict)
+    unrolled: int = 0
+
+    def __post_init__(self) -> None:
+        if self.unrolled < 0:
+            raise ValueError(f"unrolled must be >= 0, got {self.unrolled}")
+
+
+@dataclass
+class LayerStats:
+    """What one equilibrium-layer evaluation did: f-evaluations, the worst relative residual
+    (arrays of the framework; NaN-free for unrolled runs, which have no residual) and the solution
+    (None for unrolled runs)."""
+
+    nfe: Any
+    rel_residual: Any
+    solution: deqcore.Solution | None
+
+
+def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
+              settings: DEQSettings, xp: Any) -> tuple[Any, LayerStats]:
+    """``z*`` of ``f(., inj)`` from ``z0`` by ``settings``, with the statistics of the run."""
+    if settings.unrolled:
+        z = z0
+        for _ in range(settings.unrolled):
+            z = f(z, inj)
+        return z, LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
+    sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
+                        max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
+                        grad_options=dict(settings.grad_options), **dict(settings.solver_options))
+    return sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)

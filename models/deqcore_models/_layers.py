@@ -1,0 +1,128 @@
+"""Functional layers over an :class:`~deqcore_models._ops.Ops`: pure functions of arrays and
+parameter dicts, identical on PyTorch and JAX (only ``ops.conv2d`` is framework code)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Params = dict[str, Any]
+
+
+def relu(xp: Any, x: Any) -> Any:
+    return xp.maximum(x, xp.zeros_like(x))
+
+
+def weight_norm(xp: Any, v: Any, g: Any) -> Any:
+    """``w = g * v / ||v||`` with the norm over every axis but 0 (torch's ``weight_norm(dim=0)``)."""
+    axes = tuple(range(1, v.ndim))
+    norm = xp.sqrt(xp.sum(v * v, axis=axes, keepdims=True))
+    return xp.reshape(g, (-1,) + (1,) * (v.ndim - 1)) * v / norm
+
+
+def conv_weight(xp: Any, params: Params, name: str) -> Any:
+    """The weight of conv ``name``: ``name.weight``, or weight-normed from ``name.v`` and ``name.g``."""
+    if f"{name}.v" in params:
+        return weight_norm(xp, params[f"{name}.v"], params[f"{name}.g"])
+    return params[f"{name}.weight"]
+
+
+def conv(ops: Any, x: Any, w: Any, bias: Any = None, stride: int = 1) -> Any:
+    """Same-padded convolution (odd kernels), optional per-channel bias."""
+    out = ops.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2)
+    if bias is not None:
+        out = out + ops.xp.reshape(bias, (1, -1, 1, 1))
+    return out
+
+
+def group_norm(xp: Any, x: Any, groups: int, weight: Any = None, bias: Any = None,
+               eps: float = 1e-5) -> Any:
+    """GroupNorm over (C/groups, H, W) per sample and group, optional affine per channel."""
+    b, c, h, w = x.shape
+    xg = xp.reshape(x, (b, groups, c // groups, h, w))
+    mean = xp.mean(xg, axis=(2, 3, 4), keepdims=True)
+    var = xp.mean((xg - mean) ** 2, axis=(2, 3, 4), keepdims=True)
+    out = xp.reshape((xg - mean) / xp.sqrt(var + eps), (b, c, h, w))
+    if weight is not None:
+        out = out * xp.reshape(weight, (1, -1, 1, 1)) + xp.reshape(bias, (1, -1, 1, 1))
+    return out
+
+
+def batch_norm(xp: Any, x: Any, params: Params, state: Params, name: str, train: bool,
+               new_state: Params, momentum: float = 0.1, eps: float = 1e-5) -> Any:
+    """BatchNorm2d with torch's semantics. In training it normalises by the batch statistics and
+    writes the updated running mean/var (unbiased variance) to ``new_state``; in evaluation it
+    uses the running statistics from ``state``."""
+    if train:
+        mean = xp.mean(x, axis=(0, 2, 3))
+        var = xp.mean((x - xp.reshape(mean, (1, -1, 1, 1))) ** 2, axis=(0, 2, 3))
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        new_state[f"{name}.running_mean"] = (1 - momentum) * state[f"{name}.running_mean"] + momentum * mean
+        new_state[f"{name}.running_var"] = ((1 - momentum) * state[f"{name}.running_var"]
+                                            + momentum * var * (n / max(n - 1, 1)))
+    else:
+        mean, var = state[f"{name}.running_mean"], state[f"{name}.running_var"]
+    scale = params[f"{name}.weight"] / xp.sqrt(var + eps)
+    shift = params[f"{name}.bias"] - mean * scale
+    return x * xp.reshape(scale, (1, -1, 1, 1)) + xp.reshape(shift, (1, -1, 1, 1))
+
+
+def upsample_nearest(xp: Any, x: Any, factor: int) -> Any:
+    b, c, h, w = x.shape
+    big = xp.broadcast_to(xp.reshape(x, (b, c, h, 1, w, 1)), (b, c, h, factor, w, factor))
+    return xp.reshape(big, (b, c, h * factor, w * factor))
+
+
+def cross_entropy(xp: Any, logits: Any, labels_onehot: Any) -> Any:
+    """Mean cross-entropy of (B, K) logits against one-hot (B, K) labels (log-sum-exp stabilised)."""
+    top = xp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - top
+    logz = xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+    return -xp.mean(xp.sum(labels_onehot * (shifted - logz), axis=-1))
+
+
+# ---------------------------------------------------------------------------- parameter creation
+
+
+class ParamBuilder:
+    """Creates a model's parameters in NumPy (float32) in a fixed order from one seed, so both
+    backends start from identical weights. ``params`` are trained; ``state`` holds buffers."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.params: dict[str, np.ndarray] = {}
+        self.state: dict[str, np.ndarray] = {}
+
+    def _uniform(self, shape: tuple[int, ...], bound: float) -> np.ndarray:
+        return self.rng.uniform(-bound, bound, size=shape).astype(np.float32)
+
+    def conv(self, name: str, c_in: int, c_out: int, k: int, *, bias: bool = False,
+             wnorm: bool = False, scale: float = 1.0) -> None:
+        """A conv with torch's default init (uniform, bound 1/sqrt(fan_in)) times ``scale``;
+        weight-normed convs store ``v`` and ``g = ||v||`` (so ``w = v`` at init)."""
+        fan_in = c_in * k * k
+        w = self._uniform((c_out, c_in, k, k), scale / np.sqrt(fan_in))
+        if wnorm:
+            self.params[f"{name}.v"] = w
+            norm = np.sqrt((w.astype(np.float64) ** 2).sum(axis=(1, 2, 3)))
+            self.params[f"{name}.g"] = norm.astype(np.float32)
+        else:
+            self.params[f"{name}.weight"] = w
+        if bias:
+            self.params[f"{name}.bias"] = self._uniform((c_out,), 1 / np.sqrt(fan_in))
+
+    def norm(self, name: str, c: int, *, batch: bool = False) -> None:
+        self.params[f"{name}.weight"] = np.ones(c, np.float32)
+        self.params[f"{name}.bias"] = np.zeros(c, np.float32)
+        if batch:
+            self.state[f"{name}.running_mean"] = np.zeros(c, np.float32)
+            self.state[f"{name}.running_var"] = np.ones(c, np.float32)
+
+    def linear(self, name: str, n_in: int, n_out: int, *, bias: bool = True) -> None:
+        self.params[f"{name}.weight"] = self._uniform((n_out, n_in), 1 / np.sqrt(n_in))
+        if bias:
+            self.params[f"{name}.bias"] = self._uniform((n_out,), 1 / np.sqrt(n_in))
+
+    def embedding(self, name: str, n: int, d: int, std: float = 0.02) -> None:
+        self.params[f"{name}.weight"] = (std * self.rng.standard_normal((n, d))).astype(np.float32)

@@ -1,0 +1,226 @@
+"""MDEQ: the multiscale deep equilibrium model, written once over :mod:`deqcore_models._ops`.
+
+Parameters are a flat ``{name: array}`` dict with the same names and shapes on both backends
+(PyTorch module-style dotted names), so a checkpoint from one backend loads in the other.
+Architecture (SPEC d): a two-conv stem whose output is injected into branch 0; per branch a
+residual block conv3x3(C->eC) -> GN -> ReLU -> conv3x3(eC->C) -> variational dropout -> + injection
+-> GN -> + z -> ReLU -> GN, with weight norm on both convs; multi-resolution fusion; and the HRNet-
+style classification head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._deq import DEQSettings, LayerStats, run_layer
+from ._layers import (
+    ParamBuilder,
+    batch_norm,
+    conv,
+    conv_weight,
+    group_norm,
+    relu,
+    upsample_nearest,
+)
+
+
+@dataclass(frozen=True)
+class MDEQConfig:
+    """Architecture of an MDEQ. ``channels[i]`` is branch i's width (resolution H / 2^i);
+    ``head_channels[i]`` the bottleneck width of its head (output 4x that); ``expansion`` the
+    residual block's inner width factor; ``groups`` the GroupNorm groups (every width must divide
+    by it); ``fuse_groups`` those of the affine-free GN after fusion."""
+
+    channels: tuple[int, ...] = (24, 24)
+    head_channels: tuple[int, ...] = (8, 16)
+    final_channels: int = 200
+    expansion: int = 5
+    groups: int = 8
+    fuse_groups: int = 4
+    dropout: float = 0.25
+    weight_norm: bool = True
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != len(self.head_channels) or not self.channels:
+            raise ValueError(f"channels {self.channels} and head_channels {self.head_channels} must be "
+                             "non-empty and of equal length (one per branch)")
+        for c in self.channels:
+            for width, g, what in ((c, self.groups, "groups"), (c * self.expansion, self.groups, "groups"),
+                                   (c, self.fuse_groups, "fuse_groups")):
+                if width % g:
+                    raise ValueError(f"width {width} is not divisible by {what}={g}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def branches(self) -> int:
+        return len(self.channels)
+
+
+#: Named configurations. ``tiny`` is the paper's MDEQ-small for CIFAR-10 (SPEC d: ~159K
+#: parameters with 3 input channels); ``cpu`` a narrower one for quick CPU experiments.
+MDEQ_CONFIGS: dict[str, MDEQConfig] = {
+    "tiny": MDEQConfig(),
+    "cpu": MDEQConfig(channels=(16, 16), head_channels=(4, 8), final_channels=64, expansion=4,
+                      dropout=0.1),
+    "micro": MDEQConfig(channels=(8, 8), head_channels=(2, 4), final_channels=16, expansion=2,
+                        groups=4, fuse_groups=4, dropout=0.0),
+}
+
+
+def init_mdeq(cfg: MDEQConfig, in_channels: int,
+              seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(params, state) in float32 NumPy from ``seed``; ``state`` holds BatchNorm running stats."""
+    pb = ParamBuilder(seed)
+    c0 = cfg.channels[0]
+    pb.conv("stem.conv1", in_channels, c0, 3)
+    pb.norm("stem.bn1", c0, batch=True)
+    pb.conv("stem.conv2", c0, c0, 3)
+    pb.norm("stem.bn2", c0, batch=True)
+    wn = cfg.weight_norm
+    for i, c in enumerate(cfg.channels):
+        inner = c * cfg.expansion
+        pb.conv(f"deq.block{i}.conv1", c, inner, 3, wnorm=wn)
+        pb.norm(f"deq.block{i}.gn1", inner)
+        pb.conv(f"deq.block{i}.conv2", inner, c, 3, wnorm=wn)
+        pb.norm(f"deq.block{i}.gn2", c)
+        pb.norm(f"deq.block{i}.gn3", c)
+    for i, ci in enumerate(cfg.channels):
+        for j, cj in enumerate(cfg.channels):
+            if j > i:
+                pb.conv(f"deq.fuse{i}.from{j}.conv", cj, ci, 1)
+                pb.norm(f"deq.fuse{i}.from{j}.gn", ci)
+            elif j < i:
+                for k in range(i - j):
+                    out = ci if k == i - j - 1 else cj
+                    pb.conv(f"deq.fuse{i}.from{j}.step{k}.conv", cj, out, 3)
+                    pb.norm(f"deq.fuse{i}.from{j}.step{k}.gn", out)
+        pb.conv(f"deq.post{i}.conv", ci, ci, 1, wnorm=wn)
+    for i, (c, h) in enumerate(zip(cfg.channels, cfg.head_channels, strict=True)):
+        p = f"head.incre{i}"
+        pb.conv(f"{p}.conv1", c, h, 1)
+        pb.norm(f"{p}.bn1", h, batch=True)
+        pb.conv(f"{p}.conv2", h, h, 3)
+        pb.norm(f"{p}.bn2", h, batch=True)
+        pb.conv(f"{p}.conv3", h, 4 * h, 1)
+        pb.norm(f"{p}.bn3", 4 * h, batch=True)
+        pb.conv(f"{p}.down.conv", c, 4 * h, 1)
+        pb.norm(f"{p}.down.bn", 4 * h, batch=True)
+    for i in range(cfg.branches - 1):
+        pb.conv(f"head.down{i}.conv", 4 * cfg.head_channels[i], 4 * cfg.head_channels[i + 1], 3, bias=True)
+        pb.norm(f"head.down{i}.bn", 4 * cfg.head_channels[i + 1], batch=True)
+    pb.conv("head.final.conv", 4 * cfg.head_channels[-1], cfg.final_channels, 1, bias=True)
+    pb.norm("head.final.bn", cfg.final_channels, batch=True)
+    pb.linear("head.classifier", cfg.final_channels, cfg.num_classes)
+    return pb.params, pb.state
+
+
+def dropout_masks(cfg: MDEQConfig, batch: int, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Variational dropout masks, one (B, C_i, 1, 1) array per branch with entries 0 or 1/(1-p),
+    drawn once per forward call and shared by every solver iteration. None when dropout is 0.
+    Drawn in NumPy so that both backends see the same masks from the same seed."""
+    if cfg.dropout == 0:
+        return None
+    keep = 1.0 - cfg.dropout
+    return [(rng.random((batch, c, 1, 1)) < keep).astype(np.float32) / np.float32(keep)
+            for c in cfg.channels]
+
+
+def _layer(ops: Any, cfg: MDEQConfig, params: dict[str, Any], masks: list[Any] | None):
+    """f(z, inj) over the tuple of branch states, with weight norm applied once for all calls."""
+    xp = ops.xp
+    convs = {name.rsplit(".", 1)[0] for name in params if name.startswith("deq.")
+             and name.rsplit(".", 2)[-2].startswith("conv")}
+    W = {name: conv_weight(xp, params, name) for name in convs}
+    g = cfg.groups
+
+    def block(i: int, z: Any, inj: Any) -> Any:
+        p = f"deq.block{i}"
+        out = relu(xp, group_norm(xp, conv(ops, z, W[f"{p}.conv1"]), g, params[f"{p}.gn1.weight"],
+                                  params[f"{p}.gn1.bias"]))
+        out = conv(ops, out, W[f"{p}.conv2"])
+        if masks is not None:
+            out = out * masks[i]
+        if inj is not None:
+            out = out + inj
+        out = group_norm(xp, out, g, params[f"{p}.gn2.weight"], params[f"{p}.gn2.bias"]) + z
+        return group_norm(xp, relu(xp, out), g, params[f"{p}.gn3.weight"], params[f"{p}.gn3.bias"])
+
+    def f(z: tuple[Any, ...], inj: Any) -> tuple[Any, ...]:
+        ys = [block(i, zi, inj if i == 0 else None) for i, zi in enumerate(z)]
+        outs = []
+        for i in range(cfg.branches):
+            acc = ys[i]
+            for j in range(cfg.branches):
+                p = f"deq.fuse{i}.from{j}"
+                if j > i:
+                    t = group_norm(xp, conv(ops, ys[j], W[f"{p}.conv"]), g, params[f"{p}.gn.weight"],
+                                   params[f"{p}.gn.bias"])
+                    acc = acc + upsample_nearest(xp, t, 2 ** (j - i))
+                elif j < i:
+                    t = ys[j]
+                    for k in range(i - j):
+                        t = group_norm(xp, conv(ops, t, W[f"{p}.step{k}.conv"], stride=2), g,
+                                       params[f"{p}.step{k}.gn.weight"], params[f"{p}.step{k}.gn.bias"])
+                        if k < i - j - 1:
+                            t = relu(xp, t)
+                    acc = acc + t
+            outs.append(group_norm(xp, conv(ops, relu(xp, acc), W[f"deq.post{i}.conv"]), cfg.fuse_groups))
+        return tuple(outs)
+
+    return f
+
+
+def _bottleneck(ops, params, state, new_state, p, x, train):
+    xp = ops.xp
+    out = relu(xp, batch_norm(xp, conv(ops, x, params[f"{p}.conv1.weight"]), params, state, f"{p}.bn1",
+                              train, new_state))
+    out = relu(xp, batch_norm(xp, conv(ops, out, params[f"{p}.conv2.weight"]), params, state, f"{p}.bn2",
+                              train, new_state))
+    out = batch_norm(xp, conv(ops, out, params[f"{p}.conv3.weight"]), params, state, f"{p}.bn3", train,
+                     new_state)
+    skip = batch_norm(xp, conv(ops, x, params[f"{p}.down.conv.weight"]), params, state, f"{p}.down.bn",
+                      train, new_state)
+    return relu(xp, out + skip)
+
+
+def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any], x: Any, *,
+               train: bool, settings: DEQSettings, masks: list[Any] | None = None
+               ) -> tuple[Any, dict[str, Any], LayerStats]:
+    """Logits (B, classes) of images ``x`` (B, C, H, W); returns (logits, new_state, stats).
+
+    ``train`` selects batch statistics for BatchNorm (and returns updated running stats in
+    ``new_state``); ``masks`` are the dropout masks of :func:`dropout_masks` (as framework arrays)
+    or None for no dropout (evaluation). ``settings`` chooses DEQ or unrolled mode, the solver
+    and the gradient mode.
+    """
+    xp = ops.xp
+    b, _, h, w = x.shape
+    if h % 2 ** (cfg.branches - 1) or w % 2 ** (cfg.branches - 1):
+        raise ValueError(f"image size {h}x{w} must be divisible by 2^{cfg.branches - 1} for "
+                         f"{cfg.branches} branches")
+    new_state = dict(state)
+    out = relu(xp, batch_norm(xp, conv(ops, x, params["stem.conv1.weight"]), params, state, "stem.bn1",
+                              train, new_state))
+    inj = relu(xp, batch_norm(xp, conv(ops, out, params["stem.conv2.weight"]), params, state, "stem.bn2",
+                              train, new_state))
+    f = _layer(ops, cfg, params, masks)
+    z0 = tuple(xp.zeros((b, c, h // 2 ** i, w // 2 ** i), dtype=inj.dtype)
+               for i, c in enumerate(cfg.channels))
+    z, stats = run_layer(ops.name, f, inj, z0, settings, xp)
+    y = _bottleneck(ops, params, state, new_state, "head.incre0", z[0], train)
+    for i in range(cfg.branches - 1):
+        down = relu(xp, batch_norm(xp, conv(ops, y, params[f"head.down{i}.conv.weight"],
+                                            params[f"head.down{i}.conv.bias"], stride=2),
+                                   params, state, f"head.down{i}.bn", train, new_state))
+        y = _bottleneck(ops, params, state, new_state, f"head.incre{i + 1}", z[i + 1], train) + down
+    y = conv(ops, y, params["head.final.conv.weight"], params["head.final.conv.bias"])
+    y = relu(xp, batch_norm(xp, y, params, state, "head.final.bn", train, new_state))
+    pooled = xp.mean(y, axis=(2, 3))
+    logits = (xp.matmul(pooled, xp.matrix_transpose(params["head.classifier.weight"]))
+              + params["head.classifier.bias"])
+    return logits, new_state, stats

@@ -1,0 +1,57 @@
+"""Run deqcore_models on either backend from NumPy inputs and return NumPy results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deqcore_models._deq import DEQSettings
+from deqcore_models._layers import cross_entropy
+from deqcore_models._ops import ops_for
+from deqcore_models.mdeq import mdeq_apply
+
+
+def mdeq_run(backend, cfg, params, state, x, y, settings: DEQSettings, masks=None, *, train=True,
+             dtype="float32", grad=True):
+    """Loss, logits, fixed point (tuple), new state and parameter gradients as NumPy."""
+    ops = ops_for(backend)
+    P = {k: ops.asarray(v, dtype) for k, v in params.items()}
+    S = {k: ops.asarray(v, dtype) for k, v in state.items()}
+    X, Y = ops.asarray(x, dtype), ops.asarray(y, dtype)
+    M = None if masks is None else [ops.asarray(m, dtype) for m in masks]
+    if backend == "torch":
+        import torch
+
+        for v in P.values():
+            v.requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            logits, new_state, stats = mdeq_apply(ops, cfg, P, S, X, train=train, settings=settings, masks=M)
+            loss = cross_entropy(ops.xp, logits, Y)
+        grads = None
+        if grad:
+            loss.backward()
+            grads = {k: v.grad.numpy().copy() for k, v in P.items()}
+        z = None if stats.solution is None else tuple(ops.to_numpy(a) for a in stats.solution.z)
+        return {"loss": float(loss), "logits": ops.to_numpy(logits), "z": z, "grads": grads,
+                "state": {k: ops.to_numpy(v) for k, v in new_state.items()}, "nfe": int(stats.nfe)}
+    import jax
+
+    def lossf(P, S, X, Y, M):
+        logits, new_state, stats = mdeq_apply(ops, cfg, P, S, X, train=train, settings=settings, masks=M)
+        z = None if stats.solution is None else stats.solution.z
+        return cross_entropy(ops.xp, logits, Y), (logits, new_state, z, stats.nfe)
+
+    if grad:
+        (loss, (logits, new_state, z, nfe)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P, S, X, Y, M)
+        grads = {k: np.asarray(v) for k, v in g.items()}
+    else:
+        loss, (logits, new_state, z, nfe) = jax.jit(lossf)(P, S, X, Y, M)
+        grads = None
+    return {"loss": float(loss), "logits": np.asarray(logits), "z": None if z is None else tuple(map(np.asarray, z)),
+            "grads": grads, "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
+
+
+def grad_rel_diff(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all parameters together."""
+    num = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)
+    den = sum(float(np.sum(a[k] ** 2)) for k in a)
+    return (num / den) ** 0.5
