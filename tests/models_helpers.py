@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from deqcore_models._deq import DEQSettings
 from deqcore_models._layers import cross_entropy
 from deqcore_models._ops import ops_for
@@ -41,13 +40,14 @@ def mdeq_run(backend, cfg, params, state, x, y, settings: DEQSettings, masks=Non
         return cross_entropy(ops.xp, logits, Y), (logits, new_state, z, stats.nfe)
 
     if grad:
-        (loss, (logits, new_state, z, nfe)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P, S, X, Y, M)
+        step = jax.jit(jax.value_and_grad(lossf, has_aux=True))
+        (loss, (logits, new_state, z, nfe)), g = step(P, S, X, Y, M)
         grads = {k: np.asarray(v) for k, v in g.items()}
     else:
         loss, (logits, new_state, z, nfe) = jax.jit(lossf)(P, S, X, Y, M)
         grads = None
-    return {"loss": float(loss), "logits": np.asarray(logits), "z": None if z is None else tuple(map(np.asarray, z)),
-            "grads": grads, "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
+    z = None if z is None else tuple(map(np.asarray, z))
+    return {"loss": float(loss), "logits": np.asarray(logits), "z": z, "grads": grads, "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
 
 
 def grad_rel_diff(a: dict, b: dict) -> float:

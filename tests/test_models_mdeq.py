@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import SELECTED
-from models_helpers import grad_rel_diff, mdeq_run
-
 from deqcore_models import data as D
 from deqcore_models._deq import DEQSettings
 from deqcore_models._ops import ops_for
@@ -18,6 +16,7 @@ from deqcore_models.checkpoint import (
     save_checkpoint,
 )
 from deqcore_models.mdeq import MDEQ_CONFIGS, MDEQConfig, _layer, dropout_masks, init_mdeq
+from models_helpers import grad_rel_diff, mdeq_run
 
 MICRO = MDEQ_CONFIGS["micro"]
 
@@ -92,7 +91,8 @@ def test_one_dropout_mask_per_forward_pass(name):
     first, second = f(z, inj), f(z, inj)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(ops.to_numpy(a), ops.to_numpy(b))
-    other = _layer(ops, cfg, P, [ops.asarray(m) for m in dropout_masks(cfg, 2, np.random.default_rng(2))])(z, inj)
+    redrawn = [ops.asarray(m) for m in dropout_masks(cfg, 2, np.random.default_rng(2))]
+    other = _layer(ops, cfg, P, redrawn)(z, inj)
     assert not np.allclose(ops.to_numpy(other[0]), ops.to_numpy(first[0]))
 
 
@@ -116,7 +116,8 @@ def test_checkpoint_round_trip_and_schema_errors(tmp_path):
     partial = dict(params)
     partial.pop("head.classifier.bias")
     partial["extra.weight"] = np.zeros(2, np.float32)
-    with pytest.raises(CheckpointError, match=r"missing 1: head.classifier.bias \| unexpected 1: extra.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing 1: head.classifier.bias \| unexpected 1: extra.weight"):
         check_schema(params, partial, "parameters")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz checkpoint"):
