@@ -47,7 +47,8 @@ def mdeq_run(backend, cfg, params, state, x, y, settings: DEQSettings, masks=Non
         loss, (logits, new_state, z, nfe) = jax.jit(lossf)(P, S, X, Y, M)
         grads = None
     z = None if z is None else tuple(map(np.asarray, z))
-    return {"loss": float(loss), "logits": np.asarray(logits), "z": z, "grads": grads, "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
+    return {"loss": float(loss), "logits": np.asarray(logits), "z": z, "grads": grads,
+            "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
 
 
 def grad_rel_diff(a: dict, b: dict) -> float:
