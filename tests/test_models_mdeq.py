@@ -167,3 +167,29 @@ def test_gradient_equivalence(batch, solver, grad, grad_options):
     assert abs(t["loss"] - j["loss"]) < 1e-9
     assert grad_rel_diff(t["grads"], j["grads"]) < 1e-6
     assert set(t["grads"]) == set(params)
+
+
+@pytest.mark.skipif("jax" not in SELECTED, reason="JAX's conv2d is JAX code; the jax env runs this")
+@pytest.mark.parametrize("size,k,stride,pad", [((14, 14), 3, 1, 1), ((14, 14), 3, 2, 1),
+                                                ((15, 13), 3, 2, 1), ((7, 7), 1, 1, 0),
+                                                ((28, 28), 3, 2, 1)])
+def test_jax_conv2d_and_its_custom_gradient_equal_lax(size, k, stride, pad):
+    """The NHWC-routed conv (fast inside solver loops) equals lax's NCHW conv, value and VJP."""
+    import jax
+    import jax.numpy as jnp
+
+    ops = ops_for("jax")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, *size)))
+    w = jnp.asarray(rng.standard_normal((4, 5, k, k)))
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+    y_ref, pull_ref = jax.vjp(ref, x, w)
+    y, pull = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, pad), x, w)
+    g = jnp.asarray(rng.standard_normal(y_ref.shape))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(pull(g), pull_ref(g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,169 @@
+"""Per-framework training glue: gradients of a task's loss and the Adam update.
+
+Both engines implement the same optimizer: Adam (betas 0.9/0.999, eps 1e-8) with L2 weight decay
+added to the gradient (torch's ``Adam(weight_decay=...)``), and a learning rate passed in per step
+(the schedule lives in the framework-neutral training loop). PyTorch uses ``torch.optim.Adam``;
+JAX uses optax (``add_decayed_weights`` then ``scale_by_adam``). Optimizer moments export to the
+same names on both (``opt.m/<param>``, ``opt.v/<param>``, ``opt.step``), so a checkpoint resumes on
+either backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._deq import DEQSettings
+from ._ops import ops_for
+
+
+class TorchEngine:
+    def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                 weight_decay: float) -> None:
+        import torch
+
+        self._torch = torch
+        self.ops = ops_for("torch")
+        self.task = task
+        self.params = {k: self.ops.asarray(v).requires_grad_(True) for k, v in params.items()}
+        self.state = {k: self.ops.asarray(v) for k, v in state.items()}
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=1e-3, weight_decay=weight_decay)
+
+    def train_step(self, x, y, masks, settings: DEQSettings, lr: float) -> dict[str, float]:
+        torch = self._torch
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        loss, (new_state, correct, nfe, res, _) = self.task.loss(
+            self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.state = {k: v.detach() for k, v in new_state.items()}
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+
+    def evaluate(self, x, y, settings: DEQSettings) -> dict[str, Any]:
+        with self._torch.no_grad():
+            loss, (_, correct, nfe, res, logits) = self.task.loss(
+                self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), None,
+                settings, False)
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        params = {k: self.ops.to_numpy(v).copy() for k, v in self.params.items()}
+        state = {k: self.ops.to_numpy(v).copy() for k, v in self.state.items()}
+        extra: dict[str, np.ndarray] = {}
+        step = 0
+        for k, p in self.params.items():
+            st = self.opt.state.get(p)
+            if st:
+                extra[f"opt.m/{k}"] = self.ops.to_numpy(st["exp_avg"]).copy()
+                extra[f"opt.v/{k}"] = self.ops.to_numpy(st["exp_avg_sq"]).copy()
+                step = int(st["step"])
+        extra["opt.step"] = np.asarray(step, np.int64)
+        return params, state, extra
+
+    def load(self, params, state, extra) -> None:
+        torch = self._torch
+        with torch.no_grad():
+            for k, v in params.items():
+                self.params[k].copy_(torch.from_numpy(np.asarray(v)))
+        self.state = {k: self.ops.asarray(v) for k, v in state.items()}
+        step = int(extra.get("opt.step", 0))
+        if step:
+            for k, p in self.params.items():
+                self.opt.state[p] = {"step": torch.tensor(float(step)),
+                                     "exp_avg": self.ops.asarray(extra[f"opt.m/{k}"]),
+                                     "exp_avg_sq": self.ops.asarray(extra[f"opt.v/{k}"])}
+
+
+class JaxEngine:
+    def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
+                 weight_decay: float) -> None:
+        import jax
+        import optax
+
+        self._jax, self._optax = jax, optax
+        self.ops = ops_for("jax")
+        self.task = task
+        self.params = {k: self.ops.asarray(v) for k, v in params.items()}
+        self.state = {k: self.ops.asarray(v) for k, v in state.items()}
+        self.tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
+        self.opt_state = self.tx.init(self.params)
+        self._steps: dict[str, Any] = {}
+        self._evals: dict[str, Any] = {}
+
+    def _train_fn(self, settings: DEQSettings):
+        key = repr(settings)
+        if key not in self._steps:
+            jax, ops, task, tx = self._jax, self.ops, self.task, self.tx
+
+            def step(params, state, opt_state, x, y, masks, lr):
+                def lossf(p):
+                    return task.loss(ops, p, state, x, y, masks, settings, True)
+
+                value_and_grad = jax.value_and_grad(lossf, has_aux=True)
+                (loss, (new_state, correct, nfe, res, _)), grads = value_and_grad(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+                return params, new_state, opt_state, loss, correct, nfe, res
+
+            self._steps[key] = jax.jit(step)
+        return self._steps[key]
+
+    def train_step(self, x, y, masks, settings: DEQSettings, lr: float) -> dict[str, float]:
+        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        out = self._train_fn(settings)(self.params, self.state, self.opt_state, self.ops.asarray(x),
+                                       self.ops.asarray(y), M, np.float32(lr))
+        self.params, self.state, self.opt_state, loss, correct, nfe, res = out
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+
+    def evaluate(self, x, y, settings: DEQSettings) -> dict[str, Any]:
+        key = repr(settings)
+        if key not in self._evals:
+            ops, task = self.ops, self.task
+
+            def ev(params, state, x, y):
+                loss, (_, correct, nfe, res, _) = task.loss(ops, params, state, x, y, None, settings, False)
+                return loss, correct, nfe, res
+
+            self._evals[key] = self._jax.jit(ev)
+        loss, correct, nfe, res = self._evals[key](self.params, self.state, self.ops.asarray(x),
+                                                   self.ops.asarray(y))
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+
+    def _adam_state(self):
+        return self.opt_state[1]
+
+    def export(self):
+        params = {k: np.asarray(v).copy() for k, v in self.params.items()}
+        state = {k: np.asarray(v).copy() for k, v in self.state.items()}
+        adam = self._adam_state()
+        extra = {f"opt.m/{k}": np.asarray(v).copy() for k, v in adam.mu.items()}
+        extra.update({f"opt.v/{k}": np.asarray(v).copy() for k, v in adam.nu.items()})
+        extra["opt.step"] = np.asarray(int(adam.count), np.int64)
+        return params, state, extra
+
+    def load(self, params, state, extra) -> None:
+        jnp = self.ops.xp
+        self.params = {k: jnp.asarray(v) for k, v in params.items()}
+        self.state = {k: jnp.asarray(v) for k, v in state.items()}
+        self.opt_state = self.tx.init(self.params)
+        step = int(extra.get("opt.step", 0))
+        if step:
+            adam = self._adam_state()
+            adam = adam._replace(count=jnp.asarray(step, dtype=adam.count.dtype),
+                                 mu={k: jnp.asarray(extra[f"opt.m/{k}"]) for k in self.params},
+                                 nu={k: jnp.asarray(extra[f"opt.v/{k}"]) for k in self.params})
+            self.opt_state = (self.opt_state[0], adam)
+
+
+def make_engine(backend: str, task: Any, params, state, weight_decay: float):
+    """The training engine of ``backend`` (``"torch"`` or ``"jax"``)."""
+    if backend == "torch":
+        return TorchEngine(task, params, state, weight_decay)
+    if backend == "jax":
+        return JaxEngine(task, params, state, weight_decay)
+    raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")

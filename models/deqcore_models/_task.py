@@ -1,0 +1,30 @@
+"""Losses and metrics of a model, written once over ``xp``: what an engine differentiates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._deq import DEQSettings
+from ._layers import cross_entropy
+
+#: ``apply(ops, params, state, x, *, train, settings, masks) -> (outputs, new_state, LayerStats)``
+Apply = Callable[..., tuple[Any, dict[str, Any], Any]]
+
+
+@dataclass(frozen=True)
+class ClassifierTask:
+    """Image classification: mean cross-entropy of the logits against one-hot labels."""
+
+    apply: Apply
+
+    def loss(self, ops: Any, params: dict[str, Any], state: dict[str, Any], x: Any, y: Any,
+             masks: Any, settings: DEQSettings, train: bool) -> tuple[Any, tuple[Any, ...]]:
+        """``(loss, (new_state, correct, nfe, worst_rel_residual, logits))``; ``y`` is one-hot."""
+        xp = ops.xp
+        logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
+                                              masks=masks)
+        loss = cross_entropy(xp, logits, y)
+        correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == xp.argmax(y, axis=-1), xp.int32))
+        return loss, (new_state, correct, stats.nfe, stats.rel_residual, logits)

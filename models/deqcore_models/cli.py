@@ -1,0 +1,208 @@
+"""``deqcore`` command line: train and evaluate DEQ models on local data, on PyTorch or JAX.
+
+    deqcore train --backend torch --dataset fashion-mnist --data ../shared/data --epochs 1
+    deqcore eval --run runs/mdeq                 # test accuracy of a run's latest checkpoint
+    deqcore bench --backend jax                  # step time and NFE on a few batches
+
+Run ``deqcore <command> --help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from .mdeq import MDEQ_CONFIGS
+
+
+def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``["memory=8", "line_search=True"]`` -> ``{"memory": 8, "line_search": True}``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word such as anderson
+        out[key.strip()] = value
+    return out
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--backend", choices=["torch", "jax"], default="torch",
+                   help="framework to train on (default torch)")
+    g.add_argument("--model", choices=["mdeq"], default="mdeq", help="model family (default mdeq)")
+    g.add_argument("--config", choices=sorted(MDEQ_CONFIGS), default="cpu",
+                   help="model size: tiny = the paper's MDEQ-small (159K parameters on CIFAR), cpu = a "
+                        "narrower model for CPU runs (53K), micro = for tests (default cpu)")
+    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
+                   help="data set (default fashion-mnist)")
+    g.add_argument("--data", default=None,
+                   help="data folder holding fashion-mnist/ and cifar-10/ (default: $DEQCORE_DATA); never "
+                        "downloaded")
+    g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    s = p.add_argument_group("solver and gradient")
+    s.add_argument("--solver", default="broyden",
+                   help="forward solver: broyden (default), anderson, fixed_point or a plugin's")
+    s.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance (default 1e-3)")
+    s.add_argument("--max-iter", type=int, default=18, help="forward solver steps at most (default 18)")
+    s.add_argument("--solver-option", action="append", metavar="KEY=VALUE",
+                   help="a solver option, repeatable (e.g. memory=8, line_search=True); unknown keys are "
+                        "errors listing the valid ones")
+    s.add_argument("--grad", default="implicit",
+                   help="gradient mode: implicit (default), jfb, npg, upg, gdeq (needs broyden), unroll")
+    s.add_argument("--grad-option", action="append", metavar="KEY=VALUE",
+                   help="a gradient-mode option, repeatable (e.g. k=5, lam=0.5 for npg; max_iter=20 for "
+                        "implicit)")
+    s.add_argument("--pretrain-steps", type=int, default=0,
+                   help="first N steps run the layer unrolled (weight-tied) with ordinary backprop "
+                        "(default 0)")
+    s.add_argument("--unrolled-layers", type=int, default=6,
+                   help="layers of the unrolled pre-training (default 6)")
+    t = p.add_argument_group("optimisation and output")
+    t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total")
+    t.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    t.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate, cosine-annealed per step to --min-lr (default 1e-3)")
+    t.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate (default 1e-6)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
+    t.add_argument("--out", default="runs/mdeq",
+                   help="output folder: steps.csv, epochs.csv, summary.json, checkpoint.npz, curves.png")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    t.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw["solver_options"] = _key_values(args.solver_option, "--solver-option")
+    kw["grad_options"] = _key_values(args.grad_option, "--grad-option")
+    try:
+        return TrainConfig(**kw)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deqcore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a DEQ model", description="Train an MDEQ classifier.")
+    _add_run_flags(tr)
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint.npz (same settings; --epochs/--max-steps may grow)")
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test set",
+                        description="Evaluate OUT/checkpoint.npz of a training run on its test set.")
+    ev.add_argument("--run", required=True, help="the run folder (its --out)")
+    ev.add_argument("--backend", choices=["torch", "jax"], default=None,
+                    help="evaluate on this backend (default: the run's); checkpoints are framework-neutral")
+    ev.add_argument("--data", default=None, help="data folder (default: the run's, else $DEQCORE_DATA)")
+    ev.add_argument("--max-iter", type=int, default=None, help="override the forward solver steps")
+    ev.add_argument("--solver", default=None, help="override the forward solver")
+    be = sub.add_parser("bench", help="time training steps (forward + backward) and report NFE",
+                        description="Time a few training steps of a configuration.")
+    _add_run_flags(be)
+    be.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default 5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        return _bench(args)
+    except (DataError, CheckpointError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from .train import Trainer
+
+    cfg = _train_config(args)
+    trainer = Trainer(cfg, progress=not args.no_progress)
+    print(f"deqcore train: {cfg.model}/{cfg.config} on {cfg.dataset} ({len(trainer.data.x_train)} train, "
+          f"{len(trainer.data.x_test)} test), backend {cfg.backend}, solver {cfg.solver}, grad {cfg.grad}, "
+          f"{trainer.total_steps} steps -> {cfg.out}", file=sys.stderr)
+    summary = trainer.run(resume=args.resume)
+    final = summary["final"]
+    if final:
+        print(f"epoch {final['epoch']}: train loss {final['train_loss']:.4f} "
+              f"acc {100 * final['train_acc']:.2f}%"
+              f" | test loss {final['test_loss']:.4f} acc {100 * final['test_acc']:.2f}%"
+              f" | NFE {final['test_nfe']:.1f}, worst residual {final['test_residual']:.2e}"
+              f" | {final['train_seconds']:.1f} s/epoch")
+    for plot in summary.get("plots", []):
+        print(f"wrote {plot}")
+    print(f"wrote {Path(cfg.out) / 'summary.json'}, steps.csv, epochs.csv, checkpoint.npz")
+    return 0
+
+
+def _eval(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .train import TrainConfig, Trainer
+
+    ck = load_checkpoint(Path(args.run) / "checkpoint.npz")
+    saved = dict(ck.meta["train_config"])
+    for key in ("backend", "data", "max_iter", "solver"):
+        if getattr(args, key) is not None:
+            saved[key] = getattr(args, key)
+    saved["out"] = args.run
+    trainer = Trainer(TrainConfig(**saved), progress=False)
+    trainer.engine.load(ck.params, ck.state, ck.extra)
+    result = trainer.evaluate()
+    result["step"] = ck.meta["step"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _bench(args) -> int:
+    import time
+
+    import numpy as np
+
+    from .mdeq import dropout_masks
+    from .train import Trainer, _onehot
+
+    cfg = _train_config(args)
+    trainer = Trainer(cfg, progress=False)
+    k = len(trainer.data.classes)
+    times, nfes = [], []
+    settings = cfg.deq_settings()
+    for i in range(args.steps + 1):
+        idx = np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size) % len(trainer.data.x_train)
+        masks = dropout_masks(trainer.model_cfg, len(idx), np.random.default_rng(i))
+        t0 = time.perf_counter()
+        r = trainer.engine.train_step(trainer.data.x_train[idx], _onehot(trainer.data.y_train[idx], k), masks,
+                                      settings, cfg.lr)
+        if i:
+            times.append(time.perf_counter() - t0)
+            nfes.append(r["nfe"])
+    print(json.dumps({"backend": cfg.backend, "config": asdict(cfg), "median_step_s": float(np.median(times)),
+                      "min_step_s": float(np.min(times)), "nfe": nfes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

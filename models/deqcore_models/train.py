@@ -1,0 +1,332 @@
+"""Training and evaluation of DEQ classifiers on either backend, with checkpoints and resume.
+
+One loop for both frameworks: batches, dropout masks and the learning-rate schedule come from
+NumPy with seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so the same command on
+PyTorch and JAX sees the same data in the same order, and a run resumed from a checkpoint
+continues exactly where the killed one stopped. Outputs in ``out_dir``: ``steps.csv`` (one row per
+step), ``epochs.csv``, ``summary.json``, ``checkpoint.npz`` (latest; ``--resume`` continues from
+it) and PNG plots (``curves.png``, ``residuals.png``) when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import data as D
+from ._deq import DEQSettings
+from ._engines import make_engine
+from ._progress import Progress
+from ._task import ClassifierTask
+from .checkpoint import Checkpoint, CheckpointError, check_schema, load_checkpoint, save_checkpoint
+from .mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
+
+DATASETS = ("fashion-mnist", "cifar10")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in every checkpoint and in summary.json)."""
+
+    backend: str = "torch"
+    model: str = "mdeq"
+    config: str = "cpu"
+    dataset: str = "fashion-mnist"
+    data: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    solver: str = "broyden"
+    tol: float = 1e-3
+    max_iter: int = 18
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    grad: str = "implicit"
+    grad_options: dict[str, Any] = field(default_factory=dict)
+    pretrain_steps: int = 0
+    unrolled_layers: int = 6
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    seed: int = 0
+    out: str = "runs/mdeq"
+    checkpoint_every: int = 100
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.model != "mdeq":
+            raise ValueError(f"unknown model {self.model!r}; available: ['mdeq']")
+        if self.config not in MDEQ_CONFIGS:
+            raise ValueError(f"unknown mdeq config {self.config!r}; available: {sorted(MDEQ_CONFIGS)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; available: {list(DATASETS)}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size", "max_iter",
+                     "unrolled_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pretrain_steps < 0:
+            raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+    def deq_settings(self) -> DEQSettings:
+        return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                           solver_options=dict(self.solver_options), grad=self.grad,
+                           grad_options=dict(self.grad_options))
+
+    def pretrain_settings(self) -> DEQSettings:
+        return DEQSettings(unrolled=self.unrolled_layers)
+
+    def eval_settings(self) -> DEQSettings:
+        return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                           solver_options=dict(self.solver_options), grad=None)
+
+
+def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
+    """Cosine annealing stepped per iteration from ``base`` to ``minimum`` over ``total`` steps."""
+    t = min(step, total) / max(total, 1)
+    return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass
+class Prepared:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: tuple[str, ...]
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    root = D.data_dir(cfg.data)
+    ds = D.fashion_mnist(root) if cfg.dataset == "fashion-mnist" else D.cifar10(root)
+    tx, ty, ex, ey = ds.train_x, ds.train_y, ds.test_x, ds.test_y
+    if cfg.train_limit:
+        tx, ty = tx[: cfg.train_limit], ty[: cfg.train_limit]
+    if cfg.test_limit:
+        ex, ey = ex[: cfg.test_limit], ey[: cfg.test_limit]
+    flat = ds.train_x.reshape(-1, ds.train_x.shape[-1]).astype(np.float64) / 255.0
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    return Prepared(D.to_float_nchw(tx, mean, std), ty, D.to_float_nchw(ex, mean, std), ey,
+                    ds.classes, mean, std)
+
+
+def _onehot(y: np.ndarray, k: int) -> np.ndarray:
+    return np.eye(k, dtype=np.float32)[y]
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig`; :meth:`run` trains (resuming if asked) and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.out)
+        self.data = prepare_data(cfg)
+        self.model_cfg = MDEQ_CONFIGS[cfg.config]
+        in_channels = self.data.x_train.shape[1]
+        self.params0, self.state0 = init_mdeq(self.model_cfg, in_channels, cfg.seed)
+        model_cfg = self.model_cfg
+
+        def apply(ops, params, state, x, *, train, settings, masks):
+            return mdeq_apply(ops, model_cfg, params, state, x, train=train, settings=settings, masks=masks)
+
+        self.task = ClassifierTask(apply)
+        self.engine = make_engine(cfg.backend, self.task, self.params0, self.state0, cfg.weight_decay)
+        n = len(self.data.x_train)
+        self.steps_per_epoch = n // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {cfg.batch_size} exceeds the {n} training images")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> dict[str, Any]:
+        return {"model": self.cfg.model, "config": self.cfg.config, "train_config": asdict(self.cfg),
+                "step": step, "epoch_acc": epoch_acc, "history": history,
+                "model_config": asdict(self.model_cfg)}
+
+    def save(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> Path:
+        params, state, extra = self.engine.export()
+        return save_checkpoint(self.out / "checkpoint.npz",
+                               Checkpoint(self._meta(step, epoch_acc, history), params, state, extra))
+
+    def restore(self) -> tuple[int, dict[str, float], list[dict]]:
+        ck = load_checkpoint(self.out / "checkpoint.npz")
+        check_schema(self.params0, ck.params, "parameters", str(self.out / "checkpoint.npz"))
+        check_schema(self.state0, ck.state, "buffers", str(self.out / "checkpoint.npz"))
+        saved = ck.meta.get("train_config", {})
+        # the run must be the same run: every setting but the stopping point and the backend
+        free = {"epochs", "max_steps", "backend", "checkpoint_every", "data", "out"}
+        mine = asdict(self.cfg)
+        diff = {k: (saved.get(k), mine[k]) for k in mine if k not in free and saved.get(k) != mine[k]}
+        if diff:
+            raise CheckpointError("--resume: the checkpoint was written by a run with other settings: "
+                                  + ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items()))
+        self.engine.load(ck.params, ck.state, ck.extra)
+        return int(ck.meta["step"]), dict(ck.meta.get("epoch_acc", {})), list(ck.meta.get("history", []))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, settings: DEQSettings | None = None) -> dict[str, float]:
+        settings = settings or self.cfg.eval_settings()
+        x, y = self.data.x_test, self.data.y_test
+        k = len(self.data.classes)
+        tot = {"loss": 0.0, "correct": 0, "nfe": 0.0, "residual": 0.0}
+        bs = self.cfg.eval_batch_size
+        nb = 0
+        for start in range(0, len(x), bs):
+            xb, yb = x[start:start + bs], y[start:start + bs]
+            r = self.engine.evaluate(xb, _onehot(yb, k), settings)
+            tot["loss"] += r["loss"] * len(xb)
+            tot["correct"] += r["correct"]
+            tot["nfe"] += r["nfe"]
+            tot["residual"] = max(tot["residual"], r["residual"])
+            nb += 1
+        return {"test_loss": tot["loss"] / len(x), "test_acc": tot["correct"] / len(x),
+                "test_nfe": tot["nfe"] / nb, "test_residual": tot["residual"]}
+
+    # ------------------------------------------------------------------ training
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        start_step, epoch_acc, history = 0, dict[str, float](), list[dict[str, Any]]()
+        if resume:
+            start_step, epoch_acc, history = self.restore()
+        steps_csv = self.out / "steps.csv"
+        _truncate_csv(steps_csv, start_step)
+        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "lr", "seconds"]
+        new_file = not steps_csv.exists()
+        k = len(self.data.classes)
+        bar = Progress(self.total_steps, f"{cfg.backend}/{cfg.grad}") if self.progress else None
+        step = start_step
+        with open(steps_csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            if new_file:
+                writer.writeheader()
+            while step < self.total_steps:
+                epoch, pos = divmod(step, self.steps_per_epoch)
+                order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.data.x_train))
+                if pos == 0:
+                    epoch_acc = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, "nfe": 0.0}
+                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                pre = step < cfg.pretrain_steps
+                settings = cfg.pretrain_settings() if pre else cfg.deq_settings()
+                masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([cfg.seed, 1, step]))
+                lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
+                t0 = time.perf_counter()
+                r = self.engine.train_step(self.data.x_train[idx], _onehot(self.data.y_train[idx], k), masks,
+                                           settings, lr)
+                dt = time.perf_counter() - t0
+                if not math.isfinite(r["loss"]):
+                    raise FloatingPointError(f"step {step}: loss is {r['loss']}; the last good state is in "
+                                             f"{self.out / 'checkpoint.npz'} (resume with a lower --lr)")
+                step += 1
+                for key, val in (("loss", r["loss"] * len(idx)), ("correct", r["correct"]),
+                                 ("count", len(idx)), ("seconds", dt), ("nfe", r["nfe"])):
+                    epoch_acc[key] = epoch_acc.get(key, 0.0) + val
+                writer.writerow({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
+                                 "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / len(idx):.4f}",
+                                 "nfe": r["nfe"], "residual": f"{r['residual']:.4e}", "lr": f"{lr:.3e}",
+                                 "seconds": f"{dt:.4f}"})
+                if bar:
+                    bar.update(step, {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}",
+                                      "acc": f"{100 * r['correct'] / len(idx):.1f}%", "nfe": str(r["nfe"]),
+                                      "res": f"{r['residual']:.1e}"})
+                end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
+                if end_of_epoch:
+                    row = {"epoch": epoch + 1, "step": step,
+                           "train_loss": epoch_acc["loss"] / epoch_acc["count"],
+                           "train_acc": epoch_acc["correct"] / epoch_acc["count"],
+                           "train_nfe": epoch_acc["nfe"] / max(pos + 1, 1),
+                           "train_seconds": epoch_acc["seconds"], **self.evaluate()}
+                    history.append(row)
+                    _write_epochs(self.out / "epochs.csv", history)
+                if end_of_epoch or step % cfg.checkpoint_every == 0:
+                    fh.flush()
+                    self.save(step, epoch_acc, history)
+        if bar:
+            bar.close()
+        summary = {"config": asdict(cfg), "steps": step, "epochs": history,
+                   "final": history[-1] if history else None,
+                   "parameters": int(sum(v.size for v in self.params0.values()))}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["plots"] = write_plots(self.out)
+        return summary
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows after ``step`` (written by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+
+
+def _write_epochs(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def write_plots(out: Path) -> list[str]:
+    """curves.png (loss/accuracy per step and per epoch, NFE and residual per step) from the
+    CSVs in ``out``; returns the files written ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    steps = _read_csv(out / "steps.csv")
+    epochs = _read_csv(out / "epochs.csv")
+    if not steps:
+        return []
+    s = np.array([float(r["step"]) for r in steps])
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    ax[0, 0].plot(s, [float(r["loss"]) for r in steps], lw=0.8, label="train (batch)")
+    if epochs:
+        ax[0, 0].plot([float(r["step"]) for r in epochs], [float(r["test_loss"]) for r in epochs], "o-",
+                      label="test")
+    ax[0, 0].set(title="loss", xlabel="step")
+    ax[0, 0].legend()
+    ax[0, 1].plot(s, [100 * float(r["acc"]) for r in steps], lw=0.8, label="train (batch)")
+    if epochs:
+        ax[0, 1].plot([float(r["step"]) for r in epochs], [100 * float(r["test_acc"]) for r in epochs], "o-",
+                      label="test")
+    ax[0, 1].set(title="accuracy %", xlabel="step")
+    ax[0, 1].legend()
+    ax[1, 0].plot(s, [float(r["nfe"]) for r in steps], lw=0.8)
+    ax[1, 0].set(title="forward NFE", xlabel="step")
+    res = [float(r["residual"]) for r in steps]
+    ax[1, 1].semilogy(s, [v if v > 0 and math.isfinite(v) else np.nan for v in res], lw=0.8)
+    ax[1, 1].set(title="worst relative residual (DEQ steps)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return [str(out / "curves.png")]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
