@@ -116,7 +116,8 @@ def _jax_conv2d():
         # the spatially flipped kernel, input and output channels swapped
         w_t = jnp.transpose(jnp.flip(w, (2, 3)), (2, 3, 0, 1))
         lo = (k_h - 1 - padding, k_w - 1 - padding)
-        hi = tuple(n_in - (n_out - 1) * stride - 1 + padding for n_in, n_out in zip(size_in, size_out, strict=True))
+        hi = tuple(n_in - (n_out - 1) * stride - 1 + padding
+                   for n_in, n_out in zip(size_in, size_out, strict=True))
         dx = nhwc_conv(jnp.transpose(g, (0, 2, 3, 1)), w_t, 1, lo, hi, lhs_dilation=stride)
         dx = jnp.transpose(dx, (0, 3, 1, 2))
         _, pull_w = jax.vjp(lambda w_: forward(x, w_, stride, padding), w)
