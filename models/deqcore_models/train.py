@@ -13,13 +13,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import deqcore
 
 from . import data as D
 from ._deq import DEQSettings
@@ -30,6 +35,8 @@ from .checkpoint import Checkpoint, CheckpointError, check_schema, load_checkpoi
 from .mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
 
 DATASETS = ("fashion-mnist", "cifar10")
+#: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged.
+KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
 
 
 @dataclass
@@ -206,7 +213,9 @@ class Trainer:
             start_step, epoch_acc, history = self.restore()
         steps_csv = self.out / "steps.csv"
         _truncate_csv(steps_csv, start_step)
-        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "lr", "seconds"]
+        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "bwd_unconverged", "lr",
+                  "seconds"]
+        kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
         new_file = not steps_csv.exists()
         k = len(self.data.classes)
         bar = Progress(self.total_steps, f"{cfg.backend}/{cfg.grad}") if self.progress else None
@@ -226,9 +235,16 @@ class Trainer:
                 masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([cfg.seed, 1, step]))
                 lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
                 t0 = time.perf_counter()
-                r = self.engine.train_step(self.data.x_train[idx], _onehot(self.data.y_train[idx], k), masks,
-                                           settings, lr)
+                # an unconverged implicit backward warns every step: count it in the CSV instead
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", deqcore.BackwardWarning)
+                    r = self.engine.train_step(self.data.x_train[idx], _onehot(self.data.y_train[idx], k),
+                                               masks, settings, lr)
                 dt = time.perf_counter() - t0
+                for w in caught:
+                    if not issubclass(w.category, deqcore.BackwardWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                bwd_bad = sum(issubclass(w.category, deqcore.BackwardWarning) for w in caught)
                 if not math.isfinite(r["loss"]):
                     raise FloatingPointError(f"step {step}: loss is {r['loss']}; the last good state is in "
                                              f"{self.out / 'checkpoint.npz'} (resume with a lower --lr)")
@@ -238,8 +254,11 @@ class Trainer:
                     epoch_acc[key] = epoch_acc.get(key, 0.0) + val
                 writer.writerow({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
                                  "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / len(idx):.4f}",
-                                 "nfe": r["nfe"], "residual": f"{r['residual']:.4e}", "lr": f"{lr:.3e}",
-                                 "seconds": f"{dt:.4f}"})
+                                 "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
+                                 "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
+                if kill_at is not None and step == kill_at:
+                    fh.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
                     bar.update(step, {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}",
                                       "acc": f"{100 * r['correct'] / len(idx):.1f}%", "nfe": str(r["nfe"]),

@@ -1,0 +1,186 @@
+"""Training: loss goes down for every gradient mode on real data, torch and JAX take the same
+step, a killed run resumes to the same result, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import SELECTED
+from deqcore_models import data as D
+from deqcore_models._deq import DEQSettings
+from deqcore_models._engines import make_engine
+from deqcore_models._task import ClassifierTask
+from deqcore_models.checkpoint import load_checkpoint
+from deqcore_models.cli import build_parser
+from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
+from deqcore_models.train import KILL_ENV, cosine_lr
+from models_helpers import grad_rel_diff
+
+MICRO = MDEQ_CONFIGS["micro"]
+CPU = MDEQ_CONFIGS["cpu"]
+
+
+def _task(cfg):
+    def apply(ops, params, state, x, *, train, settings, masks):
+        return mdeq_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks)
+
+    return ClassifierTask(apply)
+
+
+@pytest.fixture(scope="module")
+def fmnist(data_root):
+    ds = D.fashion_mnist(data_root, limit=64)
+    x = D.to_float_nchw(ds.train_x, [0.286], [0.353])
+    return x, np.eye(10, dtype=np.float32)[ds.train_y]
+
+
+MODES = [("broyden", "implicit", {"max_iter": 10}), ("broyden", "jfb", {}),
+         ("broyden", "npg", {"k": 5, "lam": 0.5}), ("broyden", "gdeq", {}),
+         ("anderson", "upg", {"k": 2, "lam": 0.5}), ("fixed_point", "unroll", {})]
+
+
+@pytest.mark.parametrize("backend", SELECTED)
+@pytest.mark.parametrize("solver,grad,grad_options", MODES)
+def test_training_steps_reduce_the_loss(backend, solver, grad, grad_options, fmnist):
+    x, y = fmnist
+    params, state = init_mdeq(CPU, 1, seed=0)
+    engine = make_engine(backend, _task(CPU), params, state, weight_decay=0.0)
+    settings = DEQSettings(solver=solver, max_iter=6, grad=grad, grad_options=grad_options)
+    xb, yb = x[:32], y[:32]
+    losses = [engine.train_step(xb, yb, None, settings, 1e-2)["loss"] for _ in range(8)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert cosine_lr(50, 100, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert cosine_lr(100, 100, 1e-3, 1e-6) == pytest.approx(1e-6)
+    assert cosine_lr(150, 100, 1e-3, 1e-6) == pytest.approx(1e-6)
+
+
+# Biases of convs followed by BatchNorm have an exactly zero gradient (BN removes any constant
+# shift); Adam's first step turns their rounding noise into +-lr, different on each framework.
+BN_FED_BIASES = {"head.down0.conv.bias", "head.final.conv.bias"}
+
+
+@pytest.mark.equivalence
+@pytest.mark.parametrize("grad", ["implicit", "gdeq", "npg"])
+def test_one_training_step_gives_the_same_weights(fmnist, grad):
+    x, y = fmnist
+    cfg = CPU
+    params, state = init_mdeq(cfg, 1, seed=5)
+    masks = dropout_masks(cfg, 16, np.random.default_rng(3))
+    settings = DEQSettings(solver="broyden", max_iter=8, grad=grad,
+                           grad_options={"max_iter": 8} if grad == "implicit" else {})
+    out = {}
+    for backend in ("torch", "jax"):
+        engine = make_engine(backend, _task(cfg), params, state, weight_decay=1e-4)
+        r = engine.train_step(x[:16], y[:16], masks, settings, 1e-3)
+        out[backend] = (r, *engine.export())
+    (rt, pt, st, et), (rj, pj, sj, ej) = out["torch"], out["jax"]
+    assert rt["nfe"] == rj["nfe"] and abs(rt["loss"] - rj["loss"]) < 1e-4
+    assert int(et["opt.step"]) == int(ej["opt.step"]) == 1
+    top = max(np.abs(et[f"opt.m/{k}"]).max() for k in params)
+    compared = [k for k in params if k not in BN_FED_BIASES]
+    for k in BN_FED_BIASES:
+        assert np.abs(et[f"opt.m/{k}"]).max() < 1e-3 * top and np.abs(ej[f"opt.m/{k}"]).max() < 1e-3 * top
+    # the first moments are 0.1 * gradient: the gradients agree
+    assert grad_rel_diff({k: et[f"opt.m/{k}"] for k in compared}, {k: ej[f"opt.m/{k}"] for k in compared}) < 1e-3
+    # the updates agree as a whole, and every weight to a tenth of the learning rate (Adam's
+    # first step g / (|g| + eps) amplifies rounding differences where |g| is tiny)
+    upd_t = {k: pt[k] - params[k] for k in compared}
+    upd_j = {k: pj[k] - params[k] for k in compared}
+    assert grad_rel_diff(upd_t, upd_j) < 1e-3
+    for k in compared:
+        np.testing.assert_allclose(pt[k], pj[k], atol=1e-4, rtol=0, err_msg=k)
+    for k in st:
+        np.testing.assert_allclose(st[k], sj[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+# --------------------------------------------------------------------------- CLI and resume
+
+
+def _cli(args, env_extra=None, check=True):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "deqcore_models.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _train_args(data_root, out, backend="torch", **overrides):
+    flags = {"backend": backend, "config": "micro", "data": data_root, "train-limit": 256, "test-limit": 64,
+             "batch-size": 32, "epochs": 2, "max-iter": 5, "pretrain-steps": 3, "unrolled-layers": 2,
+             "grad": "jfb", "checkpoint-every": 4, "out": out}
+    flags.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return ["train", *(x for k, v in flags.items() for x in (f"--{k}", str(v))), "--no-progress"]
+
+
+def test_kill_and_resume_reaches_the_same_result(data_root, tmp_path):
+    backend = SELECTED[0]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _cli(_train_args(data_root, straight, backend))
+    proc = _cli(_train_args(data_root, killed, backend), {KILL_ENV: "10"}, check=False)
+    assert proc.returncode == -9  # SIGKILL, mid-epoch-2, two steps after the step-8 checkpoint
+    assert load_checkpoint(killed / "checkpoint.npz").meta["step"] == 8
+    with open(killed / "steps.csv") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)][-1] == "10"
+    _cli(_train_args(data_root, killed, backend) + ["--resume"])
+    a, b = load_checkpoint(straight / "checkpoint.npz"), load_checkpoint(killed / "checkpoint.npz")
+    assert a.meta["step"] == b.meta["step"] == 16
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    with open(killed / "steps.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps == list(range(1, 17))  # rows past the checkpoint were dropped, then rewritten
+    ea = json.loads((straight / "summary.json").read_text())["epochs"]
+    eb = json.loads((killed / "summary.json").read_text())["epochs"]
+    for ra, rb in zip(ea, eb, strict=True):
+        assert ra["test_acc"] == rb["test_acc"]
+        assert ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-5)
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+    # a resume with different settings is refused, naming the difference
+    proc = _cli(_train_args(data_root, killed, backend, lr=0.5) + ["--resume"], check=False)
+    assert proc.returncode == 2 and "lr 0.001 there vs 0.5 now" in proc.stderr
+
+
+@pytest.mark.equivalence
+def test_checkpoint_from_torch_evaluates_identically_on_jax(data_root, tmp_path):
+    _cli(_train_args(data_root, tmp_path / "run", max_steps=4))
+    res = {b: json.loads(_cli(["eval", "--run", str(tmp_path / "run"), "--backend", b]).stdout)
+           for b in ("torch", "jax")}
+    assert res["torch"]["step"] == res["jax"]["step"] == 4
+    assert res["torch"]["test_acc"] == res["jax"]["test_acc"]
+    assert res["torch"]["test_loss"] == pytest.approx(res["jax"]["test_loss"], rel=1e-4)
+
+
+def test_cli_help_explains_every_flag():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help and len(action.help) > 8, f"{name} {action.option_strings}"
+    out = _cli(["train", "--help"]).stdout
+    for flag in ("--backend", "--solver", "--grad", "--pretrain-steps", "--resume", "--seed", "--out"):
+        assert flag in out
+
+
+def test_cli_errors_are_clear(data_root, tmp_path):
+    proc = _cli(_train_args(data_root, tmp_path / "r") + ["--solver-option", "bogus=1"], check=False)
+    assert proc.returncode == 2 and "bogus" in proc.stderr and "memory" in proc.stderr
+    proc = _cli(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r2")], check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = _cli(["train", "--data", str(data_root), "--epochs", "0"], check=False)
+    assert proc.returncode != 0 and "epochs must be positive" in proc.stderr
+    proc = _cli(["eval", "--run", str(tmp_path / "nothing")], check=False)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
