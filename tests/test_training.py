@@ -92,7 +92,8 @@ def test_one_training_step_gives_the_same_weights(fmnist, grad):
     for k in BN_FED_BIASES:
         assert np.abs(et[f"opt.m/{k}"]).max() < 1e-3 * top and np.abs(ej[f"opt.m/{k}"]).max() < 1e-3 * top
     # the first moments are 0.1 * gradient: the gradients agree
-    assert grad_rel_diff({k: et[f"opt.m/{k}"] for k in compared}, {k: ej[f"opt.m/{k}"] for k in compared}) < 1e-3
+    m_t = {k: et[f"opt.m/{k}"] for k in compared}
+    assert grad_rel_diff(m_t, {k: ej[f"opt.m/{k}"] for k in compared}) < 1e-3
     # the updates agree as a whole, and every weight to a tenth of the learning rate (Adam's
     # first step g / (|g| + eps) amplifies rounding differences where |g| is tiny)
     upd_t = {k: pt[k] - params[k] for k in compared}
