@@ -44,6 +44,16 @@ class TorchEngine:
             self.state = {k: v.detach() for k, v in new_state.items()}
         return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
 
+    def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
+        """Parameter gradients of the batch loss, with no update and no state change."""
+        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        loss, _ = self.task.loss(self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y),
+                                 M, settings, True)
+        names = list(self.params)
+        grads = self._torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True)
+        return {k: (np.zeros(self.params[k].shape, np.float32) if g is None else self.ops.to_numpy(g))
+                for k, g in zip(names, grads, strict=True)}
+
     def evaluate(self, x, y, settings: DEQSettings) -> dict[str, Any]:
         with self._torch.no_grad():
             loss, (_, correct, nfe, res, logits) = self.task.loss(
@@ -133,6 +143,20 @@ class JaxEngine:
         loss, correct, nfe, res = self._evals[key](self.params, self.state, self.ops.asarray(x),
                                                    self.ops.asarray(y))
         return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+
+    def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
+        """Parameter gradients of the batch loss, with no update and no state change."""
+        key = "grad:" + repr(settings)
+        if key not in self._evals:
+            jax, ops, task = self._jax, self.ops, self.task
+
+            def grads(params, state, x, y, masks):
+                return jax.grad(lambda p: task.loss(ops, p, state, x, y, masks, settings, True)[0])(params)
+
+            self._evals[key] = jax.jit(grads)
+        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        g = self._evals[key](self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M)
+        return {k: np.asarray(v) for k, v in g.items()}
 
     def _adam_state(self):
         return self.opt_state[1]

@@ -68,6 +68,8 @@ class TrainConfig:
     out: str = "runs/mdeq"
     checkpoint_every: int = 100
     eval_batch_size: int = 500
+    cosine_every: int = 0
+    cosine_reference: dict[str, Any] = field(default_factory=lambda: {"max_iter": 40})
 
     def __post_init__(self) -> None:
         if self.model != "mdeq":
@@ -76,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"unknown mdeq config {self.config!r}; available: {sorted(MDEQ_CONFIGS)}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; available: {list(DATASETS)}")
+        if self.cosine_every < 0:
+            raise ValueError(f"cosine_every must be >= 0, got {self.cosine_every}")
         for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size", "max_iter",
                      "unrolled_layers"):
             if getattr(self, name) <= 0:
@@ -92,6 +96,12 @@ class TrainConfig:
 
     def pretrain_settings(self) -> DEQSettings:
         return DEQSettings(unrolled=self.unrolled_layers)
+
+    def reference_settings(self) -> DEQSettings:
+        """The implicit gradient the cosine probe compares against (same forward solve)."""
+        return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                           solver_options=dict(self.solver_options), grad="implicit",
+                           grad_options=dict(self.cosine_reference))
 
     def eval_settings(self) -> DEQSettings:
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
@@ -185,6 +195,22 @@ class Trainer:
         self.engine.load(ck.params, ck.state, ck.extra)
         return int(ck.meta["step"]), dict(ck.meta.get("epoch_acc", {})), list(ck.meta.get("history", []))
 
+    def _probe_cosine(self, step: int, x: np.ndarray, y: np.ndarray, masks: Any) -> None:
+        """Append the cosine between this run's gradient and the implicit one (same batch, same
+        masks, same weights) to ``cosine.csv``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", deqcore.BackwardWarning)
+            mine = self.engine.gradients(x, y, masks, self.cfg.deq_settings())
+            ref = self.engine.gradients(x, y, masks, self.cfg.reference_settings())
+        path = self.out / "cosine.csv"
+        _truncate_csv(path, step - 1)  # rows a killed run wrote at or after this step
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(["step", "cosine"])
+            w.writerow([step, f"{_cosine(mine, ref):.6f}"])
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, settings: DEQSettings | None = None) -> dict[str, float]:
         settings = settings or self.cfg.eval_settings()
@@ -234,6 +260,9 @@ class Trainer:
                 settings = cfg.pretrain_settings() if pre else cfg.deq_settings()
                 masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([cfg.seed, 1, step]))
                 lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
+                if cfg.cosine_every and not pre and step % cfg.cosine_every == 0:
+                    self._probe_cosine(step, self.data.x_train[idx], _onehot(self.data.y_train[idx], k),
+                                       masks)
                 t0 = time.perf_counter()
                 # an unconverged implicit backward warns every step: count it in the CSV instead
                 with warnings.catch_warnings(record=True) as caught:
@@ -283,6 +312,13 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["plots"] = write_plots(self.out)
         return summary
+
+
+def _cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    dot = sum(float(np.vdot(a[k].astype(np.float64), b[k])) for k in a)
+    na = math.sqrt(sum(float(np.vdot(a[k].astype(np.float64), a[k])) for k in a))
+    nb = math.sqrt(sum(float(np.vdot(b[k].astype(np.float64), b[k])) for k in b))
+    return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 def _truncate_csv(path: Path, step: int) -> None:

@@ -1,0 +1,164 @@
+"""The experiments of issue 4, one command each; results, tables and plots go to ``--out``.
+
+    python -m deqcore_models.experiments gdeq --data ../shared/data --out docs/experiments/gdeq-fmnist
+
+``gdeq``: MDEQ with a Broyden forward trained with the gradient modes implicit, JFB, NPG (k=5,
+lambda=0.5) and GDEQ, with and without unrolled pre-training (the seed paper's Table 2 and
+Figures 1-2 at CPU scale): seconds per epoch of DEQ training, speedup against implicit, test
+accuracy, and the cosine between each mode's gradient and the implicit gradient over training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .train import TrainConfig, Trainer
+
+MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "implicit": ("implicit", {"max_iter": 20}),
+    "jfb": ("jfb", {}),
+    "npg": ("npg", {"k": 5, "lam": 0.5}),
+    "gdeq": ("gdeq", {}),
+}
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_gdeq(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pretrain in args.pretrain:
+        for mode in args.modes:
+            grad, grad_options = MODES[mode]
+            cfg = TrainConfig(backend=args.backend, config=args.config, dataset=args.dataset,
+                              data=args.data, train_limit=args.train_limit, test_limit=args.test_limit,
+                              solver="broyden",
+                              max_iter=args.max_iter, grad=grad, grad_options=grad_options,
+                              pretrain_steps=pretrain, unrolled_layers=args.unrolled_layers,
+                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              out=str(out / f"{mode}-pre{pretrain}"), checkpoint_every=200,
+                              cosine_every=args.cosine_every)
+            print(f"== {mode}, pretrain {pretrain} steps -> {cfg.out}", file=sys.stderr)
+            summary = Trainer(cfg, progress=not args.no_progress).run()
+            steps = _csv(Path(cfg.out) / "steps.csv")
+            deq = [float(r["seconds"]) for r in steps if r["phase"] == "deq"]
+            cos = [float(r["cosine"]) for r in _csv(Path(cfg.out) / "cosine.csv")]
+            final = summary["final"]
+            rows.append({"mode": mode, "pretrain": pretrain, "test_acc": final["test_acc"],
+                         "test_loss": final["test_loss"], "test_nfe": final["test_nfe"],
+                         "deq_step_s": float(np.median(deq)) if deq else float("nan"),
+                         "cosine_mean": float(np.mean(cos)) if cos else float("nan"),
+                         "cosine_last": cos[-1] if cos else float("nan"),
+                         "wall_s": sum(float(r["seconds"]) for r in steps), "epochs": summary["epochs"]})
+    for r in rows:
+        base = next((b for b in rows if b["mode"] == "implicit" and b["pretrain"] == r["pretrain"]), None)
+        r["speedup_vs_implicit"] = base["deq_step_s"] / r["deq_step_s"] if base else float("nan")
+        r["acc_vs_implicit"] = r["test_acc"] - base["test_acc"] if base else float("nan")
+    result = {"args": vars(args), "rows": rows, "config": asdict(TrainConfig())}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    _report(out, args, rows)
+    return result
+
+
+def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    lines = [f"# GDEQ comparison: MDEQ ({args.config}) on {args.dataset}, backend {args.backend}", "",
+             "Command: `python -m deqcore_models.experiments " + " ".join(sys.argv[1:]) + "`", "",
+             "| mode | pretrain steps | s / DEQ step (median) | speedup vs implicit | test acc | vs implicit "
+             "| forward NFE | mean cos vs implicit | last cos |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['pretrain']} | {r['deq_step_s']:.3f} "
+                     f"| {r['speedup_vs_implicit']:.2f}x | {100 * r['test_acc']:.2f}% "
+                     f"| {100 * r['acc_vs_implicit']:+.2f} | {r['test_nfe']:.1f} "
+                     f"| {r['cosine_mean']:.3f} | {r['cosine_last']:.3f} |")
+    lines += ["", "Plots: `accuracy.png` (test accuracy per epoch), `cosine.png` (cosine with the implicit "
+              "gradient over training), `step_time.png`. Per-run CSVs in the subfolders."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.plot([e["epoch"] for e in r["epochs"]], [100 * e["test_acc"] for e in r["epochs"]], "o-",
+                label=f"{r['mode']} (pre {r['pretrain']})")
+    ax.set(xlabel="epoch", ylabel="test accuracy %", title="test accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        cos = _csv(out / f"{r['mode']}-pre{r['pretrain']}" / "cosine.csv")
+        if cos:
+            ax.plot([int(c["step"]) for c in cos], [float(c["cosine"]) for c in cos], ".-",
+                    label=f"{r['mode']} (pre {r['pretrain']})")
+    ax.set(xlabel="step", ylabel="cosine with implicit gradient", title="gradient fidelity over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "cosine.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"{r['mode']}\npre {r['pretrain']}" for r in rows]
+    ax.bar(range(len(rows)), [r["deq_step_s"] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set(ylabel="seconds per DEQ training step (median)", title="training step time")
+    fig.tight_layout()
+    fig.savefig(out / "step_time.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deqcore_models.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    g = sub.add_parser("gdeq", help="implicit / JFB / NPG / GDEQ on MDEQ, with and without pre-training")
+    g.add_argument("--backend", choices=["torch", "jax"], default="torch", help="framework (default torch)")
+    g.add_argument("--config", default="cpu", help="MDEQ config (default cpu)")
+    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
+                   help="data set (default fashion-mnist)")
+    g.add_argument("--data", default=None, help="data folder (default $DEQCORE_DATA)")
+    g.add_argument("--train-limit", type=int, default=None, help="first N training images only")
+    g.add_argument("--test-limit", type=int, default=None, help="first N test images only")
+    g.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                   help=f"comma-separated gradient modes (default {','.join(MODES)})")
+    g.add_argument("--pretrain", type=lambda s: [int(v) for v in s.split(",")], default=[0, 300],
+                   help="comma-separated unrolled pre-training step counts (default 0,300)")
+    g.add_argument("--unrolled-layers", type=int, default=6, help="layers when unrolled (default 6)")
+    g.add_argument("--max-iter", type=int, default=18, help="Broyden forward steps (default 18)")
+    g.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
+    g.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    g.add_argument("--cosine-every", type=int, default=50,
+                   help="gradient-cosine probe every N steps (default 50)")
+    g.add_argument("--out", default="docs/experiments/gdeq-fmnist", help="output folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; available: {list(MODES)}")
+    run_gdeq(args)
+    print(f"wrote {Path(args.out) / 'README.md'} and results.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
