@@ -186,3 +186,31 @@ def test_cli_errors_are_clear(data_root, tmp_path):
     assert proc.returncode != 0 and "epochs must be positive" in proc.stderr
     proc = _cli(["eval", "--run", str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+
+
+def test_cosine_probe_and_gdeq_experiment(data_root, tmp_path):
+    """The probe compares against implicit: implicit with the reference's own settings gives
+    cosine 1; the experiment command writes its table, results and plots."""
+    from deqcore_models.experiments import main as experiment
+    from deqcore_models.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(backend=SELECTED[0], config="micro", data=str(data_root), train_limit=96, test_limit=32,
+                      batch_size=32, max_iter=5, grad="implicit", grad_options={"max_iter": 6},
+                      cosine_every=1, cosine_reference={"max_iter": 6}, out=str(tmp_path / "probe"))
+    Trainer(cfg, progress=False).run()
+    with open(tmp_path / "probe" / "cosine.csv") as fh:
+        cos = [float(r["cosine"]) for r in csv.DictReader(fh)]
+    assert len(cos) == 3 and all(abs(c - 1) < 1e-5 for c in cos)
+    out = tmp_path / "exp"
+    assert experiment(["gdeq", "--backend", SELECTED[0], "--config", "micro", "--data", str(data_root),
+                       "--train-limit", "64", "--test-limit", "32", "--batch-size", "32", "--max-iter", "4",
+                       "--modes", "implicit,jfb", "--pretrain", "1", "--unrolled-layers", "2",
+                       "--cosine-every", "1", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["mode"], r["pretrain"]) for r in rows] == [("implicit", 1), ("jfb", 1)]
+    assert all(r["speedup_vs_implicit"] > 0 for r in rows)
+    jfb = rows[1]
+    assert -1 <= jfb["cosine_mean"] < 0.999  # JFB drops the Jacobian term: not the implicit gradient
+    table = (out / "README.md").read_text()
+    assert table.count("\n| jfb | 1 |") == 1 and "speedup vs implicit" in table
+    assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "cosine.png", "step_time.png"}

@@ -95,26 +95,27 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.plot([e["epoch"] for e in r["epochs"]], [100 * e["test_acc"] for e in r["epochs"]], "o-",
-                label=f"{r['mode']} (pre {r['pretrain']})")
-    ax.set(xlabel="epoch", ylabel="test accuracy %", title="test accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        cos = _csv(out / f"{r['mode']}-pre{r['pretrain']}" / "cosine.csv")
-        if cos:
-            ax.plot([int(c["step"]) for c in cos], [float(c["cosine"]) for c in cos], ".-",
-                    label=f"{r['mode']} (pre {r['pretrain']})")
-    ax.set(xlabel="step", ylabel="cosine with implicit gradient", title="gradient fidelity over training")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "cosine.png", dpi=110)
-    plt.close(fig)
+    def plot_lines(name: str, series: list[tuple[str, list[Any], list[float]]], style: str,
+              **labels: str) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, xs, ys in series:
+            ax.plot(xs, ys, style, label=label)
+        ax.set(**labels)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+    def tag(r: dict[str, Any]) -> str:
+        return f"{r['mode']} (pre {r['pretrain']})"
+
+    plot_lines("accuracy.png",
+               [(tag(r), [e["epoch"] for e in r["epochs"]], [100 * e["test_acc"] for e in r["epochs"]])
+                for r in rows], "o-", xlabel="epoch", ylabel="test accuracy %", title="test accuracy")
+    probes = [(tag(r), _csv(out / f"{r['mode']}-pre{r['pretrain']}" / "cosine.csv")) for r in rows]
+    plot_lines("cosine.png", [(t, [int(c["step"]) for c in cos], [float(c["cosine"]) for c in cos])
+                              for t, cos in probes if cos], ".-", xlabel="step",
+               ylabel="cosine with implicit gradient", title="gradient fidelity over training")
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['mode']}\npre {r['pretrain']}" for r in rows]
     ax.bar(range(len(rows)), [r["deq_step_s"] for r in rows])
