@@ -4,6 +4,7 @@ step, a killed run resumes to the same result, and the CLI."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -119,10 +120,10 @@ def _cli(args, env_extra=None, check=True):
     return proc
 
 
-def _train_args(data_root, out, backend="torch", **overrides):
-    flags = {"backend": backend, "config": "micro", "data": data_root, "train-limit": 256, "test-limit": 64,
-             "batch-size": 32, "epochs": 2, "max-iter": 5, "pretrain-steps": 3, "unrolled-layers": 2,
-             "grad": "jfb", "checkpoint-every": 4, "out": out}
+def _train_args(data_root, out, backend=None, **overrides):
+    flags = {"backend": backend or SELECTED[0], "config": "micro", "data": data_root, "train-limit": 256,
+             "test-limit": 64, "batch-size": 32, "epochs": 2, "max-iter": 5, "pretrain-steps": 3,
+             "unrolled-layers": 2, "grad": "jfb", "checkpoint-every": 4, "out": out}
     flags.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return ["train", *(x for k, v in flags.items() for x in (f"--{k}", str(v))), "--no-progress"]
 
@@ -180,12 +181,16 @@ def test_cli_help_explains_every_flag():
 def test_cli_errors_are_clear(data_root, tmp_path):
     proc = _cli(_train_args(data_root, tmp_path / "r") + ["--solver-option", "bogus=1"], check=False)
     assert proc.returncode == 2 and "bogus" in proc.stderr and "memory" in proc.stderr
-    proc = _cli(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r2")], check=False)
+    proc = _cli(["train", "--backend", SELECTED[0], "--data", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "r2")], check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = _cli(["train", "--data", str(data_root), "--epochs", "0"], check=False)
     assert proc.returncode != 0 and "epochs must be positive" in proc.stderr
     proc = _cli(["eval", "--run", str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+    for backend in [b for b in ("torch", "jax") if importlib.util.find_spec(b) is None]:  # tox torch/jax envs
+        proc = _cli(_train_args(data_root, tmp_path / "r3", backend), check=False)
+        assert proc.returncode == 2 and f"install it with pip install 'deqcore[{backend}]'" in proc.stderr
 
 
 def test_cosine_probe_and_gdeq_experiment(data_root, tmp_path):

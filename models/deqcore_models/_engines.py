@@ -185,9 +185,14 @@ class JaxEngine:
 
 
 def make_engine(backend: str, task: Any, params, state, weight_decay: float):
-    """The training engine of ``backend`` (``"torch"`` or ``"jax"``)."""
-    if backend == "torch":
-        return TorchEngine(task, params, state, weight_decay)
-    if backend == "jax":
-        return JaxEngine(task, params, state, weight_decay)
-    raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
+    """The training engine of ``backend`` (``"torch"`` or ``"jax"``); a missing framework is an
+    ``ImportError`` saying what to install."""
+    engines = {"torch": (TorchEngine, "torch", "PyTorch"), "jax": (JaxEngine, "jax", "JAX and optax")}
+    if backend not in engines:
+        raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
+    cls, extra, what = engines[backend]
+    try:
+        return cls(task, params, state, weight_decay)
+    except ModuleNotFoundError as exc:
+        raise ImportError(f"backend {backend!r} needs {what}, which is not installed ({exc}); "
+                          f"install it with pip install 'deqcore[{extra}]'") from exc

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         return _bench(args)
-    except (DataError, CheckpointError, TypeError) as exc:
+    except (DataError, CheckpointError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
