@@ -42,7 +42,8 @@ class TorchEngine:
         self.opt.step()
         with torch.no_grad():
             self.state = {k: v.detach() for k, v in new_state.items()}
-        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+        return {"loss": float(loss.detach()), "correct": int(correct), "nfe": int(nfe),
+                "residual": float(res)}
 
     def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
         """Parameter gradients of the batch loss, with no update and no state change."""
