@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        warnings.warn("matplotlib is not installed: no plots written (pip install 'deqcore[demo]'); "
+                      "the CSV files hold the same data", stacklevel=2)
         return
     def plot_lines(name: str, series: list[tuple[str, list[Any], list[float]]], style: str,
               **labels: str) -> None:

@@ -350,6 +350,8 @@ def write_plots(out: Path) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        warnings.warn("matplotlib is not installed: no plots written (pip install 'deqcore[demo]'); "
+                      "the CSV files hold the same data", stacklevel=2)
         return []
     steps = _read_csv(out / "steps.csv")
     epochs = _read_csv(out / "epochs.csv")
