@@ -51,6 +51,17 @@ def mdeq_run(backend, cfg, params, state, x, y, settings: DEQSettings, masks=Non
             "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
 
 
+#: (solver, gradient mode, options) of the cross-backend gradient checks: every built-in mode
+GRAD_MODES = [
+    ("broyden", "implicit", {"max_iter": 8}),
+    ("broyden", "jfb", {}),
+    ("anderson", "npg", {"k": 5, "lam": 0.5}),
+    ("broyden", "gdeq", {}),
+    ("fixed_point", "unroll", {}),
+    ("anderson", "upg", {"k": 3, "lam": 0.5}),
+]
+
+
 def grad_rel_diff(a: dict, b: dict) -> float:
     """||a - b|| / ||a|| over all parameters together."""
     num = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)

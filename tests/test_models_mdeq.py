@@ -16,7 +16,7 @@ from deqcore_models.checkpoint import (
     save_checkpoint,
 )
 from deqcore_models.mdeq import MDEQ_CONFIGS, MDEQConfig, _layer, dropout_masks, init_mdeq
-from models_helpers import grad_rel_diff, mdeq_run
+from models_helpers import GRAD_MODES, grad_rel_diff, mdeq_run
 
 MICRO = MDEQ_CONFIGS["micro"]
 
@@ -151,14 +151,7 @@ def test_forward_equivalence(batch, dtype, tol):
 
 
 @pytest.mark.equivalence
-@pytest.mark.parametrize("solver,grad,grad_options", [
-    ("broyden", "implicit", {"max_iter": 8}),
-    ("broyden", "jfb", {}),
-    ("anderson", "npg", {"k": 5, "lam": 0.5}),
-    ("broyden", "gdeq", {}),
-    ("fixed_point", "unroll", {}),
-    ("anderson", "upg", {"k": 3, "lam": 0.5}),
-])
+@pytest.mark.parametrize("solver,grad,grad_options", GRAD_MODES)
 def test_gradient_equivalence(batch, solver, grad, grad_options):
     x, y = batch
     params, state = init_mdeq(MICRO, 1, seed=2)

@@ -156,6 +156,62 @@ def test_kill_and_resume_reaches_the_same_result(data_root, tmp_path):
     assert proc.returncode == 2 and "lr 0.001 there vs 0.5 now" in proc.stderr
 
 
+def test_transformer_with_memory_kill_and_resume(data_root, tmp_path):
+    """The DEQ-Transformer trains from the CLI on real text, reports perplexity, and a run killed
+    mid-epoch resumes (weights, optimizer and the segment memory) to the uninterrupted result."""
+    backend = SELECTED[0]
+
+    def args(out):
+        return _train_args(data_root, out, backend, model="transformer", config="micro-mem",
+                           dataset="tiny-shakespeare", train_limit=700, test_limit=400, batch_size=4,
+                           solver="anderson", grad="implicit", pretrain_steps=4, epochs=2)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _cli(args(straight))
+    proc = _cli(args(killed), {KILL_ENV: "27"}, check=False)
+    assert proc.returncode == -9
+    assert load_checkpoint(killed / "checkpoint.npz").meta["step"] == 24
+    _cli(args(killed) + ["--resume"])
+    a, b = load_checkpoint(straight / "checkpoint.npz"), load_checkpoint(killed / "checkpoint.npz")
+    assert a.meta["step"] == b.meta["step"] == 42  # 2 epochs of (175 - 1) // 8 segments
+    assert set(a.state) == {"mem.z", "mem.u", "mem.valid"} and float(a.state["mem.valid"]) == 8
+    for part in ("params", "state"):
+        for k, v in getattr(a, part).items():
+            np.testing.assert_allclose(getattr(b, part)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    ea = json.loads((straight / "summary.json").read_text())["epochs"]
+    eb = json.loads((killed / "summary.json").read_text())["epochs"]
+    assert len(ea) == len(eb) == 2
+    for ra, rb in zip(ea, eb, strict=True):
+        assert ra["test_ppl"] == pytest.approx(rb["test_ppl"], rel=1e-5)
+        assert ra["test_ppl"] == pytest.approx(np.exp(ra["test_loss"]), rel=1e-9)
+    assert ea[-1]["test_ppl"] < 65  # the character vocabulary: below a uniform guess
+    assert ea[-1]["train_loss"] < ea[0]["train_loss"]
+
+
+@pytest.mark.equivalence
+def test_same_command_on_both_backends_gives_matching_curves(data_root, tmp_path):
+    """The DEQ-Transformer CLI run on torch and on JAX: the same per-step losses (to float32
+    solver noise) and test perplexity; the comparison command writes its report and plot."""
+    from deqcore_models.experiments import main as experiments
+
+    def args(backend):
+        return _train_args(data_root, tmp_path / backend, backend, model="transformer", config="micro-mem",
+                           dataset="tiny-shakespeare", train_limit=700, test_limit=400, batch_size=4,
+                           solver="anderson", grad="implicit", pretrain_steps=4, epochs=1)
+
+    for backend in ("torch", "jax"):
+        _cli(args(backend))
+    assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "jax"),
+                        "--out", str(tmp_path / "cmp")]) == 0
+    res = json.loads((tmp_path / "cmp" / "backends.json").read_text())
+    assert res["backends"] == ["torch", "jax"] and res["steps"] == 21
+    assert res["max_rel_loss_diff"] < 1e-3, res
+    assert res["final"][0]["test_ppl"] == pytest.approx(res["final"][1]["test_ppl"], rel=1e-3)
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"backends.md", "backends.json", "backends.png"}
+    assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "cmp")]) == 2
+
+
 @pytest.mark.equivalence
 def test_checkpoint_from_torch_evaluates_identically_on_jax(data_root, tmp_path):
     _cli(_train_args(data_root, tmp_path / "run", max_steps=4))

@@ -35,7 +35,7 @@ class TorchEngine:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        M = _framework(self.ops, masks)
         loss, (new_state, correct, nfe, res, _) = self.task.loss(
             self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True)
         loss.backward()
@@ -47,7 +47,7 @@ class TorchEngine:
 
     def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
         """Parameter gradients of the batch loss, with no update and no state change."""
-        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        M = _framework(self.ops, masks)
         loss, _ = self.task.loss(self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y),
                                  M, settings, True)
         names = list(self.params)
@@ -55,12 +55,19 @@ class TorchEngine:
         return {k: (np.zeros(self.params[k].shape, np.float32) if g is None else self.ops.to_numpy(g))
                 for k, g in zip(names, grads, strict=True)}
 
-    def evaluate(self, x, y, settings: DEQSettings) -> dict[str, Any]:
+    def evaluate(self, x, y, settings: DEQSettings, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Loss, correct count, NFE and residual of a batch without dropout; ``state`` (NumPy or
+        framework arrays) replaces the engine's for this call; ``"state"`` in the result is the
+        model state after it (a language model's memory)."""
+        S = self.state if state is None else _framework(self.ops, state)
         with self._torch.no_grad():
-            loss, (_, correct, nfe, res, logits) = self.task.loss(
-                self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), None,
-                settings, False)
-        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+            loss, (new_state, correct, nfe, res, logits) = self.task.loss(
+                self.ops, self.params, S, self.ops.asarray(x), self.ops.asarray(y), None, settings, False)
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
+                "state": new_state}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.state = _framework(self.ops, state)
 
     def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
         params = {k: self.ops.to_numpy(v).copy() for k, v in self.params.items()}
@@ -125,25 +132,32 @@ class JaxEngine:
         return self._steps[key]
 
     def train_step(self, x, y, masks, settings: DEQSettings, lr: float) -> dict[str, float]:
-        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        M = _framework(self.ops, masks)
         out = self._train_fn(settings)(self.params, self.state, self.opt_state, self.ops.asarray(x),
                                        self.ops.asarray(y), M, np.float32(lr))
         self.params, self.state, self.opt_state, loss, correct, nfe, res = out
         return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
 
-    def evaluate(self, x, y, settings: DEQSettings) -> dict[str, Any]:
+    def evaluate(self, x, y, settings: DEQSettings, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """As :meth:`TorchEngine.evaluate`."""
         key = repr(settings)
         if key not in self._evals:
             ops, task = self.ops, self.task
 
             def ev(params, state, x, y):
-                loss, (_, correct, nfe, res, _) = task.loss(ops, params, state, x, y, None, settings, False)
-                return loss, correct, nfe, res
+                loss, (new_state, correct, nfe, res, _) = task.loss(ops, params, state, x, y, None, settings,
+                                                                    False)
+                return loss, correct, nfe, res, new_state
 
             self._evals[key] = self._jax.jit(ev)
-        loss, correct, nfe, res = self._evals[key](self.params, self.state, self.ops.asarray(x),
-                                                   self.ops.asarray(y))
-        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+        S = self.state if state is None else _framework(self.ops, state)
+        loss, correct, nfe, res, new_state = self._evals[key](self.params, S, self.ops.asarray(x),
+                                                              self.ops.asarray(y))
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
+                "state": new_state}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.state = _framework(self.ops, state)
 
     def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
         """Parameter gradients of the batch loss, with no update and no state change."""
@@ -155,7 +169,7 @@ class JaxEngine:
                 return jax.grad(lambda p: task.loss(ops, p, state, x, y, masks, settings, True)[0])(params)
 
             self._evals[key] = jax.jit(grads)
-        M = None if masks is None else [self.ops.asarray(m) for m in masks]
+        M = _framework(self.ops, masks)
         g = self._evals[key](self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M)
         return {k: np.asarray(v) for k, v in g.items()}
 
@@ -183,6 +197,16 @@ class JaxEngine:
                                  mu={k: jnp.asarray(extra[f"opt.m/{k}"]) for k in self.params},
                                  nu={k: jnp.asarray(extra[f"opt.v/{k}"]) for k in self.params})
             self.opt_state = (self.opt_state[0], adam)
+
+
+def _framework(ops: Any, tree: Any) -> Any:
+    """NumPy masks or state (None, a list or a dict of arrays) as framework arrays; framework
+    arrays pass through unchanged."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: ops.asarray(v) if isinstance(v, np.ndarray) else v for k, v in tree.items()}
+    return [ops.asarray(v) if isinstance(v, np.ndarray) else v for v in tree]
 
 
 def make_engine(backend: str, task: Any, params, state, weight_decay: float):

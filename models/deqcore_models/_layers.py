@@ -74,6 +74,40 @@ def upsample_nearest(xp: Any, x: Any, factor: int) -> Any:
     return xp.reshape(big, (b, c, h * factor, w * factor))
 
 
+def linear(xp: Any, x: Any, w: Any, bias: Any = None) -> Any:
+    """``x @ w.T + bias`` over the last axis of ``x`` (torch's ``Linear`` weight layout)."""
+    out = xp.matmul(x, xp.matrix_transpose(w))
+    return out if bias is None else out + bias
+
+
+def layer_norm(xp: Any, x: Any, weight: Any, bias: Any, eps: float = 1e-5) -> Any:
+    """LayerNorm over the last axis with a per-feature affine map."""
+    mean = xp.mean(x, axis=-1, keepdims=True)
+    var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / xp.sqrt(var + eps) * weight + bias
+
+
+def softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def token_cross_entropy(xp: Any, logits: Any, targets: Any,
+                        stop_gradient: Any = None) -> tuple[Any, Any]:
+    """(sum of the cross-entropies, number of correct argmax predictions) of (..., V) logits
+    against integer ``targets`` (...). ``stop_gradient`` (the backend's), when given, detaches
+    the stabilising max (the loss does not depend on it). Memory for backward, which dominates a
+    large-vocabulary model: the softmax numerator and a boolean target mask, both vocabulary-
+    sized; a gather (``take_along_axis``) would keep a float copy of the logits instead."""
+    top = xp.max(logits if stop_gradient is None else stop_gradient(logits), axis=-1, keepdims=True)
+    logz = xp.log(xp.sum(xp.exp(logits - top), axis=-1))
+    hit = targets[..., None] == xp.reshape(xp.arange(logits.shape[-1], dtype=targets.dtype),
+                                           (1,) * targets.ndim + (-1,))
+    picked = xp.sum(xp.where(hit, logits, xp.zeros_like(logits)), axis=-1) - top[..., 0]
+    correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == targets, xp.int32))
+    return xp.sum(logz - picked), correct
+
+
 def cross_entropy(xp: Any, logits: Any, labels_onehot: Any) -> Any:
     """Mean cross-entropy of (B, K) logits against one-hot (B, K) labels (log-sum-exp stabilised)."""
     top = xp.max(logits, axis=-1, keepdims=True)
@@ -119,8 +153,16 @@ class ParamBuilder:
             self.state[f"{name}.running_mean"] = np.zeros(c, np.float32)
             self.state[f"{name}.running_var"] = np.ones(c, np.float32)
 
-    def linear(self, name: str, n_in: int, n_out: int, *, bias: bool = True) -> None:
-        self.params[f"{name}.weight"] = self._uniform((n_out, n_in), 1 / np.sqrt(n_in))
+    def linear(self, name: str, n_in: int, n_out: int, *, bias: bool = True, wnorm: bool = False,
+               scale: float = 1.0) -> None:
+        """A linear layer (weight (n_out, n_in)) with torch's default init times ``scale``;
+        weight-normed ones store ``v`` and ``g`` like :meth:`conv`."""
+        w = self._uniform((n_out, n_in), scale / np.sqrt(n_in))
+        if wnorm:
+            self.params[f"{name}.v"] = w
+            self.params[f"{name}.g"] = np.sqrt((w.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32)
+        else:
+            self.params[f"{name}.weight"] = w
         if bias:
             self.params[f"{name}.bias"] = self._uniform((n_out,), 1 / np.sqrt(n_in))
 

@@ -46,8 +46,8 @@ class TorchOps:
         return self._F.conv2d(x, w, stride=stride, padding=padding)
 
     def asarray(self, a, dtype=None):
-        arr = np.ascontiguousarray(a if dtype is None else np.asarray(a, dtype=dtype))
-        return self._torch.from_numpy(arr.copy())
+        # np.array, not ascontiguousarray: the latter turns 0-d arrays into shape (1,)
+        return self._torch.from_numpy(np.array(a, dtype=dtype, order="C", copy=True))
 
     def to_numpy(self, a):
         return a.detach().cpu().numpy()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .mdeq import MDEQ_CONFIGS
+from .transformer import TRANSFORMER_CONFIGS
 
 
 def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
@@ -40,17 +41,25 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--backend", choices=["torch", "jax"], default="torch",
                    help="framework to train on (default torch)")
-    g.add_argument("--model", choices=["mdeq"], default="mdeq", help="model family (default mdeq)")
-    g.add_argument("--config", choices=sorted(MDEQ_CONFIGS), default="cpu",
-                   help="model size: tiny = the paper's MDEQ-small (159K parameters on CIFAR), cpu = a "
-                        "narrower model for CPU runs (53K), micro = for tests (default cpu)")
-    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
-                   help="data set (default fashion-mnist)")
+    g.add_argument("--model", choices=["mdeq", "transformer"], default="mdeq",
+                   help="model family: mdeq (image classifier) or transformer (DEQ-Transformer language "
+                        "model) (default mdeq)")
+    g.add_argument("--config", choices=sorted({*MDEQ_CONFIGS, *TRANSFORMER_CONFIGS}), default="cpu",
+                   help="model size. mdeq: tiny = the paper's MDEQ-small (159K parameters on CIFAR), cpu = "
+                        "a narrower model for CPU runs (53K), micro = for tests (default cpu). transformer: "
+                        "small = d 64, 4 heads, d_inner 256, segments of 64 tokens; small-mem = the same "
+                        "with a 64-token memory of the previous segment; micro = for tests")
+    g.add_argument("--dataset", choices=["fashion-mnist", "cifar10", "wikitext2", "tiny-shakespeare"],
+                   default="fashion-mnist",
+                   help="data set: fashion-mnist or cifar10 for mdeq, wikitext2 (words) or tiny-shakespeare "
+                        "(characters) for transformer (default fashion-mnist)")
     g.add_argument("--data", default=None,
-                   help="data folder holding fashion-mnist/ and cifar-10/ (default: $DEQCORE_DATA); never "
-                        "downloaded")
-    g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+                   help="data folder holding fashion-mnist/, cifar-10/, wikitext-2/, tiny-shakespeare/ "
+                        "(default: $DEQCORE_DATA); never downloaded")
+    g.add_argument("--train-limit", type=int, default=None,
+                   help="use only the first N training images (tokens for text)")
+    g.add_argument("--test-limit", type=int, default=None,
+                   help="use only the first N test images (tokens for text)")
     s = p.add_argument_group("solver and gradient")
     s.add_argument("--solver", default="broyden",
                    help="forward solver: broyden (default), anderson, fixed_point or a plugin's")
@@ -72,7 +81,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("optimisation and output")
     t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total")
-    t.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    t.add_argument("--batch-size", type=int, default=64,
+                   help="training batch size: images, or rows of the token stream for text (default 64)")
     t.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate, cosine-annealed per step to --min-lr (default 1e-3)")
     t.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate (default 1e-6)")
@@ -81,7 +91,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", default="runs/mdeq",
                    help="output folder: steps.csv, epochs.csv, summary.json, checkpoint.npz, curves.png")
     t.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
-    t.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    t.add_argument("--eval-batch-size", type=int, default=None,
+                   help="evaluation batch size (default 500 images, or 10 rows of the test stream for text)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--cosine-every", type=int, default=0,
                    help="every N DEQ steps, log to cosine.csv the cosine between this mode's gradient and "
@@ -105,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqcore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a DEQ model", description="Train an MDEQ classifier.")
+    tr = sub.add_parser("train", help="train a DEQ model",
+                        description="Train an MDEQ classifier or a DEQ-Transformer language model.")
     _add_run_flags(tr)
     tr.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint.npz (same settings; --epochs/--max-steps may grow)")
@@ -145,16 +157,17 @@ def _train(args) -> int:
 
     cfg = _train_config(args)
     trainer = Trainer(cfg, progress=not args.no_progress)
-    print(f"deqcore train: {cfg.model}/{cfg.config} on {cfg.dataset} ({len(trainer.data.x_train)} train, "
-          f"{len(trainer.data.x_test)} test), backend {cfg.backend}, solver {cfg.solver}, grad {cfg.grad}, "
-          f"{trainer.total_steps} steps -> {cfg.out}", file=sys.stderr)
+    print(f"deqcore train: {cfg.model}/{cfg.config} on {cfg.dataset} ({trainer.work.describe()}), backend "
+          f"{cfg.backend}, solver {cfg.solver}, grad {cfg.grad}, {trainer.total_steps} steps -> {cfg.out}",
+          file=sys.stderr)
     summary = trainer.run(resume=args.resume)
     final = summary["final"]
     if final:
         print(f"epoch {final['epoch']}: train loss {final['train_loss']:.4f} "
               f"acc {100 * final['train_acc']:.2f}%"
               f" | test loss {final['test_loss']:.4f} acc {100 * final['test_acc']:.2f}%"
-              f" | NFE {final['test_nfe']:.1f}, worst residual {final['test_residual']:.2e}"
+              + (f" ppl {final['test_ppl']:.2f}" if "test_ppl" in final else "")
+              + f" | NFE {final['test_nfe']:.1f}, worst residual {final['test_residual']:.2e}"
               f" | {final['train_seconds']:.1f} s/epoch")
     for plot in summary.get("plots", []):
         print(f"wrote {plot}")
@@ -185,20 +198,16 @@ def _bench(args) -> int:
 
     import numpy as np
 
-    from .mdeq import dropout_masks
-    from .train import Trainer, _onehot
+    from .train import Trainer
 
     cfg = _train_config(args)
     trainer = Trainer(cfg, progress=False)
-    k = len(trainer.data.classes)
     times, nfes = [], []
     settings = cfg.deq_settings()
     for i in range(args.steps + 1):
-        idx = np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size) % len(trainer.data.x_train)
-        masks = dropout_masks(trainer.model_cfg, len(idx), np.random.default_rng(i))
+        batch = trainer.work.train_batch(i % trainer.steps_per_epoch)
         t0 = time.perf_counter()
-        r = trainer.engine.train_step(trainer.data.x_train[idx], _onehot(trainer.data.y_train[idx], k), masks,
-                                      settings, cfg.lr)
+        r = trainer.engine.train_step(batch.x, batch.y, batch.masks, settings, cfg.lr)
         if i:
             times.append(time.perf_counter() - t0)
             nfes.append(r["nfe"])

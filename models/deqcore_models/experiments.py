@@ -6,6 +6,12 @@
 lambda=0.5) and GDEQ, with and without unrolled pre-training (the seed paper's Table 2 and
 Figures 1-2 at CPU scale): seconds per epoch of DEQ training, speedup against implicit, test
 accuracy, and the cosine between each mode's gradient and the implicit gradient over training.
+
+    python -m deqcore_models.experiments backends RUN_A RUN_B --out DIR
+
+``backends``: compares two training runs of the same command on different backends (their
+``steps.csv`` and ``summary.json``): per-step loss difference, final test metrics, median step
+time ratio; writes ``backends.md``, ``backends.json`` and ``backends.png`` (both loss curves).
 """
 
 from __future__ import annotations
@@ -129,6 +135,63 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
     plt.close(fig)
 
 
+def compare_backends(run_a: Path, run_b: Path, out: Path) -> dict[str, Any]:
+    """Loss curves and final metrics of two runs of one command (see the module docstring)."""
+    runs = {}
+    for run in (run_a, run_b):
+        summary = json.loads((run / "summary.json").read_text())
+        with open(run / "steps.csv", newline="") as fh:
+            steps = list(csv.DictReader(fh))
+        runs[summary["config"]["backend"] + ("" if run == run_a else " ")] = (run, summary, steps)
+    (na, (_, sa, ta)), (nb, (_, sb, tb)) = runs.items()
+    same = {k for k in sa["config"] if sa["config"][k] != sb["config"][k]} - {"backend", "out"}
+    if same:
+        raise ValueError(f"the runs differ in more than the backend: {sorted(same)}")
+    n = min(len(ta), len(tb))
+    la = np.array([float(r["loss"]) for r in ta[:n]])
+    lb = np.array([float(r["loss"]) for r in tb[:n]])
+    sec_a = float(np.median([float(r["seconds"]) for r in ta[1:n]]))
+    sec_b = float(np.median([float(r["seconds"]) for r in tb[1:n]]))
+    fa, fb = sa["final"], sb["final"]
+    result = {"runs": [str(run_a), str(run_b)], "backends": [na.strip(), nb.strip()], "steps": n,
+              "max_abs_loss_diff": float(np.abs(la - lb).max()),
+              "max_rel_loss_diff": float((np.abs(la - lb) / np.abs(la)).max()),
+              "final": [fa, fb], "median_step_s": [sec_a, sec_b], "step_time_ratio": sec_a / sec_b}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backends.json").write_text(json.dumps(result, indent=2))
+    metric = "test_ppl" if "test_ppl" in fa else "test_acc"
+    lines = [f"# Same command, {na.strip()} vs {nb.strip()}", "",
+             f"Runs: `{run_a}`, `{run_b}` ({n} steps each).", "",
+             "| | " + " | ".join(x.strip() for x in (na, nb)) + " |", "|---|---|---|",
+             f"| final test loss | {fa['test_loss']:.4f} | {fb['test_loss']:.4f} |",
+             f"| final {metric} | {fa[metric]:.4f} | {fb[metric]:.4f} |",
+             f"| median step s | {sec_a:.3f} | {sec_b:.3f} |", "",
+             f"Largest per-step training-loss difference: {result['max_abs_loss_diff']:.2e} "
+             f"(relative {result['max_rel_loss_diff']:.2e}); step time ratio {na.strip()}/{nb.strip()} "
+             f"{result['step_time_ratio']:.2f}."]
+    (out / "backends.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plot written (pip install 'deqcore[demo]')",
+                      stacklevel=2)
+        return result
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].plot(la, lw=1, label=na.strip())
+    ax[0].plot(lb, lw=1, ls="--", label=nb.strip())
+    ax[0].set(xlabel="step", ylabel="training loss", title="training loss per step")
+    ax[0].legend()
+    ax[1].semilogy(np.abs(la - lb) + 1e-12, lw=0.8)
+    ax[1].set(xlabel="step", ylabel="|loss difference|", title="backend difference")
+    fig.tight_layout()
+    fig.savefig(out / "backends.png", dpi=110)
+    plt.close(fig)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqcore_models.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +218,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="gradient-cosine probe every N steps (default 50)")
     g.add_argument("--out", default="docs/experiments/gdeq-fmnist", help="output folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c = sub.add_parser("backends", help="compare two runs of one command on different backends")
+    c.add_argument("runs", nargs=2, type=Path, help="the two run folders (their --out)")
+    c.add_argument("--out", type=Path, required=True, help="where backends.md/.json/.png go")
     args = parser.parse_args(argv)
+    if args.experiment == "backends":
+        try:
+            res = compare_backends(args.runs[0], args.runs[1], args.out)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print((args.out / "backends.md").read_text())
+        return 0 if res else 1
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}; available: {list(MODES)}")

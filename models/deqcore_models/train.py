@@ -1,4 +1,5 @@
-"""Training and evaluation of DEQ classifiers on either backend, with checkpoints and resume.
+"""Training and evaluation of DEQ models (MDEQ classifiers, DEQ-Transformer language models) on
+either backend, with checkpoints and resume.
 
 One loop for both frameworks: batches, dropout masks and the learning-rate schedule come from
 NumPy with seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so the same command on
@@ -26,15 +27,13 @@ import numpy as np
 
 import deqcore
 
-from . import data as D
 from ._deq import DEQSettings
 from ._engines import make_engine
 from ._progress import Progress
-from ._task import ClassifierTask
+from ._workloads import MODELS, make_workload
 from .checkpoint import Checkpoint, CheckpointError, check_schema, load_checkpoint, save_checkpoint
-from .mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
 
-DATASETS = ("fashion-mnist", "cifar10")
+DATASETS = tuple(name for _, sets in MODELS.values() for name in sets)
 #: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged.
 KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
 
@@ -67,20 +66,23 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/mdeq"
     checkpoint_every: int = 100
-    eval_batch_size: int = 500
+    eval_batch_size: int | None = None
     cosine_every: int = 0
     cosine_reference: dict[str, Any] = field(default_factory=lambda: {"max_iter": 40})
 
     def __post_init__(self) -> None:
-        if self.model != "mdeq":
-            raise ValueError(f"unknown model {self.model!r}; available: ['mdeq']")
-        if self.config not in MDEQ_CONFIGS:
-            raise ValueError(f"unknown mdeq config {self.config!r}; available: {sorted(MDEQ_CONFIGS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; available: {list(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; available: {sorted(MODELS)}")
+        configs, datasets = MODELS[self.model]
+        if self.config not in configs:
+            raise ValueError(f"unknown {self.model} config {self.config!r}; available: {sorted(configs)}")
+        if self.dataset not in datasets:
+            raise ValueError(f"model {self.model} trains on {list(datasets)}, not {self.dataset!r}")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise ValueError(f"eval_batch_size must be positive, got {self.eval_batch_size}")
         if self.cosine_every < 0:
             raise ValueError(f"cosine_every must be >= 0, got {self.cosine_every}")
-        for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size", "max_iter",
+        for name in ("epochs", "batch_size", "checkpoint_every", "max_iter",
                      "unrolled_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -114,35 +116,6 @@ def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-@dataclass
-class Prepared:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: tuple[str, ...]
-    mean: np.ndarray
-    std: np.ndarray
-
-
-def prepare_data(cfg: TrainConfig) -> Prepared:
-    root = D.data_dir(cfg.data)
-    ds = D.fashion_mnist(root) if cfg.dataset == "fashion-mnist" else D.cifar10(root)
-    tx, ty, ex, ey = ds.train_x, ds.train_y, ds.test_x, ds.test_y
-    if cfg.train_limit:
-        tx, ty = tx[: cfg.train_limit], ty[: cfg.train_limit]
-    if cfg.test_limit:
-        ex, ey = ex[: cfg.test_limit], ey[: cfg.test_limit]
-    flat = ds.train_x.reshape(-1, ds.train_x.shape[-1]).astype(np.float64) / 255.0
-    mean, std = flat.mean(axis=0), flat.std(axis=0)
-    return Prepared(D.to_float_nchw(tx, mean, std), ty, D.to_float_nchw(ex, mean, std), ey,
-                    ds.classes, mean, std)
-
-
-def _onehot(y: np.ndarray, k: int) -> np.ndarray:
-    return np.eye(k, dtype=np.float32)[y]
-
-
 class Trainer:
     """Runs a :class:`TrainConfig`; :meth:`run` trains (resuming if asked) and returns the summary."""
 
@@ -150,21 +123,12 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out)
-        self.data = prepare_data(cfg)
-        self.model_cfg = MDEQ_CONFIGS[cfg.config]
-        in_channels = self.data.x_train.shape[1]
-        self.params0, self.state0 = init_mdeq(self.model_cfg, in_channels, cfg.seed)
-        model_cfg = self.model_cfg
-
-        def apply(ops, params, state, x, *, train, settings, masks):
-            return mdeq_apply(ops, model_cfg, params, state, x, train=train, settings=settings, masks=masks)
-
-        self.task = ClassifierTask(apply)
+        self.work = make_workload(cfg)
+        self.model_cfg = self.work.model_cfg
+        self.params0, self.state0 = self.work.params0, self.work.state0
+        self.task = self.work.task
         self.engine = make_engine(cfg.backend, self.task, self.params0, self.state0, cfg.weight_decay)
-        n = len(self.data.x_train)
-        self.steps_per_epoch = n // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {cfg.batch_size} exceeds the {n} training images")
+        self.steps_per_epoch = self.work.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -213,22 +177,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, settings: DEQSettings | None = None) -> dict[str, float]:
+        """Test loss, accuracy (of images, or of next tokens), mean NFE per batch and the worst
+        residual; ``test_ppl`` (perplexity) too for language models. A language model's memory
+        runs along the test stream from empty."""
         settings = settings or self.cfg.eval_settings()
-        x, y = self.data.x_test, self.data.y_test
-        k = len(self.data.classes)
-        tot = {"loss": 0.0, "correct": 0, "nfe": 0.0, "residual": 0.0}
-        bs = self.cfg.eval_batch_size
-        nb = 0
-        for start in range(0, len(x), bs):
-            xb, yb = x[start:start + bs], y[start:start + bs]
-            r = self.engine.evaluate(xb, _onehot(yb, k), settings)
-            tot["loss"] += r["loss"] * len(xb)
-            tot["correct"] += r["correct"]
-            tot["nfe"] += r["nfe"]
-            tot["residual"] = max(tot["residual"], r["residual"])
+        state = self.work.eval_state(self.engine.state)
+        loss = correct = count = nfe = 0.0
+        worst, nb = 0.0, 0
+        for x, y, n in self.work.eval_batches():
+            r = self.engine.evaluate(x, y, settings, state=state)
+            if state is not None:
+                state = r["state"]
+            loss += r["loss"] * n
+            correct += r["correct"]
+            count += n
+            nfe += r["nfe"]
+            worst = max(worst, r["residual"])
             nb += 1
-        return {"test_loss": tot["loss"] / len(x), "test_acc": tot["correct"] / len(x),
-                "test_nfe": tot["nfe"] / nb, "test_residual": tot["residual"]}
+        out = {"test_loss": loss / count, "test_acc": correct / count, "test_nfe": nfe / nb,
+               "test_residual": worst}
+        if self.work.text:
+            out["test_ppl"] = math.exp(min(out["test_loss"], 700.0))
+        return out
 
     # ------------------------------------------------------------------ training
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -243,7 +213,6 @@ class Trainer:
                   "seconds"]
         kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
         new_file = not steps_csv.exists()
-        k = len(self.data.classes)
         bar = Progress(self.total_steps, f"{cfg.backend}/{cfg.grad}") if self.progress else None
         step = start_step
         with open(steps_csv, "a", newline="") as fh:
@@ -252,23 +221,22 @@ class Trainer:
                 writer.writeheader()
             while step < self.total_steps:
                 epoch, pos = divmod(step, self.steps_per_epoch)
-                order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.data.x_train))
                 if pos == 0:
                     epoch_acc = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, "nfe": 0.0}
-                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                fresh = self.work.fresh_state(step)
+                if fresh is not None:
+                    self.engine.set_state(fresh)
+                batch = self.work.train_batch(step)
                 pre = step < cfg.pretrain_steps
                 settings = cfg.pretrain_settings() if pre else cfg.deq_settings()
-                masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([cfg.seed, 1, step]))
                 lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
                 if cfg.cosine_every and not pre and step % cfg.cosine_every == 0:
-                    self._probe_cosine(step, self.data.x_train[idx], _onehot(self.data.y_train[idx], k),
-                                       masks)
+                    self._probe_cosine(step, batch.x, batch.y, batch.masks)
                 t0 = time.perf_counter()
                 # an unconverged implicit backward warns every step: count it in the CSV instead
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", deqcore.BackwardWarning)
-                    r = self.engine.train_step(self.data.x_train[idx], _onehot(self.data.y_train[idx], k),
-                                               masks, settings, lr)
+                    r = self.engine.train_step(batch.x, batch.y, batch.masks, settings, lr)
                 dt = time.perf_counter() - t0
                 for w in caught:
                     if not issubclass(w.category, deqcore.BackwardWarning):
@@ -278,20 +246,23 @@ class Trainer:
                     raise FloatingPointError(f"step {step}: loss is {r['loss']}; the last good state is in "
                                              f"{self.out / 'checkpoint.npz'} (resume with a lower --lr)")
                 step += 1
-                for key, val in (("loss", r["loss"] * len(idx)), ("correct", r["correct"]),
-                                 ("count", len(idx)), ("seconds", dt), ("nfe", r["nfe"])):
+                for key, val in (("loss", r["loss"] * batch.count), ("correct", r["correct"]),
+                                 ("count", batch.count), ("seconds", dt), ("nfe", r["nfe"])):
                     epoch_acc[key] = epoch_acc.get(key, 0.0) + val
                 writer.writerow({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
-                                 "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / len(idx):.4f}",
+                                 "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / batch.count:.4f}",
                                  "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
                                  "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
                 if kill_at is not None and step == kill_at:
                     fh.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
-                    bar.update(step, {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}",
-                                      "acc": f"{100 * r['correct'] / len(idx):.1f}%", "nfe": str(r["nfe"]),
-                                      "res": f"{r['residual']:.1e}"})
+                    shown = {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}"}
+                    if self.work.text:
+                        shown["ppl"] = f"{math.exp(min(r['loss'], 700.0)):.1f}"
+                    shown.update({"acc": f"{100 * r['correct'] / batch.count:.1f}%", "nfe": str(r["nfe"]),
+                                  "res": f"{r['residual']:.1e}"})
+                    bar.update(step, shown)
                 end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
                 if end_of_epoch:
                     row = {"epoch": epoch + 1, "step": step,

@@ -1,0 +1,183 @@
+"""Training memory of the DEQ-Transformer against an explicit weight-tied transformer of the same
+effective depth (the DEQ paper's memory claim: over 80 %, up to 88 %, less).
+
+Both models are the same parameters and layer (deqcore_models.transformer, config ``--config``)
+on the same WikiText-2 batch. The DEQ solves for the fixed point (``--solver``, ``--max-iter``) and
+differentiates implicitly; the explicit model applies the layer as many times as the DEQ's
+forward evaluated it (its measured NFE: "same effective depth") with ordinary backpropagation.
+
+Measured with PyTorch (eager autograd keeps exactly what backward needs):
+
+* ``saved bytes``: every tensor autograd packs for backward during one training forward
+  (``torch.autograd.graph.saved_tensors_hooks``), unique storages, parameters excluded; split into
+  vocabulary-sized tensors (last axis = vocabulary: logits and softmax of the output layer, the
+  same in both models) and the rest (the layer stack, where a DEQ differs);
+* ``peak RSS``: the peak resident memory (Linux ``VmHWM``, reset after setup) of a fresh process
+  that builds the model and runs ``--steps`` + 1 training steps, and its growth over the process
+  after setup
+  (model, data and framework loaded; the growth is what training adds: activations, gradients
+  and Adam's moments, the last two equal for both models);
+* ``step s``: the median training-step time in that process (a ratio: the paper reports DEQ
+  training 2.82x slower than the layer-based model).
+
+    python benchmarks/bench_transformer_memory.py --data ../shared/data \
+        [--out docs/experiments/transformer-wt2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _setup(args, mode: str, depth: int):
+    import torch  # noqa: F401  (the process's baseline includes the framework)
+    from deqcore_models import data as D
+    from deqcore_models._deq import DEQSettings
+    from deqcore_models._engines import make_engine
+    from deqcore_models._task import LanguageModelTask
+    from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer, transformer_apply
+
+    cfg = TRANSFORMER_CONFIGS[args.config]
+    corpus = D.wikitext2(D.data_dir(args.data))
+    rows = D.batchify(corpus.train, args.batch_size)
+    x, y = rows[:, : cfg.tgt_len], rows[:, 1: cfg.tgt_len + 1]
+    params, state = init_transformer(cfg, corpus.vocab_size, seed=0, batch_size=args.batch_size)
+
+    def apply(ops, params, state, x, *, train, settings, masks):
+        return transformer_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks)
+
+    task = LanguageModelTask(apply)
+    engine = make_engine("torch", task, params, state, weight_decay=0.0)
+    if mode == "deq":
+        settings = DEQSettings(solver=args.solver, tol=args.tol, max_iter=args.max_iter, grad="implicit",
+                               grad_options={"max_iter": args.max_iter})
+    else:
+        settings = DEQSettings(unrolled=depth)
+    return engine, task, settings, x, y, corpus.vocab_size
+
+
+def saved_bytes(args, mode: str, depth: int) -> dict:
+    import torch
+
+    engine, task, settings, x, y, vocab = _setup(args, mode, depth)
+    ops = engine.ops
+    skip = {p.untyped_storage().data_ptr() for p in engine.params.values()}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = (st.nbytes(), t.ndim > 0 and t.shape[-1] == vocab)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, (_, _, nfe, res, _) = task.loss(ops, engine.params, engine.state, ops.asarray(x),
+                                              ops.asarray(y), None, settings, True)
+    vocab_bytes = sum(n for n, v in seen.values() if v)
+    total = sum(n for n, _ in seen.values())
+    return {"saved_total": total, "saved_vocab": vocab_bytes, "saved_layers": total - vocab_bytes,
+            "nfe": int(nfe), "residual": float(res), "loss": float(loss)}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
+def child(args) -> None:
+    """One fresh process: setup, then ``--steps`` training steps; prints JSON."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    engine, task, settings, x, y, _ = _setup(args, args.child, args.depth)
+    gc.collect()
+    # reset the high-water mark (VmHWM) so the data loading's peak does not hide training's
+    Path("/proc/self/clear_refs").write_text("5")
+    setup = _status_kb("VmRSS")
+    times = []
+    engine.train_step(x, y, None, settings, 1e-4)  # untimed: first-call costs
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.train_step(x, y, None, settings, 1e-4)
+        times.append(time.perf_counter() - t0)
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_rss_mb": peak / 1024, "rss_before_mb": base / 1024,
+                      "rss_after_setup_mb": setup / 1024, "step_s": float(np.median(times))}))
+
+
+def run_child(args, mode: str, depth: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--depth", str(depth), "--data", args.data,
+           "--config", args.config, "--batch-size", str(args.batch_size), "--solver", args.solver,
+           "--tol", str(args.tol), "--max-iter", str(args.max_iter), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="data folder holding wikitext-2/")
+    p.add_argument("--config", default="small", help="transformer config (default small)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--solver", default="anderson")
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--max-iter", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per process (default 3)")
+    p.add_argument("--out", default=None, help="also write memory.json and memory.md here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    deq = saved_bytes(args, "deq", 0)
+    depth = deq["nfe"]
+    explicit = saved_bytes(args, "explicit", depth)
+    deq.update(run_child(args, "deq", 0))
+    explicit.update(run_child(args, "explicit", depth))
+    rows = {"deq": deq, f"explicit-{depth}": explicit}
+
+    def red(key):
+        return 1 - deq[key] / explicit[key]
+
+    summary = {"config": vars(args), "depth": depth, "rows": rows,
+               "reduction_saved_total": red("saved_total"), "reduction_saved_layers": red("saved_layers"),
+               "reduction_peak_rss_increase": 1 - (deq["peak_rss_mb"] - deq["rss_after_setup_mb"] + 1e-9)
+               / (explicit["peak_rss_mb"] - explicit["rss_after_setup_mb"] + 1e-9),
+               "reduction_peak_rss": red("peak_rss_mb"),
+               "step_time_ratio": deq["step_s"] / explicit["step_s"]}
+    mb = 1 / 2 ** 20
+    lines = [f"# DEQ-Transformer training memory vs an explicit weight-tied transformer of depth {depth}",
+             "", "Command: `python benchmarks/bench_transformer_memory.py --data DATA "
+             f"--config {args.config} "
+             f"--batch-size {args.batch_size} --solver {args.solver} --max-iter {args.max_iter}` "
+             "(PyTorch, float32, WikiText-2 batch; the explicit depth is the DEQ's measured forward NFE)", "",
+             "| model | saved for backward, MB | of which vocabulary-sized | layer stack | peak RSS MB | "
+             "RSS growth in training MB | step s |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['saved_total'] * mb:.1f} | {r['saved_vocab'] * mb:.1f} | "
+                     f"{r['saved_layers'] * mb:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] - r['rss_after_setup_mb']:.0f} | {r['step_s']:.3f} |")
+    lines += ["", f"- saved for backward: DEQ {100 * summary['reduction_saved_total']:.1f} % less in total, "
+              f"{100 * summary['reduction_saved_layers']:.1f} % less in the layer stack",
+              f"- peak process memory: {100 * summary['reduction_peak_rss']:.1f} % less "
+              f"(growth during training steps: {100 * summary['reduction_peak_rss_increase']:.1f} % less)",
+              f"- step time: DEQ / explicit = {summary['step_time_ratio']:.2f}x"]
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory.json").write_text(json.dumps(summary, indent=2))
+        (out / "memory.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

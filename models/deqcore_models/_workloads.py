@@ -1,0 +1,172 @@
+"""What the training loop trains on: a model, its data, batches, dropout masks and evaluation.
+
+:class:`ImageWorkload` (MDEQ on Fashion-MNIST / CIFAR-10) and :class:`TextWorkload`
+(DEQ-Transformer on WikiText-2 / tiny-shakespeare) give :class:`~deqcore_models.train.Trainer`
+the same interface, so one loop (checkpoints, resume, CSVs, progress) serves both. Batches and
+masks are NumPy, drawn from seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so both
+backends and a resumed run see exactly the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import data as D
+from ._task import ClassifierTask, LanguageModelTask
+from .mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
+from .transformer import (
+    TRANSFORMER_CONFIGS,
+    empty_memory,
+    init_transformer,
+    transformer_apply,
+    transformer_masks,
+)
+
+#: model -> (its named configurations, the data sets it trains on)
+MODELS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "mdeq": (MDEQ_CONFIGS, ("fashion-mnist", "cifar10")),
+    "transformer": (TRANSFORMER_CONFIGS, ("wikitext2", "tiny-shakespeare")),
+}
+
+
+@dataclass
+class Batch:
+    """One training batch: inputs, targets, dropout masks (NumPy, or None) and how many items
+    (images or predicted tokens) it holds."""
+
+    x: np.ndarray
+    y: np.ndarray
+    masks: Any
+    count: int
+
+
+class ImageWorkload:
+    """MDEQ classification. Targets are one-hot; ``metric`` is accuracy."""
+
+    text = False
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        root = D.data_dir(cfg.data)
+        ds = D.fashion_mnist(root) if cfg.dataset == "fashion-mnist" else D.cifar10(root)
+        tx, ty, ex, ey = ds.train_x, ds.train_y, ds.test_x, ds.test_y
+        if cfg.train_limit:
+            tx, ty = tx[: cfg.train_limit], ty[: cfg.train_limit]
+        if cfg.test_limit:
+            ex, ey = ex[: cfg.test_limit], ey[: cfg.test_limit]
+        flat = ds.train_x.reshape(-1, ds.train_x.shape[-1]).astype(np.float64) / 255.0
+        mean, std = flat.mean(axis=0), flat.std(axis=0)
+        self.x_train, self.y_train = D.to_float_nchw(tx, mean, std), ty
+        self.x_test, self.y_test = D.to_float_nchw(ex, mean, std), ey
+        self.classes = ds.classes
+        self.model_cfg = MDEQ_CONFIGS[cfg.config]
+        self.params0, self.state0 = init_mdeq(self.model_cfg, self.x_train.shape[1], cfg.seed)
+        model_cfg = self.model_cfg
+
+        def apply(ops, params, state, x, *, train, settings, masks):
+            return mdeq_apply(ops, model_cfg, params, state, x, train=train, settings=settings, masks=masks)
+
+        self.task = ClassifierTask(apply)
+        self.steps_per_epoch = len(self.x_train) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.x_train)} training images")
+        self.eval_batch_size = cfg.eval_batch_size or 500
+
+    def describe(self) -> str:
+        return f"{len(self.x_train)} train, {len(self.x_test)} test images"
+
+    def onehot(self, y: np.ndarray) -> np.ndarray:
+        return np.eye(len(self.classes), dtype=np.float32)[y]
+
+    def train_batch(self, step: int) -> Batch:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        bs = self.cfg.batch_size
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.x_train))
+        idx = order[pos * bs:(pos + 1) * bs]
+        masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([self.cfg.seed, 1, step]))
+        return Batch(self.x_train[idx], self.onehot(self.y_train[idx]), masks, len(idx))
+
+    def fresh_state(self, step: int) -> dict[str, np.ndarray] | None:
+        """Model state to start ``step`` from, when it must be reset (never for images)."""
+        return None
+
+    def eval_state(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Evaluation runs on the trained BatchNorm statistics."""
+        return None
+
+    def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        bs = self.eval_batch_size
+        for start in range(0, len(self.x_test), bs):
+            yb = self.y_test[start:start + bs]
+            yield self.x_test[start:start + bs], self.onehot(yb), len(yb)
+
+
+class TextWorkload:
+    """DEQ-Transformer language modelling. The training stream is cut into ``batch_size``
+    contiguous rows and read in order, ``tgt_len`` tokens per step (the segment memory needs the
+    order; it is emptied at the start of every epoch). Targets are token ids; ``metric`` is
+    next-token accuracy, and perplexity is ``exp(loss)``."""
+
+    text = True
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        root = D.data_dir(cfg.data)
+        corpus = D.wikitext2(root) if cfg.dataset == "wikitext2" else D.tiny_shakespeare(root)
+        self.corpus = corpus
+        train, test = corpus.train, corpus.test
+        if cfg.train_limit:
+            train = train[: cfg.train_limit]
+        if cfg.test_limit:
+            test = test[: cfg.test_limit]
+        self.model_cfg = TRANSFORMER_CONFIGS[cfg.config]
+        self.length = self.model_cfg.tgt_len
+        self.rows = D.batchify(train, cfg.batch_size)
+        self.eval_batch_size = cfg.eval_batch_size or 10
+        self.test_rows = D.batchify(test, self.eval_batch_size)
+        self.params0, self.state0 = init_transformer(self.model_cfg, corpus.vocab_size, cfg.seed,
+                                                     batch_size=cfg.batch_size)
+        model_cfg = self.model_cfg
+
+        def apply(ops, params, state, x, *, train, settings, masks):
+            return transformer_apply(ops, model_cfg, params, state, x, train=train, settings=settings,
+                                     masks=masks)
+
+        self.task = LanguageModelTask(apply)
+        self.steps_per_epoch = (self.rows.shape[1] - 1) // self.length
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(train)} training tokens in {cfg.batch_size} rows do not fill one "
+                             f"segment of {self.length} tokens")
+
+    def describe(self) -> str:
+        return (f"{self.rows.size} train, {self.test_rows.size} test tokens, vocabulary "
+                f"{self.corpus.vocab_size}")
+
+    def train_batch(self, step: int) -> Batch:
+        pos = step % self.steps_per_epoch
+        a = pos * self.length
+        x, y = self.rows[:, a:a + self.length], self.rows[:, a + 1:a + 1 + self.length]
+        masks = transformer_masks(self.model_cfg, x.shape[0], x.shape[1],
+                                  np.random.default_rng([self.cfg.seed, 1, step]))
+        return Batch(x, y, masks, y.size)
+
+    def fresh_state(self, step: int) -> dict[str, np.ndarray] | None:
+        if self.model_cfg.mem_len and step % self.steps_per_epoch == 0:
+            return empty_memory(self.model_cfg, self.cfg.batch_size)
+        return None
+
+    def eval_state(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The test stream starts with an empty memory of its own (its rows differ from training)."""
+        return empty_memory(self.model_cfg, self.eval_batch_size)
+
+    def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        for x, y in D.segments(self.test_rows, self.length):
+            yield x, y, y.size
+
+
+def make_workload(cfg: Any) -> ImageWorkload | TextWorkload:
+    return TextWorkload(cfg) if cfg.model == "transformer" else ImageWorkload(cfg)
