@@ -29,6 +29,10 @@ class Ops(Protocol):
         """A NumPy copy of a framework array (detached from any graph)."""
         ...
 
+    def stop_gradient(self, a: Any) -> Any:
+        """``a`` with no gradient flowing back (the deqcore backend's ``stop_gradient``)."""
+        ...
+
 
 class TorchOps:
     name = "torch"
@@ -40,7 +44,8 @@ class TorchOps:
         import deqcore
 
         self._torch, self._F = torch, F
-        self.xp = deqcore.registry().backend("torch").xp
+        backend = deqcore.registry().backend("torch")
+        self.xp, self.stop_gradient = backend.xp, backend.stop_gradient
 
     def conv2d(self, x, w, stride=1, padding=0):
         return self._F.conv2d(x, w, stride=stride, padding=padding)
@@ -59,8 +64,11 @@ class JaxOps:
     def __init__(self) -> None:
         import jax.numpy as jnp
 
+        import deqcore
+
         self._jnp = jnp
         self.xp = jnp
+        self.stop_gradient = deqcore.registry().backend("jax").stop_gradient
         self._conv = _jax_conv2d()
 
     def conv2d(self, x, w, stride=1, padding=0):

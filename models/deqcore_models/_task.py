@@ -6,8 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import deqcore
-
 from ._deq import DEQSettings
 from ._layers import cross_entropy, token_cross_entropy
 
@@ -44,6 +42,5 @@ class LanguageModelTask:
         tokens whose argmax prediction is the target."""
         logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
                                               masks=masks)
-        stop = deqcore.registry().backend(ops.name).stop_gradient
-        total, correct = token_cross_entropy(ops.xp, logits, y, stop)
+        total, correct = token_cross_entropy(ops.xp, logits, y, ops.stop_gradient)
         return total / (y.shape[0] * y.shape[1]), (new_state, correct, stats.nfe, stats.rel_residual, logits)

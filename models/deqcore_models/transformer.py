@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-import deqcore
-
 from ._deq import DEQSettings, LayerStats, run_layer
 from ._layers import ParamBuilder, conv_weight, layer_norm, linear, relu, softmax
 
@@ -147,7 +145,8 @@ def _weights(xp: Any, params: dict[str, Any], names: tuple[str, ...]) -> dict[st
 def _layer(ops: Any, cfg: TransformerConfig, params: dict[str, Any], masks: dict[str, Any] | None,
            length: int, dtype: Any, z_mem: Any, u_mem: Any, valid: Any):
     """f(z, u) of one ``length``-token segment (z, u: (B, L, d), (B, L, 3d)); weight norm, the
-    projected relative positions and the attention mask are computed once for all calls.
+    projected relative positions, the attention mask and the memory's keys and values are
+    computed once for all calls.
     ``z_mem``/``u_mem`` (B, M, .) or None, ``valid`` how many memory slots hold real tokens."""
     xp = ops.xp
     W = _weights(xp, params, ("deq.qkv", "deq.r_net", "deq.o_net", "deq.ff1", "deq.ff2"))
@@ -164,17 +163,19 @@ def _layer(ops: Any, cfg: TransformerConfig, params: dict[str, Any], masks: dict
     hidden = kj > qi + M
     if z_mem is not None:
         hidden = hidden | (xp.astype(kj, dtype) < M - valid)
+    zeros = xp.zeros((L, K), dtype=dtype)
+    mask = xp.where(hidden, zeros - 1e9, zeros)  # additive: built once, not per solver iteration
+    # the memory is constant during the solve: its keys and values are projected once
+    mem_kv = None if z_mem is None else (linear(xp, z_mem, W["deq.qkv"]) + u_mem)[:, :, d:]
 
     def f(z: Any, u: Any) -> Any:
         b = z.shape[0]
-        zc = z if z_mem is None else xp.concat([z_mem, z], axis=1)
-        uc = u if u_mem is None else xp.concat([u_mem, u], axis=1)
-        qkv = linear(xp, zc, W["deq.qkv"]) + uc
-        q = xp.permute_dims(xp.reshape(qkv[:, M:, :d], (b, L, H, dh)), (0, 2, 1, 3))
-        k = xp.permute_dims(xp.reshape(qkv[:, :, d:2 * d], (b, K, H, dh)), (0, 2, 3, 1))
-        v = xp.permute_dims(xp.reshape(qkv[:, :, 2 * d:], (b, K, H, dh)), (0, 2, 1, 3))
-        score = (xp.matmul(q + r_w, k) + rel_shift(xp, xp.matmul(q + r_r, r))) * scale
-        score = xp.where(hidden, xp.full_like(score, -1e9), score)
+        qkv = linear(xp, z, W["deq.qkv"]) + u
+        kv = qkv[:, :, d:] if mem_kv is None else xp.concat([mem_kv, qkv[:, :, d:]], axis=1)
+        q = xp.permute_dims(xp.reshape(qkv[:, :, :d], (b, L, H, dh)), (0, 2, 1, 3))
+        k = xp.permute_dims(xp.reshape(kv[:, :, :d], (b, K, H, dh)), (0, 2, 3, 1))
+        v = xp.permute_dims(xp.reshape(kv[:, :, d:], (b, K, H, dh)), (0, 2, 1, 3))
+        score = (xp.matmul(q + r_w, k) + rel_shift(xp, xp.matmul(q + r_r, r))) * scale + mask
         attn = xp.matmul(softmax(xp, score), v)
         attn = xp.reshape(xp.permute_dims(attn, (0, 2, 1, 3)), (b, L, d))
         out = linear(xp, attn, W["deq.o_net"])
@@ -220,7 +221,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
     logits = xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"]
     new_state = dict(state)
     if cfg.mem_len:
-        stop = deqcore.registry().backend(ops.name).stop_gradient
+        stop = ops.stop_gradient
         M = cfg.mem_len
         new_state["mem.z"] = stop(xp.concat([z_mem, z], axis=1)[:, -M:])
         new_state["mem.u"] = stop(xp.concat([u_mem, u], axis=1)[:, -M:])
