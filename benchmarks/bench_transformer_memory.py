@@ -43,19 +43,15 @@ def _setup(args, mode: str, depth: int):
     from deqcore_models import data as D
     from deqcore_models._deq import DEQSettings
     from deqcore_models._engines import make_engine
-    from deqcore_models._task import LanguageModelTask
-    from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer, transformer_apply
+    from deqcore_models._workloads import transformer_task
+    from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer
 
     cfg = TRANSFORMER_CONFIGS[args.config]
     corpus = D.wikitext2(D.data_dir(args.data))
     rows = D.batchify(corpus.train, args.batch_size)
     x, y = rows[:, : cfg.tgt_len], rows[:, 1: cfg.tgt_len + 1]
     params, state = init_transformer(cfg, corpus.vocab_size, seed=0, batch_size=args.batch_size)
-
-    def apply(ops, params, state, x, *, train, settings, masks):
-        return transformer_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks)
-
-    task = LanguageModelTask(apply)
+    task = transformer_task(cfg)
     engine = make_engine("torch", task, params, state, weight_decay=0.0)
     if mode == "deq":
         settings = DEQSettings(solver=args.solver, tol=args.tol, max_iter=args.max_iter, grad="implicit",
@@ -80,7 +76,7 @@ def saved_bytes(args, mode: str, depth: int) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, (_, _, nfe, res, _) = task.loss(ops, engine.params, engine.state, ops.asarray(x),
+        loss, (_, _, nfe, res, _, _) = task.loss(ops, engine.params, engine.state, ops.asarray(x),
                                               ops.asarray(y), None, settings, True)
     vocab_bytes = sum(n for n, v in seen.values() if v)
     total = sum(n for n, _ in seen.values())

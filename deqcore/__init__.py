@@ -19,6 +19,7 @@ from ._loop import Problem, Solver, select_rows
 from ._options import Option
 from ._protocol import Backend
 from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Registry, available, registry
+from ._regularisers import jacobian_penalty
 from ._solution import ConvergenceError, Result, Solution, Status
 from ._solve import COMMON_OPTIONS, solve
 
@@ -50,6 +51,7 @@ __all__ = [
     "available",
     "hookimpl",
     "hookspec",
+    "jacobian_penalty",
     "registry",
     "select_rows",
     "solve",

@@ -102,10 +102,16 @@ class Backend(Protocol):
         """
         ...
 
-    def vjp(self, fn: Callable[..., Array], *primals: Array) -> tuple[Array, Callable[..., Any]]:
+    def vjp(
+        self, fn: Callable[..., Array], *primals: Array, create_graph: bool = False
+    ) -> tuple[Array, Callable[..., Any]]:
         """Return ``(fn(*primals), pullback)`` where ``pullback(ct)`` gives one cotangent per primal.
 
-        The pullback may be called many times (backward solvers do).
+        The pullback may be called many times (backward solvers do). With
+        ``create_graph=True`` the cotangents are themselves differentiable with respect to the
+        arrays ``fn`` closes over (a penalty on them can be trained, as Jacobian
+        regularisation does); JAX's are always, PyTorch needs ``create_graph`` in
+        ``torch.autograd.grad``.
         """
         ...
 

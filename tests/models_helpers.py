@@ -67,3 +67,36 @@ def grad_rel_diff(a: dict, b: dict) -> float:
     num = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in a)
     den = sum(float(np.sum(a[k] ** 2)) for k in a)
     return (num / den) ** 0.5
+
+
+def task_run(backend, task, params, state, x, y, settings: DEQSettings, masks=None, probe=None,
+             dtype="float64"):
+    """A task's training-mode loss, Jacobian penalty and parameter gradients as NumPy; ``masks``
+    (a list or dict) and ``probe`` (a list) are NumPy, converted to ``dtype`` (integer inputs
+    and targets, the tokens of a language model, keep theirs)."""
+    ops = ops_for(backend)
+    P = {k: ops.asarray(v, dtype) for k, v in params.items()}
+    S = {k: ops.asarray(v, dtype) for k, v in state.items()}
+    X, Y = (ops.asarray(a, None if np.issubdtype(a.dtype, np.integer) else dtype) for a in (x, y))
+    if isinstance(masks, dict):
+        M = {k: ops.asarray(v, dtype) for k, v in masks.items()}
+    else:
+        M = None if masks is None else [ops.asarray(m, dtype) for m in masks]
+    V = None if probe is None else [ops.asarray(p, dtype) for p in probe]
+    if backend == "torch":
+        for v in P.values():
+            v.requires_grad_(True)
+        loss, aux = task.loss(ops, P, S, X, Y, M, settings, True, V)
+        loss.backward()
+        grads = {k: (np.zeros(v.shape) if v.grad is None else v.grad.numpy().copy()) for k, v in P.items()}
+        return {"loss": float(loss.detach()), "jac": float(aux[4].detach()), "nfe": int(aux[2]),
+                "residual": float(aux[3]), "grads": grads}
+    import jax
+
+    def lossf(P):
+        loss, aux = task.loss(ops, P, S, X, Y, M, settings, True, V)
+        return loss, (aux[4], aux[2], aux[3])
+
+    (loss, (jac, nfe, res)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)
+    return {"loss": float(loss), "jac": float(jac), "nfe": int(nfe), "residual": float(res),
+            "grads": {k: np.asarray(v) for k, v in g.items()}}

@@ -11,7 +11,7 @@ from deqcore_models._deq import DEQSettings
 from deqcore_models._engines import make_engine
 from deqcore_models._layers import token_cross_entropy
 from deqcore_models._ops import ops_for
-from deqcore_models._task import LanguageModelTask
+from deqcore_models._workloads import transformer_task
 from deqcore_models.transformer import (
     TRANSFORMER_CONFIGS,
     TransformerConfig,
@@ -19,7 +19,6 @@ from deqcore_models.transformer import (
     empty_memory,
     init_transformer,
     rel_shift,
-    transformer_apply,
     transformer_masks,
 )
 from models_helpers import GRAD_MODES, grad_rel_diff
@@ -30,11 +29,7 @@ MICRO_MEM = TransformerConfig(d_model=16, n_head=2, d_head=8, d_inner=32, tgt_le
 V = 40
 
 
-def _task(cfg):
-    def apply(ops, params, state, x, *, train, settings, masks):
-        return transformer_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks)
-
-    return LanguageModelTask(apply)
+_task = transformer_task
 
 
 def run(backend, cfg, params, state, tokens, targets, settings, masks=None, dtype="float32", grad=True):
@@ -51,7 +46,7 @@ def run(backend, cfg, params, state, tokens, targets, settings, masks=None, dtyp
         for v in P.values():
             v.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            loss, (new_state, _, nfe, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
+            loss, (new_state, _, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
         grads = None
         if grad:
             loss.backward()
@@ -61,7 +56,7 @@ def run(backend, cfg, params, state, tokens, targets, settings, masks=None, dtyp
     import jax
 
     def lossf(P):
-        loss, (new_state, _, nfe, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
+        loss, (new_state, _, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
         return loss, (logits, new_state, nfe)
 
     (loss, (logits, new_state, nfe)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)

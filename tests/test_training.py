@@ -16,10 +16,10 @@ from conftest import SELECTED
 from deqcore_models import data as D
 from deqcore_models._deq import DEQSettings
 from deqcore_models._engines import make_engine
-from deqcore_models._task import ClassifierTask
+from deqcore_models._workloads import mdeq_task
 from deqcore_models.checkpoint import load_checkpoint
 from deqcore_models.cli import build_parser
-from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
+from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq
 from deqcore_models.train import KILL_ENV, cosine_lr
 from models_helpers import grad_rel_diff
 
@@ -27,11 +27,7 @@ MICRO = MDEQ_CONFIGS["micro"]
 CPU = MDEQ_CONFIGS["cpu"]
 
 
-def _task(cfg):
-    def apply(ops, params, state, x, *, train, settings, masks):
-        return mdeq_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks)
-
-    return ClassifierTask(apply)
+_task = mdeq_task
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +125,20 @@ def _train_args(data_root, out, backend=None, **overrides):
 
 
 def test_kill_and_resume_reaches_the_same_result(data_root, tmp_path):
+    """With pre-training and a Jacobian penalty on half the steps (its probes are seeded per step)."""
     backend = SELECTED[0]
+
+    def args(out, **kw):
+        return _train_args(data_root, out, backend, jac_weight=0.5, jac_freq=0.5, **kw)
+
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _cli(_train_args(data_root, straight, backend))
-    proc = _cli(_train_args(data_root, killed, backend), {KILL_ENV: "10"}, check=False)
+    _cli(args(straight))
+    proc = _cli(args(killed), {KILL_ENV: "10"}, check=False)
     assert proc.returncode == -9  # SIGKILL, mid-epoch-2, two steps after the step-8 checkpoint
     assert load_checkpoint(killed / "checkpoint.npz").meta["step"] == 8
     with open(killed / "steps.csv") as fh:
         assert [r["step"] for r in csv.DictReader(fh)][-1] == "10"
-    _cli(_train_args(data_root, killed, backend) + ["--resume"])
+    _cli(args(killed) + ["--resume"])
     a, b = load_checkpoint(straight / "checkpoint.npz"), load_checkpoint(killed / "checkpoint.npz")
     assert a.meta["step"] == b.meta["step"] == 16
     for k in a.params:
@@ -152,7 +153,7 @@ def test_kill_and_resume_reaches_the_same_result(data_root, tmp_path):
         assert ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-5)
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
     # a resume with different settings is refused, naming the difference
-    proc = _cli(_train_args(data_root, killed, backend, lr=0.5) + ["--resume"], check=False)
+    proc = _cli(args(killed, lr=0.5) + ["--resume"], check=False)
     assert proc.returncode == 2 and "lr 0.001 there vs 0.5 now" in proc.stderr
 
 

@@ -72,7 +72,8 @@ class JaxBackend:
             used = used | (pick > 0)
         return scale * b / jnp.diagonal(a, axis1=-2, axis2=-1)
 
-    def vjp(self, fn, *primals):
+    def vjp(self, fn, *primals, create_graph=False):
+        del create_graph  # JAX cotangents are always differentiable
         return jax.vjp(fn, *primals)
 
     def stop_gradient(self, x):

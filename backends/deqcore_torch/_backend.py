@@ -115,13 +115,15 @@ class TorchBackend:
         x, _ = torch.linalg.solve_ex(a, b.unsqueeze(-1), check_errors=False)
         return x.squeeze(-1).to(dtype)
 
-    def vjp(self, fn, *primals):
+    def vjp(self, fn, *primals, create_graph=False):
         leaves = [p.detach().requires_grad_(True) for p in primals]
         with torch.enable_grad():
             out = fn(*leaves)
 
         def pullback(ct):
-            grads = torch.autograd.grad(out, leaves, ct, retain_graph=True, allow_unused=True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(out, leaves, ct, retain_graph=True, allow_unused=True,
+                                            create_graph=create_graph)
             return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True))
 
         return out, pullback

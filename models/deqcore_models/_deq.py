@@ -16,7 +16,9 @@ class DEQSettings:
     ``unrolled`` > 0 runs the layer as ``unrolled`` weight-tied steps from ``z = 0`` with ordinary
     backpropagation (the papers' pre-training); 0 solves for the fixed point with ``solver`` and
     differentiates with ``grad``. ``solver_options`` and ``grad_options`` go to
-    :func:`deqcore.solve` (unknown names are errors there).
+    :func:`deqcore.solve` (unknown names are errors there). ``jac_weight`` multiplies the Jacobian
+    penalty (:func:`deqcore.jacobian_penalty`) in the training loss of a step that is given a
+    Hutchinson probe.
     """
 
     solver: str = "broyden"
@@ -27,32 +29,47 @@ class DEQSettings:
     grad: str | None = "implicit"
     grad_options: Mapping[str, Any] = field(default_factory=dict)
     unrolled: int = 0
+    jac_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.unrolled < 0:
             raise ValueError(f"unrolled must be >= 0, got {self.unrolled}")
+        if not self.jac_weight >= 0:
+            raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
 
 
 @dataclass
 class LayerStats:
     """What one equilibrium-layer evaluation did: f-evaluations, the worst relative residual
-    (arrays of the framework; NaN-free for unrolled runs, which have no residual) and the solution
-    (None for unrolled runs)."""
+    (arrays of the framework; NaN for unrolled runs, which have no residual), the solution
+    (None for unrolled runs) and the Jacobian penalty at the output (None without a probe)."""
 
     nfe: Any
     rel_residual: Any
     solution: deqcore.Solution | None
+    jac_penalty: Any = None
 
 
 def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
-              settings: DEQSettings, xp: Any) -> tuple[Any, LayerStats]:
-    """``z*`` of ``f(., inj)`` from ``z0`` by ``settings``, with the statistics of the run."""
+              settings: DEQSettings, xp: Any, probe: Any = None) -> tuple[Any, LayerStats]:
+    """``z*`` of ``f(., inj)`` from ``z0`` by ``settings``, with the statistics of the run.
+
+    ``probe`` (a sequence of noise arrays, one per array of ``z0`` in order, or None) asks for the
+    Hutchinson Jacobian penalty at the layer's output (the fixed point, or the last unrolled step)
+    in the stats."""
     if settings.unrolled:
         z = z0
         for _ in range(settings.unrolled):
             z = f(z, inj)
-        return z, LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
-    sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
-                        max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
-                        grad_options=dict(settings.grad_options), **dict(settings.solver_options))
-    return sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
+        stats = LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
+    else:
+        sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
+                            max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
+                            grad_options=dict(settings.grad_options), **dict(settings.solver_options))
+        z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
+    if probe is not None:
+        like = z if isinstance(z, tuple) else (z,)
+        noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, like, strict=True))
+        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if isinstance(z, tuple) else noise[0],
+                                                     backend=backend)
+    return z, stats

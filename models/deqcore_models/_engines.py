@@ -30,20 +30,23 @@ class TorchEngine:
         self.state = {k: self.ops.asarray(v) for k, v in state.items()}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=1e-3, weight_decay=weight_decay)
 
-    def train_step(self, x, y, masks, settings: DEQSettings, lr: float) -> dict[str, float]:
+    def train_step(self, x, y, masks, settings: DEQSettings, lr: float, probe=None) -> dict[str, float]:
+        """One Adam step on a batch; ``probe`` (NumPy Hutchinson noise or None) adds the Jacobian
+        penalty. Returns loss, correct count, NFE, worst residual and the penalty (NaN without)."""
         torch = self._torch
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         M = _framework(self.ops, masks)
-        loss, (new_state, correct, nfe, res, _) = self.task.loss(
-            self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True)
+        loss, (new_state, correct, nfe, res, jac, _) = self.task.loss(
+            self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True,
+            _framework(self.ops, probe))
         loss.backward()
         self.opt.step()
         with torch.no_grad():
             self.state = {k: v.detach() for k, v in new_state.items()}
         return {"loss": float(loss.detach()), "correct": int(correct), "nfe": int(nfe),
-                "residual": float(res)}
+                "residual": float(res), "jac": float(jac.detach())}
 
     def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
         """Parameter gradients of the batch loss, with no update and no state change."""
@@ -61,7 +64,7 @@ class TorchEngine:
         model state after it (a language model's memory)."""
         S = self.state if state is None else _framework(self.ops, state)
         with self._torch.no_grad():
-            loss, (new_state, correct, nfe, res, logits) = self.task.loss(
+            loss, (new_state, correct, nfe, res, _, _) = self.task.loss(
                 self.ops, self.params, S, self.ops.asarray(x), self.ops.asarray(y), None, settings, False)
         return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
                 "state": new_state}
@@ -118,25 +121,27 @@ class JaxEngine:
         if key not in self._steps:
             jax, ops, task, tx = self._jax, self.ops, self.task, self.tx
 
-            def step(params, state, opt_state, x, y, masks, lr):
+            def step(params, state, opt_state, x, y, masks, lr, probe):
                 def lossf(p):
-                    return task.loss(ops, p, state, x, y, masks, settings, True)
+                    return task.loss(ops, p, state, x, y, masks, settings, True, probe)
 
                 value_and_grad = jax.value_and_grad(lossf, has_aux=True)
-                (loss, (new_state, correct, nfe, res, _)), grads = value_and_grad(params)
+                (loss, (new_state, correct, nfe, res, jac, _)), grads = value_and_grad(params)
                 updates, opt_state = tx.update(grads, opt_state, params)
                 params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
-                return params, new_state, opt_state, loss, correct, nfe, res
+                return params, new_state, opt_state, loss, correct, nfe, res, jac
 
             self._steps[key] = jax.jit(step)
         return self._steps[key]
 
-    def train_step(self, x, y, masks, settings: DEQSettings, lr: float) -> dict[str, float]:
+    def train_step(self, x, y, masks, settings: DEQSettings, lr: float, probe=None) -> dict[str, float]:
+        """As :meth:`TorchEngine.train_step` (a step with a probe and one without compile apart)."""
         M = _framework(self.ops, masks)
         out = self._train_fn(settings)(self.params, self.state, self.opt_state, self.ops.asarray(x),
-                                       self.ops.asarray(y), M, np.float32(lr))
-        self.params, self.state, self.opt_state, loss, correct, nfe, res = out
-        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res)}
+                                       self.ops.asarray(y), M, np.float32(lr), _framework(self.ops, probe))
+        self.params, self.state, self.opt_state, loss, correct, nfe, res, jac = out
+        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
+                "jac": float(jac)}
 
     def evaluate(self, x, y, settings: DEQSettings, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """As :meth:`TorchEngine.evaluate`."""
@@ -145,8 +150,8 @@ class JaxEngine:
             ops, task = self.ops, self.task
 
             def ev(params, state, x, y):
-                loss, (new_state, correct, nfe, res, _) = task.loss(ops, params, state, x, y, None, settings,
-                                                                    False)
+                loss, (new_state, correct, nfe, res, _, _) = task.loss(ops, params, state, x, y, None,
+                                                                       settings, False)
                 return loss, correct, nfe, res, new_state
 
             self._evals[key] = self._jax.jit(ev)

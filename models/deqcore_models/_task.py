@@ -9,7 +9,7 @@ from typing import Any
 from ._deq import DEQSettings
 from ._layers import cross_entropy, token_cross_entropy
 
-#: ``apply(ops, params, state, x, *, train, settings, masks) -> (outputs, new_state, LayerStats)``
+#: ``apply(ops, params, state, x, *, train, settings, masks, probe) -> (outputs, new_state, LayerStats)``
 Apply = Callable[..., tuple[Any, dict[str, Any], Any]]
 
 
@@ -20,14 +20,18 @@ class ClassifierTask:
     apply: Apply
 
     def loss(self, ops: Any, params: dict[str, Any], state: dict[str, Any], x: Any, y: Any,
-             masks: Any, settings: DEQSettings, train: bool) -> tuple[Any, tuple[Any, ...]]:
-        """``(loss, (new_state, correct, nfe, worst_rel_residual, logits))``; ``y`` is one-hot."""
+             masks: Any, settings: DEQSettings, train: bool, probe: Any = None
+             ) -> tuple[Any, tuple[Any, ...]]:
+        """``(loss, (new_state, correct, nfe, worst_rel_residual, jac_penalty, logits))``; ``y``
+        is one-hot. With a Hutchinson ``probe`` (see :func:`run_layer`) the loss includes
+        ``settings.jac_weight * jac_penalty``; without, ``jac_penalty`` is NaN."""
         xp = ops.xp
         logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
-                                              masks=masks)
+                                              masks=masks, probe=probe)
         loss = cross_entropy(xp, logits, y)
         correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == xp.argmax(y, axis=-1), xp.int32))
-        return loss, (new_state, correct, stats.nfe, stats.rel_residual, logits)
+        loss, jac = _regularised(xp, loss, stats, settings)
+        return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, logits)
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,20 @@ class LanguageModelTask:
     apply: Apply
 
     def loss(self, ops: Any, params: dict[str, Any], state: dict[str, Any], x: Any, y: Any,
-             masks: Any, settings: DEQSettings, train: bool) -> tuple[Any, tuple[Any, ...]]:
-        """``(loss, (new_state, correct, nfe, worst_rel_residual, logits))``; ``correct`` counts
-        tokens whose argmax prediction is the target."""
+             masks: Any, settings: DEQSettings, train: bool, probe: Any = None
+             ) -> tuple[Any, tuple[Any, ...]]:
+        """As :meth:`ClassifierTask.loss`; ``correct`` counts tokens whose argmax prediction is
+        the target."""
         logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
-                                              masks=masks)
+                                              masks=masks, probe=probe)
         total, correct = token_cross_entropy(ops.xp, logits, y, ops.stop_gradient)
-        return total / (y.shape[0] * y.shape[1]), (new_state, correct, stats.nfe, stats.rel_residual, logits)
+        loss, jac = _regularised(ops.xp, total / (y.shape[0] * y.shape[1]), stats, settings)
+        return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, logits)
+
+
+def _regularised(xp: Any, loss: Any, stats: Any, settings: DEQSettings) -> tuple[Any, Any]:
+    """The loss plus the weighted Jacobian penalty when one was computed, and the penalty (NaN
+    when not)."""
+    if stats.jac_penalty is None:
+        return loss, xp.asarray(float("nan"), dtype=loss.dtype)
+    return loss + settings.jac_weight * stats.jac_penalty, stats.jac_penalty

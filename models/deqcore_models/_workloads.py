@@ -9,7 +9,7 @@ backends and a resumed run see exactly the same ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,10 @@ import numpy as np
 
 from . import data as D
 from ._task import ClassifierTask, LanguageModelTask
-from .mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq, mdeq_apply
+from .mdeq import MDEQ_CONFIGS, MDEQConfig, dropout_masks, equilibrium_shapes, init_mdeq, mdeq_apply
 from .transformer import (
     TRANSFORMER_CONFIGS,
+    TransformerConfig,
     empty_memory,
     init_transformer,
     transformer_apply,
@@ -35,13 +36,35 @@ MODELS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 
 @dataclass
 class Batch:
-    """One training batch: inputs, targets, dropout masks (NumPy, or None) and how many items
-    (images or predicted tokens) it holds."""
+    """One training batch: inputs, targets, dropout masks (NumPy, or None), how many items
+    (images or predicted tokens) it holds, and the Hutchinson probe of the Jacobian penalty (a
+    list of standard-normal arrays shaped like the equilibrium state, or None on steps without it)."""
 
     x: np.ndarray
     y: np.ndarray
     masks: Any
     count: int
+    probe: list[np.ndarray] | None = None
+
+
+def mdeq_task(cfg: MDEQConfig) -> ClassifierTask:
+    """The classification task of an MDEQ of configuration ``cfg``."""
+
+    def apply(ops, params, state, x, *, train, settings, masks, probe=None):
+        return mdeq_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks,
+                          probe=probe)
+
+    return ClassifierTask(apply)
+
+
+def transformer_task(cfg: TransformerConfig) -> LanguageModelTask:
+    """The language-model task of a DEQ-Transformer of configuration ``cfg``."""
+
+    def apply(ops, params, state, x, *, train, settings, masks, probe=None):
+        return transformer_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks,
+                                 probe=probe)
+
+    return LanguageModelTask(apply)
 
 
 class ImageWorkload:
@@ -65,12 +88,7 @@ class ImageWorkload:
         self.classes = ds.classes
         self.model_cfg = MDEQ_CONFIGS[cfg.config]
         self.params0, self.state0 = init_mdeq(self.model_cfg, self.x_train.shape[1], cfg.seed)
-        model_cfg = self.model_cfg
-
-        def apply(ops, params, state, x, *, train, settings, masks):
-            return mdeq_apply(ops, model_cfg, params, state, x, train=train, settings=settings, masks=masks)
-
-        self.task = ClassifierTask(apply)
+        self.task = mdeq_task(self.model_cfg)
         self.steps_per_epoch = len(self.x_train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.x_train)} training images")
@@ -88,7 +106,9 @@ class ImageWorkload:
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.x_train))
         idx = order[pos * bs:(pos + 1) * bs]
         masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([self.cfg.seed, 1, step]))
-        return Batch(self.x_train[idx], self.onehot(self.y_train[idx]), masks, len(idx))
+        x = self.x_train[idx]
+        probe = jacobian_probe(self.cfg, step, equilibrium_shapes(self.model_cfg, x.shape))
+        return Batch(x, self.onehot(self.y_train[idx]), masks, len(idx), probe)
 
     def fresh_state(self, step: int) -> dict[str, np.ndarray] | None:
         """Model state to start ``step`` from, when it must be reset (never for images)."""
@@ -130,13 +150,7 @@ class TextWorkload:
         self.test_rows = D.batchify(test, self.eval_batch_size)
         self.params0, self.state0 = init_transformer(self.model_cfg, corpus.vocab_size, cfg.seed,
                                                      batch_size=cfg.batch_size)
-        model_cfg = self.model_cfg
-
-        def apply(ops, params, state, x, *, train, settings, masks):
-            return transformer_apply(ops, model_cfg, params, state, x, train=train, settings=settings,
-                                     masks=masks)
-
-        self.task = LanguageModelTask(apply)
+        self.task = transformer_task(self.model_cfg)
         self.steps_per_epoch = (self.rows.shape[1] - 1) // self.length
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(train)} training tokens in {cfg.batch_size} rows do not fill one "
@@ -152,7 +166,8 @@ class TextWorkload:
         x, y = self.rows[:, a:a + self.length], self.rows[:, a + 1:a + 1 + self.length]
         masks = transformer_masks(self.model_cfg, x.shape[0], x.shape[1],
                                   np.random.default_rng([self.cfg.seed, 1, step]))
-        return Batch(x, y, masks, y.size)
+        probe = jacobian_probe(self.cfg, step, [(*x.shape, self.model_cfg.d_model)])
+        return Batch(x, y, masks, y.size, probe)
 
     def fresh_state(self, step: int) -> dict[str, np.ndarray] | None:
         if self.model_cfg.mem_len and step % self.steps_per_epoch == 0:
@@ -166,6 +181,18 @@ class TextWorkload:
     def eval_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         for x, y in D.segments(self.test_rows, self.length):
             yield x, y, y.size
+
+
+def jacobian_probe(cfg: Any, step: int, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray] | None:
+    """The Hutchinson noise of ``step`` (float32 standard normal, one array per shape), or None
+    when the run has no Jacobian penalty or this step's draw (probability ``cfg.jac_freq``)
+    skips it. Seeded by ``(seed, 2, step)``: the same on both backends and after a resume."""
+    if not cfg.jac_weight:
+        return None
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    if rng.random() >= cfg.jac_freq:
+        return None
+    return [rng.standard_normal(s, dtype=np.float32) for s in shapes]
 
 
 def make_workload(cfg: Any) -> ImageWorkload | TextWorkload:

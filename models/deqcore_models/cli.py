@@ -78,6 +78,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "(default 0)")
     s.add_argument("--unrolled-layers", type=int, default=6,
                    help="layers of the unrolled pre-training (default 6)")
+    s.add_argument("--jac-weight", type=float, default=0.0,
+                   help="Jacobian regularisation: add this weight times the Hutchinson estimate of "
+                        "||df/dz||_F^2 / numel at the layer's output to the training loss (default 0: off)")
+    s.add_argument("--jac-freq", type=float, default=1.0,
+                   help="probability that a training step carries the Jacobian penalty (default 1; the "
+                        "JR paper's regularised MDEQ used weight 0.4, frequency 0.02)")
     t = p.add_argument_group("optimisation and output")
     t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total")
@@ -207,7 +213,7 @@ def _bench(args) -> int:
     for i in range(args.steps + 1):
         batch = trainer.work.train_batch(i % trainer.steps_per_epoch)
         t0 = time.perf_counter()
-        r = trainer.engine.train_step(batch.x, batch.y, batch.masks, settings, cfg.lr)
+        r = trainer.engine.train_step(batch.x, batch.y, batch.masks, settings, cfg.lr, batch.probe)
         if i:
             times.append(time.perf_counter() - t0)
             nfes.append(r["nfe"])

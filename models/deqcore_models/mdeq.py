@@ -195,15 +195,24 @@ def _bottleneck(ops, params, state, new_state, p, x, train):
     return relu(xp, out + skip)
 
 
+def equilibrium_shapes(cfg: MDEQConfig, image_shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Shapes of the equilibrium state ``z`` (one array per branch) for images of shape (B, C, H, W):
+    branch ``i`` has ``channels[i]`` channels at resolution ``(H, W) / 2^(downsample + i)``."""
+    b, _, h, w = image_shape
+    return [(b, c, h // 2 ** (cfg.downsample + i), w // 2 ** (cfg.downsample + i))
+            for i, c in enumerate(cfg.channels)]
+
+
 def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any], x: Any, *,
-               train: bool, settings: DEQSettings, masks: list[Any] | None = None
+               train: bool, settings: DEQSettings, masks: list[Any] | None = None, probe: Any = None
                ) -> tuple[Any, dict[str, Any], LayerStats]:
     """Logits (B, classes) of images ``x`` (B, C, H, W); returns (logits, new_state, stats).
 
     ``train`` selects batch statistics for BatchNorm (and returns updated running stats in
     ``new_state``); ``masks`` are the dropout masks of :func:`dropout_masks` (as framework arrays)
     or None for no dropout (evaluation). ``settings`` chooses DEQ or unrolled mode, the solver
-    and the gradient mode.
+    and the gradient mode. ``probe``: Hutchinson noise, one array per branch with the shapes of
+    :func:`equilibrium_shapes`, for the Jacobian penalty in the stats (or None).
     """
     xp = ops.xp
     _, _, h, w = x.shape
@@ -220,10 +229,8 @@ def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[st
         inj = conv(ops, inj, params["stem.stage0.conv.weight"])
         inj = relu(xp, batch_norm(xp, inj, params, state, "stem.stage0.bn", train, new_state))
     f = _layer(ops, cfg, params, masks)
-    b, _, h, w = inj.shape
-    z0 = tuple(xp.zeros((b, c, h // 2 ** i, w // 2 ** i), dtype=inj.dtype)
-               for i, c in enumerate(cfg.channels))
-    z, stats = run_layer(ops.name, f, inj, z0, settings, xp)
+    z0 = tuple(xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(cfg, x.shape))
+    z, stats = run_layer(ops.name, f, inj, z0, settings, xp, probe)
     y = _bottleneck(ops, params, state, new_state, "head.incre0", z[0], train)
     for i in range(cfg.branches - 1):
         down = relu(xp, batch_norm(xp, conv(ops, y, params[f"head.down{i}.conv.weight"],

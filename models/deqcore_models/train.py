@@ -57,6 +57,8 @@ class TrainConfig:
     grad_options: dict[str, Any] = field(default_factory=dict)
     pretrain_steps: int = 0
     unrolled_layers: int = 6
+    jac_weight: float = 0.0
+    jac_freq: float = 1.0
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 64
@@ -86,6 +88,11 @@ class TrainConfig:
                      "unrolled_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.jac_weight >= 0:
+            raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
+        if not 0 < self.jac_freq <= 1:
+            raise ValueError(f"jac_freq is the probability of a penalised step, in (0, 1]; "
+                             f"got {self.jac_freq}")
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -94,10 +101,10 @@ class TrainConfig:
     def deq_settings(self) -> DEQSettings:
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
                            solver_options=dict(self.solver_options), grad=self.grad,
-                           grad_options=dict(self.grad_options))
+                           grad_options=dict(self.grad_options), jac_weight=self.jac_weight)
 
     def pretrain_settings(self) -> DEQSettings:
-        return DEQSettings(unrolled=self.unrolled_layers)
+        return DEQSettings(unrolled=self.unrolled_layers, jac_weight=self.jac_weight)
 
     def reference_settings(self) -> DEQSettings:
         """The implicit gradient the cosine probe compares against (same forward solve)."""
@@ -152,7 +159,9 @@ class Trainer:
         # the run must be the same run: every setting but the stopping point and the backend
         free = {"epochs", "max_steps", "backend", "checkpoint_every", "data", "out"}
         mine = asdict(self.cfg)
-        diff = {k: (saved.get(k), mine[k]) for k in mine if k not in free and saved.get(k) != mine[k]}
+        defaults = asdict(TrainConfig(model=self.cfg.model, config=self.cfg.config, dataset=self.cfg.dataset))
+        saved = {k: saved.get(k, defaults[k]) for k in mine}  # settings newer than the checkpoint
+        diff = {k: (saved[k], mine[k]) for k in mine if k not in free and saved[k] != mine[k]}
         if diff:
             raise CheckpointError("--resume: the checkpoint was written by a run with other settings: "
                                   + ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items()))
@@ -209,7 +218,7 @@ class Trainer:
             start_step, epoch_acc, history = self.restore()
         steps_csv = self.out / "steps.csv"
         _truncate_csv(steps_csv, start_step)
-        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "bwd_unconverged", "lr",
+        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_unconverged", "lr",
                   "seconds"]
         kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
         new_file = not steps_csv.exists()
@@ -236,7 +245,7 @@ class Trainer:
                 # an unconverged implicit backward warns every step: count it in the CSV instead
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", deqcore.BackwardWarning)
-                    r = self.engine.train_step(batch.x, batch.y, batch.masks, settings, lr)
+                    r = self.engine.train_step(batch.x, batch.y, batch.masks, settings, lr, batch.probe)
                 dt = time.perf_counter() - t0
                 for w in caught:
                     if not issubclass(w.category, deqcore.BackwardWarning):
@@ -252,6 +261,7 @@ class Trainer:
                 writer.writerow({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
                                  "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / batch.count:.4f}",
                                  "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
+                                 "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
                                  "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
                 if kill_at is not None and step == kill_at:
                     fh.flush()
@@ -262,6 +272,8 @@ class Trainer:
                         shown["ppl"] = f"{math.exp(min(r['loss'], 700.0)):.1f}"
                     shown.update({"acc": f"{100 * r['correct'] / batch.count:.1f}%", "nfe": str(r["nfe"]),
                                   "res": f"{r['residual']:.1e}"})
+                    if batch.probe is not None:
+                        shown["jac"] = f"{r['jac']:.2e}"
                     bar.update(step, shown)
                 end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
                 if end_of_epoch:

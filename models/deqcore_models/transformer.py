@@ -195,12 +195,15 @@ def _layer(ops: Any, cfg: TransformerConfig, params: dict[str, Any], masks: dict
 
 def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], state: dict[str, Any],
                       tokens: Any, *, train: bool, settings: DEQSettings,
-                      masks: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], LayerStats]:
+                      masks: dict[str, Any] | None = None, probe: Any = None
+                      ) -> tuple[Any, dict[str, Any], LayerStats]:
     """Next-token logits (B, L, V) of integer ``tokens`` (B, L); returns (logits, new_state,
     stats). ``state`` holds the memory (see the module docstring); ``new_state`` the memory
     after this segment (``z*`` and ``u`` of its last ``mem_len`` positions, detached).
     ``masks`` are :func:`transformer_masks` as framework arrays, or None (no dropout).
-    ``train`` is accepted for a uniform model signature; dropout is decided by ``masks``."""
+    ``train`` is accepted for a uniform model signature; dropout is decided by ``masks``.
+    ``probe``: ``[noise]`` with ``noise`` of shape (B, L, d_model), for the Jacobian penalty in
+    the stats (or None)."""
     del train
     xp = ops.xp
     b, L = tokens.shape
@@ -217,7 +220,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
                              "start each stream with empty_memory(cfg, batch_size)")
     f = _layer(ops, cfg, params, masks, L, u.dtype, z_mem, u_mem, valid)
     z0 = xp.zeros((b, L, cfg.d_model), dtype=u.dtype)
-    z, stats = run_layer(ops.name, f, u, z0, settings, xp)
+    z, stats = run_layer(ops.name, f, u, z0, settings, xp, probe)
     logits = xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"]
     new_state = dict(state)
     if cfg.mem_len:

@@ -1,0 +1,56 @@
+"""Training penalties on the equilibrium layer, written once over the backend protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._registry import registry
+from ._solve import _resolve_backend
+from ._structure import Structure
+
+
+def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *,
+                     backend: str | None = None, batched: bool = True) -> Any:
+    """Hutchinson estimate of ``||J||_F^2 / numel``, ``J = df/dz`` at ``z``: the Jacobian
+    regularisation of Bai, Koltun and Kolter (2021).
+
+    Returns the scalar ``sum((v^T J)^2) / numel(v)`` with ``v = noise``. For ``v`` with
+    independent zero-mean unit-variance entries (standard normal or Rademacher) its expectation is
+    ``||J||_F^2 / numel(z)``, the mean squared entry of ``J`` scaled by the state size; one
+    vector-Jacobian product per call. Adding ``weight * penalty`` to a training loss keeps the
+    layer's Jacobian small, so the forward and backward solves need fewer iterations.
+
+    Args:
+        f: the layer, ``f(z, x)`` with the structure of :func:`deqcore.solve`'s ``f`` (an array or a
+            tuple of arrays, axis 0 the batch when ``batched``).
+        z: where to take the Jacobian, usually ``z*`` of a solve. It is treated as a constant (no
+            gradient flows into it); the penalty is differentiable with respect to every array
+            ``f`` closes over and to ``x``, so a framework's autodiff trains the parameters on it.
+        x: the input injection, passed to ``f`` as is.
+        noise: the probe vector ``v``, same structure, shapes and dtype as ``z``. The caller draws
+            it (so a run is reproducible, and two backends can use the same draw).
+        backend: ``"torch"``, ``"jax"`` or a plugin's backend; inferred from ``z`` if None.
+        batched: as in :func:`deqcore.solve` (only changes how shapes are validated here).
+
+    Raises:
+        ValueError / TypeError: ``noise`` does not match ``z``, or ``f``'s output does not.
+    """
+    be = _resolve_backend(registry(), backend, x, z)
+    structure = Structure.of(be, z, batched, what="z")
+    probe = Structure.of(be, noise, batched, what="noise")
+    if (probe.is_tuple, probe.shapes, probe.dtype) != (structure.is_tuple, structure.shapes, structure.dtype):
+        raise ValueError(f"jacobian_penalty: noise has shapes {probe.shapes} ({probe.dtype}); z has "
+                         f"{structure.shapes} ({structure.dtype}); draw the noise like z")
+    zf = be.stop_gradient(structure.flatten(be, z))
+    vf = structure.flatten(be, noise)
+
+    def fn(flat: Any) -> Any:
+        out = f(structure.unflatten(be, flat), x)
+        structure.check_output(be, out, flat)
+        return structure.flatten(be, out)
+
+    _, pullback = be.vjp(fn, zf, create_graph=True)
+    (vjp,) = pullback(vf)
+    xp = be.xp
+    return xp.sum(vjp * vjp) / (structure.batch * structure.n)
