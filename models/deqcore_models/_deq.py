@@ -68,8 +68,7 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
                             grad_options=dict(settings.grad_options), **dict(settings.solver_options))
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
     if probe is not None:
-        like = z if isinstance(z, tuple) else (z,)
-        noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, like, strict=True))
-        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if isinstance(z, tuple) else noise[0],
-                                                     backend=backend)
+        multi = isinstance(z, (tuple, list))
+        noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))
+        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if multi else noise[0], backend=backend)
     return z, stats
