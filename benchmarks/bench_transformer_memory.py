@@ -12,13 +12,21 @@ Measured with PyTorch (eager autograd keeps exactly what backward needs):
   (``torch.autograd.graph.saved_tensors_hooks``), unique storages, parameters excluded; split into
   vocabulary-sized tensors (last axis = vocabulary: logits and softmax of the output layer, the
   same in both models) and the rest (the layer stack, where a DEQ differs);
+* both with the output layer deqcore_models trains with (``chunked``: the softmax computed
+  ``--chunk`` positions at a time and recomputed in backward, nothing vocabulary-sized kept) and
+  with a plain one (``full``: all logits formed and kept, as the paper's models keep their
+  adaptive softmax's), so the layer stack's share is visible either way;
 * ``peak RSS``: the peak resident memory (Linux ``VmHWM``, reset after setup) of a fresh process
   that builds the model and runs ``--steps`` + 1 training steps, and its growth over the process
-  after setup
-  (model, data and framework loaded; the growth is what training adds: activations, gradients
-  and Adam's moments, the last two equal for both models);
-* ``step s``: the median training-step time in that process (a ratio: the paper reports DEQ
-  training 2.82x slower than the layer-based model).
+  after setup (model, data and framework loaded; the growth is what training adds: activations,
+  gradients and Adam's moments, the last two equal for both models, and the framework's one-time
+  costs of a first step: code pages, kernel caches, thread pools);
+* ``step peak``: the growth of the peak over the resident memory after one untimed warm-up step
+  (``VmHWM`` reset again), i.e. what a training step needs on top of the persistent state: the
+  activations kept for backward and the temporaries;
+* ``step s``: the median training-step time in a second such process, with glibc's default
+  allocator settings (the first one maps every large tensor separately; see ``run_child``); a
+  ratio: the paper reports DEQ training 2.82x slower than the layer-based model.
 
     python benchmarks/bench_transformer_memory.py --data ../shared/data \
         [--out docs/experiments/transformer-wt2]
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _setup(args, mode: str, depth: int):
+def _setup(args, mode: str, depth: int, output: str):
     import torch  # noqa: F401  (the process's baseline includes the framework)
     from deqcore_models import data as D
     from deqcore_models._deq import DEQSettings
@@ -51,7 +60,7 @@ def _setup(args, mode: str, depth: int):
     rows = D.batchify(corpus.train, args.batch_size)
     x, y = rows[:, : cfg.tgt_len], rows[:, 1: cfg.tgt_len + 1]
     params, state = init_transformer(cfg, corpus.vocab_size, seed=0, batch_size=args.batch_size)
-    task = transformer_task(cfg)
+    task = transformer_task(cfg, chunk=args.chunk if output == "chunked" else None)
     engine = make_engine("torch", task, params, state, weight_decay=0.0)
     if mode == "deq":
         settings = DEQSettings(solver=args.solver, tol=args.tol, max_iter=args.max_iter, grad="implicit",
@@ -61,10 +70,10 @@ def _setup(args, mode: str, depth: int):
     return engine, task, settings, x, y, corpus.vocab_size
 
 
-def saved_bytes(args, mode: str, depth: int) -> dict:
+def saved_bytes(args, mode: str, depth: int, output: str) -> dict:
     import torch
 
-    engine, task, settings, x, y, vocab = _setup(args, mode, depth)
+    engine, task, settings, x, y, vocab = _setup(args, mode, depth, output)
     ops = engine.ops
     skip = {p.untyped_storage().data_ptr() for p in engine.params.values()}
     seen: dict[int, tuple[int, bool]] = {}
@@ -81,7 +90,7 @@ def saved_bytes(args, mode: str, depth: int) -> dict:
     vocab_bytes = sum(n for n, v in seen.values() if v)
     total = sum(n for n, _ in seen.values())
     return {"saved_total": total, "saved_vocab": vocab_bytes, "saved_layers": total - vocab_bytes,
-            "nfe": int(nfe), "residual": float(res), "loss": float(loss)}
+            "nfe": int(nfe), "residual": float(res), "loss": float(loss.detach()), "tokens": int(x.shape[1])}
 
 
 def _status_kb(field: str) -> int:
@@ -94,27 +103,41 @@ def _status_kb(field: str) -> int:
 def child(args) -> None:
     """One fresh process: setup, then ``--steps`` training steps; prints JSON."""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    engine, task, settings, x, y, _ = _setup(args, args.child, args.depth)
+    engine, task, settings, x, y, _ = _setup(args, args.child, args.depth, args.output_layer)
     gc.collect()
     # reset the high-water mark (VmHWM) so the data loading's peak does not hide training's
     Path("/proc/self/clear_refs").write_text("5")
     setup = _status_kb("VmRSS")
     times = []
     engine.train_step(x, y, None, settings, 1e-4)  # untimed: first-call costs
+    gc.collect()
+    first_peak = _status_kb("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")
+    warm = _status_kb("VmRSS")
     for _ in range(args.steps):
         t0 = time.perf_counter()
         engine.train_step(x, y, None, settings, 1e-4)
         times.append(time.perf_counter() - t0)
     peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_rss_mb": peak / 1024, "rss_before_mb": base / 1024,
-                      "rss_after_setup_mb": setup / 1024, "step_s": float(np.median(times))}))
+    print(json.dumps({"peak_rss_mb": max(peak, first_peak) / 1024, "rss_before_mb": base / 1024,
+                      "rss_after_setup_mb": setup / 1024, "step_peak_mb": (peak - warm) / 1024,
+                      "step_s": float(np.median(times))}))
 
 
-def run_child(args, mode: str, depth: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--depth", str(depth), "--data", args.data,
+def run_child(args, mode: str, depth: int, output: str, exact_rss: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--depth", str(depth), "--output-layer", output,
+           "--chunk", str(args.chunk), "--data", args.data,
            "--config", args.config, "--batch-size", str(args.batch_size), "--solver", args.solver,
            "--tol", str(args.tol), "--max-iter", str(args.max_iter), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so a step that
+    # reuses the warm-up step's freed memory would not raise the resident size: a fixed 128 KiB
+    # threshold maps every large tensor separately and returns it on free, so RSS follows the
+    # live tensors. It also makes every large allocation a fresh mmap (page faults), so step
+    # times come from a second process with glibc's defaults.
+    env = dict(os.environ)
+    if exact_rss:
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,6 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per process (default 3)")
+    p.add_argument("--chunk", type=int, default=128,
+                   help="positions per softmax chunk of the chunked output layer (default 128)")
+    p.add_argument("--output-layer", default="chunked", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write memory.json and memory.md here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
@@ -134,39 +160,56 @@ def main(argv=None) -> None:
     if args.child:
         child(args)
         return
-    deq = saved_bytes(args, "deq", 0)
+    deq = saved_bytes(args, "deq", 0, "chunked")
     depth = deq["nfe"]
-    explicit = saved_bytes(args, "explicit", depth)
-    deq.update(run_child(args, "deq", 0))
-    explicit.update(run_child(args, "explicit", depth))
-    rows = {"deq": deq, f"explicit-{depth}": explicit}
+    rows = {}
+    for output in ("chunked", "full"):
+        rows[f"deq, {output}"] = deq if output == "chunked" else saved_bytes(args, "deq", 0, output)
+        rows[f"explicit-{depth}, {output}"] = saved_bytes(args, "explicit", depth, output)
+    for name, r in rows.items():
+        mode, output = ("deq" if name.startswith("deq") else "explicit"), name.split(", ")[1]
+        r.update(run_child(args, mode, depth, output, exact_rss=True))
+        r["step_s"] = run_child(args, mode, depth, output, exact_rss=False)["step_s"]
 
-    def red(key):
-        return 1 - deq[key] / explicit[key]
+    def growth(r):
+        return r["peak_rss_mb"] - r["rss_after_setup_mb"]
 
-    summary = {"config": vars(args), "depth": depth, "rows": rows,
-               "reduction_saved_total": red("saved_total"), "reduction_saved_layers": red("saved_layers"),
-               "reduction_peak_rss_increase": 1 - (deq["peak_rss_mb"] - deq["rss_after_setup_mb"] + 1e-9)
-               / (explicit["peak_rss_mb"] - explicit["rss_after_setup_mb"] + 1e-9),
-               "reduction_peak_rss": red("peak_rss_mb"),
-               "step_time_ratio": deq["step_s"] / explicit["step_s"]}
+    summary: dict = {"config": vars(args), "depth": depth, "rows": rows}
+    for output in ("chunked", "full"):
+        d, e = rows[f"deq, {output}"], rows[f"explicit-{depth}, {output}"]
+        summary[output] = {
+            "reduction_saved_total": 1 - d["saved_total"] / e["saved_total"],
+            "reduction_saved_layers": 1 - d["saved_layers"] / e["saved_layers"],
+            "reduction_peak_rss": 1 - d["peak_rss_mb"] / e["peak_rss_mb"],
+            "reduction_peak_rss_increase": 1 - growth(d) / growth(e),
+            "reduction_step_peak": 1 - d["step_peak_mb"] / e["step_peak_mb"],
+            "step_time_ratio": d["step_s"] / e["step_s"]}
     mb = 1 / 2 ** 20
     lines = [f"# DEQ-Transformer training memory vs an explicit weight-tied transformer of depth {depth}",
              "", "Command: `python benchmarks/bench_transformer_memory.py --data DATA "
-             f"--config {args.config} "
-             f"--batch-size {args.batch_size} --solver {args.solver} --max-iter {args.max_iter}` "
-             "(PyTorch, float32, WikiText-2 batch; the explicit depth is the DEQ's measured forward NFE)", "",
-             "| model | saved for backward, MB | of which vocabulary-sized | layer stack | peak RSS MB | "
-             "RSS growth in training MB | step s |", "|---|---|---|---|---|---|---|"]
+             f"--config {args.config} --batch-size {args.batch_size} --solver {args.solver} "
+             f"--max-iter {args.max_iter} --chunk {args.chunk}` (PyTorch, float32, one WikiText-2 batch of "
+             f"{args.batch_size} x {rows['deq, chunked'].get('tokens', '?')} tokens; the explicit depth "
+             "is the DEQ's measured forward NFE). `chunked`: the output layer deqcore_models trains "
+             f"with (softmax over {args.chunk} positions at a time, recomputed in backward); `full`: all "
+             "logits kept for backward.", "",
+             "| model, output layer | saved for backward, MB | of which vocabulary-sized | layer stack | "
+             "peak RSS MB | RSS growth in training MB | step peak MB | step s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['saved_total'] * mb:.1f} | {r['saved_vocab'] * mb:.1f} | "
-                     f"{r['saved_layers'] * mb:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] - r['rss_after_setup_mb']:.0f} | {r['step_s']:.3f} |")
-    lines += ["", f"- saved for backward: DEQ {100 * summary['reduction_saved_total']:.1f} % less in total, "
-              f"{100 * summary['reduction_saved_layers']:.1f} % less in the layer stack",
-              f"- peak process memory: {100 * summary['reduction_peak_rss']:.1f} % less "
-              f"(growth during training steps: {100 * summary['reduction_peak_rss_increase']:.1f} % less)",
-              f"- step time: DEQ / explicit = {summary['step_time_ratio']:.2f}x"]
+                     f"{r['saved_layers'] * mb:.1f} | {r['peak_rss_mb']:.0f} | {growth(r):.0f} | "
+                     f"{r['step_peak_mb']:.0f} | "
+                     f"{r['step_s']:.3f} |")
+    lines.append("")
+    for output in ("chunked", "full"):
+        sm = summary[output]
+        lines.append(f"- {output} output layer: saved for backward {100 * sm['reduction_saved_total']:.1f} % "
+                     f"less in total ({100 * sm['reduction_saved_layers']:.1f} % in the layer stack); "
+                     f"peak process memory {100 * sm['reduction_peak_rss']:.1f} % less, its growth in "
+                     f"training {100 * sm['reduction_peak_rss_increase']:.1f} % less, step peak "
+                     f"{100 * sm['reduction_step_peak']:.1f} % less; step time DEQ / "
+                     f"explicit {sm['step_time_ratio']:.2f}x")
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)

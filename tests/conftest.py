@@ -3,6 +3,12 @@
 ``DEQCORE_TEST_BACKENDS=torch`` (or ``jax``, or ``torch,jax``) selects backends; by default every
 backend whose framework imports. A selected backend whose framework is missing is an error, not a
 skip, so a misconfigured tox env cannot pass silently.
+
+Tests that need a backend that is not selected are *deselected* at collection (and counted in
+pytest's summary), never skipped: ``@pytest.mark.backend("jax")`` needs JAX (jit, vmap),
+``@pytest.mark.equivalence`` needs both. Each such test runs in the tox env that selects what it
+needs (torch, jax, or both for the equivalence tests), so a skip in a report always means
+something went wrong.
 """
 
 from __future__ import annotations
@@ -35,6 +41,27 @@ if "jax" in SELECTED:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+
+
+def _needs(item: pytest.Item) -> set[str]:
+    need = {name for m in item.iter_markers("backend") for name in m.args}
+    if item.get_closest_marker("equivalence") is not None or "both" in getattr(item, "fixturenames", ()):
+        need.update(ALL_BACKENDS)
+    return need
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unknown = {n for item in items for n in _needs(item)} - set(ALL_BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"@pytest.mark.backend names unknown backends {sorted(unknown)}")
+    keep = [item for item in items if _needs(item) <= set(SELECTED)]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"deqcore test backends: {', '.join(SELECTED)} (DEQCORE_TEST_BACKENDS)"
 
 
 class Harness:

@@ -70,10 +70,11 @@ def grad_rel_diff(a: dict, b: dict) -> float:
 
 
 def task_run(backend, task, params, state, x, y, settings: DEQSettings, masks=None, probe=None,
-             dtype="float64"):
-    """A task's training-mode loss, Jacobian penalty and parameter gradients as NumPy; ``masks``
-    (a list or dict) and ``probe`` (a list) are NumPy, converted to ``dtype`` (integer inputs
-    and targets, the tokens of a language model, keep theirs)."""
+             dtype="float64", grad=True):
+    """A task's training-mode loss, Jacobian penalty and parameter gradients (None with
+    ``grad=False``) as NumPy; ``masks`` (a list or dict) and ``probe`` (a list) are NumPy,
+    converted to ``dtype`` (integer inputs and targets, the tokens of a language model, keep
+    theirs)."""
     ops = ops_for(backend)
     P = {k: ops.asarray(v, dtype) for k, v in params.items()}
     S = {k: ops.asarray(v, dtype) for k, v in state.items()}
@@ -85,10 +86,13 @@ def task_run(backend, task, params, state, x, y, settings: DEQSettings, masks=No
     V = None if probe is None else [ops.asarray(p, dtype) for p in probe]
     if backend == "torch":
         for v in P.values():
-            v.requires_grad_(True)
+            v.requires_grad_(grad)
         loss, aux = task.loss(ops, P, S, X, Y, M, settings, True, V)
-        loss.backward()
-        grads = {k: (np.zeros(v.shape) if v.grad is None else v.grad.numpy().copy()) for k, v in P.items()}
+        grads = None
+        if grad:
+            loss.backward()
+            grads = {k: (np.zeros(v.shape) if v.grad is None else v.grad.numpy().copy())
+                     for k, v in P.items()}
         return {"loss": float(loss.detach()), "jac": float(aux[4].detach()), "nfe": int(aux[2]),
                 "residual": float(aux[3]), "grads": grads}
     import jax
@@ -97,6 +101,10 @@ def task_run(backend, task, params, state, x, y, settings: DEQSettings, masks=No
         loss, aux = task.loss(ops, P, S, X, Y, M, settings, True, V)
         return loss, (aux[4], aux[2], aux[3])
 
+    if not grad:
+        loss, (jac, nfe, res) = jax.jit(lossf)(P)
+        return {"loss": float(loss), "jac": float(jac), "nfe": int(nfe), "residual": float(res),
+                "grads": None}
     (loss, (jac, nfe, res)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)
     return {"loss": float(loss), "jac": float(jac), "nfe": int(nfe), "residual": float(res),
             "grads": {k: np.asarray(v) for k, v in g.items()}}

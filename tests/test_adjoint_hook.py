@@ -103,11 +103,10 @@ def test_exact_adjoint_matches_finite_differences(h, fd):
     assert np.linalg.norm(gx - gx_ref) / np.linalg.norm(gx_ref) < 1e-6
 
 
+@pytest.mark.backend("jax")
 def test_exact_adjoint_under_jax_jit(fd):
-    from conftest import SELECTED, Harness
+    from conftest import Harness
 
-    if "jax" not in SELECTED:
-        pytest.skip("jax not selected")
     weights, gW_ref, gx_ref = fd
     gW, gx = grads(Harness("jax"), exact_adjoint, weights, jit=True)
     assert np.linalg.norm(gW - gW_ref) / np.linalg.norm(gW_ref) < 1e-6
@@ -126,13 +125,11 @@ def test_identity_adjoint_is_one_vjp_of_f(h, fd):
     assert np.linalg.norm(gW - gW_ref) > 1e-3  # JFB is an approximation, not the exact gradient
 
 
+@pytest.mark.backend("jax")
 def test_jax_adjoint_under_vmap():
-    from conftest import SELECTED, Harness
-
-    if "jax" not in SELECTED:
-        pytest.skip("jax not selected")
     import jax
     import jax.numpy as jnp
+    from conftest import Harness
 
     h = Harness("jax")
     W, U, b, x = tanh_deq(seed=42, d=D, batch=B, rho=0.7)

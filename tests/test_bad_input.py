@@ -90,8 +90,10 @@ def test_wrong_shape_dtype_structure(h):
         deqcore.solve(lambda z, x: (z[0],), x, (x, x))
 
 
+@pytest.mark.backend("torch")
 def test_wrong_device_torch():
-    torch = pytest.importorskip("torch")
+    import torch
+
     x = torch.ones(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="device meta"):
         deqcore.solve(lambda z, x: (0.5 * z).to("meta"), x)
@@ -116,6 +118,7 @@ def test_options_are_validated(h):
         deqcore.solve(f, x, solver="newton")
 
 
+@pytest.mark.equivalence
 def test_backend_mismatch_and_inference_errors(both):
     import jax.numpy as jnp
     import torch
@@ -184,12 +187,10 @@ def test_throw_reports_max_iter(h):
         h.solve(h.tanh_layer(W, U, b), h.asarray(x), tol=1e-12, max_iter=2, throw=True)
 
 
+@pytest.mark.backend("jax")
 def test_throw_under_jax_jit():
-    from conftest import SELECTED, Harness
-
-    if "jax" not in SELECTED:
-        pytest.skip("jax not selected")
     import jax
+    from conftest import Harness
 
     h = Harness("jax")
     W, U, b, x = tanh_deq(seed=25)

@@ -62,9 +62,8 @@ def test_registry_entries_import_no_framework():
     assert out["final"] == []
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", [pytest.param(n, marks=pytest.mark.backend(n)) for n in ("torch", "jax")])
 def test_using_a_backend_imports_only_its_framework(backend):
-    pytest.importorskip(backend)
     out = _run(f"""
         deqcore.registry().backend({backend!r})
     """)

@@ -162,7 +162,7 @@ def test_gradient_equivalence(batch, solver, grad, grad_options):
     assert set(t["grads"]) == set(params)
 
 
-@pytest.mark.skipif("jax" not in SELECTED, reason="JAX's conv2d is JAX code; the jax env runs this")
+@pytest.mark.backend("jax")
 @pytest.mark.parametrize("size,k,stride,pad", [((14, 14), 3, 1, 1), ((14, 14), 3, 2, 1),
                                                 ((15, 13), 3, 2, 1), ((7, 7), 1, 1, 0),
                                                 ((28, 28), 3, 2, 1)])

@@ -32,35 +32,38 @@ V = 40
 _task = transformer_task
 
 
-def run(backend, cfg, params, state, tokens, targets, settings, masks=None, dtype="float32", grad=True):
-    """Loss, logits, fixed point, new state and parameter gradients as NumPy."""
+def run(backend, cfg, params, state, tokens, targets, settings, masks=None, dtype="float32", grad=True,
+        chunk=None):
+    """Loss, correct count, logits (``chunk=None``; with a chunked softmax: hidden states), new
+    state and parameter gradients as NumPy."""
     ops = ops_for(backend)
     P = {k: ops.asarray(v, dtype) for k, v in params.items()}
     S = {k: ops.asarray(v, dtype) for k, v in state.items()}
     M = None if masks is None else {k: ops.asarray(v, dtype) for k, v in masks.items()}
     X, Y = ops.asarray(tokens), ops.asarray(targets)
-    task = _task(cfg)
+    task = _task(cfg, chunk=chunk)
     if backend == "torch":
         import torch
 
         for v in P.values():
             v.requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            loss, (new_state, _, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
+            loss, (new_state, correct, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
         grads = None
         if grad:
             loss.backward()
             grads = {k: v.grad.numpy().copy() for k, v in P.items()}
         return {"loss": float(loss), "logits": ops.to_numpy(logits), "grads": grads, "nfe": int(nfe),
+                "correct": int(correct),
                 "state": {k: ops.to_numpy(v) for k, v in new_state.items()}}
     import jax
 
     def lossf(P):
-        loss, (new_state, _, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
-        return loss, (logits, new_state, nfe)
+        loss, (new_state, correct, nfe, _, _, logits) = task.loss(ops, P, S, X, Y, M, settings, True)
+        return loss, (logits, new_state, nfe, correct)
 
-    (loss, (logits, new_state, nfe)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)
-    return {"loss": float(loss), "logits": np.asarray(logits), "nfe": int(nfe),
+    (loss, (logits, new_state, nfe, correct)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)
+    return {"loss": float(loss), "logits": np.asarray(logits), "nfe": int(nfe), "correct": int(correct),
             "grads": {k: np.asarray(v) for k, v in g.items()} if grad else None,
             "state": {k: np.asarray(v) for k, v in new_state.items()}}
 
@@ -235,6 +238,34 @@ def test_token_cross_entropy_matches_numpy(name):
     assert int(correct) == int((logits.argmax(-1) == targets).sum())
 
 
+@pytest.mark.parametrize("name", SELECTED)
+def test_chunked_softmax_matches_the_full_output_layer(tokens, name):
+    """The chunked output layer (4 uneven chunks of 5, 5, 5 and 3 positions) gives the loss,
+    correct count and every parameter gradient of the full softmax, in float64."""
+    cfg = MICRO_MEM
+    params, state = init_transformer(cfg, V, seed=7, batch_size=3)
+    masks = transformer_masks(cfg, 3, cfg.tgt_len, np.random.default_rng(8))
+    settings = DEQSettings(solver="anderson", max_iter=8, grad="implicit", grad_options={"max_iter": 8})
+    L = cfg.tgt_len
+    full, chunked = (run(name, cfg, params, state, tokens[:, :L], tokens[:, 1:L + 1], settings, masks,
+                         "float64", chunk=c) for c in (None, 5))
+    assert chunked["logits"].shape == (3, L, cfg.d_model)
+    assert abs(full["loss"] - chunked["loss"]) < 1e-12
+    assert full["correct"] == chunked["correct"]
+    assert grad_rel_diff(full["grads"], chunked["grads"]) < 1e-10
+    assert np.abs(full["grads"]["out.bias"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", SELECTED)
+def test_chunked_softmax_rejects_a_bad_chunk(name):
+    from deqcore_models._layers import output_cross_entropy
+
+    ops = ops_for(name)
+    h, w, b = (ops.asarray(np.ones(s)) for s in ((2, 3), (5, 3), (5,)))
+    with pytest.raises(ValueError, match="chunk must be positive"):
+        output_cross_entropy(ops, h, w, b, ops.asarray(np.zeros(2, np.int64)), 0)
+
+
 @pytest.mark.parametrize("backend", SELECTED)
 @pytest.mark.parametrize("grad,grad_options", [("implicit", {"max_iter": 10}), ("jfb", {}),
                                                ("npg", {"k": 5, "lam": 0.5})])
@@ -291,8 +322,8 @@ def test_gradient_equivalence(tokens, solver, grad, grad_options):
     masks = transformer_masks(cfg, 3, cfg.tgt_len, np.random.default_rng(5))
     settings = DEQSettings(solver=solver, max_iter=8, grad=grad, grad_options=grad_options)
     L = cfg.tgt_len
-    t, j = (run(b, cfg, params, state, tokens[:, :L], tokens[:, 1:L + 1], settings, masks, "float64")
-            for b in ("torch", "jax"))
+    t, j = (run(b, cfg, params, state, tokens[:, :L], tokens[:, 1:L + 1], settings, masks, "float64",
+                chunk=5) for b in ("torch", "jax"))
     assert abs(t["loss"] - j["loss"]) < 1e-9
     assert grad_rel_diff(t["grads"], j["grads"]) < 1e-6
     assert set(t["grads"]) == set(params)
@@ -310,7 +341,7 @@ def test_one_training_step_gives_the_same_weights(tokens):
     L = cfg.tgt_len
     out = {}
     for b in ("torch", "jax"):
-        engine = make_engine(b, _task(cfg), params, state, weight_decay=1e-4)
+        engine = make_engine(b, _task(cfg, chunk=5), params, state, weight_decay=1e-4)
         first = engine.evaluate(tokens[:, :L], tokens[:, 1:L + 1], settings)
         engine.set_state({k: np.asarray(engine.ops.to_numpy(v)) for k, v in first["state"].items()})
         r = engine.train_step(tokens[:, L:2 * L], tokens[:, L + 1:2 * L + 1], masks, settings, 1e-3)

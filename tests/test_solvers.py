@@ -241,12 +241,10 @@ def test_float32_smoke(h, solver):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.backend("torch")
 def test_half_precision_torch(solver, dtype):
-    torch = pytest.importorskip("torch")
-    from conftest import SELECTED
+    import torch
 
-    if "torch" not in SELECTED:
-        pytest.skip("torch not selected")
     W, U, b, x = tanh_deq(seed=14, d=32, batch=4, rho=0.5)
     ref = tanh_fixed_point(W, U, b, x)
     tdtype = getattr(torch, dtype)
@@ -258,12 +256,10 @@ def test_half_precision_torch(solver, dtype):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.backend("jax")
 def test_jax_jit_and_vmap(solver):
-    from conftest import SELECTED, Harness
-
-    if "jax" not in SELECTED:
-        pytest.skip("jax not selected")
     import jax
+    from conftest import Harness
 
     h = Harness("jax")
     W, U, b, x = tanh_deq(seed=15, d=12, batch=5)

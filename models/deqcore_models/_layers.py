@@ -108,6 +108,53 @@ def token_cross_entropy(xp: Any, logits: Any, targets: Any,
     return xp.sum(logz - picked), correct
 
 
+def output_cross_entropy(ops: Any, hidden: Any, weight: Any, bias: Any, targets: Any,
+                         chunk: int) -> tuple[Any, Any]:
+    """:func:`token_cross_entropy` of the output layer's logits ``hidden @ weight.T + bias``
+    ((..., d) hidden states, (V, d) weight, (V,) bias, integer (...) targets) without ever
+    forming all of them: the logits are computed ``chunk`` positions at a time, in the forward
+    pass and again in the backward pass, which keeps only ``hidden``, the targets and one
+    log-normaliser per position (the vocabulary-sized softmax would otherwise dominate a
+    language model's training memory). Returns (sum of the cross-entropies, number of correct
+    argmax predictions); the gradient reaches ``hidden``, ``weight`` and ``bias`` (first order)."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    xp = ops.xp
+    d = hidden.shape[-1]
+    h2 = xp.reshape(hidden, (-1, d))
+    t1 = xp.reshape(targets, (-1,))
+    n = h2.shape[0]
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+    def logits_of(h, w, b, s, e):
+        return xp.matmul(h[s:e], xp.matrix_transpose(w)) + b
+
+    def fwd(h, w, b, t):
+        logz, picked, correct = [], [], []
+        for s, e in spans:
+            logits = logits_of(h, w, b, s, e)
+            top = xp.max(logits, axis=-1)
+            logz.append(xp.log(xp.sum(xp.exp(logits - top[:, None]), axis=-1)) + top)
+            picked.append(xp.sum(h[s:e] * xp.take(w, t[s:e], axis=0), axis=-1) + xp.take(b, t[s:e]))
+            correct.append(xp.sum(xp.astype(xp.argmax(logits, axis=-1) == t[s:e], xp.int32)))
+        lz = xp.concat(logz)
+        return xp.sum(lz - xp.concat(picked)), sum(correct[1:], correct[0]), (h, w, b, t, lz)
+
+    def bwd(residuals, g):
+        h, w, b, t, lz = residuals
+        vocab = xp.reshape(xp.arange(w.shape[0], dtype=t.dtype), (1, -1))
+        gh, gw, gb = [], xp.zeros_like(w), xp.zeros_like(b)
+        for s, e in spans:
+            probs = xp.exp(logits_of(h, w, b, s, e) - lz[s:e, None])
+            dlogits = (probs - xp.astype(t[s:e, None] == vocab, probs.dtype)) * g
+            gh.append(xp.matmul(dlogits, w))
+            gw = gw + xp.matmul(xp.matrix_transpose(dlogits), h[s:e])
+            gb = gb + xp.sum(dlogits, axis=0)
+        return xp.concat(gh), gw, gb, None
+
+    return ops.custom_gradient(fwd, bwd)(h2, weight, bias, t1)
+
+
 def cross_entropy(xp: Any, logits: Any, labels_onehot: Any) -> Any:
     """Mean cross-entropy of (B, K) logits against one-hot (B, K) labels (log-sum-exp stabilised)."""
     top = xp.max(logits, axis=-1, keepdims=True)

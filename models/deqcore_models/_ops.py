@@ -1,11 +1,13 @@
 """What the models need from a framework beyond deqcore's array namespace: convolution, array
-conversion and gradients of a loss. Everything else in the models is written once over ``xp``.
+conversion, a hand-written gradient and gradients of a loss. Everything else in the models is
+written once over ``xp``.
 
 :func:`ops_for` returns the :class:`Ops` of a backend; the framework is imported only then.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +35,21 @@ class Ops(Protocol):
         """``a`` with no gradient flowing back (the deqcore backend's ``stop_gradient``)."""
         ...
 
+    def custom_gradient(self, fwd: Callable[..., tuple[Any, Any, tuple[Any, ...]]],
+                        bwd: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, Any]]:
+        """``fn(*args) -> (value, aux)`` with a hand-written first-order gradient.
+
+        ``fwd(*args)`` returns ``(value, aux, residuals)``: ``value`` is the one differentiable
+        output, ``aux`` an integer array carrying no gradient (a count), ``residuals`` a tuple of
+        arrays for the backward pass. ``bwd(residuals, g)`` returns one cotangent per argument
+        of ``fn`` given the cotangent ``g`` of ``value`` (None for an argument without gradient,
+        such as integer targets). The residuals are kept the framework's way (torch:
+        ``ctx.save_for_backward``, visible to ``saved_tensors_hooks``; JAX: ``custom_vjp``
+        residuals), so a memory measurement sees exactly them. ``fwd`` and ``bwd`` must not close
+        over arrays (under ``jax.jit`` that would leak a tracer); Python numbers are fine.
+        """
+        ...
+
 
 class TorchOps:
     name = "torch"
@@ -57,6 +74,21 @@ class TorchOps:
     def to_numpy(self, a):
         return a.detach().cpu().numpy()
 
+    def custom_gradient(self, fwd, bwd):
+        class Fn(self._torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                value, aux, residuals = fwd(*args)
+                ctx.save_for_backward(*residuals)
+                ctx.mark_non_differentiable(aux)
+                return value, aux
+
+            @staticmethod
+            def backward(ctx, g, _g_aux):
+                return tuple(bwd(ctx.saved_tensors, g))
+
+        return Fn.apply
+
 
 class JaxOps:
     name = "jax"
@@ -79,6 +111,24 @@ class JaxOps:
 
     def to_numpy(self, a):
         return np.asarray(a)
+
+    def custom_gradient(self, fwd, bwd):
+        import jax
+
+        @jax.custom_vjp
+        def fn(*args):
+            value, aux, _ = fwd(*args)
+            return value, aux
+
+        def fn_fwd(*args):
+            value, aux, residuals = fwd(*args)
+            return (value, aux), residuals
+
+        def fn_bwd(residuals, g):
+            return tuple(bwd(residuals, g[0]))
+
+        fn.defvjp(fn_fwd, fn_bwd)
+        return fn
 
 
 def _jax_conv2d():

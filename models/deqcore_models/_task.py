@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._deq import DEQSettings
-from ._layers import cross_entropy, token_cross_entropy
+from ._layers import cross_entropy, output_cross_entropy, token_cross_entropy
 
 #: ``apply(ops, params, state, x, *, train, settings, masks, probe) -> (outputs, new_state, LayerStats)``
 Apply = Callable[..., tuple[Any, dict[str, Any], Any]]
@@ -36,20 +36,31 @@ class ClassifierTask:
 
 @dataclass(frozen=True)
 class LanguageModelTask:
-    """Next-token prediction: mean cross-entropy over every position of (B, L) integer targets."""
+    """Next-token prediction: mean cross-entropy over every position of (B, L) integer targets.
+
+    ``output``: None when ``apply`` returns logits; or the names of the (V, d) weight and (V,)
+    bias of the output layer when ``apply`` returns hidden states, in which case the loss is
+    :func:`output_cross_entropy` over ``chunk`` positions at a time (the logits are never formed
+    whole, in training or evaluation)."""
 
     apply: Apply
+    output: tuple[str, str] | None = None
+    chunk: int = 128
 
     def loss(self, ops: Any, params: dict[str, Any], state: dict[str, Any], x: Any, y: Any,
              masks: Any, settings: DEQSettings, train: bool, probe: Any = None
              ) -> tuple[Any, tuple[Any, ...]]:
         """As :meth:`ClassifierTask.loss`; ``correct`` counts tokens whose argmax prediction is
-        the target."""
-        logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
-                                              masks=masks, probe=probe)
-        total, correct = token_cross_entropy(ops.xp, logits, y, ops.stop_gradient)
+        the target. With ``output`` set, the last aux item is the hidden states, not logits."""
+        outputs, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
+                                               masks=masks, probe=probe)
+        if self.output is None:
+            total, correct = token_cross_entropy(ops.xp, outputs, y, ops.stop_gradient)
+        else:
+            weight, bias = (params[name] for name in self.output)
+            total, correct = output_cross_entropy(ops, outputs, weight, bias, y, self.chunk)
         loss, jac = _regularised(ops.xp, total / (y.shape[0] * y.shape[1]), stats, settings)
-        return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, logits)
+        return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, outputs)
 
 
 def _regularised(xp: Any, loss: Any, stats: Any, settings: DEQSettings) -> tuple[Any, Any]:

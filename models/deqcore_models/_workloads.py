@@ -57,14 +57,25 @@ def mdeq_task(cfg: MDEQConfig) -> ClassifierTask:
     return ClassifierTask(apply)
 
 
-def transformer_task(cfg: TransformerConfig) -> LanguageModelTask:
-    """The language-model task of a DEQ-Transformer of configuration ``cfg``."""
+#: Positions per chunk of the language models' softmax (``--softmax-chunk``): at 32, a 33K-word
+#: vocabulary's chunk of logits is 4 MB, and torch trains faster than with the whole softmax
+#: (docs/models.md, "Training memory").
+DEFAULT_SOFTMAX_CHUNK = 32
+
+
+def transformer_task(cfg: TransformerConfig, chunk: int | None = DEFAULT_SOFTMAX_CHUNK) -> LanguageModelTask:
+    """The language-model task of a DEQ-Transformer of configuration ``cfg``. The softmax is
+    computed ``chunk`` positions at a time and never kept for backward
+    (:func:`~deqcore_models._layers.output_cross_entropy`); ``chunk=None`` forms all the
+    logits at once, as a plain output layer does (the loss's aux then holds the logits)."""
 
     def apply(ops, params, state, x, *, train, settings, masks, probe=None):
         return transformer_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks,
-                                 probe=probe)
+                                 probe=probe, logits=chunk is None)
 
-    return LanguageModelTask(apply)
+    if chunk is None:
+        return LanguageModelTask(apply)
+    return LanguageModelTask(apply, output=("embed.weight", "out.bias"), chunk=chunk)
 
 
 class ImageWorkload:
@@ -150,7 +161,8 @@ class TextWorkload:
         self.test_rows = D.batchify(test, self.eval_batch_size)
         self.params0, self.state0 = init_transformer(self.model_cfg, corpus.vocab_size, cfg.seed,
                                                      batch_size=cfg.batch_size)
-        self.task = transformer_task(self.model_cfg)
+        chunk = DEFAULT_SOFTMAX_CHUNK if cfg.softmax_chunk is None else cfg.softmax_chunk or None
+        self.task = transformer_task(self.model_cfg, chunk=chunk)
         self.steps_per_epoch = (self.rows.shape[1] - 1) // self.length
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(train)} training tokens in {cfg.batch_size} rows do not fill one "

@@ -84,6 +84,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--jac-freq", type=float, default=1.0,
                    help="probability that a training step carries the Jacobian penalty (default 1; the "
                         "JR paper's regularised MDEQ used weight 0.4, frequency 0.02)")
+    s.add_argument("--softmax-chunk", type=int, default=None,
+                   help="transformer only: compute the output softmax over N positions at a time, in the "
+                        "forward pass and again in backward, so no vocabulary-sized tensor is kept for "
+                        "backward (default 32); 0: the whole softmax at once, all logits kept")
     t = p.add_argument_group("optimisation and output")
     t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps in total")

@@ -59,6 +59,7 @@ class TrainConfig:
     unrolled_layers: int = 6
     jac_weight: float = 0.0
     jac_freq: float = 1.0
+    softmax_chunk: int | None = None
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 64
@@ -93,6 +94,13 @@ class TrainConfig:
         if not 0 < self.jac_freq <= 1:
             raise ValueError(f"jac_freq is the probability of a penalised step, in (0, 1]; "
                              f"got {self.jac_freq}")
+        if self.softmax_chunk is not None:
+            if self.model != "transformer":
+                raise ValueError(f"softmax_chunk is an option of the transformer's output layer; model "
+                                 f"{self.model} has none")
+            if self.softmax_chunk < 0:
+                raise ValueError(f"softmax_chunk must be >= 0 (0: the whole softmax at once), got "
+                                 f"{self.softmax_chunk}")
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -195,11 +195,14 @@ def _layer(ops: Any, cfg: TransformerConfig, params: dict[str, Any], masks: dict
 
 def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], state: dict[str, Any],
                       tokens: Any, *, train: bool, settings: DEQSettings,
-                      masks: dict[str, Any] | None = None, probe: Any = None
+                      masks: dict[str, Any] | None = None, probe: Any = None, logits: bool = True
                       ) -> tuple[Any, dict[str, Any], LayerStats]:
     """Next-token logits (B, L, V) of integer ``tokens`` (B, L); returns (logits, new_state,
-    stats). ``state`` holds the memory (see the module docstring); ``new_state`` the memory
-    after this segment (``z*`` and ``u`` of its last ``mem_len`` positions, detached).
+    stats). With ``logits=False`` the first item is the hidden states (B, L, d_model) the tied
+    output layer (``embed.weight``, ``out.bias``) maps to logits instead: a loss that computes
+    the softmax chunk by chunk (:func:`output_cross_entropy`) never forms all the logits.
+    ``state`` holds the memory (see the module docstring); ``new_state`` the memory after this
+    segment (``z*`` and ``u`` of its last ``mem_len`` positions, detached).
     ``masks`` are :func:`transformer_masks` as framework arrays, or None (no dropout).
     ``train`` is accepted for a uniform model signature; dropout is decided by ``masks``.
     ``probe``: ``[noise]`` with ``noise`` of shape (B, L, d_model), for the Jacobian penalty in
@@ -221,7 +224,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
     f = _layer(ops, cfg, params, masks, L, u.dtype, z_mem, u_mem, valid)
     z0 = xp.zeros((b, L, cfg.d_model), dtype=u.dtype)
     z, stats = run_layer(ops.name, f, u, z0, settings, xp, probe)
-    logits = xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"]
+    out = xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"] if logits else z
     new_state = dict(state)
     if cfg.mem_len:
         stop = ops.stop_gradient
@@ -229,4 +232,4 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
         new_state["mem.z"] = stop(xp.concat([z_mem, z], axis=1)[:, -M:])
         new_state["mem.u"] = stop(xp.concat([u_mem, u], axis=1)[:, -M:])
         new_state["mem.valid"] = stop(xp.minimum(valid + L, xp.full_like(valid, M)))
-    return logits, new_state, stats
+    return out, new_state, stats
