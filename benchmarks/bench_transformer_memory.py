@@ -150,8 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--max-iter", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed training steps per process (default 3)")
-    p.add_argument("--chunk", type=int, default=128,
-                   help="positions per softmax chunk of the chunked output layer (default 128)")
+    p.add_argument("--chunk", type=int, default=32,
+                   help="positions per softmax chunk of the chunked output layer (default 32, the "
+                        "trainer's)")
     p.add_argument("--output-layer", default="chunked", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write memory.json and memory.md here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
