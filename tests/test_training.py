@@ -56,6 +56,36 @@ def test_training_steps_reduce_the_loss(backend, solver, grad, grad_options, fmn
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.parametrize("backend", SELECTED)
+def test_gradient_clipping(backend, fmnist):
+    """Adam's first moment after one step is 0.1 x the gradient it was given: with clip_norm at
+    half the gradient's norm that gradient is exactly the unclipped one halved, and a clipped
+    run's optimizer state resumes into the same next step."""
+    x, y = fmnist
+    cfg = MDEQ_CONFIGS["micro"]
+    params, state = init_mdeq(cfg, 1, seed=2)
+    settings = DEQSettings(solver="broyden", max_iter=6, grad="jfb")
+
+    def first_moment(clip):
+        engine = make_engine(backend, _task(cfg), params, state, weight_decay=0.0, clip_norm=clip)
+        engine.train_step(x[:16], y[:16], None, settings, 1e-3)
+        extra = engine.export()[2]
+        return engine, np.concatenate([extra[f"opt.m/{k}"].ravel() for k in sorted(params)]) / 0.1
+
+    _, g = first_moment(None)
+    norm = float(np.linalg.norm(g))
+    engine, clipped = first_moment(0.5 * norm)
+    np.testing.assert_allclose(clipped, 0.5 * g, rtol=2e-5, atol=1e-9 * norm)
+    resumed = make_engine(backend, _task(cfg), params, state, weight_decay=0.0, clip_norm=0.5 * norm)
+    resumed.load(*engine.export())
+    for e in (engine, resumed):
+        e.train_step(x[16:32], y[16:32], None, settings, 1e-3)
+    for k, v in engine.export()[0].items():
+        np.testing.assert_array_equal(resumed.export()[0][k], v, err_msg=k)
+    with pytest.raises(ValueError, match="clip_norm must be positive"):
+        TrainConfig(clip_norm=0.0)
+
+
 def test_cosine_schedule():
     assert cosine_lr(0, 100, 1e-3, 1e-6) == pytest.approx(1e-3)
     assert cosine_lr(50, 100, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)

@@ -1,11 +1,13 @@
 """Per-framework training glue: gradients of a task's loss and the Adam update.
 
-Both engines implement the same optimizer: Adam (betas 0.9/0.999, eps 1e-8) with L2 weight decay
-added to the gradient (torch's ``Adam(weight_decay=...)``), and a learning rate passed in per step
-(the schedule lives in the framework-neutral training loop). PyTorch uses ``torch.optim.Adam``;
-JAX uses optax (``add_decayed_weights`` then ``scale_by_adam``). Optimizer moments export to the
-same names on both (``opt.m/<param>``, ``opt.v/<param>``, ``opt.step``), so a checkpoint resumes on
-either backend.
+Both engines implement the same optimizer: optional clipping of the gradient's global norm to
+``clip_norm``, then Adam (betas 0.9/0.999, eps 1e-8) with L2 weight decay added to the (clipped)
+gradient (torch's ``Adam(weight_decay=...)``), and a learning rate passed in per step (the
+schedule lives in the framework-neutral training loop). PyTorch uses ``clip_grad_norm_`` and
+``torch.optim.Adam``; JAX uses optax (``clip_by_global_norm``, ``add_decayed_weights``, then
+``scale_by_adam``). The two clips differ only in torch's 1e-6 added to the norm. Optimizer
+moments export to the same names on both (``opt.m/<param>``, ``opt.v/<param>``, ``opt.step``), so
+a checkpoint resumes on either backend.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from ._ops import ops_for
 
 class TorchEngine:
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                 weight_decay: float) -> None:
+                 weight_decay: float, clip_norm: float | None = None) -> None:
         import torch
 
         self._torch = torch
+        self.clip_norm = clip_norm
         self.ops = ops_for("torch")
         self.task = task
         self.params = {k: self.ops.asarray(v).requires_grad_(True) for k, v in params.items()}
@@ -42,6 +45,8 @@ class TorchEngine:
             self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True,
             _framework(self.ops, probe))
         loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
         self.opt.step()
         with torch.no_grad():
             self.state = {k: v.detach() for k, v in new_state.items()}
@@ -102,7 +107,7 @@ class TorchEngine:
 
 class JaxEngine:
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                 weight_decay: float) -> None:
+                 weight_decay: float, clip_norm: float | None = None) -> None:
         import jax
         import optax
 
@@ -111,7 +116,8 @@ class JaxEngine:
         self.task = task
         self.params = {k: self.ops.asarray(v) for k, v in params.items()}
         self.state = {k: self.ops.asarray(v) for k, v in state.items()}
-        self.tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
+        clip = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+        self.tx = optax.chain(*clip, optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
         self.opt_state = self.tx.init(self.params)
         self._steps: dict[str, Any] = {}
         self._evals: dict[str, Any] = {}
@@ -178,8 +184,11 @@ class JaxEngine:
         g = self._evals[key](self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M)
         return {k: np.asarray(v) for k, v in g.items()}
 
+    def _adam_index(self) -> int:
+        return next(i for i, s in enumerate(self.opt_state) if isinstance(s, self._optax.ScaleByAdamState))
+
     def _adam_state(self):
-        return self.opt_state[1]
+        return self.opt_state[self._adam_index()]
 
     def export(self):
         params = {k: np.asarray(v).copy() for k, v in self.params.items()}
@@ -201,7 +210,8 @@ class JaxEngine:
             adam = adam._replace(count=jnp.asarray(step, dtype=adam.count.dtype),
                                  mu={k: jnp.asarray(extra[f"opt.m/{k}"]) for k in self.params},
                                  nu={k: jnp.asarray(extra[f"opt.v/{k}"]) for k in self.params})
-            self.opt_state = (self.opt_state[0], adam)
+            i = self._adam_index()
+            self.opt_state = (*self.opt_state[:i], adam, *self.opt_state[i + 1:])
 
 
 def _framework(ops: Any, tree: Any) -> Any:
@@ -214,15 +224,16 @@ def _framework(ops: Any, tree: Any) -> Any:
     return [ops.asarray(v) if isinstance(v, np.ndarray) else v for v in tree]
 
 
-def make_engine(backend: str, task: Any, params, state, weight_decay: float):
-    """The training engine of ``backend`` (``"torch"`` or ``"jax"``); a missing framework is an
-    ``ImportError`` saying what to install."""
+def make_engine(backend: str, task: Any, params, state, weight_decay: float, clip_norm: float | None = None):
+    """The training engine of ``backend`` (``"torch"`` or ``"jax"``): Adam with L2
+    ``weight_decay``, after clipping the gradient's global norm to ``clip_norm`` (None: no
+    clipping). A missing framework is an ``ImportError`` saying what to install."""
     engines = {"torch": (TorchEngine, "torch", "PyTorch"), "jax": (JaxEngine, "jax", "JAX and optax")}
     if backend not in engines:
         raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
     cls, extra, what = engines[backend]
     try:
-        return cls(task, params, state, weight_decay)
+        return cls(task, params, state, weight_decay, clip_norm)
     except ModuleNotFoundError as exc:
         raise ImportError(f"backend {backend!r} needs {what}, which is not installed ({exc}); "
                           f"install it with pip install 'deqcore[{extra}]'") from exc

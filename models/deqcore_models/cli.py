@@ -97,6 +97,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate, cosine-annealed per step to --min-lr (default 1e-3)")
     t.add_argument("--min-lr", type=float, default=1e-6, help="final learning rate (default 1e-6)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    t.add_argument("--clip-norm", type=float, default=None,
+                   help="clip the gradient's global norm to this before the Adam step (default: no "
+                        "clipping; the DEQ-Transformer paper used 0.25)")
     t.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
     t.add_argument("--out", default="runs/mdeq",
                    help="output folder: steps.csv, epochs.csv, summary.json, checkpoint.npz, curves.png")

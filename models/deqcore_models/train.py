@@ -66,6 +66,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-6
     weight_decay: float = 0.0
+    clip_norm: float | None = None
     seed: int = 0
     out: str = "runs/mdeq"
     checkpoint_every: int = 100
@@ -101,6 +102,8 @@ class TrainConfig:
             if self.softmax_chunk < 0:
                 raise ValueError(f"softmax_chunk must be >= 0 (0: the whole softmax at once), got "
                                  f"{self.softmax_chunk}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive (or None: no clipping), got {self.clip_norm}")
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -142,7 +145,8 @@ class Trainer:
         self.model_cfg = self.work.model_cfg
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
-        self.engine = make_engine(cfg.backend, self.task, self.params0, self.state0, cfg.weight_decay)
+        self.engine = make_engine(cfg.backend, self.task, self.params0, self.state0, cfg.weight_decay,
+                                  cfg.clip_norm)
         self.steps_per_epoch = self.work.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
