@@ -169,7 +169,9 @@ def test_kill_and_resume_reaches_the_same_result(data_root, tmp_path, backend):
         return _train_args(data_root, out, backend, **extra, **kw)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _cli(args(straight))
+    lines = _cli(args(straight)).stderr.splitlines()
+    saved = [ln.split()[1] for ln in lines if ln.endswith("checkpoint saved")]  # --no-progress status
+    assert saved == ["4/16", "8/16", "12/16", "16/16"]
     proc = _cli(args(killed), {KILL_ENV: "10"}, check=False)
     assert proc.returncode == -9  # SIGKILL, mid-epoch-2, two steps after the step-8 checkpoint
     assert load_checkpoint(killed / "checkpoint.npz").meta["step"] == 8

@@ -106,7 +106,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     t.add_argument("--eval-batch-size", type=int, default=None,
                    help="evaluation batch size (default 500 images, or 10 rows of the test stream for text)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; one status line on stderr per checkpoint instead")
     t.add_argument("--cosine-every", type=int, default=0,
                    help="every N DEQ steps, log to cosine.csv the cosine between this mode's gradient and "
                         "the implicit gradient (backward max_iter 40) on the same batch (default 0: off)")

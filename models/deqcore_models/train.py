@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -299,6 +300,10 @@ class Trainer:
                 if end_of_epoch or step % cfg.checkpoint_every == 0:
                     fh.flush()
                     self.save(step, epoch_acc, history)
+                    if bar is None:  # --no-progress: one line per checkpoint, so a long run shows life
+                        print(f"step {step}/{self.total_steps} epoch {epoch + 1}: loss {r['loss']:.4f}, "
+                              f"nfe {r['nfe']}, {dt:.3f} s/step; checkpoint saved", file=sys.stderr,
+                              flush=True)
         if bar:
             bar.close()
         summary = {"config": asdict(cfg), "steps": step, "epochs": history,
