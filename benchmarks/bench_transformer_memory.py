@@ -190,7 +190,7 @@ def main(argv=None) -> None:
              "", "Command: `python benchmarks/bench_transformer_memory.py --data DATA "
              f"--config {args.config} --batch-size {args.batch_size} --solver {args.solver} "
              f"--max-iter {args.max_iter} --chunk {args.chunk}` (PyTorch, float32, one WikiText-2 batch of "
-             f"{args.batch_size} x {rows['deq, chunked'].get('tokens', '?')} tokens; the explicit depth "
+             f"{args.batch_size} x {rows['deq, chunked']['tokens']} tokens; the explicit depth "
              "is the DEQ's measured forward NFE). `chunked`: the output layer deqcore_models trains "
              f"with (softmax over {args.chunk} positions at a time, recomputed in backward); `full`: all "
              "logits kept for backward.", "",

@@ -9,6 +9,11 @@ from typing import Any
 from ._deq import DEQSettings
 from ._layers import cross_entropy, output_cross_entropy, token_cross_entropy
 
+#: Positions per chunk of a language model's softmax (``--softmax-chunk``): at 32, a 33K-word
+#: vocabulary's chunk of logits is 4 MB, and torch trains faster than with the whole softmax
+#: (docs/models.md, "Training memory").
+DEFAULT_SOFTMAX_CHUNK = 32
+
 #: ``apply(ops, params, state, x, *, train, settings, masks, probe) -> (outputs, new_state, LayerStats)``
 Apply = Callable[..., tuple[Any, dict[str, Any], Any]]
 
@@ -45,7 +50,7 @@ class LanguageModelTask:
 
     apply: Apply
     output: tuple[str, str] | None = None
-    chunk: int = 128
+    chunk: int = DEFAULT_SOFTMAX_CHUNK
 
     def loss(self, ops: Any, params: dict[str, Any], state: dict[str, Any], x: Any, y: Any,
              masks: Any, settings: DEQSettings, train: bool, probe: Any = None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import data as D
-from ._task import ClassifierTask, LanguageModelTask
+from ._task import DEFAULT_SOFTMAX_CHUNK, ClassifierTask, LanguageModelTask
 from .mdeq import MDEQ_CONFIGS, MDEQConfig, dropout_masks, equilibrium_shapes, init_mdeq, mdeq_apply
 from .transformer import (
     TRANSFORMER_CONFIGS,
@@ -55,12 +55,6 @@ def mdeq_task(cfg: MDEQConfig) -> ClassifierTask:
                           probe=probe)
 
     return ClassifierTask(apply)
-
-
-#: Positions per chunk of the language models' softmax (``--softmax-chunk``): at 32, a 33K-word
-#: vocabulary's chunk of logits is 4 MB, and torch trains faster than with the whole softmax
-#: (docs/models.md, "Training memory").
-DEFAULT_SOFTMAX_CHUNK = 32
 
 
 def transformer_task(cfg: TransformerConfig, chunk: int | None = DEFAULT_SOFTMAX_CHUNK) -> LanguageModelTask:
