@@ -1,11 +1,12 @@
 """deqcore: deep equilibrium models, with algorithms written once for PyTorch and JAX.
 
 ``deqcore.solve(f, x)`` finds the fixed point ``z* = f(z*, x)`` with Anderson acceleration,
-Broyden's method or (damped) fixed-point iteration, per sample of a batch. The array framework
+Broyden's method, (damped) fixed-point iteration or a trained hypersolver (HyperDEQ), per
+sample of a batch. The array framework
 is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neither.
 """
 
-from . import validators
+from . import hypersolvers, validators
 from ._gradients import (
     AdjointContext,
     AdjointMode,
@@ -22,6 +23,7 @@ from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Regis
 from ._regularisers import jacobian_penalty
 from ._solution import ConvergenceError, Result, Solution, Status
 from ._solve import COMMON_OPTIONS, solve
+from .hypersolvers import HyperAnderson, Hypersolver, load_hypersolver, train_hypersolver
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ __all__ = [
     "BackwardReport",
     "BackwardWarning",
     "GradientMode",
+    "HyperAnderson",
+    "Hypersolver",
     "COMMON_OPTIONS",
     "KINDS",
     "Backend",
@@ -51,9 +55,12 @@ __all__ = [
     "available",
     "hookimpl",
     "hookspec",
+    "hypersolvers",
     "jacobian_penalty",
+    "load_hypersolver",
     "registry",
     "select_rows",
     "solve",
+    "train_hypersolver",
     "validators",
 ]

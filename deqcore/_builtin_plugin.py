@@ -1,4 +1,5 @@
-"""deqcore's own solvers and gradient modes, registered through the same hook a third-party plugin uses."""
+"""deqcore's own solvers, gradient modes and hypersolvers, registered through the same hooks a
+third-party plugin uses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from ._hookspecs import hookimpl
 from .gradients import GDEQ, JFB, NPG, UPG, Implicit, Unroll
+from .hypersolvers import HyperAnderson
 from .solvers import Anderson, Broyden, FixedPoint
 
 
@@ -19,3 +21,8 @@ def deqcore_register_solvers(register: Any) -> None:
 def deqcore_register_gradients(register: Any) -> None:
     for cls in (Implicit, JFB, NPG, UPG, GDEQ, Unroll):
         register(cls.name, cls)
+
+
+@hookimpl
+def deqcore_register_hypersolvers(register: Any) -> None:
+    register(HyperAnderson.name, HyperAnderson)

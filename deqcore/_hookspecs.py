@@ -55,4 +55,13 @@ def deqcore_register_gradients(register):  # type: ignore[no-untyped-def]
 
 @hookspec
 def deqcore_register_hypersolvers(register):  # type: ignore[no-untyped-def]
-    """Add learned solvers (hypersolvers): ``register(name, hypersolver_class)``."""
+    """Add learned solvers (hypersolvers).
+
+    Call ``register(name, hypersolver_class)``. The class subclasses
+    :class:`deqcore.hypersolvers.Hypersolver`: an instance holds its weights as NumPy arrays,
+    ``bind(backend, structure, like, max_iter=, params=)`` returns a :class:`deqcore.Solver` for
+    one solve (written over the backend protocol), and ``initial_state(backend, x, like)`` its
+    learned first guess (or None). Instances are passed as ``deqcore.solve(f, x, solver=hs)``.
+    The registered name is stored in saved weights, and
+    :func:`deqcore.hypersolvers.load_hypersolver` finds the class by it.
+    """

@@ -74,6 +74,13 @@ class Backend(Protocol):
         """
         ...
 
+    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled for repeated calls with same-shaped arrays (JAX: ``jax.jit``), or ``fn``
+        itself where there is nothing to compile (torch). ``fn`` takes and returns arrays and
+        dicts/tuples of arrays. Used by hypersolver training's step.
+        """
+        ...
+
     def set_index(self, buffer: Array, index: Any, value: Array, axis: int = 0) -> Array:
         """Write ``value`` at position ``index`` of ``buffer`` along ``axis``; return the buffer.
 

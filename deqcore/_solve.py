@@ -14,6 +14,7 @@ from ._loop import Problem, run
 from ._registry import registry
 from ._solution import ConvergenceError, Solution, Status
 from ._structure import Structure, leaves
+from .hypersolvers._hyperanderson import Hypersolver
 
 COMMON_OPTIONS = {
     "tol": opt.Option(1e-4, "stop when the stop residual is <= tol", opt.positive_float),
@@ -34,7 +35,7 @@ def solve(
     z0: Any = None,
     *,
     backend: str | None = None,
-    solver: str = "anderson",
+    solver: str | Hypersolver = "anderson",
     tol: float = 1e-4,
     max_iter: int = 50,
     stop_mode: str = "rel",
@@ -54,7 +55,10 @@ def solve(
         z0: the initial state; default zeros with the structure of ``x``.
         backend: ``"torch"``, ``"jax"`` or a plugin's backend; default inferred from the arrays.
             A backend that does not match the arrays' type is a ``TypeError`` naming both.
-        solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver.
+        solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver;
+            or a trained hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then
+            also supplies ``z0`` from its initialiser when ``z0`` is None. A hypersolver takes no
+            solver options.
         tol, stop_mode: stop a sample when its ``rel`` (``||f(z)-z|| / ||f(z)||``) or ``abs``
             (``||f(z)-z||``) residual is ``<= tol``. Converged samples are frozen; the loop ends
             when all samples are frozen or after ``max_iter`` steps.
@@ -88,15 +92,35 @@ def solve(
          "batched": batched, "throw": throw},
     )
     be = _resolve_backend(reg, backend, x, z0)
-    solver_cls = reg.get("solvers", solver).obj
-    solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
-    solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
+    hyper = solver if isinstance(solver, Hypersolver) else None
+    if hyper is not None:
+        if options:
+            raise TypeError(f"deqcore.solve: a hypersolver takes no solver options, got "
+                            f"{', '.join(sorted(options))}")
+        solver = hyper.name
+    elif not isinstance(solver, str):
+        raise TypeError(f"deqcore.solve: solver must be a solver name or a hypersolver, got "
+                        f"{type(solver).__name__}")
+    else:
+        solver_cls = reg.get("solvers", solver).obj
+        solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
+        solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
     mode = _gradient_mode(reg, grad, grad_options, solver)
 
+    if z0 is None and hyper is not None:
+        floats = [a for a in leaves(x) if be.is_array(a) and be.xp.isdtype(a.dtype, "real floating")]
+        if not floats:
+            raise TypeError("deqcore.solve: a hypersolver's initialiser needs x to hold a floating-point "
+                            "array (its dtype is the state's); pass z0 otherwise")
+        like = floats[0]
+        with be.no_grad():
+            z0 = hyper.initial_state(be, x, like)
     if z0 is None:
         z0 = _zeros_like(be, x)
     structure = Structure.of(be, z0, common["batched"])
     ref = leaves(z0)[0]
+    if hyper is not None:
+        solver_obj = hyper.bind(be, structure, ref, max_iter=common["max_iter"])
 
     def fn(zf: Any) -> Any:
         out = f(structure.unflatten(be, zf), x)

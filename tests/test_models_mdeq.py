@@ -120,7 +120,7 @@ def test_checkpoint_round_trip_and_schema_errors(tmp_path):
                        match=r"missing 1: head.classifier.bias \| unexpected 1: extra.weight"):
         check_schema(params, partial, "parameters")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
-    with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz checkpoint"):
+    with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz file"):
         load_checkpoint(tmp_path / "bad.npz")
     np.savez(tmp_path / "foreign.npz", a=np.zeros(2))
     with pytest.raises(CheckpointError, match="no __meta__ entry"):

@@ -41,6 +41,9 @@ class JaxBackend:
     def fori_loop(self, length, body, state):
         return jax.lax.fori_loop(0, length, body, state)
 
+    def jit(self, fn):
+        return jax.jit(fn)
+
     def set_index(self, buffer, index, value, axis=0):
         idx = (slice(None),) * (axis % buffer.ndim) + (index,)
         return buffer.at[idx].set(value)

@@ -97,6 +97,9 @@ class TorchBackend:
             state = body(i, state)
         return state
 
+    def jit(self, fn):
+        return fn
+
     def set_index(self, buffer, index, value, axis=0):
         if torch.is_grad_enabled() and (buffer.requires_grad or value.requires_grad):
             # recorded for autograd (the unroll mode): an in-place write would invalidate

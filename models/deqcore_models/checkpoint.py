@@ -10,7 +10,6 @@ half-written checkpoint behind. Loading never unpickles.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deqcore._arrays_io import load_arrays, save_arrays
 
 FORMAT = "deqcore-checkpoint"
 VERSION = 1
@@ -40,23 +41,8 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` (``.npz`` appended if missing) atomically; returns the path."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    for group in _GROUPS:
-        for name, value in getattr(ckpt, group).items():
-            arrays[f"{group}/{name}"] = np.asarray(value)
-    meta = {"format": FORMAT, "version": VERSION, **ckpt.meta}
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs: allow_pickle kwarg
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    arrays = {f"{group}/{name}": value for group in _GROUPS for name, value in getattr(ckpt, group).items()}
+    return save_arrays(path, arrays, {"format": FORMAT, "version": VERSION, **ckpt.meta})
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -65,17 +51,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # zip, header and pickle errors all mean "not our format"
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint "
-                              f"({type(exc).__name__}: {exc})") from exc
-    if "__meta__" not in arrays:
-        raise CheckpointError(f"{path}: no __meta__ entry; not a deqcore checkpoint")
-    try:
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable metadata ({exc})") from exc
+        arrays, meta = load_arrays(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc).replace("not written by deqcore", "not a deqcore checkpoint")) from exc
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")

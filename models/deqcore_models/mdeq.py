@@ -214,13 +214,24 @@ def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[st
     and the gradient mode. ``probe``: Hutchinson noise, one array per branch with the shapes of
     :func:`equilibrium_shapes`, for the Jacobian penalty in the stats (or None).
     """
+    new_state = dict(state)
+    inj = _stem(ops, cfg, params, state, new_state, x, train)
+    f = _layer(ops, cfg, params, masks)
+    z0 = tuple(ops.xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(cfg, x.shape))
+    z, stats = run_layer(ops.name, f, inj, z0, settings, ops.xp, probe)
+    logits = _head(ops, cfg, params, state, new_state, z, train)
+    return logits, new_state, stats
+
+
+def _stem(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any],
+          new_state: dict[str, Any], x: Any, train: bool) -> Any:
+    """The input injection (B, channels[0], H', W') of images ``x``."""
     xp = ops.xp
     _, _, h, w = x.shape
     levels = cfg.branches - 1 + cfg.downsample
     if h % 2 ** levels or w % 2 ** levels:
         raise ValueError(f"image size {h}x{w} must be divisible by 2^{levels} for {cfg.branches} "
                          f"branches and downsample={cfg.downsample}")
-    new_state = dict(state)
     out = conv(ops, x, params["stem.conv1.weight"], stride=2 if cfg.downsample >= 1 else 1)
     out = relu(xp, batch_norm(xp, out, params, state, "stem.bn1", train, new_state))
     inj = conv(ops, out, params["stem.conv2.weight"], stride=2 if cfg.downsample >= 2 else 1)
@@ -228,9 +239,13 @@ def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[st
     if "stem.stage0.conv.weight" in params:
         inj = conv(ops, inj, params["stem.stage0.conv.weight"])
         inj = relu(xp, batch_norm(xp, inj, params, state, "stem.stage0.bn", train, new_state))
-    f = _layer(ops, cfg, params, masks)
-    z0 = tuple(xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(cfg, x.shape))
-    z, stats = run_layer(ops.name, f, inj, z0, settings, xp, probe)
+    return inj
+
+
+def _head(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any],
+          new_state: dict[str, Any], z: tuple[Any, ...], train: bool) -> Any:
+    """Class logits (B, classes) from the equilibrium state ``z``."""
+    xp = ops.xp
     y = _bottleneck(ops, params, state, new_state, "head.incre0", z[0], train)
     for i in range(cfg.branches - 1):
         down = relu(xp, batch_norm(xp, conv(ops, y, params[f"head.down{i}.conv.weight"],
@@ -240,6 +255,35 @@ def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[st
     y = conv(ops, y, params["head.final.conv.weight"], params["head.final.conv.bias"])
     y = relu(xp, batch_norm(xp, y, params, state, "head.final.bn", train, new_state))
     pooled = xp.mean(y, axis=(2, 3))
-    logits = (xp.matmul(pooled, xp.matrix_transpose(params["head.classifier.weight"]))
-              + params["head.classifier.bias"])
-    return logits, new_state, stats
+    return (xp.matmul(pooled, xp.matrix_transpose(params["head.classifier.weight"]))
+            + params["head.classifier.bias"])
+
+
+@dataclass(frozen=True)
+class MDEQParts:
+    """A trained MDEQ split around its equilibrium layer, in evaluation mode (BatchNorm running
+    statistics, no dropout): ``inject(x)`` gives the injection, ``layer(z, inj)`` is ``f``,
+    ``zeros(x)`` the classic start, ``head(z)`` the logits. For solving the layer by other means
+    (a hypersolver) and timing the solve alone."""
+
+    inject: Any
+    layer: Any
+    zeros: Any
+    head: Any
+
+
+def mdeq_parts(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any]) -> MDEQParts:
+    """The evaluation-mode pieces of an MDEQ with these parameters (see :class:`MDEQParts`)."""
+    xp = ops.xp
+
+    def inject(x: Any) -> Any:
+        return _stem(ops, cfg, params, state, {}, x, False)
+
+    def zeros(x: Any) -> tuple[Any, ...]:
+        dtype = params["stem.conv1.weight"].dtype
+        return tuple(xp.zeros(s, dtype=dtype) for s in equilibrium_shapes(cfg, x.shape))
+
+    def head(z: tuple[Any, ...]) -> Any:
+        return _head(ops, cfg, params, state, {}, z, False)
+
+    return MDEQParts(inject, _layer(ops, cfg, params, None), zeros, head)
