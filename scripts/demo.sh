@@ -13,8 +13,8 @@ source scripts/_common.sh
 
 venv="${DEQCORE_VENV:-.venv}"
 ensure_venv "$venv"
-echo ">> pip install -e '.[torch,jax,demo]'" >&2
-"$venv/bin/python" -m pip install -e '.[torch,jax,demo]'
+echo ">> pip install 'torch==2.13.0' -e '.[jax,demo]'" >&2
+"$venv/bin/python" -m pip install 'torch==2.13.0' -e '.[jax,demo]'
 
 data="${DEQCORE_DATA:-../shared/data}"
 echo ">> python -m deqcore.demo --data $data $*" >&2

@@ -15,4 +15,4 @@ def _make_backend() -> Any:
 
 @hookimpl
 def deqcore_register_backends(register: Any) -> None:
-    register("torch", _make_backend, modules=("torch",), install="pip install 'deqcore[torch]'")
+    register("torch", _make_backend, modules=("torch",), install="pip install 'torch==2.13.0'")

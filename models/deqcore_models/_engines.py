@@ -228,7 +228,8 @@ def make_engine(backend: str, task: Any, params, state, weight_decay: float, cli
     """The training engine of ``backend`` (``"torch"`` or ``"jax"``): Adam with L2
     ``weight_decay``, after clipping the gradient's global norm to ``clip_norm`` (None: no
     clipping). A missing framework is an ``ImportError`` saying what to install."""
-    engines = {"torch": (TorchEngine, "torch", "PyTorch"), "jax": (JaxEngine, "jax", "JAX and optax")}
+    engines = {"torch": (TorchEngine, "'torch==2.13.0'", "PyTorch"),
+               "jax": (JaxEngine, "'deqcore[jax]'", "JAX and optax")}
     if backend not in engines:
         raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
     cls, extra, what = engines[backend]
@@ -236,4 +237,4 @@ def make_engine(backend: str, task: Any, params, state, weight_decay: float, cli
         return cls(task, params, state, weight_decay, clip_norm)
     except ModuleNotFoundError as exc:
         raise ImportError(f"backend {backend!r} needs {what}, which is not installed ({exc}); "
-                          f"install it with pip install 'deqcore[{extra}]'") from exc
+                          f"install it with pip install {extra}") from exc
