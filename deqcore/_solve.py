@@ -108,13 +108,8 @@ def solve(
     mode = _gradient_mode(reg, grad, grad_options, solver)
 
     if z0 is None and hyper is not None:
-        floats = [a for a in leaves(x) if be.is_array(a) and be.xp.isdtype(a.dtype, "real floating")]
-        if not floats:
-            raise TypeError("deqcore.solve: a hypersolver's initialiser needs x to hold a floating-point "
-                            "array (its dtype is the state's); pass z0 otherwise")
-        like = floats[0]
         with be.no_grad():
-            z0 = hyper.initial_state(be, x, like)
+            z0 = hyper.initial_state(be, x, first_floating(be, x, "deqcore.solve"))
     if z0 is None:
         z0 = _zeros_like(be, x)
     structure = Structure.of(be, z0, common["batched"])
@@ -204,6 +199,15 @@ def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any) -> 
         return ConvergenceError(msg)
 
     return make
+
+
+def first_floating(be: Any, x: Any, owner: str) -> Any:
+    """The first floating-point array of ``x``: a hypersolver's weights take its dtype and device."""
+    for a in leaves(x):
+        if be.is_array(a) and be.xp.isdtype(a.dtype, "real floating"):
+            return a
+    raise TypeError(f"{owner}: a hypersolver's initialiser needs x to hold a floating-point array (its "
+                    "dtype is the state's); pass z0 (solve) or start= (train_hypersolver) otherwise")
 
 
 def _zeros_like(be: Any, x: Any) -> Any:

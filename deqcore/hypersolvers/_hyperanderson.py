@@ -87,6 +87,7 @@ class HyperAndersonSolver(Solver):
         g0 = fz0 - z0
         c0 = self.compress(g0)
         device = array_api_compat.device(z0)
+        self._positions = xp.arange(self.window, device=device)  # one per solve, not per step
         ring = xp.zeros((B, self.window, n), dtype=z0.dtype, device=device)
         comp = xp.zeros((B, self.window, c0.shape[1]), dtype=z0.dtype, device=device)
         alpha = xp.zeros((B, self.window), dtype=z0.dtype, device=device)
@@ -109,7 +110,7 @@ class HyperAndersonSolver(Solver):
         backend = problem.backend
         xp = backend.xp
         W = self.window
-        pos = xp.arange(W, device=array_api_compat.device(state.z))
+        pos = self._positions
         index = state.count - W + pos  # the store index at each window position, oldest first
         valid = index >= 0
         # order[p, s] = 1 where ring slot s holds window position p

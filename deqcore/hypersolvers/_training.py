@@ -17,7 +17,7 @@ import numpy as np
 
 from .._loop import Problem
 from .._options import Option, nonnegative_float, positive_float, positive_int, resolve
-from .._structure import Structure
+from .._structure import Structure, leaves
 from ._hyperanderson import HyperAnderson
 from ._mixers import safe_norm
 
@@ -160,7 +160,7 @@ def train_hypersolver(
             x = _next_batch(it, step - 1, steps)
         z_star, target_res = target_fn(x)
         if not params:
-            params = dict(hs.arrays(be, _first_leaf(z_star)))
+            params = dict(hs.arrays(be, leaves(z_star)[0]))
             m = {k: xp.zeros_like(p) for k, p in params.items()}
             v = {k: xp.zeros_like(p) for k, p in params.items()}
         ref = next(iter(params.values()))
@@ -194,7 +194,7 @@ def _next_batch(it: Any, done: int, steps: int) -> Any:
 def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, opts: dict[str, Any],
                     start: Callable[[Any], Any] | None) -> tuple[Any, Any]:
     """The (compiled) target solve and training step."""
-    from .._solve import solve
+    from .._solve import _zeros_like, first_floating, solve
 
     xp = be.xp
     names = sorted(hs.params)
@@ -204,8 +204,8 @@ def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, op
         if start is not None:
             z0 = start(x)
         else:
-            guess = hs.initial_state(be, x, _first_float(be, x))
-            z0 = None if guess is None else _zeros(xp, guess)
+            guess = hs.initial_state(be, x, first_floating(be, x, "train_hypersolver"))
+            z0 = None if guess is None else _zeros_like(be, guess)
         sol = solve(f, x, z0, backend=be.name, solver=opts["target_solver"], tol=opts["target_tol"],
                     max_iter=opts["target_max_iter"], grad=None)
         return sol.z, sol.rel_residual
@@ -225,19 +225,3 @@ def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, op
         return new_p, new_m, new_v, be.stop_gradient(values)
 
     return be.jit(targets), be.jit(train_step)
-
-
-def _zeros(xp: Any, z: Any) -> Any:
-    return tuple(xp.zeros_like(a) for a in z) if isinstance(z, (tuple, list)) else xp.zeros_like(z)
-
-
-def _first_float(be: Any, x: Any) -> Any:
-    items = list(x) if isinstance(x, (tuple, list)) else [x]
-    for a in items:
-        if be.is_array(a) and be.xp.isdtype(a.dtype, "real floating"):
-            return a
-    raise TypeError("train_hypersolver: x holds no floating-point array; pass start=")
-
-
-def _first_leaf(z: Any) -> Any:
-    return z[0] if isinstance(z, (tuple, list)) else z

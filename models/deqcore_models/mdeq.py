@@ -263,27 +263,20 @@ def _head(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, An
 class MDEQParts:
     """A trained MDEQ split around its equilibrium layer, in evaluation mode (BatchNorm running
     statistics, no dropout): ``inject(x)`` gives the injection, ``layer(z, inj)`` is ``f``,
-    ``zeros(x)`` the classic start, ``head(z)`` the logits. For solving the layer by other means
-    (a hypersolver) and timing the solve alone."""
+    ``head(z)`` the logits (the classic start is zeros of :func:`equilibrium_shapes`). For solving
+    the layer by other means (a hypersolver) and timing the solve alone."""
 
     inject: Any
     layer: Any
-    zeros: Any
     head: Any
 
 
 def mdeq_parts(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any]) -> MDEQParts:
     """The evaluation-mode pieces of an MDEQ with these parameters (see :class:`MDEQParts`)."""
-    xp = ops.xp
-
     def inject(x: Any) -> Any:
         return _stem(ops, cfg, params, state, {}, x, False)
-
-    def zeros(x: Any) -> tuple[Any, ...]:
-        dtype = params["stem.conv1.weight"].dtype
-        return tuple(xp.zeros(s, dtype=dtype) for s in equilibrium_shapes(cfg, x.shape))
 
     def head(z: tuple[Any, ...]) -> Any:
         return _head(ops, cfg, params, state, {}, z, False)
 
-    return MDEQParts(inject, _layer(ops, cfg, params, None), zeros, head)
+    return MDEQParts(inject, _layer(ops, cfg, params, None), head)
