@@ -153,13 +153,15 @@ class HyperAnderson(Hypersolver):
         mixer: the weight predictor; default :class:`TemporalConvMixer` (HyperDEQ's ``s_xi``:
             two kernel-3 convolutions of ``width`` channels, GELU). :class:`AndersonMixer`
             reproduces classic Anderson (memory ``memory + 1``).
-        iterations: K, the number of iterations training unrolls (inference may run more).
+        iterations: K, the budget training targets (its loss unrolls 2K by default; inference may
+            run any number).
         memory: m; the window holds ``m + 1`` iterates.
         normalisation: ``"shift"`` (default), ``"softmax"`` or ``"none"`` (ablations).
         update: ``"weighted"`` (default, ``beta * G^T alpha``) or ``"sum"`` (``beta * sum_i g_i``,
             the review text's literal form).
-        width, beta_max, beta_init: the default mixer's width, ``beta = beta_max *
-            sigmoid(.)`` and its initial value.
+        width, beta_max, beta_init, prior: the default mixer's width, ``beta = beta_max *
+            sigmoid(.)``, its initial value, and the weights its output corrects
+            (``"anderson"``, default, or ``"newest"``; see :class:`TemporalConvMixer`).
         params: trained weights (``mixer.*``, ``init.*``); default a fresh initialisation from
             ``seed``. Names and shapes are checked.
     """
@@ -169,7 +171,7 @@ class HyperAnderson(Hypersolver):
     def __init__(self, compression: Any, initialiser: Any = None, mixer: Any = None, *,
                  iterations: int = 10, memory: int = 5, normalisation: str = "shift",
                  update: str = "weighted", width: int = 64, beta_max: float = 1.0,
-                 beta_init: float = 0.9, prior: str = "newest",
+                 beta_init: float = 0.9, prior: str = "anderson",
                  params: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> None:
         for label, value in (("iterations", iterations), ("memory", memory)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

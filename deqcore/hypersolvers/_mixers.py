@@ -72,11 +72,14 @@ class TemporalConvMixer:
 
     Input per window position: the compressed residual divided by the window's root-mean-square
     residual norm (so the mixer, like Anderson's least squares, is blind to the residuals' overall
-    scale, which falls by orders of magnitude during a solve), its log relative norm, and a flag
-    for the newest position. Output channel 0 is ``alpha_hat`` plus one at the newest position,
-    channel 1 averaged over the valid positions is the logit of ``beta / beta_max``. The output
-    layer starts small, so an untrained mixer takes damped fixed-point steps ``z + beta g`` with
-    ``beta = beta_init``. Zero padding and zeroed hidden units at invalid positions make a
+    scale, which falls by orders of magnitude during a solve), its log relative norm, a flag
+    for the newest position and the prior's weights. Output channel 0 is ``alpha_hat`` plus the
+    prior, channel 1 averaged over the valid positions is the logit of ``beta / beta_max``. The
+    prior is ``"anderson"`` (default: the least-squares weights of the scaled, compressed window,
+    regularised by ``lam``; it keeps the iteration converging past the trained budget, see
+    docs/hypersolvers.md) or ``"newest"`` (weight one on the newest iterate). The output layer
+    starts small, so an untrained mixer takes damped steps from the prior's mix with ``beta =
+    beta_init``. Zero padding and zeroed hidden units at invalid positions make a
     partly filled window behave exactly like a shorter sequence.
 
     Parameters (``mixer.`` prefix in a hypersolver): ``w1`` (3, C+2, width), ``b1`` (width,),
@@ -84,7 +87,7 @@ class TemporalConvMixer:
     """
 
     def __init__(self, features: int, width: int = 64, beta_max: float = 1.0, beta_init: float = 0.9,
-                 prior: str = "newest", lam: float = 1e-4) -> None:
+                 prior: str = "anderson", lam: float = 1e-4) -> None:
         if not 0.0 < beta_init < beta_max:
             raise ValueError(f"TemporalConvMixer: need 0 < beta_init < beta_max, got {beta_init}, {beta_max}")
         if prior not in PRIORS:

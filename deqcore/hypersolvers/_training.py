@@ -33,19 +33,25 @@ TRAIN_OPTIONS = {
                             if isinstance(v, str) and v else "a solver name"),
     "target_tol": Option(1e-6, "stop tolerance (relative) of the target solve", positive_float),
     "target_max_iter": Option(100, "step budget of the target solve", positive_int),
-    "conv_loss": Option("norm", "L_conv's per-iterate error: 'norm' ||z_k - z*|| (HyperDEQ's) or 'log' "
+    "conv_loss": Option("log", "L_conv's per-iterate error: 'norm' ||z_k - z*|| (HyperDEQ's) or 'log' "
                         "log ||z_k - z*|| (every order of magnitude counts alike)", lambda v: None
                         if v in ("norm", "log") else "'norm' or 'log'"),
+    "unroll": Option(None, "iterations L_conv unrolls (default 2K, twice the hypersolver's budget): "
+                     "unrolling only K leaves it free to stall after K steps", lambda v: None
+                     if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+                     else "None or an int >= 1"),
     "log_every": Option(10, "call progress every this many steps", positive_int),
 }
 
 
 def hypersolver_losses(hs: HyperAnderson, f: Callable[[Any, Any], Any], x: Any, z_star: Any,
-                       params: Mapping[str, Any], *, backend: Any,
-                       conv_loss: str = "norm") -> tuple[Any, Any, Any]:
+                       params: Mapping[str, Any], *, backend: Any, conv_loss: str = "log",
+                       unroll: int | None = None) -> tuple[Any, Any, Any]:
     """``(L_conv, L_init, L_alpha)`` of one batch, each a scalar averaged over the batch.
 
-    ``L_conv = sum_k w_k ||z_k - z*||`` over the K iterations with ``w_k = k / sum(1..K)``,
+    ``L_conv = sum_k w_k e_k`` over ``unroll`` iterations (default ``2K``) with ``w_k = k /
+    sum(1..unroll)`` and ``e_k = log ||z_k - z*||`` (``conv_loss="log"``) or ``||z_k - z*||``
+    (``"norm"``, HyperDEQ's),
     ``L_init = ||h_phi(x) - z*||`` (0 without an initialiser) and ``L_alpha = sum_k ||G_k^T
     alpha_k||`` over the K mixing steps (the Anderson objective). ``params`` are framework arrays
     (the ones differentiated); ``z_star`` has the state's structure.
@@ -65,7 +71,7 @@ def hypersolver_losses(hs: HyperAnderson, f: Callable[[Any, Any], Any], x: Any, 
     else:
         z0 = structure.flatten(be, z0)
         l_init = xp.mean(safe_norm(xp, z0 - zs))
-    K = hs.iterations
+    K = 2 * hs.iterations if unroll is None else unroll
     solver = hs.bind(be, structure, zs, max_iter=K, params=params)
     problem = Problem(be, fn, structure.batch, structure.n, structure.dtype)
     active = xp.ones(zs.shape[:1], dtype=xp.bool)
@@ -130,8 +136,9 @@ def train_hypersolver(
         **options: ``lr`` (1e-3), ``conv_weight``/``init_weight``/``alpha_weight`` (lambda_1..3:
             0.1, 0.05, 1e-4), ``alpha_final`` (5e-8) and ``alpha_decay_steps`` (1500) for
             lambda_3's linear decay, ``target_solver`` ("broyden"), ``target_tol`` (1e-6, rel) and
-            ``target_max_iter`` (100) for the targets, ``log_every`` (10). Unknown names are a
-            ``TypeError``.
+            ``target_max_iter`` (100) for the targets, ``conv_loss`` ("log": ``log ||z_k - z*||``,
+            or "norm": ``||z_k - z*||``), ``unroll`` (iterations in ``L_conv``, default ``2K``),
+            ``log_every`` (10). Unknown names are a ``TypeError``.
 
     Returns:
         ``(trained, history)``: a copy of ``hs`` with the new weights, and one record per step
@@ -215,7 +222,8 @@ def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, op
         def objective(*leaves: Any) -> Any:
             weights = dict(zip(names, leaves, strict=True))
             l_conv, l_init, l_alpha = hypersolver_losses(hs, f, x, z_star, weights, backend=be,
-                                                         conv_loss=opts["conv_loss"])
+                                                         conv_loss=opts["conv_loss"],
+                                                         unroll=opts["unroll"])
             return xp.stack([w1 * l_conv + w2 * l_init + lam3 * l_alpha, l_conv, l_init, l_alpha])
 
         values, pullback = be.vjp(objective, *[p[k] for k in names])

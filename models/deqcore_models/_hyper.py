@@ -4,7 +4,12 @@ MDEQ (multiscale images): the compression global-pools the lowest-resolution bra
 residual (one value per channel); the initialiser is a small 3x3 convolution of the injection
 with ReLU, average-pooled to each branch's resolution and mapped to the branch's channels by a
 1x1 convolution. Both are written over the backend's ``xp`` (plus ``conv2d`` from the models'
-framework glue), so one hypersolver runs on PyTorch and JAX. See ``docs/hypersolvers.md``.
+framework glue), so one hypersolver runs on PyTorch and JAX.
+
+DEQ-Transformer (sequences): the compression keeps the last position of a residual (the one
+that attends to the whole segment); the initialiser is a causal kernel-3 convolution of the
+injection with ReLU and a linear map to ``d_model`` (causal, so a first guess never carries a
+later token into an earlier position). See ``docs/hypersolvers.md``.
 """
 
 from __future__ import annotations
@@ -73,3 +78,45 @@ class MDEQInitialiser:
             y = xp.matmul(xp.permute_dims(pooled, (0, 2, 3, 1)), w)
             out.append(xp.permute_dims(y + params[f"out{i}.bias"], (0, 3, 1, 2)))
         return tuple(out)
+
+
+class TransformerCompression:
+    """A residual (B, L, d_model) -> its last position (B, d_model)."""
+
+    def __init__(self, d_model: int) -> None:
+        self.features = int(d_model)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "transformer", "d_model": self.features}
+
+    def __call__(self, backend: Any, g: Any) -> Any:
+        return g[:, -1, :]
+
+
+class TransformerInitialiser:
+    """``h_phi(u)`` for an injection ``u`` (B, L, F): ``relu(conv(u) + b) W + c`` where ``conv`` is
+    causal with kernel 3 (position t sees t-2, t-1, t) into ``hidden`` channels, and ``W``
+    (hidden, d_model) starts at zero, so an untrained initialiser gives the classic zero start."""
+
+    def __init__(self, inj_features: int, d_model: int, hidden: int = 32) -> None:
+        self.inj_features, self.d_model, self.hidden = int(inj_features), int(d_model), int(hidden)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "transformer", "inj_features": self.inj_features, "d_model": self.d_model,
+                "hidden": self.hidden}
+
+    def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        fan_in = 3 * self.inj_features
+        return {"conv.weight": rng.normal(0.0, math.sqrt(2.0 / fan_in), (3, self.inj_features, self.hidden)),
+                "conv.bias": np.zeros(self.hidden),
+                "out.weight": np.zeros((self.hidden, self.d_model)),
+                "out.bias": np.zeros(self.d_model)}
+
+    def __call__(self, backend: Any, params: Mapping[str, Any], u: Any) -> Any:
+        xp = backend.xp
+        w = params["conv.weight"]
+        zero = xp.zeros_like(u[:, :1])
+        back1 = xp.concat([zero, u[:, :-1]], axis=1)
+        back2 = xp.concat([zero, back1[:, :-1]], axis=1)
+        h = xp.matmul(back2, w[0]) + xp.matmul(back1, w[1]) + xp.matmul(u, w[2]) + params["conv.bias"]
+        return xp.matmul(relu(xp, h), params["out.weight"]) + params["out.bias"]

@@ -3,6 +3,8 @@
     deqcore train --backend torch --dataset fashion-mnist --data ../shared/data --epochs 1
     deqcore eval --run runs/mdeq                 # test accuracy of a run's latest checkpoint
     deqcore bench --backend jax                  # step time and NFE on a few batches
+    deqcore hypersolver train --run runs/mdeq    # fit a HyperDEQ solver to the run's frozen model
+    deqcore hypersolver eval --run runs/mdeq     # it against Anderson and Broyden on the test set
 
 Run ``deqcore <command> --help`` for every flag.
 """
@@ -147,7 +149,58 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Time a few training steps of a configuration.")
     _add_run_flags(be)
     be.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (default 5)")
+    _add_hypersolver_parser(sub)
     return parser
+
+
+def _add_hypersolver_parser(sub: Any) -> None:
+    hp = sub.add_parser("hypersolver", help="train or evaluate a HyperDEQ solver for a trained run",
+                        description="HyperDEQ: a learned initialiser and HyperAnderson iterations fitted to "
+                                    "a run's frozen model (docs/hypersolvers.md).")
+    hsub = hp.add_subparsers(dest="hyper_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", required=True, help="the training run's folder (holds checkpoint.npz)")
+    common.add_argument("--backend", choices=["torch", "jax"], default=None,
+                        help="backend (default: the run's; checkpoints are framework-neutral)")
+    common.add_argument("--data", default=None, help="data folder (default: the run's, else $DEQCORE_DATA)")
+    common.add_argument("--no-progress", action="store_true", help="no progress lines")
+    ht = hsub.add_parser("train", parents=[common], help="fit a hypersolver to the run's frozen model",
+                         description="Fit a hypersolver to RUN's frozen model on its training data; the "
+                                     "model's parameters are not changed.")
+    ht.add_argument("--out", default=None, help="weights file (default RUN/hypersolver.npz); the training "
+                                                "history goes beside it as .csv")
+    ht.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    ht.add_argument("--batch-size", type=int, default=16,
+                    help="images, or rows of one segment, per step (default 16)")
+    ht.add_argument("--iterations", type=int, default=6, help="K, the budget it is trained for (default 6)")
+    ht.add_argument("--memory", type=int, default=5, help="m; the window holds m+1 iterates (default 5)")
+    ht.add_argument("--width", type=int, default=16, help="channels of the mixer's convolutions (default 16)")
+    ht.add_argument("--hidden", type=int, default=None,
+                    help="channels of the initialiser (default 4 for MDEQ, 16 for the transformer)")
+    ht.add_argument("--no-initialiser", action="store_true", help="start from zeros (an ablation)")
+    ht.add_argument("--prior", choices=["anderson", "newest"], default="anderson",
+                    help="weights the mixer corrects (default anderson)")
+    ht.add_argument("--normalisation", choices=["shift", "softmax", "none"], default="shift",
+                    help="how raw weights become weights summing to 1 (default shift)")
+    ht.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default 0)")
+    ht.add_argument("--train-option", action="append", metavar="KEY=VALUE",
+                    help="a train_hypersolver option, repeatable (lr, conv_loss, unroll, target_tol, ...); "
+                         "unknown keys are errors listing the valid ones")
+    he = hsub.add_parser("eval", parents=[common], help="compare a hypersolver with classic solvers",
+                         description="Every method at every budget on the run's test set: accuracy (or "
+                                     "perplexity), mean relative residual and the test pass's seconds; "
+                                     "writes results.json, residual.png and pareto.png.")
+    he.add_argument("--hypersolver", action="append", metavar="[LABEL=]FILE",
+                    help="hypersolver weights, repeatable (default RUN/hypersolver.npz, label hyper)")
+    he.add_argument("--solvers", default="anderson,broyden",
+                    help="classic solvers to compare, comma-separated (default anderson,broyden)")
+    he.add_argument("--budgets", default="1,2,3,4,6,8,12",
+                    help="solver steps, comma-separated; every solve runs exactly this many (default "
+                         "1,2,3,4,6,8,12)")
+    he.add_argument("--from-init", action="store_true",
+                    help="also run each classic solver from the first hypersolver's initialiser")
+    he.add_argument("--test-limit", type=int, default=None, help="first N test images (tokens for text)")
+    he.add_argument("--out", default=None, help="output folder (default RUN/hypersolver-eval)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "hypersolver":
+            from .hypersolver_cli import hypersolver_eval, hypersolver_train
+
+            return hypersolver_train(args) if args.hyper_command == "train" else hypersolver_eval(args)
         return _bench(args)
     except (DataError, CheckpointError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

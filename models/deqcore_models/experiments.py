@@ -9,6 +9,14 @@ accuracy, and the cosine between each mode's gradient and the implicit gradient 
 
     python -m deqcore_models.experiments backends RUN_A RUN_B --out DIR
 
+    python -m deqcore_models.experiments hyperdeq --run RUN --out docs/experiments/hyperdeq-fmnist
+
+``hyperdeq``: HyperDEQ on a trained run: fits the hypersolver and its ablations (no initialiser,
+softmax weights, the "newest" prior) to the frozen model, then runs them, Anderson, Broyden and
+Anderson from the learned initialiser at every budget on the test set: residual vs NFE and
+accuracy (perplexity) vs time plots, the speedup at equal quality, parameter and training-time
+ratios; writes results.md, results.json, residual.png, pareto.png, training.png.
+
 ``backends``: compares two training runs of the same command on different backends (their
 ``steps.csv`` and ``summary.json``): per-step loss difference, final test metrics, median step
 time ratio; writes ``backends.md``, ``backends.json`` and ``backends.png`` (both loss curves).
@@ -192,6 +200,140 @@ def compare_backends(run_a: Path, run_b: Path, out: Path) -> dict[str, Any]:
     return result
 
 
+#: ablation name -> make_hypersolver overrides
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hyper": {},
+    "no-init": {"hidden": None},
+    "softmax": {"normalisation": "softmax"},
+    "newest-prior": {"prior": "newest"},
+}
+
+
+def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
+    from .hyperdeq import compare, fit, load_frozen, make_hypersolver, save_json, speedups, write_plots
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_frozen(args.run, backend=args.backend, data=args.data, test_limit=args.test_limit)
+    hidden = args.hidden or (16 if model.text else 4)
+    say = (lambda line: None) if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    methods: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for name in args.variants:
+        kw = {"iterations": args.iterations, "width": args.width, "hidden": hidden, "seed": args.seed,
+              **VARIANTS[name]}
+        hs = make_hypersolver(model, **kw)
+        say(f"training {name}: {hs}")
+        trained, history = fit(model, hs, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                               lr=args.lr, log_every=max(1, args.steps // 10),
+                               progress=lambda r: say(f"  step {r['step']}: conv {r['conv']:.4g} "
+                                                      f"init {r['init']:.4g} ({r['seconds']:.0f} s)"))
+        trained.save(out / f"{name}.npz", meta={"run": str(args.run), "steps": args.steps, "lr": args.lr})
+        _write_csv(out / f"{name}.csv", history)
+        seconds = history[-1]["seconds"]
+        training[name] = {"seconds": seconds, "parameters": hs.parameter_count(),
+                          "parameter_ratio": hs.parameter_count() / model.parameters,
+                          "layer_parameter_ratio": hs.parameter_count() / model.layer_parameters,
+                          "time_ratio": seconds / model.train_seconds,
+                          "unconverged_targets": int(sum(r["target_unconverged"] for r in history)),
+                          "first_conv": history[0]["conv"], "last_conv": history[-1]["conv"]}
+        methods[name] = trained
+    first = methods[args.variants[0]]
+    for solver in ("anderson", "broyden"):
+        methods[solver] = solver
+    methods["anderson+init"] = ("anderson", first)
+    rows = compare(model, methods, args.budgets, progress=say)
+    classic = ["anderson", "broyden"]
+    result = {"run": str(args.run), "backend": model.backend, "model": model.cfg.model,
+              "dataset": model.cfg.dataset, "checkpoint_step": model.step, "test_items": rows[0]["items"],
+              "model_parameters": model.parameters, "layer_parameters": model.layer_parameters,
+              "model_train_seconds": model.train_seconds, "steps": args.steps, "batch_size": args.batch_size,
+              "iterations": args.iterations, "lr": args.lr, "training": training, "rows": rows,
+              "speedups": {k: speedups(rows, k, classic, model.text) for k in args.variants}}
+    save_json(out / "results.json", result)
+    write_plots(rows, out, model.text, title=f"{model.cfg.model} on {model.cfg.dataset}")
+    _hyperdeq_training_plot(out, args.variants)
+    (out / "results.md").write_text(_hyperdeq_table(result))
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _hyperdeq_training_plot(out: Path, variants: list[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in variants:
+        rows = _csv(out / f"{name}.csv")
+        steps = [int(r["step"]) for r in rows]
+        ax[0].plot(steps, [float(r["conv"]) for r in rows], lw=0.8, label=name)
+        ax[1].plot(steps, [float(r["init"]) for r in rows], lw=0.8, label=name)
+    ax[0].set(title="L_conv (mean log error over 2K iterations)", xlabel="step")
+    ax[1].set(title="L_init ||h(x) - z*||", xlabel="step")
+    for a in ax:
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+
+def _hyperdeq_table(r: dict[str, Any]) -> str:
+    text = r["model"] == "transformer"
+    metric = "perplexity" if text else "accuracy %"
+    budgets = sorted({row["budget"] for row in r["rows"]})
+    methods = list(dict.fromkeys(row["method"] for row in r["rows"]))
+    cell = {(row["method"], row["budget"]): row for row in r["rows"]}
+
+    def fmt(row: dict[str, Any]) -> str:
+        return f"{row['metric']:.1f}" if text else f"{100 * row['metric']:.2f}"
+
+    lines = [f"# HyperDEQ on {r['model']} / {r['dataset']} ({r['backend']}, {r['test_items']} test "
+             f"{'sequences' if text else 'images'})", "",
+             f"Model: {r['model_parameters']:,} parameters ({r['layer_parameters']:,} in the equilibrium "
+             f"layer), trained {r['model_train_seconds']:.0f} s (checkpoint step {r['checkpoint_step']}). "
+             f"Hypersolvers: {r['steps']} steps of batch {r['batch_size']}, K = {r['iterations']}, "
+             f"lr {r['lr']}.", "",
+             "| hypersolver | parameters | of the model | of the layer | training s | of the DEQ's "
+             "training | L_conv first → last |", "|---|---|---|---|---|---|---|"]
+    for name, t in r["training"].items():
+        lines.append(f"| {name} | {t['parameters']:,} | {100 * t['parameter_ratio']:.2f} % | "
+                     f"{100 * t['layer_parameter_ratio']:.1f} % | {t['seconds']:.0f} | "
+                     f"{100 * t['time_ratio']:.2f} % | {t['first_conv']:.3g} → {t['last_conv']:.3g} |")
+    tables = ((f"Test {metric} at each budget (solver steps; NFE = steps + 1)", fmt),
+              ("Mean relative residual", lambda row: f"{row['residual']:.2e}"),
+              ("Seconds per test pass", lambda row: f"{row['seconds']:.2f}"))
+    for title, form in tables:
+        lines += ["", f"## {title}", "", "| method | " + " | ".join(str(b) for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for m in methods:
+            values = [form(cell[(m, b)]) if (m, b) in cell else "" for b in budgets]
+            lines.append(f"| {m} | " + " | ".join(values) + " |")
+    lines += ["", "## Speedup at equal quality", "",
+              "Target: the classic solver's best quality over these budgets, less 0.5 accuracy points "
+              "(plus 2 % perplexity). Speedup: the classic solver's fastest test pass reaching it, divided "
+              "by the hypersolver's.", "",
+              "| hypersolver | vs | target | classic s | hypersolver s | speedup |",
+              "|---|---|---|---|---|---|"]
+    for name, per in r["speedups"].items():
+        for base, v in per.items():
+            target = f"{v['target']:.1f}" if text else f"{100 * v['target']:.2f} %"
+            hs = "not reached" if v["method_seconds"] is None else f"{v['method_seconds']:.2f}"
+            sp = "—" if v["speedup"] is None else f"{v['speedup']:.2f}×"
+            lines.append(f"| {name} | {base} | {target} | {v['baseline_seconds']:.2f} | {hs} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqcore_models.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +360,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="gradient-cosine probe every N steps (default 50)")
     g.add_argument("--out", default="docs/experiments/gdeq-fmnist", help="output folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hd = sub.add_parser("hyperdeq", help="HyperDEQ and its ablations against Anderson and Broyden on a run")
+    hd.add_argument("--run", required=True, help="the trained run's folder (holds checkpoint.npz)")
+    hd.add_argument("--backend", choices=["torch", "jax"], default=None, help="backend (default: the run's)")
+    hd.add_argument("--data", default=None, help="data folder (default: the run's, else $DEQCORE_DATA)")
+    hd.add_argument("--test-limit", type=int, default=None, help="first N test images (tokens for text)")
+    hd.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                    help="comma-separated hypersolvers, the first is the main one (default "
+                         f"{','.join(VARIANTS)})")
+    hd.add_argument("--steps", type=int, default=300, help="training steps per hypersolver (default 300)")
+    hd.add_argument("--batch-size", type=int, default=16, help="training batch (default 16)")
+    hd.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
+    hd.add_argument("--iterations", type=int, default=6, help="K (default 6)")
+    hd.add_argument("--width", type=int, default=16, help="mixer width (default 16)")
+    hd.add_argument("--hidden", type=int, default=None,
+                    help="initialiser channels (default 4 for MDEQ, 16 for the transformer)")
+    hd.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")],
+                    default=[1, 2, 3, 4, 6, 8, 12],
+                    help="solver steps to compare at (default 1,2,3,4,6,8,12)")
+    hd.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    hd.add_argument("--out", required=True, help="output folder")
+    hd.add_argument("--no-progress", action="store_true", help="no progress lines")
     c = sub.add_parser("backends", help="compare two runs of one command on different backends")
     c.add_argument("runs", nargs=2, type=Path, help="the two run folders (their --out)")
     c.add_argument("--out", type=Path, required=True, help="where backends.md/.json/.png go")
@@ -230,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print((args.out / "backends.md").read_text())
         return 0 if res else 1
+    if args.experiment == "hyperdeq":
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown or not args.variants:
+            parser.error(f"unknown variants {unknown}; available: {list(VARIANTS)}")
+        if min(args.budgets) < 1 or args.steps < 1:
+            parser.error("--budgets and --steps need integers >= 1")
+        run_hyperdeq(args)
+        print((Path(args.out) / "results.md").read_text())
+        return 0
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}; available: {list(MODES)}")

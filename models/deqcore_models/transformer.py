@@ -193,6 +193,22 @@ def _layer(ops: Any, cfg: TransformerConfig, params: dict[str, Any], masks: dict
     return f
 
 
+def _inject(xp: Any, cfg: TransformerConfig, params: dict[str, Any], tokens: Any,
+            masks: dict[str, Any] | None) -> Any:
+    """The injection ``u`` (B, L, 3 d_model) of integer ``tokens`` (B, L)."""
+    b, L = tokens.shape
+    emb = xp.take(params["embed.weight"], xp.reshape(xp.astype(tokens, xp.int32), (-1,)), axis=0)
+    emb = xp.reshape(emb, (b, L, cfg.d_model))
+    if masks is not None:
+        emb = emb * masks["emb"]
+    return linear(xp, emb, conv_weight(xp, params, "inject"), params["inject.bias"])
+
+
+def _logits(xp: Any, params: dict[str, Any], z: Any) -> Any:
+    """The tied output layer: logits (B, L, vocab) of hidden states ``z``."""
+    return xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"]
+
+
 def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], state: dict[str, Any],
                       tokens: Any, *, train: bool, settings: DEQSettings,
                       masks: dict[str, Any] | None = None, probe: Any = None, logits: bool = True
@@ -210,11 +226,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
     del train
     xp = ops.xp
     b, L = tokens.shape
-    emb = xp.take(params["embed.weight"], xp.reshape(xp.astype(tokens, xp.int32), (-1,)), axis=0)
-    emb = xp.reshape(emb, (b, L, cfg.d_model))
-    if masks is not None:
-        emb = emb * masks["emb"]
-    u = linear(xp, emb, conv_weight(xp, params, "inject"), params["inject.bias"])
+    u = _inject(xp, cfg, params, tokens, masks)
     z_mem = u_mem = valid = None
     if cfg.mem_len:
         z_mem, u_mem, valid = state["mem.z"], state["mem.u"], state["mem.valid"]
@@ -224,7 +236,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
     f = _layer(ops, cfg, params, masks, L, u.dtype, z_mem, u_mem, valid)
     z0 = xp.zeros((b, L, cfg.d_model), dtype=u.dtype)
     z, stats = run_layer(ops.name, f, u, z0, settings, xp, probe)
-    out = xp.matmul(z, xp.matrix_transpose(params["embed.weight"])) + params["out.bias"] if logits else z
+    out = _logits(xp, params, z) if logits else z
     new_state = dict(state)
     if cfg.mem_len:
         stop = ops.stop_gradient
@@ -233,3 +245,38 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
         new_state["mem.u"] = stop(xp.concat([u_mem, u], axis=1)[:, -M:])
         new_state["mem.valid"] = stop(xp.minimum(valid + L, xp.full_like(valid, M)))
     return out, new_state, stats
+
+
+@dataclass(frozen=True)
+class TransformerParts:
+    """A trained DEQ-Transformer (without memory) split around its equilibrium layer, for
+    segments of one length, without dropout: ``inject(tokens)`` gives the injection ``u``
+    (B, L, 3 d_model), ``layer(z, u)`` is ``f``, ``head(z)`` the logits (B, L, vocab). The
+    classic start is zeros (B, L, d_model). For solving the layer by other means (a hypersolver)
+    and timing the solve alone."""
+
+    inject: Any
+    layer: Any
+    head: Any
+
+
+def transformer_parts(ops: Any, cfg: TransformerConfig, params: dict[str, Any],
+                      length: int) -> TransformerParts:
+    """The pieces of a DEQ-Transformer for ``length``-token segments (see :class:`TransformerParts`).
+    Models with a segment memory (``mem_len > 0``) are refused: their layer changes with every
+    segment's memory."""
+    if cfg.mem_len:
+        raise ValueError(f"transformer_parts: a model with a segment memory (mem_len={cfg.mem_len}) has a "
+                         "different layer for every segment; only mem_len=0 models are supported")
+    xp = ops.xp
+    dtype = params["embed.weight"].dtype
+
+    def inject(tokens: Any) -> Any:
+        if tokens.shape[1] != length:
+            raise ValueError(f"these parts are for {length}-token segments, got {tokens.shape[1]}")
+        return _inject(xp, cfg, params, tokens, None)
+
+    def head(z: Any) -> Any:
+        return _logits(xp, params, z)
+
+    return TransformerParts(inject, _layer(ops, cfg, params, None, length, dtype, None, None, None), head)
