@@ -299,7 +299,7 @@ def _hyperdeq_table(r: dict[str, Any]) -> str:
         return f"{row['metric']:.1f}" if text else f"{100 * row['metric']:.2f}"
 
     lines = [f"# HyperDEQ on {r['model']} / {r['dataset']} ({r['backend']}, {r['test_items']} test "
-             f"{'sequences' if text else 'images'})", "",
+             f"{'tokens' if text else 'images'})", "",
              f"Model: {r['model_parameters']:,} parameters ({r['layer_parameters']:,} in the equilibrium "
              f"layer), trained {r['model_train_seconds']:.0f} s (checkpoint step {r['checkpoint_step']}). "
              f"Hypersolvers: {r['steps']} steps of batch {r['batch_size']}, K = {r['iterations']}, "
