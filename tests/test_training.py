@@ -273,11 +273,15 @@ def test_checkpoint_from_torch_evaluates_identically_on_jax(data_root, tmp_path)
 
 def test_cli_help_explains_every_flag():
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        for action in p._actions:
+    def check(parser, path):
+        for action in parser._actions:
             if action.dest != "help":
-                assert action.help and len(action.help) > 8, f"{name} {action.option_strings}"
+                assert action.help and len(action.help) > 8, f"{path} {action.option_strings}"
+            for name, child in (getattr(action, "choices", None) or {}).items():
+                if hasattr(child, "_actions"):  # a subcommand (hypersolver train|eval nest one more level)
+                    check(child, f"{path} {name}")
+
+    check(parser, "deqcore")
     out = _cli(["train", "--help"]).stdout
     for flag in ("--backend", "--solver", "--grad", "--pretrain-steps", "--resume", "--seed", "--out"):
         assert flag in out

@@ -131,7 +131,8 @@ def _train_config(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deqcore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                help="train, eval, bench or hypersolver (each has --help)")
     tr = sub.add_parser("train", help="train a DEQ model",
                         description="Train an MDEQ classifier or a DEQ-Transformer language model.")
     _add_run_flags(tr)
@@ -157,7 +158,8 @@ def _add_hypersolver_parser(sub: Any) -> None:
     hp = sub.add_parser("hypersolver", help="train or evaluate a HyperDEQ solver for a trained run",
                         description="HyperDEQ: a learned initialiser and HyperAnderson iterations fitted to "
                                     "a run's frozen model (docs/hypersolvers.md).")
-    hsub = hp.add_subparsers(dest="hyper_command", required=True)
+    hsub = hp.add_subparsers(dest="hyper_command", required=True,
+                             help="train: fit a hypersolver; eval: compare it with classic solvers")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", required=True, help="the training run's folder (holds checkpoint.npz)")
     common.add_argument("--backend", choices=["torch", "jax"], default=None,
