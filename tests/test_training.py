@@ -277,8 +277,8 @@ def test_cli_help_explains_every_flag():
         for action in parser._actions:
             if action.dest != "help":
                 assert action.help and len(action.help) > 8, f"{path} {action.option_strings}"
-            for name, child in (getattr(action, "choices", None) or {}).items():
-                if hasattr(child, "_actions"):  # a subcommand (hypersolver train|eval nest one more level)
+            if isinstance(action.choices, dict):  # subcommands (hypersolver train|eval nest one more level)
+                for name, child in action.choices.items():
                     check(child, f"{path} {name}")
 
     check(parser, "deqcore")
