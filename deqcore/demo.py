@@ -201,7 +201,8 @@ def missing_frameworks(names: Sequence[str]) -> dict[str, str]:
         if name not in registered:
             out[name] = "backend not registered"
         elif importlib.util.find_spec(name) is None:
-            out[name] = f"{name} is not installed (pip install -e '.[{name}]')"
+            hint = "pip install 'torch==2.13.0'" if name == "torch" else f"pip install -e '.[{name}]'"
+            out[name] = f"{name} is not installed ({hint})"
     return out
 
 
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"  note   : skipping backend {name}: {why}")
     if not backends:
-        print("error: no backend to run (install torch and/or jax: pip install -e '.[torch,jax]')",
+        print("error: no backend to run (install torch and/or jax: pip install 'torch==2.13.0' -e '.[jax]')",
               file=sys.stderr)
         return 1
 
