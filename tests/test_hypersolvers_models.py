@@ -239,6 +239,32 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
             (["eval", "--run", str(run), "--budgets", "0,2"], "--budgets needs integers >= 1"),
             (["eval", "--run", str(run), "--solvers", "anderson,bogus"], "unknown solver(s) bogus"),
             (["eval", "--run", str(run), "--hypersolver", str(tmp_path / "missing.npz")],
-             "no hypersolver file")):
+             "no hypersolver file"),
+            (["eval", "--run", str(run), "--hypersolver", str(tmp_path / "noinit.npz"), "--from-init"],
+             "--from-init needs the first hypersolver to have an initialiser")):
         proc = _cli(["hypersolver", *args, "--no-progress"], check=False)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+
+
+def test_hyperdeq_experiment_writes_its_tables_and_plots(data_root, tmp_path):
+    from deqcore_models.experiments import main as experiment
+
+    run = tmp_path / "run"
+    _cli(["train", "--backend", SELECTED[0], "--config", "micro", "--data", str(data_root),
+          "--train-limit", "64", "--test-limit", "20", "--batch-size", "32", "--epochs", "1",
+          "--max-iter", "4", "--grad", "jfb", "--out", str(run), "--no-progress"])
+    out = tmp_path / "exp"
+    assert experiment(["hyperdeq", "--run", str(run), "--variants", "hyper,no-init", "--steps", "2",
+                       "--batch-size", "4", "--iterations", "2", "--width", "4", "--budgets", "1,2",
+                       "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["budget"]) for r in result["rows"]} == {
+        (m, b) for m in ("hyper", "no-init", "anderson", "broyden", "anderson+init") for b in (1, 2)}
+    cost = result["training"]["hyper"]
+    assert cost["parameters"] > result["training"]["no-init"]["parameters"]  # the initialiser's weights
+    assert cost["time_ratio"] == pytest.approx(cost["seconds"] / cost["model_train_seconds"])
+    table = (out / "results.md").read_text()
+    assert "| hyper | anderson |" in table and "## Mean relative residual" in table
+    assert {p.name for p in out.glob("*.png")} == {"residual.png", "pareto.png", "training.png"}
+    with pytest.raises(SystemExit):
+        experiment(["hyperdeq", "--run", str(run), "--variants", "bogus", "--out", str(out)])

@@ -210,12 +210,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
-    from .hyperdeq import compare, fit, load_frozen, make_hypersolver, save_json, speedups, write_plots
+    from .hyperdeq import (
+        compare,
+        fit,
+        load_frozen,
+        make_hypersolver,
+        save_history,
+        save_json,
+        speedups,
+        training_cost,
+        write_plots,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_frozen(args.run, backend=args.backend, data=args.data, test_limit=args.test_limit)
-    hidden = args.hidden or (16 if model.text else 4)
+    hidden = args.hidden or model.default_hidden
     say = (lambda line: None) if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     methods: dict[str, Any] = {}
     training: dict[str, Any] = {}
@@ -229,12 +239,8 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
                                progress=lambda r: say(f"  step {r['step']}: conv {r['conv']:.4g} "
                                                       f"init {r['init']:.4g} ({r['seconds']:.0f} s)"))
         trained.save(out / f"{name}.npz", meta={"run": str(args.run), "steps": args.steps, "lr": args.lr})
-        _write_csv(out / f"{name}.csv", history)
-        seconds = history[-1]["seconds"]
-        training[name] = {"seconds": seconds, "parameters": hs.parameter_count(),
-                          "parameter_ratio": hs.parameter_count() / model.parameters,
-                          "layer_parameter_ratio": hs.parameter_count() / model.layer_parameters,
-                          "time_ratio": seconds / model.train_seconds,
+        save_history(out / f"{name}.csv", history)
+        training[name] = {**training_cost(model, hs, history),
                           "unconverged_targets": int(sum(r["target_unconverged"] for r in history)),
                           "first_conv": history[0]["conv"], "last_conv": history[-1]["conv"]}
         methods[name] = trained
@@ -247,7 +253,8 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
     result = {"run": str(args.run), "backend": model.backend, "model": model.cfg.model,
               "dataset": model.cfg.dataset, "checkpoint_step": model.step, "test_items": rows[0]["items"],
               "model_parameters": model.parameters, "layer_parameters": model.layer_parameters,
-              "model_train_seconds": model.train_seconds, "steps": args.steps, "batch_size": args.batch_size,
+              "model_train_seconds": training[args.variants[0]]["model_train_seconds"],
+              "steps": args.steps, "batch_size": args.batch_size,
               "iterations": args.iterations, "lr": args.lr, "training": training, "rows": rows,
               "speedups": {k: speedups(rows, k, classic, model.text) for k in args.variants}}
     save_json(out / "results.json", result)
@@ -255,13 +262,6 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
     _hyperdeq_training_plot(out, args.variants)
     (out / "results.md").write_text(_hyperdeq_table(result))
     return result
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _hyperdeq_training_plot(out: Path, variants: list[str]) -> None:
@@ -298,18 +298,21 @@ def _hyperdeq_table(r: dict[str, Any]) -> str:
     def fmt(row: dict[str, Any]) -> str:
         return f"{row['metric']:.1f}" if text else f"{100 * row['metric']:.2f}"
 
+    seconds = r["model_train_seconds"]
+    trained = "for an unknown time" if seconds is None else f"{seconds:.0f} s"
     lines = [f"# HyperDEQ on {r['model']} / {r['dataset']} ({r['backend']}, {r['test_items']} test "
              f"{'tokens' if text else 'images'})", "",
              f"Model: {r['model_parameters']:,} parameters ({r['layer_parameters']:,} in the equilibrium "
-             f"layer), trained {r['model_train_seconds']:.0f} s (checkpoint step {r['checkpoint_step']}). "
+             f"layer), trained {trained} (checkpoint step {r['checkpoint_step']}). "
              f"Hypersolvers: {r['steps']} steps of batch {r['batch_size']}, K = {r['iterations']}, "
              f"lr {r['lr']}.", "",
              "| hypersolver | parameters | of the model | of the layer | training s | of the DEQ's "
              "training | L_conv first → last |", "|---|---|---|---|---|---|---|"]
     for name, t in r["training"].items():
+        share = "unknown" if t["time_ratio"] is None else f"{100 * t['time_ratio']:.2f} %"
         lines.append(f"| {name} | {t['parameters']:,} | {100 * t['parameter_ratio']:.2f} % | "
-                     f"{100 * t['layer_parameter_ratio']:.1f} % | {t['seconds']:.0f} | "
-                     f"{100 * t['time_ratio']:.2f} % | {t['first_conv']:.3g} → {t['last_conv']:.3g} |")
+                     f"{100 * t['layer_parameter_ratio']:.1f} % | {t['seconds']:.0f} | {share} | "
+                     f"{t['first_conv']:.3g} → {t['last_conv']:.3g} |")
     tables = ((f"Test {metric} at each budget (solver steps; NFE = steps + 1)", fmt),
               ("Mean relative residual", lambda row: f"{row['residual']:.2e}"),
               ("Seconds per test pass", lambda row: f"{row['seconds']:.2f}"))

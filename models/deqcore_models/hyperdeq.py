@@ -13,6 +13,7 @@ whatever backend trained it (checkpoints are framework-neutral).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from ._ops import ops_for
 from ._workloads import make_workload
 from .checkpoint import load_checkpoint
 from .mdeq import equilibrium_shapes, mdeq_parts
-from .train import TrainConfig
+from .train import TrainConfig, _read_csv
 from .transformer import transformer_parts
 
 
@@ -65,6 +66,12 @@ class FrozenModel:
     def text(self) -> bool:
         return bool(self.work.text)
 
+    @property
+    def default_hidden(self) -> int:
+        """Initialiser channels by default: 4 for MDEQ (so the hypersolver stays under 4 % of the
+        53K-parameter ``cpu`` model), 16 for the DEQ-Transformer."""
+        return 16 if self.text else 4
+
 
 def load_frozen(run: str | Path, backend: str | None = None, data: str | None = None,
                 test_limit: int | None = None) -> FrozenModel:
@@ -86,7 +93,7 @@ def load_frozen(run: str | Path, backend: str | None = None, data: str | None = 
     S = {k: ops.asarray(v) for k, v in ck.state.items()}
     pieces = _text_pieces if work.text else _image_pieces
     parts, zeros, compression, initialiser, prefix = pieces(ops, work.model_cfg, P, S)
-    epochs = _csv_rows(run / "epochs.csv")
+    epochs = _read_csv(run / "epochs.csv")
     train_seconds = float(sum(float(r["train_seconds"]) for r in epochs)) if epochs else math.nan
     count = int(sum(np.asarray(v).size for v in ck.params.values()))
     layer_count = int(sum(np.asarray(v).size for k, v in ck.params.items() if k.startswith(prefix)))
@@ -164,13 +171,26 @@ def fit(model: FrozenModel, hs: HyperAnderson, *, steps: int, batch_size: int = 
                              backend=model.backend, start=model.zeros, progress=progress, **opts)
 
 
-def _csv_rows(path: Path) -> list[dict[str, str]]:
-    import csv
+def training_cost(model: FrozenModel, hs: HyperAnderson,
+                  history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """The issue's cost figures of a trained hypersolver: parameters (and their share of the
+    model's and of the equilibrium layer's) and training seconds (and their share of the DEQ's
+    training time; None when the run has no ``epochs.csv``)."""
+    seconds = float(history[-1]["seconds"])
+    known = math.isfinite(model.train_seconds) and model.train_seconds > 0
+    return {"parameters": hs.parameter_count(), "model_parameters": model.parameters,
+            "parameter_ratio": hs.parameter_count() / model.parameters,
+            "layer_parameter_ratio": hs.parameter_count() / model.layer_parameters,
+            "seconds": seconds, "model_train_seconds": model.train_seconds if known else None,
+            "time_ratio": seconds / model.train_seconds if known else None}
 
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+
+def save_history(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+    """``train_hypersolver``'s per-step records as CSV."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def _test_batches(model: FrozenModel) -> list[tuple[Any, np.ndarray]]:

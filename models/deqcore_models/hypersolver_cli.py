@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ def _model(args: argparse.Namespace, test_limit: int | None = None) -> Any:
 
 
 def hypersolver_train(args: argparse.Namespace) -> int:
-    from .hyperdeq import fit, make_hypersolver
+    from .hyperdeq import fit, make_hypersolver, save_history, training_cost
 
     for flag in ("steps", "batch_size", "iterations", "memory", "width"):
         if getattr(args, flag) < 1:
@@ -32,7 +31,7 @@ def hypersolver_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --hidden must be >= 1, got {args.hidden}")
     options = _key_values(args.train_option, "--train-option")
     model = _model(args)
-    hidden = None if args.no_initialiser else (args.hidden or (16 if model.text else 4))
+    hidden = None if args.no_initialiser else (args.hidden or model.default_hidden)
     hs = make_hypersolver(model, iterations=args.iterations, memory=args.memory, width=args.width,
                           hidden=hidden, prior=args.prior, normalisation=args.normalisation, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.run) / "hypersolver.npz"
@@ -56,22 +55,15 @@ def hypersolver_train(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    seconds = history[-1]["seconds"]
+    cost = training_cost(model, hs, history)
     meta = {"run": str(model.run), "checkpoint_step": model.step, "backend": model.backend,
-            "steps": args.steps, "batch_size": args.batch_size, "train_options": options,
-            "train_seconds": seconds, "model_parameters": model.parameters,
-            "hypersolver_parameters": hs.parameter_count(), "parameter_ratio": ratio,
-            "model_train_seconds": model.train_seconds,
-            "time_ratio": seconds / model.train_seconds if model.train_seconds else None,
+            "steps": args.steps, "batch_size": args.batch_size, "train_options": options, **cost,
             "final": {k: history[-1][k] for k in ("conv", "init", "alpha")}}
     trained.save(out, meta=meta)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    share = (f" ({100 * meta['time_ratio']:.2f} % of the DEQ's {model.train_seconds:.0f} s)"
-             if meta["time_ratio"] else "")
-    print(f"trained in {seconds:.1f} s{share}")
+    save_history(out.with_suffix(".csv"), history)
+    share = (f" ({100 * cost['time_ratio']:.2f} % of the DEQ's {model.train_seconds:.0f} s)"
+             if cost["time_ratio"] is not None else " (the run has no epochs.csv: DEQ training time unknown)")
+    print(f"trained in {cost['seconds']:.1f} s{share}")
     print(f"parameters: {hs.parameter_count()} = {100 * ratio:.2f} % of the model's {model.parameters}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")
     return 0
@@ -112,9 +104,11 @@ def hypersolver_eval(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from exc
     first = next(iter(methods.values()))
+    if args.from_init and first.initialiser is None:
+        raise SystemExit("error: --from-init needs the first hypersolver to have an initialiser")
     for name in classic:
         methods[name] = name
-        if args.from_init and first.initialiser is not None:
+        if args.from_init:
             methods[f"{name}+init"] = (name, first)
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     rows = compare(model, methods, budgets, progress=log)
