@@ -221,15 +221,18 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
     out = tmp_path / "eval"
     _cli(["hypersolver", "eval", "--run", str(run), "--hypersolver", f"hyper={run / 'hypersolver.npz'}",
           "--hypersolver", f"noinit={tmp_path / 'noinit.npz'}", "--solvers", "anderson,broyden",
-          "--budgets", "1,3", "--from-init", "--out", str(out), "--no-progress"])
+          "--budgets", "1,3", "--from-init", "--repeats", "2", "--out", str(out), "--no-progress"])
     results = json.loads((out / "results.json").read_text())
     got = {(r["method"], r["budget"]) for r in results["rows"]}
     methods = ["hyper", "noinit", "anderson", "anderson+init", "broyden", "broyden+init"]
     assert got == {(m, b) for m in methods for b in (1, 3)}
     assert all(0 <= r["accuracy"] <= 1 and r["residual"] > 0 and r["items"] == 40 for r in results["rows"])
-    assert set(results["speedups"]) == {"hyper", "noinit"}
+    assert set(results["speedups"]) == {"seconds", "solve_seconds", "nfe"}
+    assert all(set(v) == {"hyper", "noinit"} for v in results["speedups"].values())
+    assert all(0 < r["solve_seconds"] < r["seconds"] for r in results["rows"])
     assert results["parameters"]["hyper"] < results["parameters"]["model"]
     assert {p.name for p in out.glob("*.png")} == {"residual.png", "pareto.png"}
+    _check_scores(run, backend, results["rows"])
 
     for args, message in (
             (["train", "--run", str(tmp_path / "none")], "has no checkpoint.npz"),
@@ -237,6 +240,7 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
             (["train", "--run", str(run), "--steps", "1", "--train-option", "lambda1=2"],
              "unknown option 'lambda1'"),
             (["eval", "--run", str(run), "--budgets", "0,2"], "--budgets needs integers >= 1"),
+            (["eval", "--run", str(run), "--repeats", "0"], "--repeats must be >= 1"),
             (["eval", "--run", str(run), "--solvers", "anderson,bogus"], "unknown solver(s) bogus"),
             (["eval", "--run", str(run), "--hypersolver", str(tmp_path / "missing.npz")],
              "no hypersolver file"),
@@ -244,6 +248,60 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
              "--from-init needs the first hypersolver to have an initialiser")):
         proc = _cli(["hypersolver", *args, "--no-progress"], check=False)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+
+
+def _check_scores(run, backend, rows):
+    """compare's on-device loss and accuracy equal NumPy's from the head's logits of a plain
+    solve at the same budget."""
+    from deqcore_models.hyperdeq import load_frozen
+
+    model = load_frozen(run, backend=backend)
+    loss = correct = count = 0.0
+    for x, y, _ in model.work.eval_batches():
+        inj = model.inject(model.ops.asarray(x))
+        sol = deqcore.solve(model.layer, inj, model.zeros(inj), backend=backend, solver="anderson",
+                            max_iter=3, tol=1e-30, grad=None)
+        s = model.ops.to_numpy(model.head(sol.z)).astype(np.float64)
+        logp = s - s.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        labels = y.argmax(-1)
+        loss -= logp[np.arange(len(labels)), labels].sum()
+        correct += (s.argmax(-1) == labels).sum()
+        count += len(labels)
+    row = next(r for r in rows if (r["method"], r["budget"]) == ("anderson", 3))
+    assert row["accuracy"] == correct / count
+    assert row["loss"] == pytest.approx(loss / count, rel=1e-5)
+
+
+def test_speedups_by_hand():
+    from deqcore_models.hyperdeq import all_speedups, speedup_table, speedups
+
+    def row(method, budget, metric, seconds):
+        return {"method": method, "budget": budget, "nfe": budget + 1, "metric": metric, "seconds": seconds,
+                "solve_seconds": seconds - 1.0}
+
+    rows = [row("classic", 2, 0.80, 3.0), row("classic", 4, 0.905, 5.0), row("classic", 8, 0.91, 9.0),
+            row("hyper", 1, 0.85, 2.5), row("hyper", 2, 0.906, 3.5), row("hyper", 4, 0.92, 5.5),
+            row("slow", 8, 0.70, 9.0)]
+    got = speedups(rows, "hyper", ["classic"], text=False)["classic"]
+    # target 0.91 - 0.005: classic first reaches it at 4 steps (5 s), hyper at 2 (3.5 s)
+    assert got == {"target": pytest.approx(0.905), "baseline_cost": 5.0, "method_cost": 3.5,
+                   "speedup": pytest.approx(5.0 / 3.5)}
+    assert speedups(rows, "hyper", ["classic"], text=False, cost="nfe")["classic"]["speedup"] == 5 / 3
+    assert speedups(rows, "hyper", ["classic"], text=False, cost="solve_seconds")["classic"][
+        "speedup"] == pytest.approx(4.0 / 2.5)
+    assert speedups(rows, "slow", ["classic"], text=False)["classic"]["speedup"] is None
+    assert speedups(rows, "hyper", ["missing"], text=False) == {}
+    ppl = [dict(r, metric=1.0 / r["metric"]) for r in rows]  # lower is better for text
+    target = (1 / 0.91) * 1.02
+    assert speedups(ppl, "hyper", ["classic"], text=True)["classic"]["target"] == pytest.approx(target)
+    with pytest.raises(ValueError, match="cost must be one of"):
+        speedups(rows, "hyper", ["classic"], text=False, cost="wall")
+    table = all_speedups(rows, ["hyper", "slow"], ["classic"], text=False)
+    lines = speedup_table(table, text=False)
+    assert lines[2] == ("| hyper | classic | 90.50 % | 1.67× (5 → 3) | 1.60× (4.00 → 2.50 s) "
+                        "| 1.43× (5.00 → 3.50 s) |")
+    assert lines[3] == "| slow | classic | 90.50 % | — | — | — |"
 
 
 def test_hyperdeq_experiment_writes_its_tables_and_plots(data_root, tmp_path):

@@ -190,8 +190,9 @@ def _add_hypersolver_parser(sub: Any) -> None:
                          "unknown keys are errors listing the valid ones")
     he = hsub.add_parser("eval", parents=[common], help="compare a hypersolver with classic solvers",
                          description="Every method at every budget on the run's test set: accuracy (or "
-                                     "perplexity), mean relative residual and the test pass's seconds; "
-                                     "writes results.json, residual.png and pareto.png.")
+                                     "perplexity), mean relative residual, the seconds of the test pass "
+                                     "and of its solve phase; writes results.json, residual.png and "
+                                     "pareto.png.")
     he.add_argument("--hypersolver", action="append", metavar="[LABEL=]FILE",
                     help="hypersolver weights, repeatable (default RUN/hypersolver.npz, label hyper)")
     he.add_argument("--solvers", default="anderson,broyden",
@@ -202,6 +203,8 @@ def _add_hypersolver_parser(sub: Any) -> None:
     he.add_argument("--from-init", action="store_true",
                     help="also run each classic solver from the first hypersolver's initialiser")
     he.add_argument("--test-limit", type=int, default=None, help="first N test images (tokens for text)")
+    he.add_argument("--repeats", type=int, default=3,
+                    help="timed passes per method and budget; the fastest counts (default 3)")
     he.add_argument("--out", default=None, help="output folder (default RUN/hypersolver-eval)")
 
 

@@ -28,6 +28,7 @@ import deqcore
 from deqcore.hypersolvers import HyperAnderson, Hypersolver, load_hypersolver, train_hypersolver
 
 from ._hyper import MDEQCompression, MDEQInitialiser, TransformerCompression, TransformerInitialiser
+from ._layers import cross_entropy, token_cross_entropy
 from ._ops import ops_for
 from ._workloads import make_workload
 from .checkpoint import load_checkpoint
@@ -193,23 +194,30 @@ def save_history(path: Path, history: Sequence[Mapping[str, float]]) -> None:
         writer.writerows(history)
 
 
-def _test_batches(model: FrozenModel) -> list[tuple[Any, np.ndarray]]:
+def _test_batches(model: FrozenModel) -> list[tuple[Any, Any, int]]:
+    """``(x, y, items)`` of the test set as framework arrays: ``y`` one-hot labels, or target
+    tokens for text (the stream's short last segment is dropped: the parts are built for one
+    length)."""
     out = []
     for x, y, _ in model.work.eval_batches():
         if model.text and x.shape[1] != model.work.model_cfg.tgt_len:
-            continue  # the stream's short last segment: the parts are built for one length
-        out.append((model.ops.asarray(x), np.asarray(y)))
+            continue
+        yy = model.ops.asarray(np.asarray(y, np.int32 if model.text else np.float32))
+        out.append((model.ops.asarray(x), yy, int(y.size if model.text else y.shape[0])))
     return out
 
 
-def _method(model: FrozenModel, spec: str | Hypersolver, budget: int) -> Callable[[Any], tuple[Any, ...]]:
-    """``x -> (per-item scores, rel residual (B,), nfe)``: scores are class logits, or
-    per-token log-likelihood terms for text. Compiled on JAX."""
+def _phases(model: FrozenModel, spec: Any, budget: int) -> tuple[Callable[..., Any], ...]:
+    """The two timed phases of one method at one budget, each compiled on JAX:
+    ``solve(x) -> (z, rel residual (B,))``: the injection, the hypersolver's initialiser (or the
+    start) and exactly ``budget`` solver steps; ``score(z, y) -> (summed cross-entropy, correct
+    predictions)``: the output layer and loss, on the device (a language model's
+    vocabulary-sized scores never leave it)."""
     be = deqcore.registry().backend(model.backend)
     xp = model.ops.xp
     name, start = (spec, None) if not isinstance(spec, tuple) else spec
 
-    def run(x: Any) -> tuple[Any, Any, Any]:
+    def solve(x: Any) -> tuple[Any, Any]:
         inj = model.inject(x)
         if isinstance(name, Hypersolver) and getattr(name, "initialiser", None) is not None:
             z0 = None  # the hypersolver's own initialiser
@@ -219,100 +227,156 @@ def _method(model: FrozenModel, spec: str | Hypersolver, budget: int) -> Callabl
             z0 = model.zeros(inj)
         sol = deqcore.solve(model.layer, inj, z0, backend=model.backend, solver=name, max_iter=budget,
                             tol=1e-30, grad=None)
-        logits = model.head(sol.z)
+        return sol.z, sol.rel_residual
+
+    def score(z: Any, y: Any) -> tuple[Any, Any]:
+        logits = model.head(z)
         if model.text:
-            m = xp.max(logits, axis=-1, keepdims=True)
-            logits = logits - m - xp.log(xp.sum(xp.exp(logits - m), axis=-1, keepdims=True))
-        return logits, sol.rel_residual, sol.nfe
+            return token_cross_entropy(xp, logits, y)
+        correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == xp.argmax(y, axis=-1), xp.int32))
+        return cross_entropy(xp, logits, y) * logits.shape[0], correct
 
-    return be.jit(run)
+    return be.jit(solve), be.jit(score)
 
 
-def compare(model: FrozenModel, methods: Mapping[str, Any], budgets: Sequence[int],
+def compare(model: FrozenModel, methods: Mapping[str, Any], budgets: Sequence[int], repeats: int = 1,
             progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Every method at every budget on the model's test set: one row each with ``method``,
     ``budget`` (solver steps; NFE = budget + 1), ``metric`` (test accuracy, or perplexity for
-    text), ``loss``, ``residual`` (mean relative residual) and ``seconds`` (wall time of the
-    whole test pass, inject + solve + head, after a warm-up batch that compiles on JAX).
+    text), ``loss``, ``residual`` (mean relative residual), ``seconds`` (wall time of the whole
+    test pass) and ``solve_seconds`` (its part up to the equilibrium state: injection,
+    initialiser or start, solver steps; the rest is the output layer and the loss).
+    Times are the fastest of ``repeats`` passes, each after a warm-up batch that compiles on
+    JAX; every phase is synchronised before its clock stops.
 
     A method is a classic solver name, a hypersolver, or ``(solver name, hypersolver)``: that
     solver started from the hypersolver's initialiser. Every solve runs exactly ``budget`` steps
     (no early stop)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     batches = _test_batches(model)
     if not batches:
         raise ValueError("the test set is empty (or shorter than one segment)")
+    to_numpy = model.ops.to_numpy
     rows = []
     for label, spec in methods.items():
         for budget in budgets:
-            fn = _method(model, spec, int(budget))
-            deqcore.registry().backend(model.backend).to_numpy(fn(batches[0][0])[1])  # warm-up / compile
-            loss = correct = count = res = 0.0
-            t0 = time.perf_counter()
-            for x, y in batches:
-                scores, rel, _ = fn(x)
-                s = model.ops.to_numpy(scores).astype(np.float64)
-                r = model.ops.to_numpy(rel).astype(np.float64)
-                if model.text:
-                    picked = np.take_along_axis(s, y[..., None].astype(np.int64), axis=-1)[..., 0]
-                    loss -= float(picked.sum())
-                    correct += float((s.argmax(-1) == y).sum())
-                    count += y.size
-                else:
-                    labels = y.argmax(-1)
-                    m = s.max(-1, keepdims=True)
-                    logp = s - m - np.log(np.exp(s - m).sum(-1, keepdims=True))
-                    loss -= float(logp[np.arange(len(labels)), labels].sum())
-                    correct += float((s.argmax(-1) == labels).sum())
-                    count += len(labels)
-                res += float(r.sum())
-            seconds = time.perf_counter() - t0
-            items = sum(x.shape[0] for x, _ in batches)
-            row = {"method": label, "budget": int(budget), "nfe": int(budget) + 1, "items": int(count),
-                   "loss": loss / count,
-                   "accuracy": correct / count, "residual": res / items, "seconds": seconds}
-            row["metric"] = math.exp(min(row["loss"], 700.0)) if model.text else row["accuracy"]
+            solve, score = _phases(model, spec, int(budget))
+            x0, y0, _ = batches[0]
+            z, rel = solve(x0)
+            to_numpy(score(z, y0)[0])  # warm-up / compile
+            best_total = best_solve = math.inf
+            for _ in range(repeats):
+                loss = correct = res = 0.0
+                t_solve = t_other = 0.0
+                for x, y, _ in batches:
+                    t0 = time.perf_counter()
+                    z, rel = solve(x)
+                    r = to_numpy(rel)
+                    t1 = time.perf_counter()
+                    total, hits = score(z, y)
+                    total, hits = float(to_numpy(total)), float(to_numpy(hits))
+                    t2 = time.perf_counter()
+                    t_solve += t1 - t0
+                    t_other += t2 - t1
+                    loss += total
+                    correct += hits
+                    res += float(np.asarray(r, np.float64).sum())
+                best_total = min(best_total, t_solve + t_other)
+                best_solve = min(best_solve, t_solve)
+            count = sum(n for _, _, n in batches)
+            items = sum(int(x.shape[0]) for x, _, _ in batches)
+            mean_loss, accuracy = loss / count, correct / count
+            row: dict[str, Any] = {
+                "method": label, "budget": int(budget), "nfe": int(budget) + 1, "items": int(count),
+                "loss": mean_loss, "accuracy": accuracy, "residual": res / items, "seconds": best_total,
+                "solve_seconds": best_solve,
+                "metric": math.exp(min(mean_loss, 700.0)) if model.text else accuracy}
             rows.append(row)
             if progress is not None:
                 progress(f"{label} @ {budget}: {'ppl' if model.text else 'acc'} "
                          f"{row['metric'] if model.text else 100 * row['metric']:.2f}"
-                         f"{'' if model.text else ' %'}, residual {row['residual']:.3e}, {seconds:.1f} s")
+                         f"{'' if model.text else ' %'}, residual {row['residual']:.3e}, "
+                         f"{best_total:.2f} s (solve {best_solve:.2f} s)")
     return rows
 
 
+#: the costs :func:`speedups` compares: the whole test pass, its solve phase, and f evaluations
+COSTS = ("seconds", "solve_seconds", "nfe")
+
+
 def speedups(rows: Sequence[Mapping[str, Any]], method: str, baselines: Sequence[str], text: bool,
-             slack: float | None = None) -> dict[str, Any]:
-    """Time ratios at equal quality. For each baseline the target is its best quality over the
+             slack: float | None = None, cost: str = "seconds") -> dict[str, Any]:
+    """Cost ratios at equal quality. For each baseline the target is its best quality over the
     budgets, loosened by ``slack`` (default 0.5 accuracy points, or 2 % of the perplexity) so that
-    test-set noise between neighbouring budgets does not decide it: the baseline's fastest run
-    reaching the target, divided by ``method``'s. Returns ``{baseline: {"target",
-    "baseline_seconds", "method_seconds", "speedup"}}``; ``speedup`` is None when the method never
-    reaches the target."""
+    test-set noise between neighbouring budgets does not decide it; the speedup is the
+    baseline's cheapest row reaching the target divided by ``method``'s cheapest row reaching it.
+    ``cost`` is a row field of :data:`COSTS`: ``"seconds"`` (the whole test pass),
+    ``"solve_seconds"`` (up to the equilibrium state) or ``"nfe"`` (f evaluations per item,
+    free of timing noise). Returns ``{baseline: {"target", "baseline_cost", "method_cost",
+    "speedup"}}``; ``method_cost`` and ``speedup`` are None when the method never reaches the
+    target."""
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)}; got {cost!r}")
     slack = (0.02 if text else 0.005) if slack is None else slack
 
     def reaches(value: float, target: float) -> bool:
         return value <= target if text else value >= target
 
     out: dict[str, Any] = {}
-    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seconds"])
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[cost])
     for base in baselines:
-        theirs = sorted((r for r in rows if r["method"] == base), key=lambda r: r["seconds"])
+        theirs = sorted((r for r in rows if r["method"] == base), key=lambda r: r[cost])
         if not theirs or not mine:
             continue
         if text:
             target = min(r["metric"] for r in theirs) * (1 + slack)
         else:
             target = max(r["metric"] for r in theirs) - slack
-        t_base = next(r["seconds"] for r in theirs if reaches(r["metric"], target))
+        c_base = next(r[cost] for r in theirs if reaches(r["metric"], target))
         hit = next((r for r in mine if reaches(r["metric"], target)), None)
-        out[base] = {"target": target, "baseline_seconds": t_base,
-                     "method_seconds": None if hit is None else hit["seconds"],
-                     "speedup": None if hit is None else t_base / hit["seconds"]}
+        out[base] = {"target": target, "baseline_cost": c_base,
+                     "method_cost": None if hit is None else hit[cost],
+                     "speedup": None if hit is None else c_base / hit[cost]}
     return out
+
+
+def all_speedups(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], baselines: Sequence[str],
+                 text: bool) -> dict[str, Any]:
+    """:func:`speedups` of every method against every baseline for every cost in :data:`COSTS`:
+    ``{cost: {method: {baseline: ...}}}``."""
+    return {cost: {m: speedups(rows, m, baselines, text, cost=cost) for m in methods} for cost in COSTS}
+
+
+def speedup_table(table: Mapping[str, Any], text: bool) -> list[str]:
+    """Markdown rows of :func:`all_speedups`'s result: one line per hypersolver and baseline with
+    the target and the speedup in f evaluations, solve time and whole-pass time ("—" where the
+    hypersolver never reaches the target)."""
+    lines = ["| hypersolver | vs | target | NFE (classic → hyper) | solve phase | whole test pass |",
+             "|---|---|---|---|---|---|"]
+    by_nfe = table["nfe"]
+    for name, per in by_nfe.items():
+        for base, v in per.items():
+            target = f"{v['target']:.1f}" if text else f"{100 * v['target']:.2f} %"
+            cells = []
+            for cost in COSTS:
+                w = table[cost][name][base]
+                if w["speedup"] is None:
+                    cells.append("—")
+                elif cost == "nfe":
+                    cells.append(f"{w['speedup']:.2f}× ({w['baseline_cost']} → {w['method_cost']})")
+                else:
+                    cells.append(f"{w['speedup']:.2f}× ({w['baseline_cost']:.2f} → {w['method_cost']:.2f} s)")
+            nfe, solve_phase, whole = cells[2], cells[1], cells[0]
+            lines.append(f"| {name} | {base} | {target} | {nfe} | {solve_phase} | {whole} |")
+    return lines
 
 
 def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, text: bool, title: str = "") -> list[str]:
     """``residual.png`` (mean relative residual vs NFE) and ``pareto.png`` (accuracy or
-    perplexity vs test-pass seconds) of :func:`compare`'s rows; [] without matplotlib."""
+    perplexity vs seconds, of the whole test pass and of its solve phase; zoomed to the
+    quality range near the best, the full numbers are in the rows) of :func:`compare`'s rows;
+    [] without matplotlib."""
     try:
         import matplotlib
 
@@ -322,26 +386,46 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, text: bool, title:
         return []
     out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    written = []
-    for name, x_key, y_key, ylabel, logy in (
-            ("residual.png", "nfe", "residual", "mean relative residual", True),
-            ("pareto.png", "seconds", "metric", "test perplexity" if text else "test accuracy", text)):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+
+    def series(m: str, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+        pts = sorted((r[x_key], r[y_key]) for r in rows if r["method"] == m)
+        scale = 100.0 if (y_key == "metric" and not text) else 1.0
+        return [p[0] for p in pts], [scale * p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in methods:
+        ax.plot(*series(m, "nfe", "residual"), "o-", ms=3, label=m)
+    ax.set_yscale("log")
+    ax.set(xlabel="NFE (f evaluations)", ylabel="mean relative residual", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "residual.png", dpi=110)
+    plt.close(fig)
+
+    metrics = [r["metric"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, key, label in ((axes[0], "seconds", "seconds per test pass"),
+                           (axes[1], "solve_seconds", "seconds of its solve phase")):
         for m in methods:
-            pts = sorted((r[x_key], r[y_key]) for r in rows if r["method"] == m)
-            ys = [100 * y if (y_key == "metric" and not text) else y for _, y in pts]
-            ax.plot([p[0] for p in pts], ys, "o-", ms=3, label=m)
-        if logy:
-            ax.set_yscale("log")
-        ax.set(xlabel="NFE (f evaluations)" if x_key == "nfe" else "seconds per test pass",
-               ylabel=ylabel + (" %" if (y_key == "metric" and not text) else ""), title=title)
+            ax.plot(*series(m, key, "metric"), "o-", ms=3, label=m)
+        ax.set(xlabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(str(out / name))
-    return written
+    if text:
+        best = min(metrics)
+        axes[0].set_yscale("log")
+        axes[0].set_ylim(0.97 * best, min(max(metrics), 3.0 * best) * 1.03)
+        axes[0].set_ylabel("test perplexity (zoomed)")
+    else:
+        best = 100 * max(metrics)
+        axes[0].set_ylim(max(100 * min(metrics), best - 8.0) - 0.3, best + 0.3)
+        axes[0].set_ylabel("test accuracy % (zoomed)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    return [str(out / "residual.png"), str(out / "pareto.png")]
 
 
 def save_json(path: Path, data: Any) -> None:
