@@ -252,10 +252,15 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
 
 def _check_scores(run, backend, rows):
     """compare's on-device loss and accuracy equal NumPy's from the head's logits of a plain
-    solve at the same budget."""
-    from deqcore_models.hyperdeq import load_frozen
+    solve at the same budget; make_hypersolver's per-model defaults."""
+    from deqcore_models.hyperdeq import load_frozen, make_hypersolver
 
     model = load_frozen(run, backend=backend)
+    hs = make_hypersolver(model)
+    assert (hs.iterations, hs.mixer.width, hs.initialiser.hidden) == (3, 8, 8) == tuple(
+        model.defaults[k] for k in ("iterations", "width", "hidden"))
+    assert make_hypersolver(model, hidden=None).initialiser is None
+    assert make_hypersolver(model, hidden=3, width=5).initialiser.hidden == 3
     loss = correct = count = 0.0
     for x, y, _ in model.work.eval_batches():
         inj = model.inject(model.ops.asarray(x))
@@ -274,7 +279,13 @@ def _check_scores(run, backend, rows):
 
 
 def test_speedups_by_hand():
-    from deqcore_models.hyperdeq import all_speedups, speedup_table, speedups
+    from deqcore_models.hyperdeq import (
+        all_speedups,
+        operating_points,
+        operating_points_table,
+        speedup_table,
+        speedups,
+    )
 
     def row(method, budget, metric, seconds):
         return {"method": method, "budget": budget, "nfe": budget + 1, "metric": metric, "seconds": seconds,
@@ -302,6 +313,15 @@ def test_speedups_by_hand():
     assert lines[2] == ("| hyper | classic | 90.50 % | 1.67× (5 → 3) | 1.60× (4.00 → 2.50 s) "
                         "| 1.43× (5.00 → 3.50 s) |")
     assert lines[3] == "| slow | classic | 90.50 % | — | — | — |"
+    points = operating_points(rows, "hyper", "classic", text=False)
+    assert [(p["budget"], p["method_budget"]) for p in points] == [(2, 1), (4, 2), (8, 4)]
+    assert [p["speedup"] for p in points] == pytest.approx([2.0 / 1.5, 4.0 / 2.5, 8.0 / 4.5])
+    assert operating_points(rows, "hyper", "classic", text=False, cost="nfe")[2]["speedup"] == 9 / 5
+    assert operating_points(ppl, "hyper", "classic", text=True)[1]["method_budget"] == 2
+    assert all(p["speedup"] is None for p in operating_points(rows, "slow", "classic", text=False))
+    assert operating_points_table(rows, ["hyper", "slow"], ["classic"], text=False)[2:] == [
+        "| hyper | classic |  | 1.33× (@1) | 1.60× (@2) | 1.78× (@4) |",
+        "| slow | classic |  | — | — | — |"]
 
 
 def test_hyperdeq_experiment_writes_its_tables_and_plots(data_root, tmp_path):

@@ -174,11 +174,13 @@ def _add_hypersolver_parser(sub: Any) -> None:
     ht.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
     ht.add_argument("--batch-size", type=int, default=16,
                     help="images, or rows of one segment, per step (default 16)")
-    ht.add_argument("--iterations", type=int, default=6, help="K, the budget it is trained for (default 6)")
+    ht.add_argument("--iterations", type=int, default=None,
+                    help="K, the budget it is trained for (default 3)")
     ht.add_argument("--memory", type=int, default=5, help="m; the window holds m+1 iterates (default 5)")
-    ht.add_argument("--width", type=int, default=16, help="channels of the mixer's convolutions (default 16)")
+    ht.add_argument("--width", type=int, default=None,
+                    help="channels of the mixer's convolutions (default 8 for MDEQ, 16 for the transformer)")
     ht.add_argument("--hidden", type=int, default=None,
-                    help="channels of the initialiser (default 4 for MDEQ, 16 for the transformer)")
+                    help="channels of the initialiser (default 8 for MDEQ, 16 for the transformer)")
     ht.add_argument("--no-initialiser", action="store_true", help="start from zeros (an ablation)")
     ht.add_argument("--prior", choices=["anderson", "newest"], default="anderson",
                     help="weights the mixer corrects (default anderson)")
@@ -197,9 +199,9 @@ def _add_hypersolver_parser(sub: Any) -> None:
                     help="hypersolver weights, repeatable (default RUN/hypersolver.npz, label hyper)")
     he.add_argument("--solvers", default="anderson,broyden",
                     help="classic solvers to compare, comma-separated (default anderson,broyden)")
-    he.add_argument("--budgets", default="1,2,3,4,6,8,12",
+    he.add_argument("--budgets", default="1,2,3,4,5,6,8,12",
                     help="solver steps, comma-separated; every solve runs exactly this many (default "
-                         "1,2,3,4,6,8,12)")
+                         "1,2,3,4,5,6,8,12)")
     he.add_argument("--from-init", action="store_true",
                     help="also run each classic solver from the first hypersolver's initialiser")
     he.add_argument("--test-limit", type=int, default=None, help="first N test images (tokens for text)")

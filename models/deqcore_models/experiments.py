@@ -225,13 +225,12 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_frozen(args.run, backend=args.backend, data=args.data, test_limit=args.test_limit)
-    hidden = args.hidden or model.default_hidden
     say = (lambda line: None) if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     methods: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for name in args.variants:
-        kw = {"iterations": args.iterations, "width": args.width, "hidden": hidden, "seed": args.seed,
-              **VARIANTS[name]}
+        kw = {"iterations": args.iterations, "width": args.width, "seed": args.seed,
+              **({} if args.hidden is None else {"hidden": args.hidden}), **VARIANTS[name]}
         hs = make_hypersolver(model, **kw)
         say(f"training {name}: {hs}")
         trained, history = fit(model, hs, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -255,7 +254,7 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
               "model_parameters": model.parameters, "layer_parameters": model.layer_parameters,
               "model_train_seconds": training[args.variants[0]]["model_train_seconds"],
               "steps": args.steps, "batch_size": args.batch_size,
-              "iterations": args.iterations, "lr": args.lr, "repeats": args.repeats, "training": training,
+              "iterations": first.iterations, "lr": args.lr, "repeats": args.repeats, "training": training,
               "rows": rows, "speedups": all_speedups(rows, args.variants, classic, model.text)}
     save_json(out / "results.json", result)
     write_plots(rows, out, model.text, title=f"{model.cfg.model} on {model.cfg.dataset}")
@@ -289,7 +288,7 @@ def _hyperdeq_training_plot(out: Path, variants: list[str]) -> None:
 
 
 def _hyperdeq_table(r: dict[str, Any]) -> str:
-    from .hyperdeq import speedup_table
+    from .hyperdeq import operating_points_table, speedup_table
 
     text = r["model"] == "transformer"
     metric = "perplexity" if text else "accuracy %"
@@ -330,7 +329,11 @@ def _hyperdeq_table(r: dict[str, Any]) -> str:
               "Target: the classic solver's best quality over these budgets, less 0.5 accuracy points "
               "(plus 2 % perplexity). Speedup: the classic solver's cheapest run reaching it, divided by "
               f"the hypersolver's; times are the fastest of {r.get('repeats', 1)} passes.", "",
-              *speedup_table(r["speedups"], text)]
+              *speedup_table(r["speedups"], text),
+              "", "## Speedup at each classic operating point (solve phase)", "",
+              "At the quality a classic solver reaches at each budget: its solve-phase seconds divided by "
+              "the hypersolver's cheapest run at least as good (no slack), and that run's budget.", "",
+              *operating_points_table(r["rows"], list(r["training"]), ["anderson", "broyden"], text)]
     return "\n".join(lines) + "\n"
 
 
@@ -371,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     hd.add_argument("--steps", type=int, default=300, help="training steps per hypersolver (default 300)")
     hd.add_argument("--batch-size", type=int, default=16, help="training batch (default 16)")
     hd.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    hd.add_argument("--iterations", type=int, default=6, help="K (default 6)")
-    hd.add_argument("--width", type=int, default=16, help="mixer width (default 16)")
+    hd.add_argument("--iterations", type=int, default=None, help="K (default 3)")
+    hd.add_argument("--width", type=int, default=None,
+                    help="mixer width (default 8 for MDEQ, 16 for the transformer)")
     hd.add_argument("--hidden", type=int, default=None,
-                    help="initialiser channels (default 4 for MDEQ, 16 for the transformer)")
+                    help="initialiser channels (default 8 for MDEQ, 16 for the transformer)")
     hd.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")],
-                    default=[1, 2, 3, 4, 6, 8, 12],
-                    help="solver steps to compare at (default 1,2,3,4,6,8,12)")
+                    default=[1, 2, 3, 4, 5, 6, 8, 12],
+                    help="solver steps to compare at (default 1,2,3,4,5,6,8,12)")
     hd.add_argument("--repeats", type=int, default=3,
                     help="timed passes per method and budget; the fastest counts (default 3)")
     hd.add_argument("--seed", type=int, default=0, help="seed (default 0)")

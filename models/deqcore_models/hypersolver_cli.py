@@ -23,14 +23,13 @@ def _model(args: argparse.Namespace, test_limit: int | None = None) -> Any:
 def hypersolver_train(args: argparse.Namespace) -> int:
     from .hyperdeq import fit, make_hypersolver, save_history, training_cost
 
-    for flag in ("steps", "batch_size", "iterations", "memory", "width"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.hidden is not None and args.hidden < 1:
-        raise SystemExit(f"error: --hidden must be >= 1, got {args.hidden}")
+    for flag in ("steps", "batch_size", "iterations", "memory", "width", "hidden"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
     options = _key_values(args.train_option, "--train-option")
     model = _model(args)
-    hidden = None if args.no_initialiser else (args.hidden or model.default_hidden)
+    hidden = None if args.no_initialiser else (args.hidden or model.defaults["hidden"])
     hs = make_hypersolver(model, iterations=args.iterations, memory=args.memory, width=args.width,
                           hidden=hidden, prior=args.prior, normalisation=args.normalisation, seed=args.seed)
     out = Path(args.out) if args.out else Path(args.run) / "hypersolver.npz"
