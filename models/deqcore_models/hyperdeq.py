@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ from .transformer import transformer_parts
 class FrozenModel:
     """A trained run's model, frozen, split around its equilibrium layer on one backend.
 
-    ``inject(x)``, ``layer(z, inj)`` and ``head(z)`` as in :func:`deqcore_models.mdeq.mdeq_parts`;
+    ``inject(x)``, ``layer(z, inj)`` and ``head(z)`` as in :func:`deqcore_models.mdeq.mdeq_parts`
+    (the parts ``rebuild(*arrays)`` gives);
     ``zeros(inj)`` the classic start; ``compression`` and ``initialiser(hidden)`` the
     model-specific hypersolver pieces; ``parameters`` the model's parameter count (and
     ``layer_parameters`` without the embedding/stem/head); ``train_seconds`` the run's DEQ
@@ -56,9 +58,6 @@ class FrozenModel:
     cfg: TrainConfig
     work: Any
     ops: Any
-    inject: Callable[[Any], Any]
-    layer: Callable[[Any, Any], Any]
-    head: Callable[[Any], Any]
     zeros: Callable[[Any], Any]
     compression: Any
     initialiser: Callable[[int], Any]
@@ -68,6 +67,22 @@ class FrozenModel:
     step: int
     arrays: tuple[dict[str, Any], dict[str, Any]]
     rebuild: Callable[[dict[str, Any], dict[str, Any]], Any]
+
+    @cached_property
+    def parts(self) -> Any:
+        return self.rebuild(*self.arrays)
+
+    @property
+    def inject(self) -> Callable[[Any], Any]:
+        return self.parts.inject
+
+    @property
+    def layer(self) -> Callable[[Any, Any], Any]:
+        return self.parts.layer
+
+    @property
+    def head(self) -> Callable[[Any], Any]:
+        return self.parts.head
 
     @property
     def text(self) -> bool:
@@ -113,14 +128,12 @@ def load_frozen(run: str | Path, backend: str | None = None, data: str | None = 
     S = {k: ops.asarray(v) for k, v in ck.state.items()}
     pieces = _text_pieces if work.text else _image_pieces
     rebuild, zeros, compression, initialiser, prefix = pieces(ops, work.model_cfg)
-    parts = rebuild(P, S)
     epochs = _read_csv(run / "epochs.csv")
     train_seconds = float(sum(float(r["train_seconds"]) for r in epochs)) if epochs else math.nan
     count = int(sum(np.asarray(v).size for v in ck.params.values()))
     layer_count = int(sum(np.asarray(v).size for k, v in ck.params.items() if k.startswith(prefix)))
-    return FrozenModel(run, cfg.backend, cfg, work, ops, parts.inject, parts.layer, parts.head, zeros,
-                       compression, initialiser, count, layer_count, train_seconds, int(ck.meta["step"]),
-                       (P, S), rebuild)
+    return FrozenModel(run, cfg.backend, cfg, work, ops, zeros, compression, initialiser, count, layer_count,
+                       train_seconds, int(ck.meta["step"]), (P, S), rebuild)
 
 
 def _text_pieces(ops: Any, mc: Any) -> tuple[Any, ...]:
