@@ -18,6 +18,9 @@ from ._options import Option
 from ._protocol import Backend
 from ._solution import Status
 
+#: Steps a residual trace records by default (``trace=True``): rows for steps 0 .. min(max_iter, 1000).
+TRACE_STEPS = 1000
+
 
 class Problem(NamedTuple):
     """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n)."""
@@ -62,8 +65,10 @@ class Solver:
 
         On backends with static shapes a memory that fills one slot per step would otherwise be
         multiplied in full from the first step. With capacities ``[c1, c2, ..., m]`` the loop runs
-        steps ``[0, c1)`` with memory ``c1``, then calls :meth:`grow` and runs ``[c1, c2)``, and so
-        on; the last stage runs to ``max_iter``. ``init`` allocates ``c1``.
+        at most ``c1`` steps with memory ``c1``, then calls :meth:`grow` and runs on up to step
+        ``c2``, and so on; the last stage runs to ``max_iter``. ``init`` allocates ``c1``. A stage
+        never runs more steps than its capacity, so a solver writing one slot per step never
+        wraps early.
         """
         return []
 
@@ -71,18 +76,27 @@ class Solver:
         """Enlarge the solver's memory to ``capacity`` between loop stages."""
         return state
 
+    def final_state(self, problem: Problem, state: Any) -> Any:
+        """The state reported as ``Solution.solver_state`` (for example memory trimmed to the
+        slots in use where shapes are dynamic); the default is the loop's final state."""
+        return state
+
 
 class LoopState(NamedTuple):
+    """The loop's carry. ``best`` and ``last`` stack the (abs, rel) residuals, shape (2, B):
+    ``best`` of ``best_z``, ``last`` of each sample's latest iterate (its final one once it is
+    frozen). ``trace`` is a (2, rows + 1, B) buffer whose last row takes the writes of steps past
+    the recorded ones, or None when no trace is kept."""
+
     solver: Any
     it: Any
     nfe: Any
     active: Any
     iterations: Any
     best_z: Any
-    best_abs: Any
-    best_rel: Any
-    abs_trace: Any
-    rel_trace: Any
+    best: Any
+    last: Any
+    trace: Any
 
 
 def residuals(xp: Any, g: Any, fz: Any) -> tuple[Any, Any]:
@@ -105,97 +119,116 @@ def terminate(xp: Any, abs_res: Any, rel_res: Any, limit: Any, *, tol: float,
     return xp.where(finite, code, int(Status.NONFINITE))
 
 
+def stage_ends(capacities: list[int], max_iter: int, check_every: int) -> list[int]:
+    """The step at which each loop stage ends: capacities rounded down to a multiple of
+    ``check_every`` (so every backend tests the stop condition at the same steps), the last
+    stage at ``max_iter``. A stage may be empty (its end equals the previous one)."""
+    ends = [min(c // check_every * check_every, max_iter) for c in capacities[:-1]]
+    return ends + [max_iter]
+
+
+def _capped(xp: Any, index: Any, cap: int) -> Any:
+    return min(index, cap) if isinstance(index, int) else xp.where(index < cap, index, cap)
+
+
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
-        divergence: float | None, differentiable: bool = False) -> tuple[LoopState, Any]:
+        divergence: float | None, differentiable: bool = False, trace: int = TRACE_STEPS,
+        check_every: int = 1) -> tuple[LoopState, Any]:
     """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and per-sample status.
 
     A sample stays active while its stop residual is above ``tol`` and its abs residual below
-    the divergence limit (both tests are False for NaN, so a non-finite sample stops too). The
-    status is read off each sample's trace row at the step it stopped, after the loop: nothing
-    status-related runs inside an iteration. Trace rows past a sample's stop are filled with its
-    final residuals after the loop too, so an iteration writes each trace row with one copy.
+    the divergence limit (both tests are False for NaN, so a non-finite sample stops too); a
+    frozen sample's iterate, best iterate, residuals and iteration count never change again. The
+    status is derived once after the loop from each sample's final residuals. ``trace`` is the
+    number of steps whose residuals are recorded (0: none); the loop's memory does not depend on
+    ``max_iter``. The stop test is read every ``check_every`` steps (a host round-trip on eager
+    backends); a sample still freezes at the step it stops, so the only difference from 1 is up
+    to ``check_every - 1`` extra batched evaluations once all samples are frozen.
     """
     backend = problem.backend
     xp = backend.xp
+    device = array_api_compat.device(z0)
+    k = 1 if stop_mode == "rel" else 0
     fz0 = problem.fn(z0)
-    abs0, rel0 = residuals(xp, fz0 - z0, fz0)
-    stop0 = rel0 if stop_mode == "rel" else abs0
-    inf = xp.full_like(abs0, float("inf"))
-    limit = None if divergence is None else abs0 * divergence
-    finite0 = xp.isfinite(abs0) & xp.isfinite(rel0)
-    trace = xp.tile(xp.zeros_like(abs0)[None, :], (max_iter + 1, 1))
-    capacities = solver.capacities(backend)
+    res0 = xp.stack(residuals(xp, fz0 - z0, fz0))
+    inf = xp.full_like(res0, float("inf"))
+    limit = None if divergence is None else res0[0] * divergence
+    finite0 = xp.isfinite(res0[0]) & xp.isfinite(res0[1])
+    rows = min(trace, max_iter) + 1 if trace else 0
+    buffer = None
+    if rows:
+        buffer = xp.empty((2, rows + 1, problem.batch), dtype=res0.dtype, device=device)
+        buffer = backend.set_index(buffer, 0, res0, axis=1)
     state = LoopState(
         solver=solver.init(problem, z0, fz0),
         it=0,
         nfe=1,
-        active=stop0 > tol,
-        iterations=xp.astype(xp.zeros_like(abs0), xp.int32),
+        active=res0[k] > tol,
+        iterations=xp.zeros(problem.batch, dtype=xp.int32, device=device),
         best_z=xp.asarray(z0, copy=True),
-        best_abs=xp.where(finite0, abs0, inf),
-        best_rel=xp.where(finite0, rel0, inf),
-        abs_trace=backend.set_index(trace, 0, abs0),
-        rel_trace=backend.set_index(xp.zeros_like(trace), 0, rel0),
+        best=xp.where(finite0, res0, inf),
+        last=res0,
+        trace=buffer,
     )
 
-    def until(end: int) -> Callable[[LoopState], Any]:
-        def cond(s: LoopState) -> Any:
-            return xp.any(s.active) & (s.it < end)
-
-        return cond
+    def cond(s: LoopState) -> Any:
+        return xp.any(s.active)
 
     def body(s: LoopState) -> LoopState:
         active = s.active
         z_new, fz_new, sstate, nfe = solver.step(problem, s.solver, active)
         g_new = fz_new - z_new
-        abs_res, rel_res = residuals(xp, g_new, fz_new)
-        new_stop = rel_res if stop_mode == "rel" else abs_res
-        keep = active & (new_stop > tol)
+        res = xp.stack(residuals(xp, g_new, fz_new))
+        keep = active & (res[k] > tol)
         if limit is not None:
-            keep = keep & (abs_res <= limit)
+            keep = keep & (res[0] <= limit)
         sstate = solver.commit(problem, sstate, z_new, fz_new, g_new, active, keep)
-        better = new_stop < (s.best_rel if stop_mode == "rel" else s.best_abs)
+        better = active & (res[k] < s.best[k])
+        last = xp.where(active, res, s.last)
+        it = s.it + 1
         return LoopState(
             solver=sstate,
-            it=s.it + 1,
+            it=it,
             nfe=s.nfe + nfe,
             active=keep,
             iterations=s.iterations + active,
             best_z=select_rows(xp, better, z_new, s.best_z),
-            best_abs=xp.where(better, abs_res, s.best_abs),
-            best_rel=xp.where(better, rel_res, s.best_rel),
-            abs_trace=backend.set_index(s.abs_trace, s.it + 1, abs_res),
-            rel_trace=backend.set_index(s.rel_trace, s.it + 1, rel_res),
+            best=xp.where(better, res, s.best),
+            last=last,
+            trace=None if s.trace is None else backend.set_index(s.trace, _capped(xp, it, rows), last,
+                                                                 axis=1),
         )
 
-    ends = [min(c, max_iter) for c in capacities[:-1]] + [max_iter]
-    for stage, end in enumerate(ends):
+    loop = backend.differentiable_loop if differentiable else backend.while_loop
+    capacities = solver.capacities(backend)
+    start = 0
+    for stage, end in enumerate(stage_ends(capacities, max_iter, check_every)):
         if stage:
+            if backend.is_concrete(state.active) and not bool(xp.any(state.active)):
+                break  # every sample stopped: growing the memory for later stages is wasted work
             state = state._replace(solver=solver.grow(problem, state.solver, capacities[stage]))
-        if differentiable:
-            steps = end - (ends[stage - 1] if stage else 0)
-            state = backend.differentiable_loop(until(end), body, state, steps)
-        else:
-            state = backend.while_loop(until(end), body, state)
-    # Row ``iterations[b]`` holds sample b's residuals at the step it stopped; later rows were
-    # written while it was frozen (or not at all) and take that final value.
-    stopped = state.iterations[None, :]
-    rows = xp.arange(state.abs_trace.shape[0], dtype=stopped.dtype, device=array_api_compat.device(z0))
-    at_stop = rows[:, None] == stopped
-    zero = xp.zeros_like(state.abs_trace)
-    last_abs = xp.sum(xp.where(at_stop, state.abs_trace, zero), axis=0, keepdims=True)
-    last_rel = xp.sum(xp.where(at_stop, state.rel_trace, zero), axis=0, keepdims=True)
-    after = rows[:, None] > stopped
-    status = terminate(xp, last_abs[0], last_rel[0], inf if limit is None else limit, tol=tol,
+        if end > start:
+            state = loop(cond, body, state, end - start, check_every)
+            start = end
+    if state.trace is not None:
+        # rows after the loop's last step were never written: they repeat the final residuals
+        steps = xp.arange(rows, device=device)[:, None]
+        state = state._replace(trace=xp.where(steps > state.it, state.last[:, None, :],
+                                              state.trace[:, :rows]))
+    status = terminate(xp, state.last[0], state.last[1], inf[0] if limit is None else limit, tol=tol,
                        stop_mode=stop_mode)
-    state = state._replace(
-        abs_trace=xp.where(after, last_abs, state.abs_trace),
-        rel_trace=xp.where(after, last_rel, state.rel_trace),
-    )
-    return state, xp.astype(status, xp.int32)
+    return state._replace(solver=solver.final_state(problem, state.solver)), xp.astype(status, xp.int32)
 
 
 def select_rows(xp: Any, mask: Any, new: Any, old: Any) -> Any:
-    """``new`` for samples where ``mask`` (B,) holds, ``old`` elsewhere; any trailing shape."""
+    """``new`` for samples where ``mask`` (B,) holds, ``old`` elsewhere; any trailing shape.
+
+    A namespace may provide its own ``select_rows(mask, new, old)`` (deqcore's torch namespace
+    does: on the CPU it returns ``new`` or ``old`` itself when the mask is uniform, instead of a
+    select over the whole array), so the result may alias an input: never write to it in place.
+    """
+    fast = getattr(xp, "select_rows", None)
+    if fast is not None:
+        return fast(mask, new, old)
     shape = (mask.shape[0],) + (1,) * (new.ndim - 1)
     return xp.where(xp.reshape(mask, shape), new, old)

@@ -54,6 +54,14 @@ def open_unit_interval(v: Any) -> str | None:
     return None if _is_real(v) and 0 < v < 1 else "a float in (0, 1)"
 
 
+def bool_or_nonnegative_int(v: Any) -> str | None:
+    return None if isinstance(v, bool) or (_is_int(v) and v >= 0) else "True, False or an int >= 0"
+
+
+def bool_or_nonempty_str(v: Any) -> str | None:
+    return None if isinstance(v, bool) or (isinstance(v, str) and v) else "True, False or a mode name"
+
+
 def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "True or False"
 

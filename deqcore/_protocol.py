@@ -46,20 +46,25 @@ class Backend(Protocol):
         ...
 
     def while_loop(
-        self, cond: Callable[[State], Array], body: Callable[[State], State], state: State
+        self, cond: Callable[[State], Array], body: Callable[[State], State], state: State,
+        max_steps: int | None = None, check_every: int = 1,
     ) -> State:
         """Run ``state = body(state)`` while ``cond(state)`` holds; not differentiable.
 
-        ``cond`` returns a boolean scalar array. JAX: ``lax.while_loop`` (jit- and vmap-safe).
-        torch: a Python loop without autograd; ``bool(cond(state))`` is the only host
-        round-trip of an iteration.
+        ``cond`` returns a boolean scalar array. At most ``max_steps`` bodies run (None: no
+        limit), and ``cond`` is tested before body ``j`` only when ``j % check_every == 0``: the
+        loop then runs whole groups of ``check_every`` bodies. JAX: ``lax.while_loop`` (jit- and
+        vmap-safe). torch: a Python loop without autograd; ``bool(cond(state))`` is its only host
+        round-trip, once per ``check_every`` bodies.
         """
         ...
 
     def differentiable_loop(
-        self, cond: Callable[[State], Any], body: Callable[[State], State], state: State, max_steps: int
+        self, cond: Callable[[State], Any], body: Callable[[State], State], state: State, max_steps: int,
+        check_every: int = 1,
     ) -> State:
-        """Like :meth:`while_loop` (at most ``max_steps`` bodies) but reverse-differentiable.
+        """Like :meth:`while_loop` (at most ``max_steps`` bodies, the same tests) but
+        reverse-differentiable.
 
         Used by the ``unroll`` gradient mode. torch: a Python loop with autograd recording;
         JAX: ``lax.fori_loop`` over ``max_steps`` whose body is skipped by ``lax.cond`` once
@@ -185,4 +190,15 @@ class Backend(Protocol):
 
     def register_pytree(self, cls: type, data_fields: list[str], meta_fields: list[str]) -> None:
         """Make ``cls`` (a dataclass) traversable by the framework (no-op where meaningless)."""
+        ...
+
+    def compiled(self, mode: str | None = None) -> Backend:
+        """This backend with compiled solver loops (``deqcore.solve(..., compile=...)``).
+
+        ``mode`` is the framework's compilation mode (torch: a ``torch.compile`` mode; None for
+        its default); an unknown mode is a ``ValueError`` naming the valid ones. A backend whose
+        loops are always compiled returns itself (JAX). torch: the fixed-shape mode of the
+        algorithms (``static_shapes`` True) with each loop body compiled and cached; gradient
+        modes still run on the eager backend.
+        """
         ...

@@ -51,10 +51,12 @@ class Solution:
         status: (B,) int, a :class:`Status` code per sample.
         iterations: (B,) int, the steps each sample took before it was frozen.
         steps: int scalar, the loop steps run (the largest of ``iterations``).
-        nfe: int scalar, batched evaluations of ``f`` (the initial ``f(z0)`` included).
-        abs_trace: (max_iter + 1, B) absolute residual of the iterate at each step; entries after
-            a sample was frozen repeat its final value.
-        rel_trace: (max_iter + 1, B) relative residual, likewise.
+        nfe: int scalar, batched evaluations of ``f`` (the initial ``f(z0)`` included; with
+            ``check_every > 1`` also those that ran after every sample had stopped).
+        abs_trace: (min(max_iter, trace) + 1, B) absolute residual of the iterate at each step
+            (row 0: ``z0``), for the first ``trace`` steps (1000 by default); entries after a
+            sample was frozen repeat its final value. None when solved with ``trace=False``.
+        rel_trace: the relative residual, likewise.
         solver_state: the solver's final state (for Broyden: ``U``, ``V`` of the low-rank inverse
             Jacobian estimate, kept for the GDEQ gradient).
         solver: the solver's name.

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _options as opt
 from ._gradients import BackwardProblem, BackwardReport
-from ._loop import Problem, run
+from ._loop import TRACE_STEPS, Problem, run
 from ._registry import registry
 from ._solution import ConvergenceError, Solution, Status
 from ._structure import Structure, leaves
@@ -26,6 +26,13 @@ COMMON_OPTIONS = {
     "batched": opt.Option(True, "axis 0 of z is the batch axis (per-sample convergence); False: one state",
                           opt.boolean),
     "throw": opt.Option(False, "raise ConvergenceError unless every sample converged", opt.boolean),
+    "trace": opt.Option(True, f"per-step residual traces: True records steps 0 .. min(max_iter, "
+                        f"{TRACE_STEPS}), an int N steps 0 .. min(max_iter, N), False none",
+                        opt.bool_or_nonnegative_int),
+    "check_every": opt.Option(1, "read the stop test back to the host once per this many steps "
+                              "(samples still freeze every step)", opt.positive_int),
+    "compile": opt.Option(False, "compile the solver loop (torch: torch.compile, True or a mode name; "
+                          "JAX: always compiled)", opt.bool_or_nonempty_str),
 }
 
 
@@ -42,6 +49,9 @@ def solve(
     divergence: float | None = 1e6,
     batched: bool = True,
     throw: bool = False,
+    trace: bool | int = True,
+    check_every: int = 1,
+    compile: bool | str = False,
     grad: str | None = "implicit",
     grad_options: Mapping[str, Any] | None = None,
     **options: Any,
@@ -68,6 +78,24 @@ def solve(
             whole state as one sample (use it inside ``jax.vmap``).
         throw: raise :class:`ConvergenceError` when any sample did not converge (under
             ``jax.jit`` the error surfaces when the computation runs).
+        trace: the per-step residual traces ``solution.abs_trace``/``rel_trace``: ``True``
+            (default) records steps 0 to ``min(max_iter, 1000)``, an int ``N`` steps 0 to
+            ``min(max_iter, N)``, ``False`` (or 0) none (the traces are then None). Memory is
+            ``2 (rows) B`` numbers whatever ``max_iter`` is.
+        check_every: how often the stop test (is any sample still active?) is read back to the
+            host: every step by default, once per ``check_every`` steps otherwise, which saves
+            host synchronisations on accelerators. Samples still freeze at the step they stop
+            (``z``, ``iterations``, residuals and status are those of ``check_every=1``); up to
+            ``check_every - 1`` extra batched evaluations of ``f`` run once all are frozen, and
+            ``nfe`` counts them.
+        compile: run the solver loop compiled. torch: ``True`` (``torch.compile``'s default
+            mode) or a mode name (``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``,
+            ...). The algorithms then run in their fixed-shape mode, as on JAX, with the loop
+            body (``f`` included) compiled once per shape, dtype, solver and options and cached
+            for later solves; the first solve pays the compilation (seconds). Results equal the
+            eager ones to rounding. Gradients run eagerly. Where compilation fails the loop runs
+            eagerly with a :class:`deqcore_torch.CompileWarning`. JAX: no effect (its loops are
+            always compiled).
         grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
             (default, exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``,
             ``"gdeq"`` (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None``
@@ -89,9 +117,12 @@ def solve(
         "deqcore.solve",
         COMMON_OPTIONS,
         {"tol": tol, "max_iter": max_iter, "stop_mode": stop_mode, "divergence": divergence,
-         "batched": batched, "throw": throw},
+         "batched": batched, "throw": throw, "trace": trace, "check_every": check_every,
+         "compile": compile},
     )
     be = _resolve_backend(reg, backend, x, z0)
+    loop_be = be if common["compile"] is False else be.compiled(
+        None if common["compile"] is True else common["compile"])
     hyper = solver if isinstance(solver, Hypersolver) else None
     if hyper is not None:
         if options:
@@ -125,10 +156,12 @@ def solve(
     unrolled = mode is not None and mode.unrolled
     with contextlib.nullcontext() if unrolled else be.no_grad():
         z0f = be.stop_gradient(structure.flatten(be, z0))
-        problem = Problem(be, fn, structure.batch, structure.n, structure.dtype)
+        problem = Problem(loop_be, fn, structure.batch, structure.n, structure.dtype)
+        trace_steps = TRACE_STEPS if common["trace"] is True else int(common["trace"])
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
                             stop_mode=common["stop_mode"], divergence=common["divergence"],
-                            differentiable=unrolled)
+                            differentiable=unrolled, trace=trace_steps,
+                            check_every=common["check_every"])
     xp = be.xp
     report = BackwardReport(mode.name) if mode is not None else None
     z_flat = state.best_z
@@ -143,15 +176,15 @@ def solve(
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
     solution = Solution(
         z=structure.unflatten(be, z_flat),
-        abs_residual=state.best_abs,
-        rel_residual=state.best_rel,
+        abs_residual=state.best[0],
+        rel_residual=state.best[1],
         converged=status == int(Status.CONVERGED),
         status=status,
         iterations=state.iterations,
         steps=xp.max(state.iterations),
         nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,
-        abs_trace=state.abs_trace,
-        rel_trace=state.rel_trace,
+        abs_trace=None if state.trace is None else state.trace[0],
+        rel_trace=None if state.trace is None else state.trace[1],
         solver_state=state.solver,
         solver=solver,
         stop_mode=common["stop_mode"],

@@ -75,15 +75,20 @@ def test_broyden_secant_condition_and_dense_products(h):
     z_new, fz_new, state, nfe = solver.step(problem, state, active)
     np.testing.assert_array_equal(h.numpy(z_new), h.numpy(fz0))  # step 1 is z1 = f(z0)
     m = 4
+
+    def pairs(state):  # the stored pairs: slots past count are unused (and not zeroed on torch)
+        used = min(int(h.numpy(h.xp.asarray(state.count))), m)
+        return np.array(h.numpy(state.U))[:, :used], np.array(h.numpy(state.V))[:, :used]
+
     for t in range(1, 11):
         prev_z, prev_g = np.array(h.numpy(state.z)), np.array(h.numpy(state.fz - state.z))
-        U_before, V_before = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
+        U_before, V_before = pairs(state)
         state = solver.commit(problem, state, z_new, fz_new, fz_new - z_new, active, active)
         dz = np.array(h.numpy(z_new)) - prev_z
         dg = np.array(h.numpy(fz_new - z_new)) - prev_g
-        U_, V_ = np.array(h.numpy(state.U)), np.array(h.numpy(state.V))
+        U_, V_ = pairs(state)
         slot = (t - 1) % m  # pair t lives in slot (t - 1) % m; the other slots are untouched
-        others = [i for i in range(m) if i != slot]
+        others = [i for i in range(U_before.shape[1]) if i != slot]
         np.testing.assert_array_equal(U_[:, others], U_before[:, others])
         np.testing.assert_array_equal(V_[:, others], V_before[:, others])
         # the new pair is the rank-one update that makes (B_before + u v^T) dg = dz
@@ -94,9 +99,10 @@ def test_broyden_secant_condition_and_dense_products(h):
         if t <= m:  # before the ring wraps, the stored B itself satisfies the secant condition
             np.testing.assert_allclose(np.einsum("bij,bj->bi", dense, dg), dz, atol=1e-10)
         y = np.random.default_rng(t).standard_normal((3, 8))
-        np.testing.assert_allclose(h.numpy(apply_inverse(xp, state.U, state.V, h.asarray(y))),
+        Ub, Vb = h.asarray(U_), h.asarray(V_)
+        np.testing.assert_allclose(h.numpy(apply_inverse(xp, Ub, Vb, h.asarray(y))),
                                    np.einsum("bij,bj->bi", dense, y), atol=1e-12)
-        np.testing.assert_allclose(h.numpy(apply_inverse_transpose(xp, state.U, state.V, h.asarray(y))),
+        np.testing.assert_allclose(h.numpy(apply_inverse_transpose(xp, Ub, Vb, h.asarray(y))),
                                    np.einsum("bi,bij->bj", y, dense), atol=1e-12)
         z_new, fz_new, state, nfe = solver.step(problem, state, active)
 

@@ -61,9 +61,9 @@ class Implicit(AdjointMode):
         problem = Problem(be, lambda u: g + vjp_z(u), ctx.batch, ctx.n, ctx.dtype)
         with be.no_grad():
             state, status = run(problem, self._solver, g, tol=self.tol, max_iter=self.max_iter,
-                                stop_mode=self.stop_mode, divergence=None)
+                                stop_mode=self.stop_mode, divergence=None, trace=0)
         converged = status == int(Status.CONVERGED)
-        residual = state.best_rel if self.stop_mode == "rel" else state.best_abs
+        residual = state.best[1] if self.stop_mode == "rel" else state.best[0]
         nfe = be.xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe
         be.host_callback(self._report(ctx), converged, residual, state.iterations, nfe)
         if self.on_fail == "raise":

@@ -4,6 +4,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
+from .._batched_linalg import ring_combine, ring_dots
 from .._loop import Problem, Solver, select_rows
 from .._options import Option, nonnegative_float, positive_float, positive_int
 
@@ -46,7 +47,7 @@ def mixing_weights(backend: Any, gram: Any, lam: float, valid: Any = None,
         eye = xp.eye(k, dtype=gram.dtype, device=array_api_compat.device(gram))
     diag = xp.linalg.diagonal(gram)
     if valid is None:
-        shift = lam * xp.mean(diag, axis=-1, keepdims=True)
+        shift = xp.sum(diag, axis=-1, keepdims=True) * (lam / k)
         rhs = xp.ones_like(diag)
     else:
         validf = xp.astype(valid, gram.dtype)
@@ -54,12 +55,12 @@ def mixing_weights(backend: Any, gram: Any, lam: float, valid: Any = None,
         shift = lam * scale * validf + (1.0 - validf)
         rhs = xp.broadcast_to(validf, diag.shape)
     # The system is SPD; with lam >= 1e-8 its condition number is at most ~k/lam, where a
-    # backend's SPD path (JAX: unrolled Gauss-Jordan) is as accurate as pivoted LU.
+    # backend's SPD path (JAX: an unrolled Cholesky factorisation) is as accurate as pivoted LU.
     a = backend.linear_solve(gram + shift[:, :, None] * eye, rhs,
                              symmetric_positive_definite=lam >= 1e-8)
     alpha = a / xp.sum(a, axis=-1, keepdims=True)
-    # x * 0 is 0 for finite x and NaN otherwise: one reduction flags any non-finite weight
-    singular = xp.isnan(xp.sum(alpha * 0.0, axis=-1))
+    # a sum is finite only if every term is: one reduction flags any non-finite weight
+    singular = ~xp.isfinite(xp.sum(alpha, axis=-1))
     return alpha, singular
 
 
@@ -83,10 +84,11 @@ class Anderson(Solver):
     lam: float
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> AndersonState:
-        self._eyes: dict[int, Any] = {}
         backend = problem.backend
         xp = backend.xp
         device = array_api_compat.device(z0)
+        self._eye = xp.eye(self.memory, dtype=z0.dtype, device=device)
+        self._slots = xp.arange(self.memory, device=device)
         B, n = z0.shape
         ring = xp.zeros((B, self.memory, n), dtype=z0.dtype, device=device)
         gram = xp.zeros((B, self.memory, self.memory), dtype=z0.dtype, device=device)
@@ -100,14 +102,9 @@ class Anderson(Solver):
         y = fz if self.beta == 1.0 else z + self.beta * g
         G = backend.set_index(state.G, slot, g, axis=1)
         Y = backend.set_index(state.Y, slot, y, axis=1)
-        row = xp.matmul(g[:, None, :], xp.matrix_transpose(G))[:, 0]
+        row = ring_dots(xp, G, g)
         gram = backend.set_index(backend.set_index(state.gram, slot, row, axis=1), slot, row, axis=2)
         return AndersonState(z, fz, G, Y, gram, state.count + 1, state.breakdowns)
-
-    def _eye(self, xp: Any, k: int, like: Any) -> Any:
-        if k not in self._eyes:  # one identity per window size (torch's window grows to m)
-            self._eyes[k] = xp.eye(k, dtype=like.dtype, device=array_api_compat.device(like))
-        return self._eyes[k]
 
     def step(self, problem: Problem, state: AndersonState, active: Any):
         backend = problem.backend
@@ -115,16 +112,18 @@ class Anderson(Solver):
         count = state.count
         gram = backend.active_prefix(backend.active_prefix(state.gram, count, axis=1), count, axis=2)
         k = gram.shape[-1]
-        eye = self._eye(xp, k, state.z)
-        # Backends with dynamic shapes pass only the filled slots; static ones the whole ring.
+        eye = self._eye if k == self.memory else self._eye[:k, :k]  # torch's window grows to m
+        # Backends with dynamic shapes pass only the filled slots; static ones the whole ring,
+        # with a traced count (masks and a one-hot row, never an index).
         valid = None
         if backend.static_shapes:
-            valid = xp.arange(k, device=array_api_compat.device(state.z)) < count
+            valid = self._slots < count
+            newest = xp.astype(self._slots == (count - 1) % k, state.z.dtype)
+        else:
+            newest = eye[(count - 1) % self.memory]
         alpha, singular = mixing_weights(backend, gram, self.lam, valid, eye)
-        newest = eye[(count - 1) % self.memory]
         alpha = xp.where(singular[:, None], newest, alpha)
-        Y = backend.active_prefix(state.Y, count, axis=1)
-        proposal = xp.matmul(alpha[:, None, :], Y)[:, 0]
+        proposal = ring_combine(xp, alpha, backend.active_prefix(state.Y, count, axis=1))
         z = select_rows(xp, active, proposal, state.z)
         fz = problem.fn(z)
         return z, fz, state._replace(breakdowns=state.breakdowns + (active & singular)), 1

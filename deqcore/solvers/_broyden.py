@@ -4,40 +4,49 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
+from .._batched_linalg import ring_combine, ring_dots
 from .._loop import Problem, Solver, select_rows
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
 
 
 class BroydenState(NamedTuple):
-    """Broyden's low-rank inverse-Jacobian estimate ``B = -I + sum_i U_i V_i^T`` (U, V: (B, m, n)).
+    """Broyden's low-rank inverse-Jacobian estimate ``B = -I + sum_i U_i V_i^T``.
 
-    ``B`` approximates the inverse Jacobian of ``g(z) = f(z) - z``. ``Bg`` caches ``B g(z)`` for
-    the current iterate (the next direction is ``-Bg``), so a step costs four low-rank products
-    instead of six; ``g = f(z) - z`` is kept so it is computed once per step. ``count`` pairs have
-    been written (slot ``count % m`` is next); ``breakdowns`` (B,) counts updates skipped because
-    the secant denominator was zero or the update non-finite.
+    ``B`` approximates the inverse Jacobian of ``g(z) = f(z) - z``. The pairs live in one ring
+    ``UV`` (B, 2, m, n), ``U = UV[:, 0]`` and ``V = UV[:, 1]`` (B, m, n): a step's four low-rank
+    products are then two batched products over one buffer, and the ring is updated in place
+    with one write. ``Bg`` caches ``B g(z)`` for the current iterate (the next direction is
+    ``-Bg``), so a step costs four low-rank products instead of six; ``g = f(z) - z`` is kept so
+    it is computed once per step. ``count`` pairs have been written (slot ``count % m`` is next);
+    ``breakdowns`` (B,) counts updates skipped because the secant denominator was zero or the
+    update non-finite.
     """
 
     z: Any
     fz: Any
     g: Any
     Bg: Any
-    U: Any
-    V: Any
+    UV: Any
     count: Any
     breakdowns: Any
+
+    @property
+    def U(self) -> Any:
+        return self.UV[:, 0]
+
+    @property
+    def V(self) -> Any:
+        return self.UV[:, 1]
 
 
 def apply_inverse(xp: Any, U: Any, V: Any, y: Any) -> Any:
     """``B y = -y + sum_i U_i (V_i . y)`` per sample."""
-    coeff = xp.matmul(y[:, None, :], xp.matrix_transpose(V))
-    return xp.matmul(coeff, U)[:, 0] - y
+    return ring_combine(xp, ring_dots(xp, V, y), U) - y
 
 
 def apply_inverse_transpose(xp: Any, U: Any, V: Any, y: Any) -> Any:
     """``y^T B = -y + sum_i V_i (U_i . y)`` per sample (GDEQ's ``-B^T g`` is its negation)."""
-    coeff = xp.matmul(y[:, None, :], xp.matrix_transpose(U))
-    return xp.matmul(coeff, V)[:, 0] - y
+    return ring_combine(xp, ring_dots(xp, U, y), V) - y
 
 
 class Broyden(Solver):
@@ -45,9 +54,11 @@ class Broyden(Solver):
 
     Starts from ``B_0 = -I`` (so step 1 is ``z_1 = f(z_0)``), steps ``z <- z - s B g(z)``, and after
     each step that leaves a sample unconverged stores the rank-one update that makes
-    ``B dg = dz`` (the secant condition) in slot ``count % memory``, overwriting the oldest pair
-    once the ring is full. The pair of the converging step is not stored. Optional per-sample
-    backtracking Armijo line search on ``||g||^2`` with quadratic interpolation.
+    ``B dg = dz`` (the secant condition, with ``dz = -s B g`` the step taken) in slot
+    ``count % memory``, overwriting the oldest pair once the ring is full. The pair of the
+    converging step is not stored. Optional per-sample backtracking Armijo line search on
+    ``||g||^2`` with quadratic interpolation. The ring grows by need (8, 16, 32, ... pairs, up to
+    ``min(memory, max_iter)``), so a solve that stops early never holds ``max_iter`` pairs.
     """
 
     name = "broyden"
@@ -64,36 +75,60 @@ class Broyden(Solver):
 
     def __init__(self, *, max_iter: int, **options: Any) -> None:
         super().__init__(max_iter=max_iter, **options)
-        self.m = max_iter if self.memory is None else self.memory
+        # at most max_iter pairs are ever stored: a larger ring would only hold zeros
+        self.m = max_iter if self.memory is None else min(self.memory, max_iter)
 
     def capacities(self, backend: Any) -> list[int]:
-        # JAX multiplies the whole fixed-shape ring every step; while it fills, run in stages of
-        # doubling capacity so a step costs about the filled slots, not m (torch skips empty
-        # slots through active_prefix and needs one stage).
-        if not backend.static_shapes or self.m <= 16 or self.max_iter <= 16:
+        # Static shapes: a step multiplies the whole ring, so it starts at 8 pairs and doubles
+        # between loop stages (a step costs about the filled slots). Dynamic shapes multiply a
+        # prefix view whatever the capacity; there the stages only keep memory to the steps run.
+        first = 8 if backend.static_shapes else 64
+        if self.m <= 2 * first:
             return []
-        caps = [8]
-        while caps[-1] * 2 < min(self.m, self.max_iter):
+        caps = [first]
+        while caps[-1] * 2 < self.m:
             caps.append(caps[-1] * 2)
         return caps + [self.m]
 
-    def _ring(self, xp: Any, like: Any, capacity: int) -> Any:
-        return xp.zeros((like.shape[0], capacity, like.shape[1]), dtype=like.dtype,
-                        device=array_api_compat.device(like))
+    def _ring(self, backend: Any, like: Any, capacity: int) -> Any:
+        # Where shapes are dynamic the loop reads only the slots it has written (a prefix of
+        # ``count`` slots, every one written for every sample when first used), so the ring
+        # needs no zero fill; static shapes multiply unfilled slots, which must be zero.
+        make = backend.xp.zeros if backend.static_shapes else backend.xp.empty
+        return make((like.shape[0], 2, capacity, like.shape[1]), dtype=like.dtype,
+                    device=array_api_compat.device(like))
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> BroydenState:
-        xp = problem.backend.xp
-        caps = self.capacities(problem.backend)
-        ring = self._ring(xp, z0, caps[0] if caps else self.m)
+        backend = problem.backend
+        xp = backend.xp
+        if backend.static_shapes and 2 * self.m * z0.shape[0] * z0.shape[1] > 2**31:
+            raise ValueError(
+                f"deqcore.solve('broyden'): the ring of {self.m} rank-one pairs (memory="
+                f"{self.memory!r}, max_iter={self.max_iter}) would hold {2 * self.m * z0.shape[0]} "
+                f"x {z0.shape[1]} numbers; on backend {backend.name!r} shapes are static, so it "
+                "is allocated in full. Pass memory= (for example memory=64)")
+        caps = self.capacities(backend)
+        self._zero = xp.zeros((z0.shape[0], 2, z0.shape[1]), dtype=z0.dtype,
+                              device=array_api_compat.device(z0))
         breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         g0 = fz0 - z0
-        return BroydenState(z0, fz0, g0, -g0, ring, xp.zeros_like(ring), 0, breakdowns)
+        ring = self._ring(backend, z0, caps[0] if caps else self.m)
+        return BroydenState(z0, fz0, g0, -g0, ring, 0, breakdowns)
 
     def grow(self, problem: Problem, state: BroydenState, capacity: int) -> BroydenState:
-        xp = problem.backend.xp
-        extra = capacity - state.U.shape[1]
-        pad = self._ring(xp, state.z, extra)
-        return state._replace(U=xp.concat([state.U, pad], axis=1), V=xp.concat([state.V, pad], axis=1))
+        pad = self._ring(problem.backend, state.z, capacity - state.UV.shape[2])
+        return state._replace(UV=problem.backend.xp.concat([state.UV, pad], axis=2))
+
+    def _wraps(self, backend: Any, state: BroydenState, count: Any) -> bool:
+        # A stage below the full memory never wraps (it runs at most its capacity's steps), nor
+        # does a ring of max_iter pairs. Where the count is traced, a slot that cannot hold an
+        # older pair must not be read: XLA then copied the whole ring twice per step.
+        if not backend.static_shapes:
+            return count >= self.m
+        return self.m < self.max_iter and state.UV.shape[2] == self.m
+
+    def final_state(self, problem: Problem, state: BroydenState) -> BroydenState:
+        return state._replace(UV=problem.backend.active_prefix(state.UV, state.count, axis=2))
 
     def step(self, problem: Problem, state: BroydenState, active: Any):
         xp = problem.backend.xp
@@ -124,7 +159,7 @@ class Broyden(Solver):
         pending = pending & (s >= amin)
 
         def cond(ls):
-            return (ls[4] < self.ls_max_trials) & xp.any(ls[3])
+            return xp.any(ls[3])
 
         def body(ls):
             z_out, fz_out, s, pending, trials = ls
@@ -138,7 +173,8 @@ class Broyden(Solver):
             pending = pending & ~ok & (s_next >= amin)
             return z_out, fz_out, s_next, pending, trials + 1
 
-        z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0))
+        z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0),
+                                                         self.ls_max_trials)
         return z_out, fz_out, 1 + trials
 
     def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
@@ -146,26 +182,38 @@ class Broyden(Solver):
             return state._replace(z=z_new, fz=fz_new, g=g_new, Bg=-g_new)
         backend = problem.backend
         xp = backend.xp
-        U = backend.active_prefix(state.U, state.count, axis=1)
-        V = backend.active_prefix(state.V, state.count, axis=1)
+        count = state.count
+        UV = backend.active_prefix(state.UV, count, axis=2)
+        B, _, k, n = UV.shape
+        ring = xp.reshape(UV, (2 * B, k, n))  # rows (U_b, V_b) interleaved: one buffer, one product
+        # the step actually taken (not -B g): near convergence dz and dg are differences of
+        # nearly equal iterates, and only the computed ones satisfy a consistent secant condition
         dz = z_new - state.z
-        dg = g_new - state.g
-        Bg_new = apply_inverse(xp, U, V, g_new)
-        v = apply_inverse_transpose(xp, U, V, dz)
-        # A non-finite v makes the denominator NaN, so one scalar test per sample suffices
-        # (r * 0 == 0 holds exactly for finite r). The division sees 1 where the update is skipped,
-        # so that a recorded (unroll) backward never meets 0 * inf.
-        den = xp.sum(v * dg, axis=-1, keepdims=True)
-        usable = (1.0 / den) * 0.0 == 0.0
-        u = (dz - Bg_new + state.Bg) / xp.where(usable, den, xp.ones_like(den))
-        write = keep & usable[:, 0]
-        slot = state.count % self.m
-        u_old, v_old = state.U[:, slot], state.V[:, slot]
-        # B_new g_new = B g_new + u (v . g_new) - u_old (v_old . g_new) for the overwritten pair
-        change = u * xp.sum(v * g_new, axis=-1, keepdims=True) - u_old * xp.sum(
-            v_old * g_new, axis=-1, keepdims=True)
-        Bg_next = select_rows(xp, write, Bg_new + change, Bg_new)
-        U_all = backend.set_index(state.U, slot, select_rows(xp, write, u, u_old), axis=1)
-        V_all = backend.set_index(state.V, slot, select_rows(xp, write, v, v_old), axis=1)
-        breakdowns = state.breakdowns + (keep & ~usable[:, 0])
-        return BroydenState(z_new, fz_new, g_new, Bg_next, U_all, V_all, state.count + 1, breakdowns)
+        # dots[:, 0] = U dz, dots[:, 1] = V g_new; combined crosswise, they give
+        # B g_new = -g_new + U^T (V g_new) and v = B^T dz = -dz + V^T (U dz)
+        dots = xp.reshape(ring_dots(xp, ring, xp.reshape(xp.stack([dz, g_new], axis=1), (2 * B, n))),
+                          (B, 2, k))
+        mixed = xp.reshape(ring_combine(xp, xp.reshape(xp.flip(dots, axis=1), (2 * B, k)), ring), (B, 2, n))
+        Bg_new = mixed[:, 0] - g_new
+        v = mixed[:, 1] - dz
+        vg = xp.sum(v * g_new, axis=-1)
+        den = vg - xp.sum(v * state.g, axis=-1)
+        usable = xp.isfinite(den) & (den != 0.0)
+        write = keep & usable
+        # an unusable denominator is replaced by 1 so that a recorded (unroll) backward never
+        # meets 0 * inf; its pair is not stored
+        den = xp.where(usable, den, 1.0)
+        u = (dz - Bg_new + state.Bg) / den[:, None]
+        # B_new g_new = B g_new + u (v . g_new), less the overwritten pair's u_old (v_old . g_new)
+        Bg_next = Bg_new + u * xp.where(write, vg, 0.0)[:, None]
+        slot = count % self.m
+        if self._wraps(backend, state, count):  # the slot may hold an older pair
+            old = state.UV[:, :, slot]
+            coef = xp.where(write, xp.sum(old[:, 1] * g_new, axis=-1), 0.0)
+            Bg_next = Bg_next - old[:, 0] * coef[:, None]
+        else:
+            old = self._zero
+        pair = select_rows(xp, write, xp.stack([u, v], axis=1), old)
+        breakdowns = state.breakdowns + (keep & ~usable)
+        return BroydenState(z_new, fz_new, g_new, Bg_next, backend.set_index(state.UV, slot, pair, axis=2),
+                            count + 1, breakdowns)
