@@ -4,8 +4,11 @@ Every solver memory is a ring of ``k`` rows per sample, ``(B, k, n)``. Its two p
 ``ring_dots`` (``R_b y_b``, one dot per row) and ``ring_combine`` (``w_b^T R_b``), run several
 times a step, and the fastest formulation differs by framework (PyTorch CPU: ``bmm``; XLA: a
 ``dot_general`` without a singleton axis, 3-6x faster than ``matmul`` of a ``(B, 1, n)`` row).
-A namespace may provide its own ``ring_dots``/``ring_combine``; deqcore's torch and JAX
-namespaces do. The generic versions here are used otherwise.
+Broyden keeps its two rings in one buffer (B, 2, k, n) and multiplies both at once
+(``pair_dots``, ``pair_combine``): XLA then updates the buffer in place, and PyTorch multiplies
+views of it without stacking the operands. A namespace may provide its own ``ring_dots``,
+``ring_combine``, ``pair_dots`` and ``pair_combine``; deqcore's torch and JAX namespaces do. The
+generic versions here are used otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ def ring_combine(xp: Any, weights: Any, ring: Any) -> Any:
     if fast is not None:
         return fast(weights, ring)
     return xp.matmul(weights[:, None, :], ring)[:, 0]
+
+
+def pair_dots(xp: Any, pairs: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """``(U a, V b)`` per sample for a pair ring ``pairs`` (B, 2, k, n) with ``U = pairs[:, 0]``,
+    ``V = pairs[:, 1]``: two (B, k) arrays."""
+    fast = getattr(xp, "pair_dots", None)
+    if fast is not None:
+        return fast(pairs, a, b)
+    B, _, k, n = pairs.shape
+    out = ring_dots(xp, xp.reshape(pairs, (2 * B, k, n)), xp.reshape(xp.stack([a, b], axis=1), (2 * B, n)))
+    out = xp.reshape(out, (B, 2, k))
+    return out[:, 0], out[:, 1]
+
+
+def pair_combine(xp: Any, pairs: Any, wa: Any, wb: Any) -> tuple[Any, Any]:
+    """``(wa^T U, wb^T V)`` per sample for a pair ring (B, 2, k, n): two (B, n) arrays."""
+    fast = getattr(xp, "pair_combine", None)
+    if fast is not None:
+        return fast(pairs, wa, wb)
+    B, _, k, n = pairs.shape
+    out = ring_combine(xp, xp.reshape(xp.stack([wa, wb], axis=1), (2 * B, k)), xp.reshape(pairs, (2 * B, k, n)))
+    out = xp.reshape(out, (B, 2, n))
+    return out[:, 0], out[:, 1]
 
 
 def spd_solve_unrolled(xp: Any, a: Any, b: Any) -> Any:

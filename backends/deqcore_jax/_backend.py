@@ -22,9 +22,19 @@ def _ring_combine(weights, ring, /):
     return jnp.einsum("bk,bkn->bn", weights, ring)
 
 
+def _pair_dots(pairs, a, b, /):
+    out = jnp.einsum("bskn,bsn->bsk", pairs, jnp.stack([a, b], axis=1))
+    return out[:, 0], out[:, 1]
+
+
+def _pair_combine(pairs, wa, wb, /):
+    out = jnp.einsum("bsk,bskn->bsn", jnp.stack([wa, wb], axis=1), pairs)
+    return out[:, 0], out[:, 1]
+
+
 #: ``jax.numpy`` with deqcore's ring products (see :mod:`deqcore._batched_linalg`).
 xp = types.SimpleNamespace(**{k: getattr(jnp, k) for k in dir(jnp) if not k.startswith("__")})
-xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
+xp.ring_dots, xp.ring_combine, xp.pair_dots, xp.pair_combine = _ring_dots, _ring_combine, _pair_dots, _pair_combine
 
 
 class JaxBackend:

@@ -51,12 +51,20 @@ def _ring_combine(weights, ring, /):
     return torch.bmm(weights.unsqueeze(1), ring).squeeze(1)
 
 
+def _pair_dots(pairs, a, b, /):
+    return _ring_dots(pairs[:, 0], a), _ring_dots(pairs[:, 1], b)
+
+
+def _pair_combine(pairs, wa, wb, /):
+    return _ring_combine(wa, pairs[:, 0]), _ring_combine(wb, pairs[:, 1])
+
+
 #: array_api_compat's torch namespace with faster same-dtype ``matmul`` and ``where``, a
 #: ``select_rows`` (see :func:`deqcore.select_rows`) and ``bmm`` ring products (see
 #: :mod:`deqcore._batched_linalg`).
 xp = types.SimpleNamespace(**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")})
 xp.matmul, xp.where, xp.select_rows = _matmul, _where, _select_rows
-xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
+xp.ring_dots, xp.ring_combine, xp.pair_dots, xp.pair_combine = _ring_dots, _ring_combine, _pair_dots, _pair_combine
 
 
 def _needs_gradient(fz, z):

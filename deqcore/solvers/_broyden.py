@@ -4,7 +4,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .._batched_linalg import ring_combine, ring_dots
+from .._batched_linalg import pair_combine, pair_dots, ring_combine, ring_dots
 from .._loop import Problem, Solver, select_rows
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
 
@@ -184,18 +184,14 @@ class Broyden(Solver):
         xp = backend.xp
         count = state.count
         UV = backend.active_prefix(state.UV, count, axis=2)
-        B, _, k, n = UV.shape
-        ring = xp.reshape(UV, (2 * B, k, n))  # rows (U_b, V_b) interleaved: one buffer, one product
         # the step actually taken (not -B g): near convergence dz and dg are differences of
         # nearly equal iterates, and only the computed ones satisfy a consistent secant condition
         dz = z_new - state.z
-        # dots[:, 0] = U dz, dots[:, 1] = V g_new; combined crosswise, they give
-        # B g_new = -g_new + U^T (V g_new) and v = B^T dz = -dz + V^T (U dz)
-        dots = xp.reshape(ring_dots(xp, ring, xp.reshape(xp.stack([dz, g_new], axis=1), (2 * B, n))),
-                          (B, 2, k))
-        mixed = xp.reshape(ring_combine(xp, xp.reshape(xp.flip(dots, axis=1), (2 * B, k)), ring), (B, 2, n))
-        Bg_new = mixed[:, 0] - g_new
-        v = mixed[:, 1] - dz
+        # B g_new = -g_new + U^T (V g_new) and v = B^T dz = -dz + V^T (U dz), both rings at once
+        Udz, Vg = pair_dots(xp, UV, dz, g_new)
+        UVg, VUdz = pair_combine(xp, UV, Vg, Udz)
+        Bg_new = UVg - g_new
+        v = VUdz - dz
         vg = xp.sum(v * g_new, axis=-1)
         den = vg - xp.sum(v * state.g, axis=-1)
         usable = xp.isfinite(den) & (den != 0.0)
