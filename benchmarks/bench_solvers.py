@@ -283,7 +283,9 @@ def torch_cases(p: Problem, dtype: str, compiled: bool) -> list[Case]:
     compiled_floor = chain(torch.compile(f, dynamic=False)) if compiled else None
 
     cases = []
-    paths = [("deqcore", False, eager_floor)] + ([("deqcore-compiled", True, compiled_floor)] if compiled else [])
+    paths = [("deqcore", False, eager_floor)]
+    if compiled:
+        paths.append(("deqcore-compiled", True, compiled_floor))
     for library, comp, floor in paths:
         for s in DEQCORE_SOLVERS:
             call = functools.partial(deqcore.solve, f, x, solver=s, tol=TOL, max_iter=MAX_ITER,
@@ -497,11 +499,11 @@ def goals(rows: list[dict]) -> list[dict]:
                 ratio = best["time_ms"] / best_theirs["time_ms"]
                 ok = ratio <= limit
                 text = (f"{lib} {best['method']} {best['time_ms']:.2f} ms vs {best_theirs['library']} "
-                        f"{best_theirs['method']} {best_theirs['time_ms']:.2f} ms = {ratio:.3f}x (limit {limit}x;"
-                        f" on min times {best['min_ms'] / best_theirs['min_ms']:.2f}x)")
+                        f"{best_theirs['method']} {best_theirs['time_ms']:.2f} ms = {ratio:.3f}x "
+                        f"(limit {limit}x; on min times {best['min_ms'] / best_theirs['min_ms']:.2f}x)")
+            line = f"[{'PASS' if ok else 'FAIL'}] goal 3 ({be}, {kind} {config}, vs {anchor}): {text}"
             out.append({"goal": "3", "pass": ok, "ratio": ratio, "problem": kind, "config": config,
-                        "backend": be, "library": lib,
-                        "line": f"[{'PASS' if ok else 'FAIL'}] goal 3 ({be}, {kind} {config}, vs {anchor}): {text}"})
+                        "backend": be, "library": lib, "line": line})
     return out
 
 

@@ -50,7 +50,8 @@ def pair_combine(xp: Any, pairs: Any, wa: Any, wb: Any) -> tuple[Any, Any]:
     if fast is not None:
         return fast(pairs, wa, wb)
     B, _, k, n = pairs.shape
-    out = ring_combine(xp, xp.reshape(xp.stack([wa, wb], axis=1), (2 * B, k)), xp.reshape(pairs, (2 * B, k, n)))
+    weights = xp.reshape(xp.stack([wa, wb], axis=1), (2 * B, k))
+    out = ring_combine(xp, weights, xp.reshape(pairs, (2 * B, k, n)))
     out = xp.reshape(out, (B, 2, n))
     return out[:, 0], out[:, 1]
 

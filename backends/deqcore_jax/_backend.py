@@ -34,7 +34,8 @@ def _pair_combine(pairs, wa, wb, /):
 
 #: ``jax.numpy`` with deqcore's ring products (see :mod:`deqcore._batched_linalg`).
 xp = types.SimpleNamespace(**{k: getattr(jnp, k) for k in dir(jnp) if not k.startswith("__")})
-xp.ring_dots, xp.ring_combine, xp.pair_dots, xp.pair_combine = _ring_dots, _ring_combine, _pair_dots, _pair_combine
+xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
+xp.pair_dots, xp.pair_combine = _pair_dots, _pair_combine
 
 
 class JaxBackend:

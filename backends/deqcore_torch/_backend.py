@@ -64,7 +64,8 @@ def _pair_combine(pairs, wa, wb, /):
 #: :mod:`deqcore._batched_linalg`).
 xp = types.SimpleNamespace(**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")})
 xp.matmul, xp.where, xp.select_rows = _matmul, _where, _select_rows
-xp.ring_dots, xp.ring_combine, xp.pair_dots, xp.pair_combine = _ring_dots, _ring_combine, _pair_dots, _pair_combine
+xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
+xp.pair_dots, xp.pair_combine = _pair_dots, _pair_combine
 
 
 def _needs_gradient(fz, z):
