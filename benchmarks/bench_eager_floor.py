@@ -1,47 +1,59 @@
-"""How fast can an eager PyTorch Anderson step be? deqcore's Anderson against a bare-minimum loop.
+"""How fast can an eager PyTorch solver be? deqcore against bare-minimum loops, per solver.
 
-The "floor" is a hand-written Anderson (m=5, relative lam, beta=1) with the fewest torch calls
-per step we could find, and none of deqcore's guarantees: no per-sample freezing, no
-lowest-residual iterate, no traces, no breakdown handling. It bounds what any eager-mode
-implementation can reach; the gap to deqcore is the price of those guarantees. The problem is the
-symmetric tanh DEQ of bench_solvers.py (batch 64, injection 0.1, float32, tol 1e-4 rel).
+The "floor" of each solver is a hand-written eager loop with the fewest torch calls per step we
+could find and none of deqcore's guarantees: no per-sample freezing, no lowest-residual iterate,
+no traces, no breakdown or non-finite handling; it stops when every sample's relative residual is
+<= 1e-4. Fixed-point iteration is ``z = f(z)``; Anderson mixes m = 5 iterates with relative
+lam = 1e-4 from a Gram matrix (one small batched solve per step); Broyden keeps every rank-one
+pair of the inverse Jacobian and does four batched products per step. The floor bounds what any
+eager implementation of the same algorithm reaches; the gap between it and deqcore is the price
+of deqcore's guarantees, and the gap between it and NFE bare evaluations of f is the algorithm's
+own arithmetic. deqcore's compiled path (``compile=True``) is shown beside them.
 
-Run:  python benchmarks/bench_eager_floor.py [--sizes 256,1024] [--repeats 25]
+Problems are bench_solvers.py's (the same weights): the symmetric dense layer at each ``--dense``
+size and the convolutional layer (``--conv``), float32, one torch thread.
+
+Run:  python benchmarks/bench_eager_floor.py [--repeats 15] [--dense 256x256,1024x64] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
-import deqcore
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_solvers as bs  # noqa: E402
 
+import deqcore  # noqa: E402
 
-def problem(d: int, batch: int = 64, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    W = torch.tensor(Q @ np.diag(np.linspace(-0.9, 0.9, d)) @ Q.T, dtype=torch.float32)
-    U = torch.tensor(rng.standard_normal((d, d)) / np.sqrt(d), dtype=torch.float32)
-    x = torch.tensor(0.1 * rng.standard_normal((batch, d)), dtype=torch.float32)
-    b = torch.tensor(0.01 * rng.standard_normal(d), dtype=torch.float32)
-    return (lambda z, x: torch.tanh(z @ W.T + x @ U.T + b)), x
+TOL, MAX_ITER = 1e-4, 50
 
 
-def floor_anderson(f, x, m=5, tol=1e-4, max_iter=50, lam=1e-4):
-    z = torch.zeros_like(x)
-    fz = f(z, x)
+def _rel(fz, z):
+    return torch.linalg.vector_norm(fz - z, dim=-1) / (torch.linalg.vector_norm(fz, dim=-1) + 1e-9)
+
+
+def floor_fixed_point(f, z):
+    fz, nfe = f(z), 1
+    while nfe <= MAX_ITER and bool((_rel(fz, z) > TOL).any()):
+        z, fz, nfe = fz, f(fz), nfe + 1
+    return z, nfe
+
+
+def floor_anderson(f, z, m=5, lam=1e-4):
+    fz, nfe = f(z), 1
     B, n = z.shape
     G, Y, H = torch.zeros(B, m, n), torch.zeros(B, m, n), torch.zeros(B, m, m)
-    k, nfe = 0, 1
-    while True:
+    for k in range(MAX_ITER):
         g = fz - z
-        rel = torch.linalg.vector_norm(g, dim=-1) / (torch.linalg.vector_norm(fz, dim=-1) + 1e-9)
-        if k >= max_iter or not bool((rel > tol).any()):
-            return z, nfe
+        if not bool((_rel(fz, z) > TOL).any()):
+            break
         s = k % m
         G[:, s], Y[:, s] = g, fz
         row = torch.bmm(g[:, None, :], G.transpose(1, 2))[:, 0]
@@ -53,47 +65,109 @@ def floor_anderson(f, x, m=5, tol=1e-4, max_iter=50, lam=1e-4):
                                      check_errors=False)
         a = a[:, :, 0] / a[:, :, 0].sum(-1, keepdim=True)
         z = torch.bmm(a[:, None, :], Y[:, :w])[:, 0]
-        fz = f(z, x)
-        nfe, k = nfe + 1, k + 1
+        fz, nfe = f(z), nfe + 1
+    return z, nfe
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="256,1024")
-    ap.add_argument("--repeats", type=int, default=25)
-    args = ap.parse_args()
-    print(f"{'d':>5} {'method':<16} {'NFE':>4} {'median ms':>10} {'t/bare':>7} {'overhead/step':>14}")
-    for d in (int(s) for s in args.sizes.split(",")):
-        measure(d, args.repeats)
+def floor_broyden(f, z):
+    fz, nfe = f(z), 1
+    g = fz - z
+    Bg = -g
+    B, n = z.shape
+    U, V = torch.empty(B, MAX_ITER, n), torch.empty(B, MAX_ITER, n)
+    for k in range(MAX_ITER):
+        if not bool((_rel(fz, z) > TOL).any()):
+            break
+        z_new = z - Bg
+        fz, nfe = f(z_new), nfe + 1
+        g_new = fz - z_new
+        Uk, Vk = U[:, :k], V[:, :k]
+        Bg_new = torch.bmm(torch.bmm(g_new[:, None], Vk.transpose(1, 2)), Uk)[:, 0] - g_new
+        dz = z_new - z
+        v = torch.bmm(torch.bmm(dz[:, None], Uk.transpose(1, 2)), Vk)[:, 0] - dz
+        u = (dz - Bg_new + Bg) / (v * (g_new - g)).sum(-1, keepdim=True)
+        U[:, k], V[:, k] = u, v
+        Bg = Bg_new + u * (v * g_new).sum(-1, keepdim=True)
+        z, g = z_new, g_new
+    return z, nfe
 
 
-def measure(d: int, repeats: int) -> None:
-    f, x = problem(d)
-    nfe = int(deqcore.solve(f, x, solver="anderson", grad=None).nfe)
-    floor_nfe = floor_anderson(f, x)[1]
+FLOORS = {"fixed_point": floor_fixed_point, "anderson": floor_anderson, "broyden": floor_broyden}
+
+
+def layer(p: bs.Problem):
+    a = {k: torch.tensor(v, dtype=torch.float32) for k, v in p.arrays.items()}
+    x = a["x"]
+    if p.kind == "conv":
+        K, b = a["K"], a["b"][None, :, None, None]
+        return (lambda z, x: torch.tanh(F.conv2d(z, K, padding=1) + x + b)), x
+    Wt, Ut, b = a["W"].T.contiguous(), a["U"].T.contiguous(), a["b"]
+    return (lambda z, x: torch.tanh(z @ Wt + x @ Ut + b)), x
+
+
+def measure(p: bs.Problem, repeats: int, compiled: bool) -> None:
+    f, x = layer(p)
+    shape = x.shape
+    flat = lambda z: f(z.reshape(shape), x).reshape(shape[0], -1)  # noqa: E731
+    zero = torch.zeros(shape[0], p.n)
+    methods = {}
+    for s, floor in FLOORS.items():
+        sol = deqcore.solve(f, x, solver=s, grad=None, tol=TOL, max_iter=MAX_ITER)
+        nfe = int(sol.nfe)
+        methods[f"deqcore {s}"] = (nfe, lambda s=s: deqcore.solve(f, x, solver=s, grad=None, tol=TOL,
+                                                                   max_iter=MAX_ITER))
+        if compiled:
+            run = lambda s=s: deqcore.solve(f, x, solver=s, grad=None, tol=TOL, max_iter=MAX_ITER,  # noqa: E731
+                                            compile=True)
+            run()
+            methods[f"compiled {s}"] = (nfe, run)
+        z, fnfe = floor(flat, zero)
+        worst = float(p.judge(z.reshape(shape)).max())
+        note = "" if bs.converged(worst) else f" (did not converge: {worst:.1e})"
+        methods[f"floor {s}{note}"] = (fnfe, lambda floor=floor: floor(flat, zero))
 
     def bare():
         z = torch.zeros_like(x)
-        for _ in range(nfe):
+        for _ in range(10):
             z = f(z, x)
 
-    methods = {"deqcore anderson": lambda: deqcore.solve(f, x, solver="anderson", grad=None),
-               "floor anderson": lambda: floor_anderson(f, x), "bare f": bare}
-    for fn in methods.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(repeats):
-        for k, fn in methods.items():
-            t = time.perf_counter()
+    methods["10 bare f"] = (10, bare)
+    with torch.no_grad():
+        for _, fn in methods.values():
             fn()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    for k, n in (("deqcore anderson", nfe), ("floor anderson", floor_nfe)):
-        bare_n = med["bare f"] * n / nfe
-        print(f"{d:>5} {k:<16} {n:>4} {med[k]:>10.2f} {med[k] / bare_n:>7.2f} "
-              f"{(med[k] - bare_n) / n * 1e3:>11.0f} us")
-    print(f"{d:>5} {'bare f':<16} {nfe:>4} {med['bare f']:>10.2f}")
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        for _ in range(repeats):
+            for k, (_, fn) in methods.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    tf = statistics.median(times["10 bare f"]) / 10
+    print(f"\n{p.kind} {p.label}: one f = {tf * 1e3:.3f} ms")
+    print(f"{'method':<28} {'NFE':>4} {'median ms':>10} {'min ms':>8} {'t/(NFE f)':>10} {'overhead/step':>14}")
+    for k, (nfe, _) in methods.items():
+        if k == "10 bare f":
+            continue
+        med, low = statistics.median(times[k]), min(times[k])
+        print(f"{k:<28} {nfe:>4} {med * 1e3:>10.2f} {low * 1e3:>8.2f} {med / (nfe * tf):>10.2f} "
+              f"{(med - nfe * tf) / max(nfe - 1, 1) * 1e6:>11.0f} us")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dense", default="256x256,1024x64", help="symmetric dense layers' d x batch pairs")
+    ap.add_argument("--conv", default="64x16x14x14", help="conv layers' batch x channels x height x width")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true", help="skip deqcore's compiled path")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("bench_eager_floor: --repeats must be >= 1")
+    torch.set_num_threads(1)
+    problems = [bs.make_problem("symmetric", s, "float32", 0.1) for s in bs._shapes(args.dense, 2, "--dense")]
+    problems += [bs.make_problem("conv", s, "float32", 0.1) for s in bs._shapes(args.conv, 4, "--conv")]
+    for p in problems:
+        measure(p, args.repeats, not args.no_compile)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
