@@ -143,7 +143,8 @@ def measure(p: bs.Problem, repeats: int, compiled: bool) -> None:
                 times[k].append(time.perf_counter() - t)
     tf = statistics.median(times["10 bare f"]) / 10
     print(f"\n{p.kind} {p.label}: one f = {tf * 1e3:.3f} ms")
-    print(f"{'method':<28} {'NFE':>4} {'median ms':>10} {'min ms':>8} {'t/(NFE f)':>10} {'overhead/step':>14}")
+    print(f"{'method':<28} {'NFE':>4} {'median ms':>10} {'min ms':>8} {'t/(NFE f)':>10} "
+          f"{'overhead/step':>14}")
     for k, (nfe, _) in methods.items():
         if k == "10 bare f":
             continue
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         raise SystemExit("bench_eager_floor: --repeats must be >= 1")
     torch.set_num_threads(1)
-    problems = [bs.make_problem("symmetric", s, "float32", 0.1) for s in bs._shapes(args.dense, 2, "--dense")]
+    dense = bs._shapes(args.dense, 2, "--dense")
+    problems = [bs.make_problem("symmetric", s, "float32", 0.1) for s in dense]
     problems += [bs.make_problem("conv", s, "float32", 0.1) for s in bs._shapes(args.conv, 4, "--conv")]
     for p in problems:
         measure(p, args.repeats, not args.no_compile)

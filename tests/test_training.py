@@ -355,3 +355,40 @@ def test_gdeq_experiment_writes_its_table_and_plots(data_root, tmp_path):
     table = (out / "README.md").read_text()
     assert table.count("\n| jfb | 1 |") == 1 and "speedup vs implicit" in table
     assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "cosine.png", "step_time.png"}
+
+
+def test_trainer_implicit_backward_defaults_to_the_papers_budget():
+    from deqcore_models.train import IMPLICIT_BACKWARD
+
+    assert TrainConfig(grad="implicit").deq_settings().grad_options == IMPLICIT_BACKWARD
+    assert IMPLICIT_BACKWARD["max_iter"] == 20
+    mine = TrainConfig(grad="implicit", grad_options={"max_iter": 5, "tol": 1e-3}).deq_settings()
+    assert mine.grad_options == {**IMPLICIT_BACKWARD, "max_iter": 5, "tol": 1e-3}
+    assert TrainConfig(grad="jfb").deq_settings().grad_options == {}
+
+
+@pytest.mark.parametrize("backend", SELECTED)
+def test_train_step_reports_the_backward_residual(backend, fmnist):
+    x, y = fmnist
+    params, state = init_mdeq(CPU, 1, seed=0)
+    reached = {}
+    for budget in (2, 30):
+        engine = make_engine(backend, _task(CPU), params, state, weight_decay=0.0)
+        settings = DEQSettings(max_iter=6, grad="implicit",
+                               grad_options={"max_iter": budget, "on_fail": "ignore"})
+        reached[budget] = [engine.train_step(x[:32], y[:32], None, settings, 1e-3)["bwd_residual"]
+                           for _ in range(2)]
+    assert all(np.isfinite(v) and v > 0 for v in reached[2] + reached[30])
+    assert reached[30][0] < reached[2][0]  # the same first batch and weights: more steps, smaller residual
+    jfb = make_engine(backend, _task(CPU), params, state, weight_decay=0.0)
+    step = jfb.train_step(x[:32], y[:32], None, DEQSettings(max_iter=6, grad="jfb"), 1e-3)
+    assert np.isnan(step["bwd_residual"])
+
+
+def test_steps_csv_records_the_backward_residual(data_root, tmp_path):
+    out = tmp_path / "implicit"
+    _cli(_train_args(data_root, out, grad="implicit", epochs=1, pretrain_steps=0, train_limit=64))
+    with open(out / "steps.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(float(r["bwd_residual"]) > 0 for r in rows)
+    assert all(r["bwd_unconverged"] == "0" for r in rows)  # a budget, not a tolerance: nothing warned

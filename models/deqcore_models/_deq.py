@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import deqcore
+
+_COLLECTORS: list[list[deqcore.BackwardReport]] = []
+
+
+@contextlib.contextmanager
+def collect_backward_reports() -> Iterator[list[deqcore.BackwardReport]]:
+    """The :class:`deqcore.BackwardReport` of every equilibrium solve :func:`run_layer` runs in
+    the block (under ``jax.jit``: while tracing; the reports fill in when the compiled step
+    runs its backward pass)."""
+    reports: list[deqcore.BackwardReport] = []
+    _COLLECTORS.append(reports)
+    try:
+        yield reports
+    finally:
+        _COLLECTORS.remove(reports)
+
+
+def worst_backward_residual(reports: list[deqcore.BackwardReport]) -> float:
+    """The largest residual any backward solve of ``reports`` reached (NaN when none solved)."""
+    values = [float(r.residual.max()) for r in reports if r.residual is not None and r.residual.size]
+    return max(values) if values else float("nan")
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,8 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
                             max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
                             grad_options=dict(settings.grad_options), **dict(settings.solver_options))
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
+        if _COLLECTORS and sol.backward is not None:
+            _COLLECTORS[-1].append(sol.backward)
     if probe is not None:
         multi = isinstance(z, (tuple, list))
         noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))

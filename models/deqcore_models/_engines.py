@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deq import DEQSettings
+from ._deq import DEQSettings, collect_backward_reports, worst_backward_residual
 from ._ops import ops_for
 
 
@@ -41,9 +41,10 @@ class TorchEngine:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         M = _framework(self.ops, masks)
-        loss, (new_state, correct, nfe, res, jac, _) = self.task.loss(
-            self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings, True,
-            _framework(self.ops, probe))
+        with collect_backward_reports() as reports:
+            loss, (new_state, correct, nfe, res, jac, _) = self.task.loss(
+                self.ops, self.params, self.state, self.ops.asarray(x), self.ops.asarray(y), M, settings,
+                True, _framework(self.ops, probe))
         loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
@@ -51,7 +52,8 @@ class TorchEngine:
         with torch.no_grad():
             self.state = {k: v.detach() for k, v in new_state.items()}
         return {"loss": float(loss.detach()), "correct": int(correct), "nfe": int(nfe),
-                "residual": float(res), "jac": float(jac.detach())}
+                "residual": float(res), "jac": float(jac.detach()),
+                "bwd_residual": worst_backward_residual(reports)}
 
     def gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, np.ndarray]:
         """Parameter gradients of the batch loss, with no update and no state change."""
@@ -121,6 +123,7 @@ class JaxEngine:
         self.opt_state = self.tx.init(self.params)
         self._steps: dict[str, Any] = {}
         self._evals: dict[str, Any] = {}
+        self._reports: dict[tuple[str, bool], list[Any]] = {}
 
     def _train_fn(self, settings: DEQSettings):
         key = repr(settings)
@@ -143,11 +146,17 @@ class JaxEngine:
     def train_step(self, x, y, masks, settings: DEQSettings, lr: float, probe=None) -> dict[str, float]:
         """As :meth:`TorchEngine.train_step` (a step with a probe and one without compile apart)."""
         M = _framework(self.ops, masks)
-        out = self._train_fn(settings)(self.params, self.state, self.opt_state, self.ops.asarray(x),
-                                       self.ops.asarray(y), M, np.float32(lr), _framework(self.ops, probe))
+        # the reports are made while the step is traced and filled each time it runs
+        with collect_backward_reports() as traced:
+            out = self._train_fn(settings)(self.params, self.state, self.opt_state, self.ops.asarray(x),
+                                           self.ops.asarray(y), M, np.float32(lr),
+                                           _framework(self.ops, probe))
+        key = (repr(settings), probe is None)
+        if traced:
+            self._reports[key] = traced
         self.params, self.state, self.opt_state, loss, correct, nfe, res, jac = out
         return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
-                "jac": float(jac)}
+                "jac": float(jac), "bwd_residual": worst_backward_residual(self._reports.get(key, []))}
 
     def evaluate(self, x, y, settings: DEQSettings, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """As :meth:`TorchEngine.evaluate`."""
