@@ -21,7 +21,7 @@ from ._options import Option
 from ._protocol import Backend
 from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Registry, available, registry
 from ._regularisers import jacobian_penalty
-from ._solution import ConvergenceError, Result, Solution, Status
+from ._solution import CompileWarning, ConvergenceError, Result, Solution, Status
 from ._solve import COMMON_OPTIONS, solve
 from .hypersolvers import HyperAnderson, Hypersolver, load_hypersolver, train_hypersolver
 
@@ -37,6 +37,7 @@ __all__ = [
     "HyperAnderson",
     "Hypersolver",
     "COMMON_OPTIONS",
+    "CompileWarning",
     "KINDS",
     "Backend",
     "ConvergenceError",

@@ -36,6 +36,11 @@ class ConvergenceError(RuntimeError):
     """Raised by ``deqcore.solve(..., throw=True)`` when a sample did not converge."""
 
 
+class CompileWarning(UserWarning):
+    """``deqcore.solve(..., compile=...)`` could not compile the solver loop and ran it eagerly
+    (the same results at eager speed); the message says why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Solution:
     """The outcome of :func:`deqcore.solve`.

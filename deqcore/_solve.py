@@ -94,7 +94,7 @@ def solve(
             body (``f`` included) compiled once per shape, dtype, solver and options and cached
             for later solves; the first solve pays the compilation (seconds). Results equal the
             eager ones to rounding. Gradients run eagerly. Where compilation fails the loop runs
-            eagerly with a :class:`deqcore_torch.CompileWarning`. JAX: no effect (its loops are
+            eagerly with a :class:`deqcore.CompileWarning`. JAX: no effect (its loops are
             always compiled).
         grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
             (default, exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``,

@@ -86,3 +86,73 @@ def test_host_check(h):
     with pytest.raises(ValueError, match=r"bad \[False  True\] 7"):
         be.host_check(h.asarray([False, True], dtype=bool),
                       lambda m, p: ValueError(f"bad {m} {int(p)}"), h.asarray(7.0))
+
+
+@pytest.mark.parametrize("max_steps, check_every", [(None, 1), (10, 1), (10, 3), (None, 4)])
+def test_while_loop_tests_the_condition_every_check_every_bodies(h, max_steps, check_every):
+    be = h.backend
+    # state (i, tested): the body counts bodies; cond stops once i >= 5 and counts its own calls
+    # through the state on JAX (it is traced), so the counts compare bodies run, not host calls
+    def cond(s):
+        return s[0] < 5
+
+    def body(s):
+        return s[0] + 1, s[1]
+
+    out = be.while_loop(cond, body, (0, 0), max_steps, check_every)
+    expected = 5 if check_every == 1 else -(-5 // check_every) * check_every
+    if max_steps is not None:
+        expected = min(expected, max_steps)
+    assert int(h.numpy(h.xp.asarray(out[0]))) == expected
+    capped = be.while_loop(lambda s: s[0] < 100, body, (0, 0), 7, check_every)
+    assert int(h.numpy(h.xp.asarray(capped[0]))) == 7
+
+
+def test_spd_solve_unrolled_matches_a_dense_solve(h):
+    from deqcore._batched_linalg import spd_solve_unrolled
+
+    rng = np.random.default_rng(52)
+    G = rng.standard_normal((6, 5, 9)) * np.logspace(0, -6, 5)[None, :, None]  # Anderson-like scales
+    gram = G @ G.transpose(0, 2, 1)
+    A = gram + 1e-8 * np.einsum("bii->b", gram)[:, None, None] * np.eye(5)
+    b = rng.standard_normal((6, 5))
+    x = h.numpy(spd_solve_unrolled(h.xp, h.asarray(A), h.asarray(b)))
+    np.testing.assert_allclose(x, np.linalg.solve(A, b[..., None])[..., 0], rtol=1e-6)
+    indefinite = np.diag([1.0, -1.0, 2.0])[None]
+    bad = h.numpy(spd_solve_unrolled(h.xp, h.asarray(indefinite), h.asarray(np.ones((1, 3)))))
+    assert not np.isfinite(bad).all()  # not positive definite: non-finite, never a wrong number
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_ring_products_match_einsum(h, generic):
+    import types
+
+    from deqcore import _batched_linalg as bl
+
+    xp = h.xp
+    if generic:  # the namespace without deqcore's fast paths
+        fast = ("ring_dots", "ring_combine", "pair_dots", "pair_combine")
+        xp = types.SimpleNamespace(**{k: getattr(h.xp, k) for k in dir(h.xp)
+                                      if not k.startswith("__") and k not in fast})
+    rng = np.random.default_rng(53)
+    R, y, w = rng.standard_normal((3, 4, 7)), rng.standard_normal((3, 7)), rng.standard_normal((3, 4))
+    P, a, c = rng.standard_normal((3, 2, 4, 7)), rng.standard_normal((3, 7)), rng.standard_normal((3, 4))
+    np.testing.assert_allclose(h.numpy(bl.ring_dots(xp, h.asarray(R), h.asarray(y))),
+                               np.einsum("bkn,bn->bk", R, y), atol=1e-12)
+    np.testing.assert_allclose(h.numpy(bl.ring_combine(xp, h.asarray(w), h.asarray(R))),
+                               np.einsum("bk,bkn->bn", w, R), atol=1e-12)
+    da, db = bl.pair_dots(xp, h.asarray(P), h.asarray(a), h.asarray(y))
+    np.testing.assert_allclose(h.numpy(da), np.einsum("bkn,bn->bk", P[:, 0], a), atol=1e-12)
+    np.testing.assert_allclose(h.numpy(db), np.einsum("bkn,bn->bk", P[:, 1], y), atol=1e-12)
+    ca, cb = bl.pair_combine(xp, h.asarray(P), h.asarray(w), h.asarray(c))
+    np.testing.assert_allclose(h.numpy(ca), np.einsum("bk,bkn->bn", w, P[:, 0]), atol=1e-12)
+    np.testing.assert_allclose(h.numpy(cb), np.einsum("bk,bkn->bn", c, P[:, 1]), atol=1e-12)
+
+
+def test_select_rows_exact_with_non_finite_rows(h):
+    new = h.asarray(np.array([[np.nan, 1.0], [2.0, np.inf], [3.0, 4.0]]).repeat(2048, axis=1))
+    old = h.asarray(np.array([[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]).repeat(2048, axis=1))
+    for mask in ([True, False, True], [True, True, True], [False, False, False]):
+        got = h.numpy(deqcore.select_rows(h.xp, h.asarray(np.array(mask), dtype=bool), new, old))
+        expect = np.where(np.array(mask)[:, None], h.numpy(new), h.numpy(old))
+        np.testing.assert_array_equal(got, expect)

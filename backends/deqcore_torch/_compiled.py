@@ -25,16 +25,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from deqcore import CompileWarning
 from deqcore._batched_linalg import spd_solve_unrolled
 
 from ._backend import TorchBackend
 
 #: ``torch.compile`` modes accepted by ``deqcore.solve(..., compile=...)`` (True means "default").
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class CompileWarning(UserWarning):
-    """A compiled solve could not be compiled and ran eagerly (same results, eager speed)."""
 
 
 @dataclass
