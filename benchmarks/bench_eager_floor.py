@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_solvers as bs  # noqa: E402
@@ -95,18 +94,8 @@ def floor_broyden(f, z):
 FLOORS = {"fixed_point": floor_fixed_point, "anderson": floor_anderson, "broyden": floor_broyden}
 
 
-def layer(p: bs.Problem):
-    a = {k: torch.tensor(v, dtype=torch.float32) for k, v in p.arrays.items()}
-    x = a["x"]
-    if p.kind == "conv":
-        K, b = a["K"], a["b"][None, :, None, None]
-        return (lambda z, x: torch.tanh(F.conv2d(z, K, padding=1) + x + b)), x
-    Wt, Ut, b = a["W"].T.contiguous(), a["U"].T.contiguous(), a["b"]
-    return (lambda z, x: torch.tanh(z @ Wt + x @ Ut + b)), x
-
-
 def measure(p: bs.Problem, repeats: int, compiled: bool) -> None:
-    f, x = layer(p)
+    f, x = p.torch_layer()
     shape = x.shape
     flat = lambda z: f(z.reshape(shape), x).reshape(shape[0], -1)  # noqa: E731
     zero = torch.zeros(shape[0], p.n)

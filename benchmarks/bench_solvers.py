@@ -129,6 +129,19 @@ class Problem:
         axes = tuple(range(1, z.ndim))
         return np.sqrt(((fz - z) ** 2).sum(axes)) / (np.sqrt((fz ** 2).sum(axes)) + 1e-9)
 
+    def torch_layer(self, dtype: str = "float32", device: str = "cpu"):
+        """``(f, x)`` on torch: ``f(z, x)`` NCHW for the conv layer, ``(B, d)`` for dense ones."""
+        import torch
+        import torch.nn.functional as F
+
+        a = {k: torch.tensor(v, dtype=getattr(torch, dtype), device=device) for k, v in self.arrays.items()}
+        x = a["x"]
+        if self.kind == "conv":
+            K, b = a["K"], a["b"][None, :, None, None]
+            return (lambda z, x: torch.tanh(F.conv2d(z, K, padding=1) + x + b)), x
+        Wt, Ut, b = a["W"].T.contiguous(), a["U"].T.contiguous(), a["b"]
+        return (lambda z, x: torch.tanh(z @ Wt + x @ Ut + b)), x
+
     def reference(self) -> np.ndarray:
         z = np.zeros_like(self.arrays["x"])
         for _ in range(3000):
@@ -248,24 +261,10 @@ def row(case: Case) -> dict:
 
 def torch_cases(p: Problem, dtype: str, compiled: bool) -> list[Case]:
     import torch
-    import torch.nn.functional as F
-    from torchdeq.solver import get_solver
 
     import deqcore
 
-    tdt = getattr(torch, dtype)
-    a = {k: torch.tensor(v, dtype=tdt) for k, v in p.arrays.items()}
-    x = a["x"]
-    if p.kind == "conv":
-        K, bc = a["K"], a["b"][None, :, None, None]
-
-        def f(z, x):
-            return torch.tanh(F.conv2d(z, K, padding=1) + x + bc)
-    else:
-        Wt, Ut, b = a["W"].T.contiguous(), a["U"].T.contiguous(), a["b"]
-
-        def f(z, x):
-            return torch.tanh(z @ Wt + x @ Ut + b)
+    f, x = p.torch_layer(dtype)
 
     def chain(fn):
         def make(n):
@@ -295,12 +294,29 @@ def torch_cases(p: Problem, dtype: str, compiled: bool) -> list[Case]:
             worst = float(p.judge(sol.z).max())
             cases.append(Case("torch", p, s, library, steps, nfe, worst, call, floor(nfe)))
 
-    anchors = {
-        "fixed_point_iter": {},
-        "anderson": {"m": 5, "lam": 1e-4, "tau": 1.0},
-        "broyden": {"LBFGS_thres": None, "ls": False},
-    }
-    for name, kw in anchors.items():
+    for name, nfe, z_star, call in torchdeq_runs(f, x):
+        # TorchDEQ's fixed-point iteration evaluates f once per step (no separate f(z0));
+        # Anderson and Broyden spend one evaluation on z0, as deqcore does.
+        steps = nfe if name == "fixed_point_iter" else nfe - 1
+        cases.append(Case("torch", p, name, "torchdeq", steps, nfe, float(p.judge(z_star).max()), call,
+                          eager_floor(nfe), note="stop: batch max of per-sample rel"))
+    return cases
+
+
+#: TorchDEQ's solvers as the anchors run them: Anderson with deqcore's memory 5 and its lam, Broyden
+#: keeping every pair, no line search.
+TORCHDEQ = {"fixed_point_iter": {}, "anderson": {"m": 5, "lam": 1e-4, "tau": 1.0},
+            "broyden": {"LBFGS_thres": None, "ls": False}}
+
+
+def torchdeq_runs(f, x, sync=lambda: None):
+    """``(name, nfe, z_star, call)`` per TorchDEQ solver on ``f(., x)``, each run once (and its
+    evaluations counted); ``call()`` solves again (then ``sync()``, for an accelerator)."""
+    import torch
+    from torchdeq.solver import get_solver
+
+    runs = []
+    for name, kw in TORCHDEQ.items():
         solver = get_solver(name)
         counter = [0]
 
@@ -310,21 +326,17 @@ def torch_cases(p: Problem, dtype: str, compiled: bool) -> list[Case]:
 
         def call(solver=solver, kw=kw):
             with torch.no_grad():
-                return solver(lambda z: f(z, x), torch.zeros_like(x), max_iter=MAX_ITER, tol=TOL,
-                              stop_mode="rel", **kw)
+                out = solver(lambda z: f(z, x), torch.zeros_like(x), max_iter=MAX_ITER, tol=TOL,
+                             stop_mode="rel", **kw)
+            sync()
+            return out
 
         with torch.no_grad():
             z_star, _, _ = solver(counted, torch.zeros_like(x), max_iter=MAX_ITER, tol=TOL,
                                   stop_mode="rel", **kw)
-        nfe = counter[0]
-        # TorchDEQ's fixed-point iteration evaluates f once per step (no separate f(z0));
-        # Anderson and Broyden spend one evaluation on z0, as deqcore does.
-        steps = nfe if name == "fixed_point_iter" else nfe - 1
-        worst = float(p.judge(z_star).max())
         call()
-        cases.append(Case("torch", p, name, "torchdeq", steps, nfe, worst, call, eager_floor(nfe),
-                          note="stop: batch max of per-sample rel"))
-    return cases
+        runs.append((name, counter[0], z_star, call))
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,10 +531,10 @@ def _git_state() -> str | None:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "deqcore", "backends"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+                               capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    changed = [line[3:] for line in dirty.splitlines()]
+    changed = [line[3:] for line in dirty.splitlines() if line.strip()]
     return head + (f" (uncommitted changes: {', '.join(changed)})" if changed else "")
 
 

@@ -46,26 +46,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def torch_layer(p, device, dtype):
-    import torch
-    import torch.nn.functional as F
-
-    a = {k: torch.tensor(v, dtype=dtype, device=device) for k, v in p.arrays.items()}
-    x = a["x"]
-    if p.kind == "conv":
-        K, b = a["K"], a["b"][None, :, None, None]
-        return (lambda z, x: torch.tanh(F.conv2d(z, K, padding=1) + x + b)), x
-    Wt, Ut, b = a["W"].T.contiguous(), a["U"].T.contiguous(), a["b"]
-    return (lambda z, x: torch.tanh(z @ Wt + x @ Ut + b)), x
-
-
 def count_syncs(device) -> list[dict]:
     import torch
 
     import deqcore
 
     p = bs.make_problem("symmetric", (1024, 64), "float32", 0.1)
-    f, x = torch_layer(p, device, torch.float32)
+    f, x = p.torch_layer("float32", device)
     out = []
     for k in (1, 4, 16):
         deqcore.solve(f, x, solver="anderson", grad=None, check_every=k)  # warm-up
@@ -86,11 +73,10 @@ def count_syncs(device) -> list[dict]:
 
 def time_methods(p, device, repeats: int) -> list[dict]:
     import torch
-    from torchdeq.solver import get_solver
 
     import deqcore
 
-    f, x = torch_layer(p, device, torch.float32)
+    f, x = p.torch_layer("float32", device)
     cf = torch.compile(f, dynamic=False)
 
     def floor(fn, n):
@@ -117,28 +103,9 @@ def time_methods(p, device, repeats: int) -> list[dict]:
             methods.append({"library": "deqcore", "path": path, "method": s, "nfe": nfe,
                             "worst": float(p.judge(sol.z).max()), "call": call,
                             "floor": floor(f if comp is False else cf, nfe), "ts": [], "tb": []})
-    anchors = {"fixed_point_iter": {}, "anderson": {"m": 5, "lam": 1e-4, "tau": 1.0},
-               "broyden": {"LBFGS_thres": None, "ls": False}}
-    for name, kw in anchors.items():
-        solver = get_solver(name)
-        n = [0]
-
-        def counted(z, n=n):
-            n[0] += 1
-            return f(z, x)
-
-        with torch.no_grad():
-            z_star, _, _ = solver(counted, torch.zeros_like(x), max_iter=bs.MAX_ITER, tol=bs.TOL,
-                                  stop_mode="rel", **kw)
-
-        def call(solver=solver, kw=kw):
-            with torch.no_grad():
-                out = solver(lambda v: f(v, x), torch.zeros_like(x), max_iter=bs.MAX_ITER, tol=bs.TOL,
-                             stop_mode="rel", **kw)
-            _sync(device)
-            return out
-        methods.append({"library": "torchdeq", "path": "eager", "method": name, "nfe": n[0],
-                        "worst": float(p.judge(z_star).max()), "call": call, "floor": floor(f, n[0]),
+    for name, nfe, z_star, call in bs.torchdeq_runs(f, x, sync=lambda: _sync(device)):
+        methods.append({"library": "torchdeq", "path": "eager", "method": name, "nfe": nfe,
+                        "worst": float(p.judge(z_star).max()), "call": call, "floor": floor(f, nfe),
                         "ts": [], "tb": []})
     for r in range(repeats):
         k = r % len(methods)
@@ -167,13 +134,12 @@ def time_methods(p, device, repeats: int) -> list[dict]:
 def torch_equals_jax(device) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    import torch
 
     import deqcore
 
     jax.config.update("jax_enable_x64", True)
     p = bs.make_problem("symmetric", (256, 16), "float64", 0.1)
-    f, x = torch_layer(p, device, torch.float64)
+    f, x = p.torch_layer("float64", device)
     Wt, Ut, b = (jnp.asarray(p.arrays[k].T if k != "b" else p.arrays[k]) for k in ("W", "U", "b"))
     xj = jnp.asarray(p.arrays["x"])
     out = []

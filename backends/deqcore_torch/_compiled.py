@@ -111,15 +111,7 @@ class CompiledTorchBackend(TorchBackend):
 
     def while_loop(self, cond, body, state, max_steps=None, check_every=1):
         state = _tensorize(state)
-        step = self._compile(body, state)
-        with torch.no_grad():
-            i = 0
-            while max_steps is None or i < max_steps:
-                if i % check_every == 0 and not bool(cond(state)):
-                    break
-                state = step(state)
-                i += 1
-        return state
+        return super().while_loop(cond, self._compile(body, state), state, max_steps, check_every)
 
     def differentiable_loop(self, cond, body, state, max_steps, check_every=1):
         # recorded for autograd (the unroll mode): eager, in the same fixed-shape mode
