@@ -9,8 +9,9 @@ from deqcore import hookimpl
 
 def _make_backend() -> Any:
     from ._backend import TorchBackend
+    from ._compiled import compiled_backend
 
-    return TorchBackend()
+    return TorchBackend(compiled_backend)
 
 
 @hookimpl

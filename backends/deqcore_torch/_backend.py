@@ -113,6 +113,10 @@ class TorchBackend:
     xp = xp
     static_shapes = False
 
+    def __init__(self, make_compiled: Callable[..., Any] | None = None) -> None:
+        # the compiled variant (a subclass, in _compiled.py) is handed in by the package's factory
+        self.make_compiled = make_compiled
+
     def is_array(self, obj: object) -> bool:
         return isinstance(obj, torch.Tensor)
 
@@ -214,6 +218,6 @@ class TorchBackend:
         return None
 
     def compiled(self, mode=None):
-        from ._compiled import compiled_backend
-
-        return compiled_backend(self, mode)
+        if self.make_compiled is None:
+            raise TypeError("deqcore: this torch backend was made without a compiled variant")
+        return self.make_compiled(self, mode)

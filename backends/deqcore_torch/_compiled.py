@@ -87,6 +87,7 @@ class CompiledTorchBackend(TorchBackend):
     static_shapes = True
 
     def __init__(self, eager: TorchBackend, mode: str) -> None:
+        super().__init__(eager.make_compiled)
         self.eager = eager
         self.mode = mode
 
