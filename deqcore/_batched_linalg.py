@@ -56,6 +56,11 @@ def pair_combine(xp: Any, pairs: Any, wa: Any, wb: Any) -> tuple[Any, Any]:
     return out[:, 0], out[:, 1]
 
 
+#: The largest system :func:`spd_solve_unrolled` is used for (its code grows as k^3); backends
+#: solve larger ones with their LU.
+UNROLLED_SPD_MAX = 16
+
+
 def spd_solve_unrolled(xp: Any, a: Any, b: Any) -> Any:
     """Solve ``a x = b`` for small symmetric positive definite ``a`` (..., k, k), ``b`` (..., k).
 
@@ -64,7 +69,7 @@ def spd_solve_unrolled(xp: Any, a: Any, b: Any) -> Any:
     Anderson's 5 x 5 systems at batch 256 it takes 4 us where a batched LU takes 80 us. Jacobi
     equilibration first, since Anderson's Gram diagonal spans many orders of magnitude. A matrix
     that is not positive definite gives non-finite entries (the square root of a negative pivot),
-    which callers detect. Meant for k up to about 16 (the code grows as k^3).
+    which callers detect. Meant for k up to :data:`UNROLLED_SPD_MAX`.
     """
     k = a.shape[-1]
     scale = 1.0 / xp.sqrt(xp.abs(xp.linalg.diagonal(a)))

@@ -121,8 +121,12 @@ def solve(
          "compile": compile},
     )
     be = _resolve_backend(reg, backend, x, z0)
-    loop_be = be if common["compile"] is False else be.compiled(
-        None if common["compile"] is True else common["compile"])
+    loop_be = be
+    if common["compile"] is not False:
+        if not callable(getattr(be, "compiled", None)):
+            raise TypeError(f"deqcore.solve: backend {be.name!r} has no compiled mode (compile="
+                            f"{common['compile']!r}); solve with compile=False")
+        loop_be = be.compiled(None if common["compile"] is True else common["compile"])
     hyper = solver if isinstance(solver, Hypersolver) else None
     if hyper is not None:
         if options:

@@ -95,3 +95,10 @@ def test_compile_mode_names_are_checked(h):
     W, U, b, x = tanh_deq(seed=62)
     with pytest.raises(ValueError, match="mode"):
         deqcore.solve(h.tanh_layer(W, U, b), h.asarray(x), compile="fastest")
+
+
+def test_compile_on_a_backend_without_a_compiled_mode_is_a_clear_error(h, monkeypatch):
+    W, U, b, x = tanh_deq(seed=63)
+    monkeypatch.setattr(type(h.backend), "compiled", None)
+    with pytest.raises(TypeError, match="has no compiled mode"):
+        deqcore.solve(h.tanh_layer(W, U, b), h.asarray(x), compile=True)

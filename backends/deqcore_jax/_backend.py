@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deqcore._batched_linalg import spd_solve_unrolled
+from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
 from deqcore._solution import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Solution
 
 
@@ -93,7 +93,7 @@ class JaxBackend:
         return buffer
 
     def linear_solve(self, a, b, symmetric_positive_definite=False):
-        if symmetric_positive_definite and a.shape[-1] <= 16:
+        if symmetric_positive_definite and a.shape[-1] <= UNROLLED_SPD_MAX:
             return spd_solve_unrolled(jnp, a, b)
         return jnp.linalg.solve(a, b[..., None])[..., 0]
 

@@ -116,6 +116,7 @@ class TorchBackend:
     def __init__(self, make_compiled: Callable[..., Any] | None = None) -> None:
         # the compiled variant (a subclass, in _compiled.py) is handed in by the package's factory
         self.make_compiled = make_compiled
+        self.compiled_by_mode: dict[str, Any] = {}
 
     def is_array(self, obj: object) -> bool:
         return isinstance(obj, torch.Tensor)

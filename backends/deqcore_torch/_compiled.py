@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from deqcore import CompileWarning
-from deqcore._batched_linalg import spd_solve_unrolled
+from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
 
 from ._backend import TorchBackend
 
@@ -106,7 +106,7 @@ class CompiledTorchBackend(TorchBackend):
         return buffer
 
     def linear_solve(self, a, b, symmetric_positive_definite=False):
-        if symmetric_positive_definite and a.shape[-1] <= 16:
+        if symmetric_positive_definite and a.shape[-1] <= UNROLLED_SPD_MAX:
             return spd_solve_unrolled(self.xp, a, b)
         return super().linear_solve(a, b, symmetric_positive_definite)
 
@@ -162,7 +162,6 @@ def compiled_backend(eager: TorchBackend, mode: str | None) -> CompiledTorchBack
     if mode not in MODES:
         raise ValueError(f"deqcore: torch.compile mode must be one of {', '.join(map(repr, MODES))}, "
                          f"got {mode!r}")
-    cache = eager.__dict__.setdefault("_compiled", {})
-    if mode not in cache:
-        cache[mode] = CompiledTorchBackend(eager, mode)
-    return cache[mode]
+    if mode not in eager.compiled_by_mode:
+        eager.compiled_by_mode[mode] = CompiledTorchBackend(eager, mode)
+    return eager.compiled_by_mode[mode]

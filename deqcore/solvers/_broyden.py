@@ -13,11 +13,11 @@ class BroydenState(NamedTuple):
     """Broyden's low-rank inverse-Jacobian estimate ``B = -I + sum_i U_i V_i^T``.
 
     ``B`` approximates the inverse Jacobian of ``g(z) = f(z) - z``. The pairs live in one ring
-    ``UV`` (B, 2, m, n), ``U = UV[:, 0]`` and ``V = UV[:, 1]`` (B, m, n): a step's four low-rank
-    products are then two batched products over one buffer, and the ring is updated in place
-    with one write. ``Bg`` caches ``B g(z)`` for the current iterate (the next direction is
-    ``-Bg``), so a step costs four low-rank products instead of six; ``g = f(z) - z`` is kept so
-    it is computed once per step. ``count`` pairs have been written (slot ``count % m`` is next);
+    ``UV`` (B, 2, m, n), ``U = UV[:, 0]`` and ``V = UV[:, 1]`` (B, m, n), multiplied by
+    ``pair_dots``/``pair_combine`` (on XLA two products over the one buffer, on torch views of
+    it) and updated in place with one write per step. ``Bg`` caches ``B g(z)`` for the current
+    iterate (the next direction is ``-Bg``), so a step costs four low-rank products instead of
+    six; ``g = f(z) - z`` is kept so it is computed once per step. ``count`` pairs have been written (slot ``count % m`` is next);
     ``breakdowns`` (B,) counts updates skipped because the secant denominator was zero or the
     update non-finite.
     """
@@ -54,11 +54,12 @@ class Broyden(Solver):
 
     Starts from ``B_0 = -I`` (so step 1 is ``z_1 = f(z_0)``), steps ``z <- z - s B g(z)``, and after
     each step that leaves a sample unconverged stores the rank-one update that makes
-    ``B dg = dz`` (the secant condition, with ``dz = -s B g`` the step taken) in slot
+    ``B dg = dz`` (the secant condition, ``dz`` the step actually taken) in slot
     ``count % memory``, overwriting the oldest pair once the ring is full. The pair of the
     converging step is not stored. Optional per-sample backtracking Armijo line search on
-    ``||g||^2`` with quadratic interpolation. The ring grows by need (8, 16, 32, ... pairs, up to
-    ``min(memory, max_iter)``), so a solve that stops early never holds ``max_iter`` pairs.
+    ``||g||^2`` with quadratic interpolation. The ring grows by need up to
+    ``min(memory, max_iter)`` pairs (static shapes: 8, 16, 32, ...; dynamic: 64, 128, ...), so a
+    solve that stops early never holds ``max_iter`` pairs.
     """
 
     name = "broyden"
