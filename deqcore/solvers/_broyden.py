@@ -17,9 +17,9 @@ class BroydenState(NamedTuple):
     ``pair_dots``/``pair_combine`` (on XLA two products over the one buffer, on torch views of
     it) and updated in place with one write per step. ``Bg`` caches ``B g(z)`` for the current
     iterate (the next direction is ``-Bg``), so a step costs four low-rank products instead of
-    six; ``g = f(z) - z`` is kept so it is computed once per step. ``count`` pairs have been written (slot ``count % m`` is next);
-    ``breakdowns`` (B,) counts updates skipped because the secant denominator was zero or the
-    update non-finite.
+    six; ``g = f(z) - z`` is kept so it is computed once per step. ``count`` pairs have been
+    written (slot ``count % m`` is next); ``breakdowns`` (B,) counts updates skipped because the
+    secant denominator was zero or the update non-finite.
     """
 
     z: Any
