@@ -1,0 +1,468 @@
+"""Independent references: deqcore's algorithms against float64 NumPy re-implementations.
+
+Every solver, the solve loop, the gradient modes and the hypersolver pieces are written once
+over the backend protocol, so a torch-versus-JAX comparison cannot see a mistake both backends
+share. Here each backend is checked on its own against a reference written from the algorithms'
+definitions (NumPy, dense linear algebra, exact fixed points of affine maps, finite
+differences): Anderson's mixing with damping and regularisation step by step, Broyden's dense
+"good" inverse-Jacobian update and its line search, the loop's stop, freeze, divergence and
+trace rules at exact thresholds, every gradient mode's adjoint (signs included), a non-finite
+sample under autograd, and HyperAnderson's mixer, iteration, losses and optimiser.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from problems import symmetric_spread, tanh_deq, tanh_fixed_point
+
+import deqcore
+from deqcore import Status
+from deqcore._loop import Problem
+from deqcore.solvers import Anderson, Broyden
+
+EPS = np.finfo(np.float64).eps
+
+
+def tanh_np(W, U, b, x):
+    """The NumPy twin of ``Harness.tanh_layer``: f(z) = tanh(z W^T + x U^T + b) for a fixed x."""
+    return lambda z: np.tanh(z @ W.T + x @ U.T + b)
+
+
+def residuals_np(z, fz):
+    """(abs, rel) residuals as documented: ||f(z) - z|| and ||f(z) - z|| / (||f(z)|| + 1e-9)."""
+    a = np.linalg.norm(fz - z, axis=-1)
+    return a, a / (np.linalg.norm(fz, axis=-1) + 1e-9)
+
+
+def flat_problem(h, f, x):
+    return Problem(h.backend, lambda z: f(z, x), x.shape[0], x.shape[1], x.dtype)
+
+
+def all_active(h, batch):
+    return h.xp.ones(batch, dtype=h.xp.bool)
+
+
+# --------------------------------------------------------------------------------- Anderson
+
+
+def anderson_weights_np(Gw, lam):
+    """Anderson's weights for one sample's window ``Gw`` (k, n) from the bordered (KKT) system of
+    min ||Gw^T a||^2 + lam s ||a||^2 subject to sum(a) = 1, s the mean squared residual norm."""
+    k = Gw.shape[0]
+    lam = max(lam, 64.0 * EPS)
+    s = np.mean(np.sum(Gw * Gw, axis=1))
+    M = np.zeros((k + 1, k + 1))
+    M[0, 1:] = M[1:, 0] = 1.0
+    M[1:, 1:] = Gw @ Gw.T + lam * s * np.eye(k)
+    return np.linalg.solve(M, np.r_[1.0, np.zeros(k)])[1:]
+
+
+def anderson_np(fn, z0, steps, memory, beta, lam):
+    """Type-II Anderson from ``z0``: ``z <- sum_i a_i (X_i + beta G_i)`` over the last ``memory``
+    iterates. Returns the iterates (steps + 1, B, n) and each step's weights, oldest first."""
+    X, G = [z0], [fn(z0) - z0]
+    weights = []
+    for _ in range(steps):
+        Xw, Gw = np.stack(X[-memory:], 1), np.stack(G[-memory:], 1)
+        alpha = np.stack([anderson_weights_np(Gw[b], lam) for b in range(z0.shape[0])])
+        z = np.einsum("bk,bkn->bn", alpha, Xw + beta * Gw)
+        X.append(z)
+        G.append(fn(z) - z)
+        weights.append(alpha)
+    return np.stack(X), weights
+
+
+ANDERSON_CASES = [  # (memory, beta, lam): ring wrap, damping, a regularisation that matters
+    (3, 1.0, 1e-4),
+    (3, 0.5, 1e-4),
+    (4, 0.7, 0.05),
+    (2, 1.3, 1e-8),
+    (5, 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize(("memory", "beta", "lam"), ANDERSON_CASES)
+def test_anderson_iterates_match_numpy_step_by_step(h, memory, beta, lam):
+    W, U, b, x = tanh_deq(seed=300, d=6, batch=3, rho=0.9)
+    fn = tanh_np(W, U, b, x)
+    steps = 9
+    ref, _ = anderson_np(fn, np.zeros_like(x), steps, memory, beta, lam)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    problem = flat_problem(h, f, xa)
+    solver = Anderson(max_iter=steps, memory=memory, beta=beta, lam=lam)
+    z0 = h.xp.zeros_like(xa)
+    state = solver.init(problem, z0, problem.fn(z0))
+    active = all_active(h, 3)
+    for t in range(1, steps + 1):
+        z, fz, state, nfe = solver.step(problem, state, active)
+        assert nfe == 1
+        np.testing.assert_allclose(h.numpy(z), ref[t], rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+        state = solver.commit(problem, state, z, fz, fz - z, active, active)
+    assert not h.numpy(state.breakdowns).any()
+
+
+@pytest.mark.parametrize(("memory", "beta", "lam"), ANDERSON_CASES[:3])
+def test_anderson_solves_follow_numpy_iterates_and_residuals(h, memory, beta, lam):
+    """Through ``deqcore.solve`` (compiled on JAX): the last iterate after max_iter = 1, 2, 3 and
+    12 steps, and the residual trace of every step, equal the NumPy reference's."""
+    W, U, b, x = tanh_deq(seed=301, d=6, batch=3, rho=0.9)
+    fn = tanh_np(W, U, b, x)
+    ref, _ = anderson_np(fn, np.zeros_like(x), 12, memory, beta, lam)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    kw = dict(solver="anderson", memory=memory, beta=beta, lam=lam, tol=1e-300, jit=True)
+    for k in (1, 2, 3):
+        sol = h.solve(f, xa, max_iter=k, **kw)
+        np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[k], rtol=1e-11, atol=1e-13)
+    sol = h.solve(f, xa, max_iter=12, **kw)
+    abs_ref, rel_ref = residuals_np(ref, np.stack([fn(z) for z in ref]))
+    np.testing.assert_allclose(h.numpy(sol.abs_trace), abs_ref, rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(h.numpy(sol.rel_trace), rel_ref, rtol=1e-8, atol=1e-15)
+    best = np.argmin(rel_ref, axis=0)
+    np.testing.assert_allclose(h.numpy(sol.z), ref[best, np.arange(3)], rtol=1e-8, atol=1e-12)
+
+
+def test_anderson_affine_iterates_are_gmres_like(h):
+    """On an affine map with memory > steps and lam at its floor, Anderson's iterate k+1 minimises
+    the residual over the affine span of the first k+1 iterates' images: the NumPy reference's
+    iterates (and deqcore's) reach the exact fixed point in d + 1 steps."""
+    rng = np.random.default_rng(302)
+    d = 5
+    A = symmetric_spread(rng, d, 0.8)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((2, d))
+    exact = np.linalg.solve(np.eye(d) - A, (x + c).T).T
+    ref, _ = anderson_np(lambda z: z @ A.T + x + c, np.zeros_like(x), d + 1, d + 2, 1.0, 0.0)
+    np.testing.assert_allclose(ref[-1], exact, atol=1e-9)
+    sol = h.solve(h.affine_layer(A, c), h.asarray(x), solver="anderson", memory=d + 2, lam=0.0,
+                  tol=1e-300, max_iter=d + 1)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], atol=1e-10)
+
+
+def test_anderson_mixing_weights_follow_the_kkt_system(h):
+    """The weights deqcore used at each step (recovered from its iterates through the window)
+    equal the KKT weights, also for a large lam (where a dropped or mis-scaled lam shows)."""
+    from deqcore.solvers._anderson import mixing_weights
+
+    rng = np.random.default_rng(303)
+    for lam in (0.0, 1e-6, 0.3, 5.0):
+        G = rng.standard_normal((4, 3, 7)) * np.array([1.0, 1e-3, 10.0])[None, :, None]
+        alpha, singular = mixing_weights(h.backend, h.asarray(G @ G.transpose(0, 2, 1)), lam)
+        ref = np.stack([anderson_weights_np(G[b], lam) for b in range(4)])
+        np.testing.assert_allclose(h.numpy(alpha), ref, rtol=1e-9, atol=1e-12)
+        assert not h.numpy(singular).any()
+
+
+# ---------------------------------------------------------------------------------- Broyden
+
+
+def broyden_np(fn, z0, steps, memory):
+    """"Good" Broyden on the inverse Jacobian of g(z) = f(z) - z with dense matrices.
+
+    B_0 = -I, z <- z - B g, and after each step B <- B + (dz - B dg) (B^T dz)^T / (dz^T B dg),
+    i.e. the pair u = (dz - B dg) / den, v = B^T dz. Only the last ``memory`` pairs are kept
+    (B = -I + sum u v^T over them). Returns iterates, the pairs written (u, v) per step and the
+    dense B after each step."""
+    B_, n = z0.shape
+    z, g = z0, fn(z0) - z0
+    pairs = []
+    iterates, written, dense = [z0], [], []
+    for _ in range(steps):
+        Bm = -np.eye(n)[None] + sum((np.einsum("bi,bj->bij", u, v) for u, v in pairs),
+                                    np.zeros((B_, n, n)))
+        z_new = z - np.einsum("bij,bj->bi", Bm, g)
+        g_new = fn(z_new) - z_new
+        dz, dg = z_new - z, g_new - g
+        v = np.einsum("bji,bj->bi", Bm, dz)  # B^T dz
+        den = np.sum(v * dg, axis=1)
+        u = (dz - np.einsum("bij,bj->bi", Bm, dg)) / den[:, None]
+        if memory:
+            pairs = (pairs + [(u, v)])[-memory:]
+        written.append((u, v))
+        dense.append(-np.eye(n)[None] + sum((np.einsum("bi,bj->bij", a, c) for a, c in pairs),
+                                            np.zeros((B_, n, n))))
+        z, g = z_new, g_new
+        iterates.append(z)
+    return np.stack(iterates), written, dense
+
+
+def _affine(seed, d, batch, rho=0.9):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((d, d))
+    A = rho * A / np.linalg.norm(A, 2)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((batch, d))
+    return A, c, x
+
+
+def _dense_B(h, state):
+    U, V = h.numpy(state.U), h.numpy(state.V)
+    used = int(h.numpy(h.xp.asarray(state.count)))
+    U, V = U[:, :used], V[:, :used]
+    return -np.eye(U.shape[-1]) + np.einsum("bmi,bmj->bij", U, V)
+
+
+@pytest.mark.parametrize("memory", [None, 3])
+def test_broyden_estimate_equals_dense_good_broyden_on_affine_map(h, memory):
+    """After each of k steps on f(z) = A z + c + x the low-rank estimate is the dense good
+    Broyden matrix B_k, each stored pair is (u, v) with v = B^T dz (the update direction pinned,
+    not just the secant condition, which any v satisfies), and B applied to vectors matches."""
+    d, batch, steps = 5, 2, 4
+    A, c, x = _affine(304, d, batch)
+    fn = lambda z: z @ A.T + x + c  # noqa: E731
+    ref, written, dense = broyden_np(fn, np.zeros_like(x), steps, memory or steps)
+    f, xa = h.affine_layer(A, c), h.asarray(x)
+    problem = flat_problem(h, f, xa)
+    solver = Broyden(max_iter=20, memory=memory, line_search=False, ls_max_trials=3)
+    z0 = h.xp.zeros_like(xa)
+    state = solver.init(problem, z0, problem.fn(z0))
+    active = all_active(h, batch)
+    m = memory or 20
+    for t in range(1, steps + 1):
+        z, fz, state, _ = solver.step(problem, state, active)
+        np.testing.assert_allclose(h.numpy(z), ref[t], rtol=1e-11, atol=1e-12, err_msg=f"step {t}")
+        state = solver.commit(problem, state, z, fz, fz - z, active, active)
+        slot = (t - 1) % m
+        u, v = written[t - 1]
+        np.testing.assert_allclose(h.numpy(state.U)[:, slot], u, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(h.numpy(state.V)[:, slot], v, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(_dense_B(h, state), dense[t - 1], rtol=1e-9, atol=1e-11)
+        # the cached B g(z) is the estimate applied to the current residual
+        g = h.numpy(fz) - h.numpy(z)
+        np.testing.assert_allclose(h.numpy(state.Bg), np.einsum("bij,bj->bi", dense[t - 1], g),
+                                   rtol=1e-9, atol=1e-11)
+
+
+def test_broyden_solve_follows_numpy_iterates_with_a_wrapping_ring(h):
+    """``deqcore.solve`` with memory 3 over 8 steps of a tanh DEQ (compiled on JAX): the last
+    iterate after 1..8 steps and every residual equal the dense NumPy reference's."""
+    W, U, b, x = tanh_deq(seed=305, d=6, batch=3, rho=0.9)
+    fn = tanh_np(W, U, b, x)
+    ref, _, _ = broyden_np(fn, np.zeros_like(x), 8, 3)
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    kw = dict(solver="broyden", memory=3, tol=1e-300, jit=True)
+    for k in (1, 2, 5, 8):
+        sol = h.solve(f, xa, max_iter=k, **kw)
+        np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[k], rtol=1e-9, atol=1e-11,
+                                   err_msg=f"max_iter={k}")
+    abs_ref, rel_ref = residuals_np(ref, np.stack([fn(z) for z in ref]))
+    np.testing.assert_allclose(h.numpy(sol.abs_trace), abs_ref, rtol=1e-7, atol=1e-15)
+    np.testing.assert_allclose(h.numpy(sol.rel_trace), rel_ref, rtol=1e-7, atol=1e-15)
+
+
+def test_broyden_static_stages_follow_numpy_iterates(h):
+    """More than 16 steps: on static-shape backends the ring grows between loop stages (8, 16,
+    ...), and with memory < max_iter the full ring wraps; the iterates still equal the dense
+    reference's (an affine map keeps the secant updates well conditioned)."""
+    d, batch = 24, 2
+    rng = np.random.default_rng(306)
+    A = symmetric_spread(rng, d, 0.95)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((batch, d))
+    fn = lambda z: z @ A.T + x + c  # noqa: E731
+    for memory, steps in ((None, 20), (10, 19)):
+        ref, _, _ = broyden_np(fn, np.zeros_like(x), steps, memory or steps)
+        sol = h.solve(h.affine_layer(A, c), h.asarray(x), solver="broyden", memory=memory, tol=1e-300,
+                      max_iter=steps, jit=True)
+        scale = np.abs(ref[-1]).max()
+        np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=0, atol=1e-9 * scale)
+
+
+def broyden_line_search_np(fn, z0, steps, max_trials):
+    """Dense good Broyden with the documented backtracking Armijo line search on phi = ||g||^2:
+    accept s when phi(s) <= phi(0) (1 - 1e-4 s); otherwise s <- phi0 s^2 / (2 (phi(s) - phi0 +
+    phi0 s)) (0 if that denominator is not positive) while s >= 1e-2, at most ``max_trials``
+    extra evaluations; the full step is kept when no trial is accepted. Per sample; returns the
+    iterates and the batched f-evaluations a solve counts (the longest search per step)."""
+    B_, n = z0.shape
+    Bm = np.tile(-np.eye(n), (B_, 1, 1))
+    z, g = z0, fn(z0) - z0
+    iterates, nfe, backtracked = [z0], 1, 0
+    for _ in range(steps):
+        p = -np.einsum("bij,bj->bi", Bm, g)
+        z_new = np.empty_like(z)
+        trials_used = 0
+        for s_ in range(B_):
+            one = lambda zz, s_=s_: fn(np.tile(zz, (B_, 1)))[s_]  # noqa: E731
+            phi0 = g[s_] @ g[s_]
+            s = 1.0
+            zt = z[s_] + p[s_]
+            r = one(zt) - zt
+            phi = r @ r
+            best = zt
+            trials = 0
+            if not phi <= phi0 * (1 - 1e-4 * s):
+                while True:
+                    den = 2.0 * (phi - phi0 + phi0 * s)
+                    s = phi0 * s * s / den if den > 0 else 0.0
+                    if s < 1e-2 or trials == max_trials:
+                        break
+                    trials += 1
+                    zt = z[s_] + s * p[s_]
+                    r = one(zt) - zt
+                    phi = r @ r
+                    if phi <= phi0 * (1 - 1e-4 * s):
+                        best = zt
+                        backtracked += 1
+                        break
+            z_new[s_] = best
+            trials_used = max(trials_used, trials)
+        nfe += 1 + trials_used
+        g_new = fn(z_new) - z_new
+        dz, dg = z_new - z, g_new - g
+        v = np.einsum("bji,bj->bi", Bm, dz)
+        u = (dz - np.einsum("bij,bj->bi", Bm, dg)) / np.sum(v * dg, axis=1)[:, None]
+        Bm = Bm + np.einsum("bi,bj->bij", u, v)
+        z, g = z_new, g_new
+        iterates.append(z)
+    return np.stack(iterates), nfe, backtracked
+
+
+def test_broyden_line_search_matches_numpy(h):
+    """A layer where full Broyden steps overshoot: the line search backtracks (checked in the
+    reference), and deqcore's iterates and f-evaluation count equal the reference's."""
+    d, batch = 6, 3
+    rng = np.random.default_rng(313)
+    W = 2.5 * symmetric_spread(rng, d, 1.0)
+    U = rng.standard_normal((d, d))
+    b = 0.3 * rng.standard_normal(d)
+    x = 2.0 * rng.standard_normal((batch, d))
+    fn = tanh_np(W, U, b, x)
+    steps = 6
+    ref, nfe, backtracked = broyden_line_search_np(fn, np.zeros_like(x), steps, 3)
+    assert backtracked >= 5  # the search did something in the reference
+    f, xa = h.tanh_layer(W, U, b), h.asarray(x)
+    sol = h.solve(f, xa, solver="broyden", line_search=True, tol=1e-300, max_iter=steps)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=1e-8, atol=1e-10)
+    assert int(h.numpy(sol.nfe)) == nfe
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def fixed_point_np(fn, z0, max_iter, tol, stop_mode, damping=1.0):
+    """The loop's contract for damped fixed-point iteration, per sample: stop (freeze) at the
+    first iterate whose stop residual is <= tol; return each sample's trace (frozen rows repeat
+    the final value), its steps, its lowest-residual iterate (the first one on ties), and status."""
+    z = z0
+    zs, fzs = [z0], [fn(z0)]
+    for _ in range(max_iter):
+        z = z + damping * (fzs[-1] - z)
+        zs.append(z)
+        fzs.append(fn(z))
+    zs, fzs = np.stack(zs), np.stack(fzs)
+    a, r = residuals_np(zs, fzs)
+    stop = r if stop_mode == "rel" else a
+    B_ = z0.shape[0]
+    its = np.array([next((t for t in range(max_iter + 1) if stop[t, s] <= tol), max_iter) for s in range(B_)])
+    trace_a, trace_r = a.copy(), r.copy()
+    for s in range(B_):
+        trace_a[its[s]:, s] = a[its[s], s]
+        trace_r[its[s]:, s] = r[its[s], s]
+    best = np.array([int(np.argmin(stop[: its[s] + 1, s])) for s in range(B_)])
+    converged = stop[its, np.arange(B_)] <= tol
+    return dict(its=its, abs_trace=trace_a, rel_trace=trace_r, z=zs[best, np.arange(B_)],
+                best=best, converged=converged)
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+def test_loop_freezing_traces_and_best_iterate_match_numpy(h, stop_mode, damping):
+    """Per-sample stop steps, traces, returned iterates, residuals, statuses and nfe of a solve
+    equal the loop's contract computed in NumPy (samples stop at different steps, one runs out
+    of steps)."""
+    W, U, b, x = tanh_deq(seed=308, d=6, batch=4, rho=0.9)
+    fn = tanh_np(W, U, b, x)
+    tol = 1e-4 if stop_mode == "rel" else 3e-4
+    # one step fewer than the slowest sample needs: it ends MAX_ITER
+    max_iter = int(fixed_point_np(fn, np.zeros_like(x), 100, tol, stop_mode, damping)["its"].max()) - 1
+    ref = fixed_point_np(fn, np.zeros_like(x), max_iter, tol, stop_mode, damping)
+    assert len(set(ref["its"].tolist())) >= 2 and not ref["converged"].all() and ref["converged"].sum() >= 2
+    sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), solver="fixed_point", damping=damping, tol=tol,
+                  stop_mode=stop_mode, max_iter=max_iter, jit=True)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), ref["its"])
+    assert int(h.numpy(sol.steps)) == ref["its"].max()
+    assert int(h.numpy(sol.nfe)) == 1 + ref["its"].max()
+    np.testing.assert_allclose(h.numpy(sol.abs_trace), ref["abs_trace"], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(h.numpy(sol.rel_trace), ref["rel_trace"], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(h.numpy(sol.z), ref["z"], rtol=1e-12, atol=1e-15)
+    cols = np.arange(4)
+    np.testing.assert_allclose(h.numpy(sol.abs_residual), ref["abs_trace"][ref["best"], cols], rtol=1e-9)
+    np.testing.assert_allclose(h.numpy(sol.rel_residual), ref["rel_trace"][ref["best"], cols], rtol=1e-9)
+    np.testing.assert_array_equal(h.numpy(sol.converged), ref["converged"])
+    expected = np.where(ref["converged"], int(Status.CONVERGED), int(Status.MAX_ITER))
+    np.testing.assert_array_equal(h.numpy(sol.status), expected)
+    # the solver's own state holds each sample's last iterate, frozen where it stopped
+    zs = []
+    z = np.zeros_like(x)
+    for _ in range(max_iter):
+        z = z + damping * (fn(z) - z)
+        zs.append(z)
+    last = np.stack([zs[ref["its"][s] - 1][s] for s in range(4)])
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), last, rtol=1e-12, atol=1e-15)
+
+
+def _exact_residual_problem(h, stop_mode):
+    """f(z, x) = x: from z0 = x - d the residual is exactly ||d|| (d = (3, 4): 5) in abs mode,
+    and the first step lands on the fixed point."""
+    x = np.array([[1.0, 2.0], [0.5, -1.0]])
+    z0 = x - np.array([[3.0, 4.0], [6.0, 8.0]])  # residuals 5 and 10
+    return (lambda z, x_: x_ + 0.0 * z), h.asarray(x), h.asarray(z0)
+
+
+def test_stop_test_is_residual_at_most_tol(h):
+    """``tol`` is inclusive ("stop when the stop residual is <= tol"): a sample whose initial
+    residual equals tol exactly takes no step; the other one takes one."""
+    f, x, z0 = _exact_residual_problem(h, "abs")
+    sol = h.solve(f, x, z0, solver="fixed_point", tol=5.0, stop_mode="abs", max_iter=10)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), [0, 1])
+    np.testing.assert_array_equal(h.numpy(sol.converged), [True, True])
+    np.testing.assert_array_equal(h.numpy(sol.z)[0], h.numpy(z0)[0])
+    np.testing.assert_array_equal(h.numpy(sol.abs_residual), [5.0, 0.0])
+    np.testing.assert_array_equal(h.numpy(sol.rel_trace)[0], [5.0 / (np.sqrt(5.0) + 1e-9),
+                                                              10.0 / (np.sqrt(1.25) + 1e-9)])
+    # where f(z) = 0 the relative residual is ||z|| / 1e-9, not a division by zero
+    zero = h.solve(lambda z, x_: 0.0 * z, x, z0, solver="fixed_point", tol=1.0, max_iter=1)
+    np.testing.assert_array_equal(h.numpy(zero.rel_trace)[0], np.linalg.norm(h.numpy(z0), axis=1) / 1e-9)
+    # the same threshold reached after a step: frozen at that step, not one later
+    sol = h.solve(f, x, z0, solver="fixed_point", tol=4.999, stop_mode="abs", max_iter=10)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), [1, 1])
+    assert int(h.numpy(sol.nfe)) == 2
+
+
+def test_divergence_limit_is_inclusive_and_on_the_abs_residual(h):
+    """f(z) = 2 z + x from z0 = 0: fixed-point iteration doubles the residual every step, exactly
+    (3, 6, 12, ...). With divergence = 32 a sample stays active while its abs residual is <= 32
+    times the initial one (steps 1..5) and is frozen DIVERGED at step 6, whatever stop_mode."""
+    x = h.asarray(np.array([[3.0], [-3.0]]))
+    for stop_mode in ("rel", "abs"):
+        sol = h.solve(lambda z, x_: 2.0 * z + x_, x, solver="fixed_point", tol=1e-12, max_iter=40,
+                      divergence=32.0, stop_mode=stop_mode)
+        np.testing.assert_array_equal(h.numpy(sol.iterations), [6, 6])
+        np.testing.assert_array_equal(h.numpy(sol.status), [int(Status.DIVERGED)] * 2)
+        trace = h.numpy(sol.abs_trace)[:8, 0]
+        np.testing.assert_array_equal(trace, [3.0, 6.0, 12.0, 24.0, 48.0, 96.0, 192.0, 192.0])
+        # the returned z is the lowest stop-residual iterate: z0 in abs mode; in rel mode the
+        # last one (its rel residual 192 / 381 is below z0's 3 / 3)
+        z_best = [[0.0], [0.0]] if stop_mode == "abs" else [[189.0], [-189.0]]
+        np.testing.assert_array_equal(h.numpy(sol.z), z_best)
+        np.testing.assert_array_equal(h.numpy(sol.abs_residual), [3.0, 3.0] if stop_mode == "abs" else
+                                      [192.0, 192.0])
+    # at max_iter 5 the residual is at the limit, not beyond it: MAX_ITER, not DIVERGED
+    sol = h.solve(lambda z, x_: 2.0 * z + x_, x, solver="fixed_point", tol=1e-12, max_iter=5, divergence=32.0)
+    np.testing.assert_array_equal(h.numpy(sol.status), [int(Status.MAX_ITER)] * 2)
+
+
+def test_ties_keep_the_earliest_lowest_residual_iterate(h):
+    """f(z) = x - z oscillates between 0 and x with equal abs residuals: the returned iterate is
+    the first of the tied lowest ones (z0), and its residual is the tie value."""
+    x = h.asarray(np.array([[1.0, 2.0]]))
+    sol = h.solve(lambda z, x_: x_ - z, x, solver="fixed_point", tol=1e-12, max_iter=4, stop_mode="abs",
+                  divergence=None)
+    np.testing.assert_array_equal(h.numpy(sol.abs_trace)[:, 0], [np.sqrt(5.0)] * 5)
+    np.testing.assert_array_equal(h.numpy(sol.z), [[0.0, 0.0]])
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), [[0.0, 0.0]])  # 4 steps: back at 0
+    sol = h.solve(lambda z, x_: x_ - z, x, solver="fixed_point", tol=1e-12, max_iter=3, stop_mode="abs",
+                  divergence=None)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), [[1.0, 2.0]])
+    np.testing.assert_array_equal(h.numpy(sol.z), [[0.0, 0.0]])
