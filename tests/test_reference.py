@@ -466,3 +466,297 @@ def test_ties_keep_the_earliest_lowest_residual_iterate(h):
                   divergence=None)
     np.testing.assert_array_equal(h.numpy(sol.solver_state.z), [[1.0, 2.0]])
     np.testing.assert_array_equal(h.numpy(sol.z), [[0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------- gradient modes
+#
+# The layer is f(z, x) = tanh(z W^T + x U^T + b), the loss sum(c * z*). Per sample b the
+# Jacobian at z is J_b = diag(s_b) W with s = 1 - f(z)^2, and an adjoint u (row vector) reaches the
+# parameters through one VJP of f: dL/dW = sum_b (u_b * s_b) z_b^T, dL/dx = (u * s) U.
+
+
+def mode_grads(h, weights, c, grad, grad_options=None, mask=False, jit=True, **kw):
+    """(dL/dW, dL/dx, solution) for L = sum(c * z*) (times ``converged`` with ``mask``), on ``h``;
+    compiled on JAX (once per mode, options and shapes) unless ``jit=False``."""
+    W, U, b, x = weights
+    if h.name == "torch":
+        import torch
+
+        Wt, xt = torch.tensor(W, requires_grad=True), torch.tensor(x, requires_grad=True)
+        Ut, bt = torch.tensor(U), torch.tensor(b)
+        sol = deqcore.solve(lambda z, x_: torch.tanh(z @ Wt.T + x_ @ Ut.T + bt), xt, grad=grad,
+                            grad_options=grad_options, **kw)
+        weight = torch.tensor(c) * (sol.converged[:, None].double() if mask else 1.0)
+        gW, gx = torch.autograd.grad((sol.z * weight).sum(), (Wt, xt))
+        return gW.numpy(), gx.numpy(), sol
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    key = (grad, repr(grad_options), mask, repr(sorted(kw.items())), jit)
+    if key not in _JAX_GRADS:
+        box = {}
+
+        def loss(W_, x_, U_, b_, c_):
+            sol = deqcore.solve(lambda z, x__: jnp.tanh(z @ W_.T + x__ @ U_.T + b_), x_, grad=grad,
+                                grad_options=grad_options, **kw)
+            box["sol"] = sol
+            weight = c_ * (sol.converged[:, None] if mask else 1.0)
+            return jnp.sum(sol.z * weight), (sol.z, sol.status, sol.converged, sol.solver_state)
+
+        fn = jax.grad(loss, argnums=(0, 1), has_aux=True)
+        _JAX_GRADS[key] = (jax.jit(fn) if jit else fn), box
+    fn, box = _JAX_GRADS[key]
+    (gW, gx), (z, status, converged, state) = fn(*(jnp.asarray(a) for a in (W, x, U, b, c)))
+    sol = dataclasses.replace(box["sol"], z=z, status=status, converged=converged, solver_state=state)
+    return np.asarray(gW), np.asarray(gx), sol
+
+
+_JAX_GRADS: dict = {}
+
+
+def vjp_grads(weights, z, u):
+    """dL/dW and dL/dx from per-sample adjoints ``u`` (B, n) with f's VJP at ``z``."""
+    W, U, b, x = weights
+    s = 1.0 - np.tanh(z @ W.T + x @ U.T + b) ** 2
+    return (u * s).T @ z, (u * s) @ U
+
+
+def adjoints_np(weights, z, c, mode, k=5, lam=0.5):
+    """Each mode's documented adjoint per sample at z (J_b = diag(s_b) W, u a row vector)."""
+    W, U, b, x = weights
+    d = W.shape[0]
+    s = 1.0 - np.tanh(z @ W.T + x @ U.T + b) ** 2
+    out = []
+    for i in range(x.shape[0]):
+        J = s[i][:, None] * W
+        if mode == "implicit":
+            out.append(np.linalg.solve((np.eye(d) - J).T, c[i]))
+        elif mode == "jfb":
+            out.append(c[i])
+        elif mode in ("npg", "upg"):  # lam sum_{t<k} g M^t, M = lam J + (1 - lam) I
+            M = lam * J + (1.0 - lam) * np.eye(d)
+            term, total = c[i], c[i].copy()
+            for _ in range(k - 1):
+                term = term @ M
+                total = total + term
+            out.append(lam * total)
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tanh6():
+    weights = tanh_deq(seed=320, d=6, batch=3, rho=0.8)
+    c = np.random.default_rng(321).standard_normal(weights[3].shape)
+    return weights, c, tanh_fixed_point(*weights, iters=3000)
+
+
+@pytest.mark.parametrize(("grad", "options"), [
+    ("implicit", {"tol": 1e-13, "max_iter": 200}),
+    ("jfb", {}),
+    ("npg", {"k": 4, "lam": 0.7}),
+    ("npg", {"k": 1, "lam": 0.3}),
+    ("upg", {"k": 3, "lam": 0.6}),
+    ("upg", {"k": 1, "lam": 1.0}),
+])
+def test_adjoint_modes_match_their_dense_formulas(h, tanh6, grad, options):
+    """Each mode's gradient equals its documented adjoint computed with dense NumPy Jacobians at
+    z* (UPG's k damped steps from an exact fixed point differentiate to NPG's series), so a
+    flipped sign, a dropped damping term or a wrong power fails here."""
+    weights, c, z_star = tanh6
+    gW, gx, _ = mode_grads(h, weights, c, grad, options, tol=1e-13, max_iter=200)
+    u = adjoints_np(weights, z_star, c, grad, **options if grad in ("npg", "upg") else {})
+    rW, rx = vjp_grads(weights, z_star, u)
+    np.testing.assert_allclose(gW, rW, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(gx, rx, rtol=1e-9, atol=1e-11)
+
+
+def central_difference(loss, arrays, eps=1e-6):
+    """Central differences of ``loss(*arrays)`` with respect to each array."""
+    out = []
+    for i, a in enumerate(arrays):
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            hi = [v.copy() for v in arrays]
+            lo = [v.copy() for v in arrays]
+            hi[i][idx] += eps
+            lo[i][idx] -= eps
+            g[idx] = (loss(*hi) - loss(*lo)) / (2 * eps)
+        out.append(g)
+    return out
+
+
+def test_implicit_gradient_equals_finite_differences_of_the_fixed_point(h, tanh6):
+    weights, c, _ = tanh6
+    W, U, b, x = weights
+    fd = central_difference(lambda W_, x_: float(np.sum(c * tanh_fixed_point(W_, U, b, x_, iters=600))),
+                            [W, x])
+    gW, gx, _ = mode_grads(h, weights, c, "implicit", {"tol": 1e-13, "max_iter": 200}, tol=1e-13,
+                           max_iter=200)
+    np.testing.assert_allclose(gW, fd[0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gx, fd[1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_implicit_backward_solve_follows_numpy_anderson(h, tanh6, stop_mode):
+    """A backward solve cut short (3 Anderson steps on u = g + u J from u0 = g): the gradient is
+    that of the lowest-residual u of the NumPy reference's iterates, and the report gives its
+    residual in the chosen stop mode, the steps and the VJPs."""
+    weights, c, z_star = tanh6
+    W, U, b, x = weights
+    s = 1.0 - np.tanh(z_star @ W.T + x @ U.T + b) ** 2
+    us, _ = anderson_np(lambda u: c + (u * s) @ W, c, 3, 5, 1.0, 1e-4)
+    fus = np.stack([c + (u * s) @ W for u in us])
+    a, r = residuals_np(us, fus)
+    stop = r if stop_mode == "rel" else a
+    best = np.argmin(stop, axis=0)
+    assert (best == 3).all() and not (a[1:] == a[:1]).any()  # the report's numbers are not z0's
+    u_best = us[best, np.arange(3)]
+    opts = {"tol": 1e-14, "max_iter": 3, "stop_mode": stop_mode, "on_fail": "ignore"}
+    gW, gx, sol = mode_grads(h, weights, c, "implicit", opts, tol=1e-13, max_iter=200)
+    rW, rx = vjp_grads(weights, z_star, u_best)
+    np.testing.assert_allclose(gW, rW, rtol=1e-8, atol=1e-11)
+    np.testing.assert_allclose(gx, rx, rtol=1e-8, atol=1e-11)
+    report = sol.backward
+    np.testing.assert_allclose(report.residual, stop[best, np.arange(3)], rtol=1e-7)
+    np.testing.assert_array_equal(report.iterations, [3, 3, 3])
+    assert not report.converged.any() and report.vjps == 4 and report.calls == 1
+
+
+def test_gdeq_uses_the_dense_broyden_estimate(h, tanh6):
+    """GDEQ after exactly 6 Broyden steps: u = -B^T g with B the dense good Broyden matrix of the
+    NumPy reference (not B g, not +B^T g), the VJP taken at the returned iterate."""
+    weights, c, _ = tanh6
+    W, U, b, x = weights
+    fn = tanh_np(W, U, b, x)
+    its, _, dense = broyden_np(fn, np.zeros_like(x), 6, 6)
+    _, rel = residuals_np(its, np.stack([fn(z) for z in its]))
+    assert (np.argmin(rel, axis=0) == 6).all()
+    z = its[-1]
+    u = -np.einsum("bji,bj->bi", dense[-1], c)
+    rW, rx = vjp_grads(weights, z, u)
+    gW, gx, sol = mode_grads(h, weights, c, "gdeq", solver="broyden", tol=1e-300, max_iter=6)
+    np.testing.assert_allclose(h.numpy(sol.z), z, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gW, rW, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(gx, rx, rtol=1e-7, atol=1e-10)
+
+
+def unrolled_loss_np(solver, steps, c, U, b):
+    """L(W, x) = sum(c * z_best) where z_best is the lowest-rel-residual iterate of ``steps``
+    NumPy solver steps from zeros (the function the unroll mode differentiates)."""
+    def loss(W_, x_):
+        fn = tanh_np(W_, U, b, x_)
+        z0 = np.zeros_like(x_)
+        if solver == "fixed_point":
+            its = [z0]
+            for _ in range(steps):
+                its.append(fn(its[-1]))
+            its = np.stack(its)
+        elif solver == "anderson":
+            its, _ = anderson_np(fn, z0, steps, 5, 1.0, 1e-4)
+        else:
+            its, _, _ = broyden_np(fn, z0, steps, steps)
+        _, rel = residuals_np(its, np.stack([fn(z) for z in its]))
+        return float(np.sum(c * its[np.argmin(rel, axis=0), np.arange(x_.shape[0])]))
+
+    return loss
+
+
+@pytest.mark.parametrize(("solver", "steps"), [("fixed_point", 5), ("anderson", 4), ("broyden", 4)])
+def test_unroll_equals_finite_differences_through_the_numpy_solver(h, tanh6, solver, steps):
+    """The unroll mode's gradient is the derivative of the truncated solve itself: central
+    differences through the NumPy solver's ``steps`` iterations (not the implicit gradient)."""
+    weights, c, _ = tanh6
+    W, U, b, x = weights
+    loss = unrolled_loss_np(solver, steps, c, U, b)
+    fd = central_difference(loss, [W, x])
+    gW, gx, _ = mode_grads(h, weights, c, "unroll", solver=solver, tol=1e-300, max_iter=steps)
+    np.testing.assert_allclose(gW, fd[0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gx, fd[1], rtol=1e-6, atol=1e-8)
+    exact, _ = vjp_grads(weights, tanh_fixed_point(*weights, iters=3000),
+                         adjoints_np(weights, tanh_fixed_point(*weights, iters=3000), c, "implicit"))
+    assert np.abs(gW - exact).max() > 1e-4  # truncated: not the implicit gradient
+
+
+@pytest.mark.parametrize(("grad", "options", "solver"), [
+    ("implicit", {}, "anderson"), ("jfb", {}, "anderson"), ("npg", {"k": 3, "lam": 0.5}, "anderson"),
+    ("upg", {"k": 3, "lam": 0.5}, "anderson"), ("gdeq", {}, "broyden"), ("unroll", {}, "fixed_point"),
+])
+def test_gradient_steps_reduce_the_exact_loss_by_the_predicted_amount(h, grad, options, solver):
+    """Training with every mode: plain gradient steps on W lower the exact loss (NumPy fixed
+    point), each by the first-order amount lr <g_mode, g_exact> (> 0), so a sign-flipped adjoint,
+    which raises the loss, fails; a loss that merely goes down with another parameter (a head) is
+    not enough here because W is the only parameter."""
+    W, U, b, x = tanh_deq(seed=322, d=6, batch=4, rho=0.8)
+    target = np.random.default_rng(323).standard_normal(x.shape) * 0.3
+
+    def exact_loss(W_):
+        z = tanh_fixed_point(W_, U, b, x, iters=2000)
+        return 0.5 * float(np.sum((z - target) ** 2))
+
+    lr = 0.05
+    losses = [exact_loss(W)]
+    for _ in range(3):
+        z = tanh_fixed_point(W, U, b, x, iters=2000)
+        c = z - target  # dL/dz*
+        g_exact = vjp_grads((W, U, b, x), z, adjoints_np((W, U, b, x), z, c, "implicit"))[0]
+        g, _, _ = mode_grads(h, (W, U, b, x), c, grad, options, solver=solver, tol=1e-10, max_iter=100)
+        predicted = lr * float(np.sum(g * g_exact))
+        assert predicted > 0.3 * lr * float(np.sum(g_exact * g_exact))
+        W = W - lr * g
+        losses.append(exact_loss(W))
+        assert abs((losses[-2] - losses[-1]) - predicted) <= 0.1 * predicted, (losses, predicted)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ------------------------------------------------------------ a non-finite sample under autograd
+
+
+@pytest.mark.parametrize(("grad", "options", "solver"), [
+    ("implicit", {"tol": 1e-12, "max_iter": 200}, "anderson"), ("jfb", {}, "anderson"),
+    ("npg", {"k": 3, "lam": 0.5}, "anderson"), ("upg", {"k": 3, "lam": 0.5}, "anderson"),
+    ("gdeq", {}, "broyden"), ("unroll", {}, "anderson"),
+])
+def test_nan_sample_with_parameters_requiring_grad(h, grad, options, solver):
+    """A NaN in one sample's x while the layer's parameters require grad: that sample is flagged
+    NONFINITE and its returned z stays finite, bit for bit the z of a solve without gradients
+    (no NaN leaks into the value through the gradient path). The loss masked by ``converged``
+    gives every other sample its exact input gradient; the flagged sample's own gradient, and a
+    shared parameter's, is never finite garbage: non-finite, or (W) the other samples' exact one.
+    The implicit backward solve flags that sample as not converged and warns."""
+    import warnings
+
+    W, U, b, x = tanh_deq(seed=324, d=6, batch=4, rho=0.8)
+    x[2, 1] = np.nan
+    weights = (W, U, b, x)
+    c = np.random.default_rng(325).standard_normal(x.shape)
+    kw = dict(solver=solver, tol=1e-12, max_iter=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a warning from a compiled JAX backward needs jit=False
+        gW, gx, sol = mode_grads(h, weights, c, grad, options, mask=True, jit=grad != "implicit", **kw)
+    plain = h.solve(h.tanh_layer(W, U, b), h.asarray(x), grad=None, **kw)
+    np.testing.assert_array_equal(h.numpy(sol.status), [0, 0, int(Status.NONFINITE), 0])
+    z = h.numpy(sol.z)
+    assert np.isfinite(z).all()
+    if grad == "unroll":  # the recorded forward loop: the same steps, another float order on JAX
+        np.testing.assert_allclose(z, h.numpy(plain.z), rtol=1e-13, atol=1e-15)
+    else:
+        np.testing.assert_array_equal(z, h.numpy(plain.z))
+    good = [0, 1, 3]
+    ref_weights = (W, U, b, x[good])
+    z_good = tanh_fixed_point(*ref_weights, iters=3000)
+    if grad == "unroll":
+        ref_W, ref_x = mode_grads(h, ref_weights, c[good], grad, options, **kw)[:2]
+    elif grad == "gdeq":
+        ref_W, ref_x = mode_grads(h, ref_weights, c[good], grad, options, **kw)[:2]
+    else:
+        u = adjoints_np(ref_weights, z_good, c[good], grad, **options if grad in ("npg", "upg") else {})
+        ref_W, ref_x = vjp_grads(ref_weights, z_good, u)
+    np.testing.assert_allclose(gx[good], ref_x, rtol=1e-7, atol=1e-10)
+    assert not np.isfinite(gx[2]).all() or not gx[2].any()
+    assert not np.isfinite(gW).all() or np.allclose(gW, ref_W, rtol=1e-7, atol=1e-10)
+    if grad == "implicit":
+        np.testing.assert_array_equal(sol.backward.converged, [True, True, False, True])
+        assert any(issubclass(w.category, deqcore.BackwardWarning) and "1 of 4 samples" in str(w.message)
+                   for w in caught)

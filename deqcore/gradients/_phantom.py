@@ -49,4 +49,6 @@ class UPG(GradientMode):
         z = bp.z_star
         for _ in range(self.k):
             z = z + self.lam * (bp.f(z, bp.x) - z)
-        return bp.z_star + (z - be.stop_gradient(z))
+        delta = z - be.stop_gradient(z)
+        # zero in value; a non-finite sample (flagged NONFINITE) must not turn z* into NaN
+        return bp.z_star + be.xp.where(be.xp.isfinite(delta), delta, be.xp.zeros_like(delta))
