@@ -153,6 +153,33 @@ def test_anderson_mixing_weights_follow_the_kkt_system(h):
         assert not h.numpy(singular).any()
 
 
+@pytest.mark.backend("torch")
+def test_anderson_breakdown_takes_the_damped_newest_step_and_is_counted():
+    """In float16 on torch a residual of norm ~3600 overflows the Gram matrix (g.g > 65504; XLA
+    accumulates in float32) while the residual itself is finite: the mixing system has no finite
+    solution, so that sample takes a
+    plain damped step z + beta g from the newest iterate (the affine map's exact damped
+    iteration, residual x0.75 per step) and each step is counted in ``breakdowns``. Samples with a
+    usable system, and a NaN sample that never takes a step, count none."""
+    from conftest import Harness
+
+    h = Harness("torch")
+    x = np.array([[3000.0, -2000.0], [0.3, 0.1], [np.nan, 1.0]])
+    sol = h.solve(lambda z, x_: 0.5 * z + x_, h.asarray(x, dtype="float16"), solver="anderson", beta=0.5,
+                  tol=1e-3, max_iter=5, grad=None)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.breakdowns), [5, 0, 0])
+    z = np.zeros(2)
+    for _ in range(5):
+        z = z + 0.5 * (0.5 * z + x[0] - z)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z)[0].astype(np.float64), z, rtol=2e-3)
+    trace = h.numpy(sol.abs_trace)[:, 0].astype(np.float64)
+    np.testing.assert_allclose(trace[1:] / trace[:-1], 0.75, rtol=3e-3)
+    np.testing.assert_array_equal(h.numpy(sol.status), [int(Status.MAX_ITER), int(Status.MAX_ITER),
+                                                        int(Status.NONFINITE)])
+    # the other sample mixed: far closer to its fixed point 2 x than 5 damped steps (0.14 away)
+    assert np.abs(h.numpy(sol.z)[1].astype(np.float64) - 2.0 * x[1]).max() < 2e-2
+
+
 # ---------------------------------------------------------------------------------- Broyden
 
 
@@ -428,6 +455,11 @@ def test_stop_test_is_residual_at_most_tol(h):
     sol = h.solve(f, x, z0, solver="fixed_point", tol=4.999, stop_mode="abs", max_iter=10)
     np.testing.assert_array_equal(h.numpy(sol.iterations), [1, 1])
     assert int(h.numpy(sol.nfe)) == 2
+    # half steps halve the residuals exactly (5, 2.5 and 10, 5, 2.5): tol 2.5 is met at steps 1, 2
+    sol = h.solve(f, x, z0, solver="fixed_point", damping=0.5, tol=2.5, stop_mode="abs", max_iter=10)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), [1, 2])
+    np.testing.assert_array_equal(h.numpy(sol.abs_residual), [2.5, 2.5])
+    np.testing.assert_array_equal(h.numpy(sol.status), [int(Status.CONVERGED)] * 2)
 
 
 def test_divergence_limit_is_inclusive_and_on_the_abs_residual(h):
@@ -760,3 +792,252 @@ def test_nan_sample_with_parameters_requiring_grad(h, grad, options, solver):
         np.testing.assert_array_equal(sol.backward.converged, [True, True, False, True])
         assert any(issubclass(w.category, deqcore.BackwardWarning) and "1 of 4 samples" in str(w.message)
                    for w in caught)
+
+
+# -------------------------------------------------------------------------------- HyperAnderson
+
+HD, HX = 5, 3  # state and input sizes of the hypersolver problems
+
+
+def gelu_np(a):
+    return 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a ** 3)))
+
+
+def conv3_np(a, w, bias):
+    """'same' kernel-3 convolution over axis 1 (zero padding): out[t] = a[t-1] w0 + a[t] w1 + a[t+1] w2."""
+    p = np.pad(a, ((0, 0), (1, 1), (0, 0)))
+    return p[:, :-2] @ w[0] + p[:, 1:-1] @ w[1] + p[:, 2:] @ w[2] + bias
+
+
+def window_weights_np(feats, valid, lam):
+    """Anderson's KKT weights over the valid window positions, zero elsewhere."""
+    out = np.zeros(feats.shape[:2])
+    for b in range(feats.shape[0]):
+        out[b, valid] = anderson_weights_np(feats[b, valid], lam)
+    return out
+
+
+def temporal_mixer_np(p, feats, valid, beta_max, prior, lam=1e-4):
+    """HyperDEQ's s_xi as documented: per position the residual over the window's RMS norm, its
+    log relative norm, a newest flag and the prior's weights; conv3, GELU (tanh form), conv3;
+    channel 0 + prior is alpha_hat, channel 1 averaged over valid positions is beta's logit."""
+    vf = valid.astype(float)
+    norms = np.linalg.norm(feats, axis=-1)
+    scale = np.sqrt(np.sum(norms ** 2, axis=-1, keepdims=True) / vf.sum())
+    tiny = np.sqrt(np.finfo(np.float64).tiny)
+    unit = feats / (scale[:, :, None] + tiny)
+    lognorm = np.log(norms / (scale + tiny) + 1e-8) * vf
+    newest = np.zeros_like(norms)
+    newest[:, -1] = 1.0
+    base = window_weights_np(unit, valid, lam) if prior == "anderson" else newest
+    a = np.concatenate([unit, np.stack([lognorm, newest, base], axis=-1)], axis=-1)
+    a = gelu_np(conv3_np(a, p["mixer.w1"], p["mixer.b1"])) * vf[None, :, None]
+    out = conv3_np(a, p["mixer.w2"], p["mixer.b2"])
+    logit = np.sum(out[..., 1] * vf, axis=-1) / vf.sum()
+    return out[..., 0] + base, beta_max / (1.0 + np.exp(-logit))
+
+
+def project_np(a_hat, valid, how):
+    out = np.zeros_like(a_hat)
+    if how == "shift":
+        out[:, valid] = a_hat[:, valid] + (1.0 - a_hat[:, valid].sum(axis=1, keepdims=True)) / valid.sum()
+    elif how == "softmax":
+        e = np.exp(a_hat[:, valid] - a_hat[:, valid].max(axis=1, keepdims=True))
+        out[:, valid] = e / e.sum(axis=1, keepdims=True)
+    else:
+        out[:, valid] = a_hat[:, valid]
+    return out
+
+
+def hyper_np(fn, z0, steps, window, mixer, how, update):
+    """HyperAnderson: the last ``window`` iterates right-aligned (oldest first), weights
+    alpha = project(alpha_hat), z = G-free mix sum a_i z_i plus beta times sum a_i g_i
+    ("weighted") or sum_i g_i ("sum"). Returns iterates and each step's mixed residual G^T alpha."""
+    Z, G = [z0], [fn(z0) - z0]
+    mixed = []
+    for _ in range(steps):
+        k = min(len(Z), window)
+        valid = np.arange(window) >= window - k
+        Zw, Gw = np.zeros((z0.shape[0], window, z0.shape[1])), np.zeros((z0.shape[0], window, z0.shape[1]))
+        Zw[:, valid], Gw[:, valid] = np.stack(Z[-k:], 1), np.stack(G[-k:], 1)
+        a_hat, beta = mixer(Gw, valid)
+        alpha = project_np(a_hat, valid, how)
+        mix_g = np.einsum("bw,bwn->bn", alpha, Gw)
+        step = mix_g if update == "weighted" else Gw.sum(axis=1)
+        z = np.einsum("bw,bwn->bn", alpha, Zw) + beta[:, None] * step
+        Z.append(z)
+        G.append(fn(z) - z)
+        mixed.append(mix_g)
+    return np.stack(Z), mixed
+
+
+def dense_initialiser_np(p, x):
+    return np.maximum(x @ p["init.w1"] + p["init.b1"], 0.0) @ p["init.w2"] + p["init.b2"]
+
+
+def _hyper_layer(seed=330):
+    rng = np.random.default_rng(seed)
+    W = symmetric_spread(rng, HD, 0.9)
+    U = 0.5 * rng.standard_normal((HD, HX))
+    b = 0.1 * rng.standard_normal(HD)
+    return W, U, b
+
+
+def hyper_target(W, U, b, x):
+    """The exact fixed point of the (contractive) hypersolver layer, by plain iteration."""
+    fn, z = tanh_np(W, U, b, x), np.zeros((x.shape[0], W.shape[0]))
+    for _ in range(3000):
+        z = fn(z)
+    return z
+
+
+def _random_hyper(seed=331, **kw):
+    from deqcore.hypersolvers import DenseInitialiser, HyperAnderson, IdentityCompression
+
+    hs = HyperAnderson(IdentityCompression(HD), DenseInitialiser(HX, HD, hidden=4), width=4, seed=seed, **kw)
+    rng = np.random.default_rng(seed + 1)  # every weight non-zero, as after training
+    return hs.with_params({k: v + 0.3 * rng.standard_normal(v.shape) for k, v in hs.params.items()})
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"prior": "newest"}, {"normalisation": "softmax"}, {"normalisation": "none", "update": "sum"},
+    {"memory": 1, "beta_max": 2.0, "beta_init": 0.5},
+])
+def test_hyperanderson_iterates_match_numpy(h, kw):
+    """Iterates of a solve with a (random, non-trivial) HyperAnderson equal the NumPy
+    re-implementation of the mixer, the projection and the iteration, step by step through the
+    window's filling and its wrap; the initialiser gives z0."""
+    W, U, b = _hyper_layer()
+    x = np.random.default_rng(332).standard_normal((3, HX))
+    hs = _random_hyper(**kw)
+    p = hs.params
+    mixer = hs.mixer
+    fn = tanh_np(W, U, b, x)
+    z0 = dense_initialiser_np(p, x)
+    ref, _ = hyper_np(fn, z0, 7, hs.memory + 1,
+                      lambda G, v: temporal_mixer_np(p, G, v, mixer.beta_max, mixer.prior),
+                      hs.normalisation, hs.update)
+    f = h.tanh_layer(W, U, b)
+    for k in (1, 2, 3, 7):
+        sol = h.solve(f, h.asarray(x), solver=hs, max_iter=k, tol=1e-300, jit=True)
+        np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[k], rtol=1e-10, atol=1e-12,
+                                   err_msg=f"max_iter={k}")
+    np.testing.assert_allclose(h.numpy(hs.initial_state(h.backend, h.asarray(x), h.asarray(x))), z0,
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_temporal_mixer_matches_numpy_on_a_partial_window(h):
+    """The mixer alone on a window with two of four positions filled: alpha_hat and beta equal the
+    NumPy reference's (zero padding and masked hidden units make it a shorter sequence)."""
+    from deqcore.hypersolvers import TemporalConvMixer
+
+    rng = np.random.default_rng(333)
+    mixer = TemporalConvMixer(HD, width=4, beta_max=1.5, beta_init=0.6)
+    p = {f"mixer.{k}": v + 0.3 * rng.standard_normal(v.shape) for k, v in mixer.init_params(rng).items()}
+    valid = np.array([False, False, True, True])
+    feats = rng.standard_normal((3, 4, HD)) * valid[None, :, None]
+    a_hat, beta = mixer(h.backend, {k[6:]: h.asarray(v) for k, v in p.items()}, h.asarray(feats),
+                        h.asarray(valid, dtype=bool))
+    ref_a, ref_b = temporal_mixer_np(p, feats, valid, 1.5, "anderson")
+    np.testing.assert_allclose(h.numpy(a_hat)[:, valid], ref_a[:, valid], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h.numpy(beta), ref_b, rtol=1e-12)
+
+
+def hyper_losses_np(p, mixer, x, z_star, fn, unroll, window, how, update, conv_loss):
+    """L_conv, L_init, L_alpha as documented, from the NumPy iteration."""
+    z0 = dense_initialiser_np(p, x)
+    its, mixed = hyper_np(fn, z0, unroll, window,
+                          lambda G, v: temporal_mixer_np(p, G, v, mixer.beta_max, mixer.prior), how, update)
+    floor = 1e-10 * np.linalg.norm(z_star, axis=-1)
+    l_conv = 0.0
+    for k in range(1, unroll + 1):
+        err = np.linalg.norm(its[k] - z_star, axis=-1)
+        err = np.log(err + floor) if conv_loss == "log" else err
+        l_conv += k * 2.0 / (unroll * (unroll + 1)) * np.mean(err)
+    l_init = np.mean(np.linalg.norm(z0 - z_star, axis=-1))
+    l_alpha = sum(np.mean(np.linalg.norm(g, axis=-1)) for g in mixed[:unroll])
+    return l_conv, l_init, l_alpha
+
+
+def _backend_objective(h, hs, f, x, z_star, weights, conv_loss, unroll):
+    """The training objective's value and gradient with respect to every weight, on ``h``."""
+    from deqcore.hypersolvers import hypersolver_losses
+
+    be = h.backend
+    names = sorted(hs.params)
+    w1, w2, w3 = weights
+
+    def objective(*leaves):
+        losses = hypersolver_losses(hs, f, x, z_star, dict(zip(names, leaves, strict=True)), backend=be,
+                                    conv_loss=conv_loss, unroll=unroll)
+        return be.xp.stack([w1 * losses[0] + w2 * losses[1] + w3 * losses[2], *losses])
+
+    values, pullback = be.vjp(objective, *[h.asarray(hs.params[k]) for k in names])
+    grads = pullback(h.asarray(np.eye(4)[0]))
+    return h.numpy(values), {k: h.numpy(g) for k, g in zip(names, grads, strict=True)}
+
+
+@pytest.mark.parametrize(("conv_loss", "unroll"), [("log", None), ("norm", 4)])
+def test_hypersolver_losses_and_their_gradient_match_numpy(h, conv_loss, unroll):
+    """L_conv (log or norm, weights k / sum(1..K') over K' = 2K or ``unroll`` iterations), L_init
+    and L_alpha equal the NumPy reference's, and their weighted sum's gradient equals central
+    differences of the NumPy objective for every weight."""
+    W, U, b = _hyper_layer(334)
+    x = np.random.default_rng(335).standard_normal((3, HX))
+    hs = _random_hyper(336, iterations=3, memory=2)
+    z_star = hyper_target(W, U, b, x)
+    fn = tanh_np(W, U, b, x)
+    K = unroll or 2 * hs.iterations
+    weights = (0.1, 0.05, 1e-2)
+    values, grads = _backend_objective(h, hs, h.tanh_layer(W, U, b), h.asarray(x), h.asarray(z_star),
+                                       weights, conv_loss, unroll)
+    ref = hyper_losses_np(hs.params, hs.mixer, x, z_star, fn, K, hs.memory + 1, hs.normalisation, hs.update,
+                          conv_loss)
+    np.testing.assert_allclose(values[1:], ref, rtol=1e-10)
+    names = sorted(hs.params)
+
+    def objective(*arrays):
+        p = dict(zip(names, arrays, strict=True))
+        lc, li, la = hyper_losses_np(p, hs.mixer, x, z_star, fn, K, hs.memory + 1, hs.normalisation,
+                                     hs.update, conv_loss)
+        return weights[0] * lc + weights[1] * li + weights[2] * la
+
+    fd = central_difference(objective, [hs.params[k] for k in names])
+    for k, g in zip(names, fd, strict=True):
+        np.testing.assert_allclose(grads[k], g, rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+def test_train_hypersolver_is_adam_on_the_objective_with_the_decayed_alpha_weight(h):
+    """Three training steps equal NumPy Adam (b1 0.9, b2 0.999, eps 1e-8, bias-corrected) applied to
+    the objective's gradient with lambda_3 decaying linearly from alpha_weight (step 1) to
+    alpha_final (after alpha_decay_steps), and the history records each step's losses."""
+    from deqcore.hypersolvers import train_hypersolver
+
+    W, U, b = _hyper_layer(337)
+    rng = np.random.default_rng(338)
+    batches = [rng.standard_normal((3, HX)) for _ in range(3)]
+    hs = _random_hyper(339, iterations=2, memory=2)
+    opts = dict(lr=0.01, conv_weight=0.2, init_weight=0.1, alpha_weight=0.05, alpha_final=0.01,
+                alpha_decay_steps=2, target_tol=1e-13, target_max_iter=200)
+    f = h.tanh_layer(W, U, b)
+    trained, history = train_hypersolver(hs, f, [h.asarray(x) for x in batches], steps=3, **opts)
+    lam3 = [0.05, 0.03, 0.01]
+    np.testing.assert_allclose([r["alpha_weight"] for r in history], lam3, rtol=1e-12)
+    current = hs
+    p = {k: v.copy() for k, v in hs.params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, (x, w3, record) in enumerate(zip(batches, lam3, history, strict=True), start=1):
+        z_star = hyper_target(W, U, b, x)
+        values, grads = _backend_objective(h, current, f, h.asarray(x), h.asarray(z_star), (0.2, 0.1, w3),
+                                           "log", None)
+        np.testing.assert_allclose([record["loss"], record["conv"], record["init"], record["alpha"]], values,
+                                   rtol=1e-8)
+        assert record["step"] == t and record["target_unconverged"] == 0
+        for k in p:
+            m[k] = 0.9 * m[k] + 0.1 * grads[k]
+            v[k] = 0.999 * v[k] + 0.001 * grads[k] ** 2
+            p[k] = p[k] - 0.01 * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+        current = hs.with_params(p)
+    for k in p:
+        np.testing.assert_allclose(trained.params[k], p[k], rtol=1e-9, atol=1e-11, err_msg=k)
