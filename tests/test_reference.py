@@ -58,12 +58,15 @@ def anderson_weights_np(Gw, lam):
     return np.linalg.solve(M, np.r_[1.0, np.zeros(k)])[1:]
 
 
-def anderson_np(fn, z0, steps, memory, beta, lam):
+def anderson_np(fn, z0, steps, memory, beta, lam, tol=None):
     """Type-II Anderson from ``z0``: ``z <- sum_i a_i (X_i + beta G_i)`` over the last ``memory``
-    iterates. Returns the iterates (steps + 1, B, n) and each step's weights, oldest first."""
+    iterates. Returns the iterates (steps + 1, B, n) and each step's weights, oldest first; with
+    ``tol`` it stops early at the first iterate whose rel residual is <= tol for every sample."""
     X, G = [z0], [fn(z0) - z0]
     weights = []
     for _ in range(steps):
+        if tol is not None and (residuals_np(X[-1], X[-1] + G[-1])[1] <= tol).all():
+            break
         Xw, Gw = np.stack(X[-memory:], 1), np.stack(G[-memory:], 1)
         alpha = np.stack([anderson_weights_np(Gw[b], lam) for b in range(z0.shape[0])])
         z = np.einsum("bk,bkn->bn", alpha, Xw + beta * Gw)
@@ -183,18 +186,20 @@ def test_anderson_breakdown_takes_the_damped_newest_step_and_is_counted():
 # ---------------------------------------------------------------------------------- Broyden
 
 
-def broyden_np(fn, z0, steps, memory):
+def broyden_np(fn, z0, steps, memory, tol=None):
     """"Good" Broyden on the inverse Jacobian of g(z) = f(z) - z with dense matrices.
 
     B_0 = -I, z <- z - B g, and after each step B <- B + (dz - B dg) (B^T dz)^T / (dz^T B dg),
     i.e. the pair u = (dz - B dg) / den, v = B^T dz. Only the last ``memory`` pairs are kept
     (B = -I + sum u v^T over them). Returns iterates, the pairs written (u, v) per step and the
-    dense B after each step."""
+    dense B after each step; ``tol`` stops early as in :func:`anderson_np`."""
     B_, n = z0.shape
     z, g = z0, fn(z0) - z0
     pairs = []
     iterates, written, dense = [z0], [], []
     for _ in range(steps):
+        if tol is not None and (residuals_np(z, z + g)[1] <= tol).all():
+            break
         Bm = -np.eye(n)[None] + sum((np.einsum("bi,bj->bij", u, v) for u, v in pairs),
                                     np.zeros((B_, n, n)))
         z_new = z - np.einsum("bij,bj->bi", Bm, g)
@@ -429,6 +434,32 @@ def test_loop_freezing_traces_and_best_iterate_match_numpy(h, stop_mode, damping
     np.testing.assert_allclose(h.numpy(sol.solver_state.z), last, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_secant_solvers_freeze_each_sample_at_its_own_reference_iterate(h, solver):
+    """Samples of a batch are independent: each stops at the first iterate of its own NumPy
+    reference run whose rel residual is <= tol, its returned z is that iterate, and the solver
+    state keeps it there (a frozen sample never moves) while the others go on."""
+    W, U, b, x = tanh_deq(seed=310, d=6, batch=4, rho=0.9)
+    tol = 1e-7
+    its, final = [], []
+    for s in range(4):
+        fn = tanh_np(W, U, b, x[s:s + 1])
+        if solver == "anderson":
+            ref, _ = anderson_np(fn, np.zeros((1, 6)), 40, 5, 1.0, 1e-4, tol=tol)
+        else:
+            ref, _, _ = broyden_np(fn, np.zeros((1, 6)), 40, 40, tol=tol)
+        _, rel = residuals_np(ref, np.stack([fn(z) for z in ref]))
+        t = int(np.argmax(rel[:, 0] <= tol))
+        assert rel[t, 0] <= tol
+        its.append(t)
+        final.append(ref[t, 0])
+    assert len(set(its)) >= 2
+    sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), solver=solver, tol=tol, max_iter=40, jit=True)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), its)
+    np.testing.assert_allclose(h.numpy(sol.z), np.stack(final), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), np.stack(final), rtol=1e-9, atol=1e-12)
+
+
 def _exact_residual_problem(h, stop_mode):
     """f(z, x) = x: from z0 = x - d the residual is exactly ||d|| (d = (3, 4): 5) in abs mode,
     and the first step lands on the fixed point."""
@@ -483,6 +514,24 @@ def test_divergence_limit_is_inclusive_and_on_the_abs_residual(h):
     # at max_iter 5 the residual is at the limit, not beyond it: MAX_ITER, not DIVERGED
     sol = h.solve(lambda z, x_: 2.0 * z + x_, x, solver="fixed_point", tol=1e-12, max_iter=5, divergence=32.0)
     np.testing.assert_array_equal(h.numpy(sol.status), [int(Status.MAX_ITER)] * 2)
+
+
+def test_check_every_tests_at_multiples_of_k_across_broyden_stages(h):
+    """With ``check_every=5`` the stop test runs at steps 0, 5, 10, ... of the whole solve, also
+    where a static-shape backend splits Broyden's loop into stages (8, 16, 32, ... pairs): a
+    solve that converges at step s costs exactly 1 + 5 ceil(s / 5) evaluations of f."""
+    d = 30
+    rng = np.random.default_rng(309)
+    A = symmetric_spread(rng, d, 0.97)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((2, d))
+    kw = dict(solver="broyden", tol=1e-3, max_iter=60)
+    ref = h.solve(h.affine_layer(A, c), h.asarray(x), **kw)
+    steps = int(h.numpy(ref.steps))
+    assert 8 < steps < 60 and steps % 5 not in (0, 1) and h.numpy(ref.converged).all()
+    sol = h.solve(h.affine_layer(A, c), h.asarray(x), check_every=5, **kw)
+    assert int(h.numpy(sol.nfe)) == 1 + 5 * -(-steps // 5)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), h.numpy(ref.iterations))
 
 
 def test_ties_keep_the_earliest_lowest_residual_iterate(h):
