@@ -441,13 +441,15 @@ def test_secant_solvers_freeze_each_sample_at_its_own_reference_iterate(h, solve
     state keeps it there (a frozen sample never moves) while the others go on."""
     W, U, b, x = tanh_deq(seed=310, d=6, batch=4, rho=0.9)
     tol = 1e-7
-    its, final = [], []
+    its, final, estimates = [], [], []
     for s in range(4):
         fn = tanh_np(W, U, b, x[s:s + 1])
         if solver == "anderson":
             ref, _ = anderson_np(fn, np.zeros((1, 6)), 40, 5, 1.0, 1e-4, tol=tol)
         else:
-            ref, _, _ = broyden_np(fn, np.zeros((1, 6)), 40, 40, tol=tol)
+            ref, _, dense = broyden_np(fn, np.zeros((1, 6)), 40, 40, tol=tol)
+            # the pair of the converging step is not stored: B after the steps before it
+            estimates.append(dense[-2][0] if len(dense) > 1 else -np.eye(6))
         _, rel = residuals_np(ref, np.stack([fn(z) for z in ref]))
         t = int(np.argmax(rel[:, 0] <= tol))
         assert rel[t, 0] <= tol
@@ -458,6 +460,11 @@ def test_secant_solvers_freeze_each_sample_at_its_own_reference_iterate(h, solve
     np.testing.assert_array_equal(h.numpy(sol.iterations), its)
     np.testing.assert_allclose(h.numpy(sol.z), np.stack(final), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(h.numpy(sol.solver_state.z), np.stack(final), rtol=1e-9, atol=1e-12)
+    if solver == "broyden":
+        B = _dense_B(h, sol.solver_state)
+        for s in range(4):
+            np.testing.assert_allclose(B[s], estimates[s], rtol=1e-6, atol=1e-6 * np.abs(estimates[s]).max())
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.breakdowns), 0)
 
 
 def _exact_residual_problem(h, stop_mode):
