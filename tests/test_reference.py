@@ -369,6 +369,109 @@ def test_broyden_line_search_matches_numpy(h):
     assert int(h.numpy(sol.nfe)) == nfe
 
 
+# ------------------------------------------------- the fixed-shape mode, eagerly on torch
+#
+# JAX and compiled torch run the algorithms in their fixed-shape mode (full rings with masked
+# slots, one-hot rows, Broyden's loop stages). The same mode runs eagerly on torch through the
+# compiled backend with its loop left uncompiled, so the mode's own branches are checked against
+# the NumPy references in seconds and in float16, which XLA does not overflow like torch.
+
+
+def fixed_shape_torch():
+    from deqcore_torch._backend import TorchBackend
+    from deqcore_torch._compiled import CompiledTorchBackend
+
+    class EagerFixedShape(CompiledTorchBackend):
+        def while_loop(self, cond, body, state, max_steps=None, check_every=1):
+            return TorchBackend.while_loop(self, cond, body, state, max_steps, check_every)
+
+    return EagerFixedShape(deqcore.registry().backend("torch"), "default")
+
+
+def run_fixed_shape(fn, x, solver, **kw):
+    """``deqcore._loop.run`` of ``solver`` on the eager fixed-shape torch backend from zeros."""
+    import torch
+
+    from deqcore._loop import run
+
+    be = fixed_shape_torch()
+    xt = torch.from_numpy(np.asarray(x).copy())
+    problem = Problem(be, lambda z: fn(z, xt), xt.shape[0], xt.shape[1], xt.dtype)
+    opts = {"tol": 1e-300, "stop_mode": "rel", "divergence": None, **kw}
+    with torch.no_grad():
+        return run(problem, solver, torch.zeros_like(xt), **opts)
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize(("memory", "beta", "lam"), ANDERSON_CASES)
+def test_fixed_shape_anderson_matches_numpy(memory, beta, lam):
+    import torch
+
+    W, U, b, x = tanh_deq(seed=311, d=6, batch=3, rho=0.9)
+    ref, _ = anderson_np(tanh_np(W, U, b, x), np.zeros_like(x), 9, memory, beta, lam)
+    Wt, Ut, bt = (torch.from_numpy(a) for a in (W, U, b))
+    for k in (1, 2, 9):
+        state, _ = run_fixed_shape(lambda z, x_: torch.tanh(z @ Wt.T + x_ @ Ut.T + bt), x,
+                                   Anderson(max_iter=k, memory=memory, beta=beta, lam=lam), max_iter=k)
+        np.testing.assert_allclose(state.solver.z.numpy(), ref[k], rtol=1e-10, atol=1e-12, err_msg=f"{k}")
+
+
+@pytest.mark.backend("torch")
+@pytest.mark.parametrize(("memory", "steps"), [(None, 20), (10, 19)])
+def test_fixed_shape_broyden_stages_match_numpy(memory, steps):
+    """Broyden's ring in stages of 8 and 16 pairs (and a full ring that wraps) follows the dense
+    reference."""
+    import torch
+
+    d = 24
+    rng = np.random.default_rng(306)
+    A = symmetric_spread(rng, d, 0.95)
+    c = rng.standard_normal(d)
+    x = rng.standard_normal((2, d))
+    ref, _, _ = broyden_np(lambda z: z @ A.T + x + c, np.zeros_like(x), steps, memory or steps)
+    At, ct = torch.from_numpy(A), torch.from_numpy(c)
+    state, _ = run_fixed_shape(lambda z, x_: z @ At.T + x_ + ct, x, Broyden(max_iter=steps, memory=memory,
+                               line_search=False, ls_max_trials=3), max_iter=steps)
+    np.testing.assert_allclose(state.solver.z.numpy(), ref[-1], rtol=0, atol=1e-9 * np.abs(ref[-1]).max())
+
+
+@pytest.mark.backend("torch")
+def test_fixed_shape_check_every_across_broyden_stages():
+    """The fixed-shape twin of the check_every test: converging at step 22 with check_every=5
+    costs 1 + 25 evaluations across the stages ending at 5, 15 and 30."""
+    import torch
+
+    d = 30
+    rng = np.random.default_rng(309)
+    A = symmetric_spread(rng, d, 0.97)
+    At, ct = torch.from_numpy(A), torch.from_numpy(rng.standard_normal(d))
+    x = rng.standard_normal((2, d))
+    f = lambda z, x_: z @ At.T + x_ + ct  # noqa: E731
+    runs = [run_fixed_shape(f, x, Broyden(max_iter=60, memory=None, line_search=False, ls_max_trials=3),
+                            max_iter=60, tol=1e-3, check_every=k)[0] for k in (1, 5)]
+    steps = int(runs[0].iterations.max())
+    assert steps == 22
+    assert int(runs[1].nfe) == 1 + 25
+    np.testing.assert_array_equal(runs[1].iterations.numpy(), runs[0].iterations.numpy())
+
+
+@pytest.mark.backend("torch")
+def test_fixed_shape_anderson_breakdown_in_float16():
+    """The fixed-shape twin of the float16 breakdown test: the damped step from the newest
+    iterate (a one-hot row there) and the count."""
+    import torch
+
+    x = np.array([[3000.0, -2000.0], [0.3, 0.1]], dtype=np.float16)
+    state, _ = run_fixed_shape(lambda z, x_: 0.5 * z + x_, x, Anderson(max_iter=5, memory=5, beta=0.5, lam=1e-4),
+                               max_iter=5)
+    np.testing.assert_array_equal(state.solver.breakdowns.numpy(), [5, 0])
+    z = np.zeros(2)
+    for _ in range(5):
+        z = z + 0.5 * (0.5 * z - z + x[0].astype(np.float64))
+    np.testing.assert_allclose(state.solver.z.numpy()[0].astype(np.float64), z, rtol=2e-3)
+    assert torch.isfinite(state.solver.z).all()
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
