@@ -369,6 +369,29 @@ def test_broyden_line_search_matches_numpy(h):
     assert int(h.numpy(sol.nfe)) == nfe
 
 
+def test_broyden_line_search_exact_cases(h):
+    """Two affine maps where the search's arithmetic is exact. f(z) = x - z: the full first step
+    z1 = x leaves ||g||^2 unchanged (Armijo fails), the quadratic model gives s = 1/2, and
+    z = x / 2 is the exact fixed point (3 evaluations). f(z) = x - 100 z: the full step raises
+    ||g||^2 10^4-fold, the model's s = 5e-5 is below the 1e-2 floor, so no trial runs and the
+    full step z1 = x is kept (2 evaluations)."""
+    x = np.array([[1.0, -2.0], [0.5, 4.0]])
+    sol = h.solve(lambda z, x_: x_ - z, h.asarray(x), solver="broyden", line_search=True, tol=1e-12,
+                  max_iter=5)
+    np.testing.assert_array_equal(h.numpy(sol.z), x / 2)
+    np.testing.assert_array_equal(h.numpy(sol.iterations), [1, 1])
+    assert int(h.numpy(sol.nfe)) == 3
+    sol = h.solve(lambda z, x_: x_ - 100.0 * z, h.asarray(x), solver="broyden", line_search=True, tol=1e-12,
+                  max_iter=1)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), x)
+    assert int(h.numpy(sol.nfe)) == 2
+    ref, nfe, _ = broyden_line_search_np(lambda z: x - 100.0 * z, np.zeros_like(x), 3, 3)
+    sol = h.solve(lambda z, x_: x_ - 100.0 * z, h.asarray(x), solver="broyden", line_search=True, tol=1e-300,
+                  max_iter=3)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=1e-9)
+    assert int(h.numpy(sol.nfe)) == nfe
+
+
 # ------------------------------------------------- the fixed-shape mode, eagerly on torch
 #
 # JAX and compiled torch run the algorithms in their fixed-shape mode (full rings with masked
@@ -813,6 +836,29 @@ def test_implicit_backward_solve_follows_numpy_anderson(h, tanh6, stop_mode):
     np.testing.assert_allclose(report.residual, stop[best, np.arange(3)], rtol=1e-7)
     np.testing.assert_array_equal(report.iterations, [3, 3, 3])
     assert not report.converged.any() and report.vjps == 4 and report.calls == 1
+
+
+def test_implicit_returns_the_lowest_residual_adjoint(h):
+    """A non-normal W (spectral radius 0.2, norm 1.6) makes the backward fixed-point iteration's
+    abs residual grow before it shrinks: after one step sample 0's best adjoint is still u0 = g
+    while sample 1's is u1 = g + g J. The gradient uses each sample's best, not the last."""
+    W = np.array([[0.2, 1.5, 0.0], [0.0, 0.2, 1.5], [0.0, 0.0, 0.2]])
+    U, b = np.eye(3), np.zeros(3)
+    x = np.array([[0.3, -0.2, 0.1], [0.1, 0.2, -0.3]])
+    c = np.array([[1.0, 0.0, 0.0], [0.5, -1.0, 0.2]])
+    weights = (W, U, b, x)
+    z = hyper_target(W, U, b, x)
+    s = 1.0 - np.tanh(z @ W.T + x @ U.T + b) ** 2
+    us = [c, c + (c * s) @ W]
+    res = [np.linalg.norm(c + (u * s) @ W - u, axis=1) for u in us]
+    best = np.argmin(np.stack(res), axis=0)
+    np.testing.assert_array_equal(best, [0, 1])
+    opts = {"solver": "fixed_point", "max_iter": 1, "stop_mode": "abs", "tol": 1e-14, "on_fail": "ignore"}
+    gW, gx, sol = mode_grads(h, weights, c, "implicit", opts, tol=1e-13, max_iter=200)
+    rW, rx = vjp_grads(weights, z, np.stack([us[best[i]][i] for i in range(2)]))
+    np.testing.assert_allclose(gW, rW, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gx, rx, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sol.backward.residual, [res[0][0], res[1][1]], rtol=1e-9)
 
 
 def test_gdeq_uses_the_dense_broyden_estimate(h, tanh6):
