@@ -1143,6 +1143,22 @@ def test_hyperanderson_iterates_match_numpy(h, kw):
                                rtol=1e-12, atol=1e-14)
 
 
+def test_anderson_mixer_hypersolver_is_numpy_anderson_with_its_beta(h):
+    """With the least-squares mixer (beta 0.6, lam 1e-3) and an identity compression, the
+    HyperAnderson iteration with window m + 1 is the NumPy Anderson reference with memory m + 1,
+    damping 0.6 and that lam, from zeros (no initialiser)."""
+    from deqcore.hypersolvers import AndersonMixer, HyperAnderson, IdentityCompression
+
+    W, U, b = _hyper_layer(340)
+    x = np.random.default_rng(341).standard_normal((3, HX))
+    hs = HyperAnderson(IdentityCompression(HD), None, AndersonMixer(lam=1e-3, beta=0.6), memory=2)
+    ref, _ = anderson_np(tanh_np(W, U, b, x), np.zeros((3, HD)), 6, 3, 0.6, 1e-3)
+    sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), h.asarray(np.zeros((3, HD))), solver=hs, max_iter=6,
+                  tol=1e-300)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h.numpy(sol.solver_state.beta), 0.6, rtol=1e-15)
+
+
 def test_temporal_mixer_matches_numpy_on_a_partial_window(h):
     """The mixer alone on a window with two of four positions filled: alpha_hat and beta equal the
     NumPy reference's (zero padding and masked hidden units make it a shorter sequence)."""
