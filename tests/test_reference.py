@@ -300,6 +300,18 @@ def test_broyden_static_stages_follow_numpy_iterates(h):
         np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=0, atol=1e-9 * scale)
 
 
+def test_broyden_skipped_update_leaves_the_estimate_and_its_direction_unchanged(h):
+    """f(z) = z + x has the constant residual g = x: every secant denominator v.dg is 0, so no pair
+    is stored, each step counts a breakdown, B stays -I, and the cached direction with it: the
+    steps are exactly z_t = t x."""
+    x = np.array([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
+    sol = h.solve(lambda z, x_: z + x_, h.asarray(x), solver="broyden", tol=1e-12, max_iter=4, divergence=None)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), 4.0 * x)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.Bg), -x)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.breakdowns), [4, 4])
+    np.testing.assert_array_equal(_dense_B(h, sol.solver_state), np.tile(-np.eye(3), (2, 1, 1)))
+
+
 def broyden_line_search_np(fn, z0, steps, max_trials):
     """Dense good Broyden with the documented backtracking Armijo line search on phi = ||g||^2:
     accept s when phi(s) <= phi(0) (1 - 1e-4 s); otherwise s <- phi0 s^2 / (2 (phi(s) - phi0 +
