@@ -679,19 +679,25 @@ def test_check_every_tests_at_multiples_of_k_across_broyden_stages(h):
     np.testing.assert_array_equal(h.numpy(sol.iterations), h.numpy(ref.iterations))
 
 
-def test_ties_keep_the_earliest_lowest_residual_iterate(h):
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2048)], ids=["small", "large"])
+def test_ties_keep_the_earliest_lowest_residual_iterate(h, shape):
     """f(z) = x - z oscillates between 0 and x with equal abs residuals: the returned iterate is
-    the first of the tied lowest ones (z0), and its residual is the tie value."""
-    x = h.asarray(np.array([[1.0, 2.0]]))
+    the first of the tied lowest ones (z0), and its residual is the tie value. The large batch
+    (4096 numbers) takes the torch namespace's shortcut for uniform masks (all rows active, no
+    row improving)."""
+    x_np = np.random.default_rng(312).integers(-4, 5, size=shape).astype(np.float64)
+    x = h.asarray(x_np)
+    zero = np.zeros(shape)
     sol = h.solve(lambda z, x_: x_ - z, x, solver="fixed_point", tol=1e-12, max_iter=4, stop_mode="abs",
                   divergence=None)
-    np.testing.assert_array_equal(h.numpy(sol.abs_trace)[:, 0], [np.sqrt(5.0)] * 5)
-    np.testing.assert_array_equal(h.numpy(sol.z), [[0.0, 0.0]])
-    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), [[0.0, 0.0]])  # 4 steps: back at 0
+    norm = np.linalg.norm(x_np, axis=1)
+    np.testing.assert_array_equal(h.numpy(sol.abs_trace), np.tile(norm, (5, 1)))
+    np.testing.assert_array_equal(h.numpy(sol.z), zero)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), zero)  # 4 steps: back at 0
     sol = h.solve(lambda z, x_: x_ - z, x, solver="fixed_point", tol=1e-12, max_iter=3, stop_mode="abs",
                   divergence=None)
-    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), [[1.0, 2.0]])
-    np.testing.assert_array_equal(h.numpy(sol.z), [[0.0, 0.0]])
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), x_np)
+    np.testing.assert_array_equal(h.numpy(sol.z), zero)
 
 
 # ---------------------------------------------------------------------------- gradient modes
