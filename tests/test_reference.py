@@ -60,10 +60,9 @@ def anderson_weights_np(Gw, lam):
 
 def anderson_np(fn, z0, steps, memory, beta, lam, tol=None):
     """Type-II Anderson from ``z0``: ``z <- sum_i a_i (X_i + beta G_i)`` over the last ``memory``
-    iterates. Returns the iterates (steps + 1, B, n) and each step's weights, oldest first; with
-    ``tol`` it stops early at the first iterate whose rel residual is <= tol for every sample."""
+    iterates. Returns the iterates (steps + 1, B, n); with ``tol`` it stops early at the first
+    iterate whose rel residual is <= tol for every sample."""
     X, G = [z0], [fn(z0) - z0]
-    weights = []
     for _ in range(steps):
         if tol is not None and (residuals_np(X[-1], X[-1] + G[-1])[1] <= tol).all():
             break
@@ -72,8 +71,7 @@ def anderson_np(fn, z0, steps, memory, beta, lam, tol=None):
         z = np.einsum("bk,bkn->bn", alpha, Xw + beta * Gw)
         X.append(z)
         G.append(fn(z) - z)
-        weights.append(alpha)
-    return np.stack(X), weights
+    return np.stack(X)
 
 
 ANDERSON_CASES = [  # (memory, beta, lam): ring wrap, damping, a regularisation that matters
@@ -87,10 +85,12 @@ ANDERSON_CASES = [  # (memory, beta, lam): ring wrap, damping, a regularisation 
 
 @pytest.mark.parametrize(("memory", "beta", "lam"), ANDERSON_CASES)
 def test_anderson_iterates_match_numpy_step_by_step(h, memory, beta, lam):
+    """Through the solver's init/step/commit: every iterate of 9 steps (the ring wraps for
+    memory < 9) equals the NumPy reference's, for each damping beta and regularisation lam."""
     W, U, b, x = tanh_deq(seed=300, d=6, batch=3, rho=0.9)
     fn = tanh_np(W, U, b, x)
     steps = 9
-    ref, _ = anderson_np(fn, np.zeros_like(x), steps, memory, beta, lam)
+    ref = anderson_np(fn, np.zeros_like(x), steps, memory, beta, lam)
     f, xa = h.tanh_layer(W, U, b), h.asarray(x)
     problem = flat_problem(h, f, xa)
     solver = Anderson(max_iter=steps, memory=memory, beta=beta, lam=lam)
@@ -111,7 +111,7 @@ def test_anderson_solves_follow_numpy_iterates_and_residuals(h, memory, beta, la
     12 steps, and the residual trace of every step, equal the NumPy reference's."""
     W, U, b, x = tanh_deq(seed=301, d=6, batch=3, rho=0.9)
     fn = tanh_np(W, U, b, x)
-    ref, _ = anderson_np(fn, np.zeros_like(x), 12, memory, beta, lam)
+    ref = anderson_np(fn, np.zeros_like(x), 12, memory, beta, lam)
     f, xa = h.tanh_layer(W, U, b), h.asarray(x)
     kw = dict(solver="anderson", memory=memory, beta=beta, lam=lam, tol=1e-300, jit=True)
     for k in (1, 2, 3):
@@ -135,7 +135,7 @@ def test_anderson_affine_iterates_are_gmres_like(h):
     c = rng.standard_normal(d)
     x = rng.standard_normal((2, d))
     exact = np.linalg.solve(np.eye(d) - A, (x + c).T).T
-    ref, _ = anderson_np(lambda z: z @ A.T + x + c, np.zeros_like(x), d + 1, d + 2, 1.0, 0.0)
+    ref = anderson_np(lambda z: z @ A.T + x + c, np.zeros_like(x), d + 1, d + 2, 1.0, 0.0)
     np.testing.assert_allclose(ref[-1], exact, atol=1e-9)
     sol = h.solve(h.affine_layer(A, c), h.asarray(x), solver="anderson", memory=d + 2, lam=0.0,
                   tol=1e-300, max_iter=d + 1)
@@ -143,8 +143,8 @@ def test_anderson_affine_iterates_are_gmres_like(h):
 
 
 def test_anderson_mixing_weights_follow_the_kkt_system(h):
-    """The weights deqcore used at each step (recovered from its iterates through the window)
-    equal the KKT weights, also for a large lam (where a dropped or mis-scaled lam shows)."""
+    """``mixing_weights`` on Gram matrices of residuals of very different sizes equals the KKT
+    weights, also for large lam (where a dropped or mis-scaled lam shows)."""
     from deqcore.solvers._anderson import mixing_weights
 
     rng = np.random.default_rng(303)
@@ -305,7 +305,8 @@ def test_broyden_skipped_update_leaves_the_estimate_and_its_direction_unchanged(
     is stored, each step counts a breakdown, B stays -I, and the cached direction with it: the
     steps are exactly z_t = t x."""
     x = np.array([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
-    sol = h.solve(lambda z, x_: z + x_, h.asarray(x), solver="broyden", tol=1e-12, max_iter=4, divergence=None)
+    sol = h.solve(lambda z, x_: z + x_, h.asarray(x), solver="broyden", tol=1e-12, max_iter=4,
+                  divergence=None)
     np.testing.assert_array_equal(h.numpy(sol.solver_state.z), 4.0 * x)
     np.testing.assert_array_equal(h.numpy(sol.solver_state.Bg), -x)
     np.testing.assert_array_equal(h.numpy(sol.solver_state.breakdowns), [4, 4])
@@ -443,7 +444,7 @@ def test_fixed_shape_anderson_matches_numpy(memory, beta, lam):
     import torch
 
     W, U, b, x = tanh_deq(seed=311, d=6, batch=3, rho=0.9)
-    ref, _ = anderson_np(tanh_np(W, U, b, x), np.zeros_like(x), 9, memory, beta, lam)
+    ref = anderson_np(tanh_np(W, U, b, x), np.zeros_like(x), 9, memory, beta, lam)
     Wt, Ut, bt = (torch.from_numpy(a) for a in (W, U, b))
     for k in (1, 2, 9):
         state, _ = run_fixed_shape(lambda z, x_: torch.tanh(z @ Wt.T + x_ @ Ut.T + bt), x,
@@ -497,8 +498,8 @@ def test_fixed_shape_anderson_breakdown_in_float16():
     import torch
 
     x = np.array([[3000.0, -2000.0], [0.3, 0.1]], dtype=np.float16)
-    state, _ = run_fixed_shape(lambda z, x_: 0.5 * z + x_, x, Anderson(max_iter=5, memory=5, beta=0.5, lam=1e-4),
-                               max_iter=5)
+    solver = Anderson(max_iter=5, memory=5, beta=0.5, lam=1e-4)
+    state, _ = run_fixed_shape(lambda z, x_: 0.5 * z + x_, x, solver, max_iter=5)
     np.testing.assert_array_equal(state.solver.breakdowns.numpy(), [5, 0])
     z = np.zeros(2)
     for _ in range(5):
@@ -583,7 +584,7 @@ def test_secant_solvers_freeze_each_sample_at_its_own_reference_iterate(h, solve
     for s in range(4):
         fn = tanh_np(W, U, b, x[s:s + 1])
         if solver == "anderson":
-            ref, _ = anderson_np(fn, np.zeros((1, 6)), 40, 5, 1.0, 1e-4, tol=tol)
+            ref = anderson_np(fn, np.zeros((1, 6)), 40, 5, 1.0, 1e-4, tol=tol)
         else:
             ref, _, dense = broyden_np(fn, np.zeros((1, 6)), 40, 40, tol=tol)
             # the pair of the converging step is not stored: B after the steps before it
@@ -605,7 +606,7 @@ def test_secant_solvers_freeze_each_sample_at_its_own_reference_iterate(h, solve
     np.testing.assert_array_equal(h.numpy(sol.solver_state.breakdowns), 0)
 
 
-def _exact_residual_problem(h, stop_mode):
+def _exact_residual_problem(h):
     """f(z, x) = x: from z0 = x - d the residual is exactly ||d|| (d = (3, 4): 5) in abs mode,
     and the first step lands on the fixed point."""
     x = np.array([[1.0, 2.0], [0.5, -1.0]])
@@ -616,7 +617,7 @@ def _exact_residual_problem(h, stop_mode):
 def test_stop_test_is_residual_at_most_tol(h):
     """``tol`` is inclusive ("stop when the stop residual is <= tol"): a sample whose initial
     residual equals tol exactly takes no step; the other one takes one."""
-    f, x, z0 = _exact_residual_problem(h, "abs")
+    f, x, z0 = _exact_residual_problem(h)
     sol = h.solve(f, x, z0, solver="fixed_point", tol=5.0, stop_mode="abs", max_iter=10)
     np.testing.assert_array_equal(h.numpy(sol.iterations), [0, 1])
     np.testing.assert_array_equal(h.numpy(sol.converged), [True, True])
@@ -838,7 +839,7 @@ def test_implicit_backward_solve_follows_numpy_anderson(h, tanh6, stop_mode):
     weights, c, z_star = tanh6
     W, U, b, x = weights
     s = 1.0 - np.tanh(z_star @ W.T + x @ U.T + b) ** 2
-    us, _ = anderson_np(lambda u: c + (u * s) @ W, c, 3, 5, 1.0, 1e-4)
+    us = anderson_np(lambda u: c + (u * s) @ W, c, 3, 5, 1.0, 1e-4)
     fus = np.stack([c + (u * s) @ W for u in us])
     a, r = residuals_np(us, fus)
     stop = r if stop_mode == "rel" else a
@@ -909,7 +910,7 @@ def unrolled_loss_np(solver, steps, c, U, b):
                 its.append(fn(its[-1]))
             its = np.stack(its)
         elif solver == "anderson":
-            its, _ = anderson_np(fn, z0, steps, 5, 1.0, 1e-4)
+            its = anderson_np(fn, z0, steps, 5, 1.0, 1e-4)
         else:
             its, _, _ = broyden_np(fn, z0, steps, steps)
         _, rel = residuals_np(its, np.stack([fn(z) for z in its]))
@@ -1086,8 +1087,8 @@ def project_np(a_hat, valid, how):
 
 def hyper_np(fn, z0, steps, window, mixer, how, update):
     """HyperAnderson: the last ``window`` iterates right-aligned (oldest first), weights
-    alpha = project(alpha_hat), z = G-free mix sum a_i z_i plus beta times sum a_i g_i
-    ("weighted") or sum_i g_i ("sum"). Returns iterates and each step's mixed residual G^T alpha."""
+    alpha = project(alpha_hat), z = sum_i a_i z_i + beta sum_i a_i g_i ("weighted") or
+    sum_i a_i z_i + beta sum_i g_i ("sum"). Returns iterates and each step's mixed residual G^T alpha."""
     Z, G = [z0], [fn(z0) - z0]
     mixed = []
     for _ in range(steps):
@@ -1170,7 +1171,7 @@ def test_anderson_mixer_hypersolver_is_numpy_anderson_with_its_beta(h):
     W, U, b = _hyper_layer(340)
     x = np.random.default_rng(341).standard_normal((3, HX))
     hs = HyperAnderson(IdentityCompression(HD), None, AndersonMixer(lam=1e-3, beta=0.6), memory=2)
-    ref, _ = anderson_np(tanh_np(W, U, b, x), np.zeros((3, HD)), 6, 3, 0.6, 1e-3)
+    ref = anderson_np(tanh_np(W, U, b, x), np.zeros((3, HD)), 6, 3, 0.6, 1e-3)
     sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), h.asarray(np.zeros((3, HD))), solver=hs, max_iter=6,
                   tol=1e-300)
     np.testing.assert_allclose(h.numpy(sol.solver_state.z), ref[-1], rtol=1e-10, atol=1e-12)
