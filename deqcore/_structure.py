@@ -79,7 +79,8 @@ class Structure:
     def flatten(self, backend: Backend, z: Any) -> Any:
         xp = backend.xp
         items = list(z) if self.is_tuple else [z]
-        flat = [xp.reshape(item, (self.batch, -1)) for item in items]
+        # explicit sizes: (batch, -1) is ambiguous for an empty batch
+        flat = [xp.reshape(item, (self.batch, size)) for item, size in zip(items, self.sizes, strict=True)]
         return flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
 
     def unflatten(self, backend: Backend, zf: Any) -> Any:
@@ -92,9 +93,21 @@ class Structure:
             start += size
         return tuple(out)
 
-    def check_output(self, backend: Backend, out: Any, ref: Any) -> None:
-        """Raise a clear error unless ``f``'s output ``out`` matches this structure (and ``ref``'s device)."""
-        hint = " (pass z0 with the structure f returns)"
+    def describe(self) -> str:
+        """The shapes and dtype, as a message shows them: ``(4, 3) float32`` or a tuple of shapes."""
+        shapes = ", ".join(str(s) for s in self.shapes)
+        return f"({shapes}) {self.dtype}" if self.is_tuple else f"{shapes} {self.dtype}"
+
+    def check_output(self, backend: Backend, out: Any, ref: Any, defaulted: bool = False) -> None:
+        """Raise a clear error unless ``f``'s output ``out`` matches this structure (and ``ref``'s device).
+
+        ``defaulted``: z0 was not given but made as zeros like ``x``; the messages say so.
+        """
+        if defaulted:
+            hint = (f" (z0 was not given, so it defaulted to zeros shaped like x, {self.describe()}; "
+                    "pass z0= with the structure f returns)")
+        else:
+            hint = " (pass z0 with the structure f returns)"
         if self.is_tuple != isinstance(out, (tuple, list)):
             kind = "a tuple" if self.is_tuple else "a single array"
             raise TypeError(f"deqcore.solve: f must return {kind} like z0, got {type(out).__name__}{hint}")
@@ -117,7 +130,7 @@ class Structure:
             if item.dtype != self.dtype:
                 raise TypeError(
                     f"deqcore.solve: {name} has dtype {item.dtype}, z0 has {self.dtype}; make f "
-                    "return the state's dtype (or pass z0 of the dtype f returns)"
+                    f"return the state's dtype (or pass z0 of the dtype f returns){hint if defaulted else ''}"
                 )
             device = backend.device(item)
             if ref_device is not None and device is not None and device != ref_device:

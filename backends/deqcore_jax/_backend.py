@@ -38,6 +38,12 @@ xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
 xp.pair_dots, xp.pair_combine = _pair_dots, _pair_combine
 
 
+def _numpy(x):
+    # bfloat16 becomes float32, as on torch: ml_dtypes' bfloat16 arrays lack parts of NumPy's API
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype == jnp.bfloat16 else x
+
+
 class JaxBackend:
     """The protocol on JAX: ``lax`` loops over fixed-shape state, so a whole solve runs under
     ``jax.jit`` and ``jax.vmap``; ``custom_vjp`` with closure conversion for gradients.
@@ -128,12 +134,12 @@ class JaxBackend:
 
     def host_callback(self, fn, *arrays):
         if all(self.is_concrete(a) for a in arrays):
-            fn(*(np.asarray(a) for a in arrays))
+            fn(*(_numpy(a) for a in arrays))
             return
-        jax.debug.callback(lambda *a: fn(*(np.asarray(v) for v in a)), *arrays)
+        jax.debug.callback(lambda *a: fn(*(_numpy(v) for v in a)), *arrays)
 
     def to_numpy(self, x):
-        return np.asarray(x)
+        return _numpy(x)
 
     def is_concrete(self, x):
         return not isinstance(x, jax.core.Tracer)
@@ -144,12 +150,12 @@ class JaxBackend:
     def host_check(self, failed, make_error: Callable[..., Exception], *payload):
         if self.is_concrete(failed) and all(self.is_concrete(p) for p in payload):
             if bool(jnp.any(failed)):
-                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+                raise make_error(_numpy(failed), *(_numpy(p) for p in payload))
             return
 
         def callback(failed, *payload):
             if np.any(failed):
-                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+                raise make_error(_numpy(failed), *(_numpy(p) for p in payload))
 
         jax.debug.callback(callback, failed, *payload)
 

@@ -203,7 +203,10 @@ class TorchBackend:
         fn(*(self.to_numpy(a) for a in arrays))
 
     def to_numpy(self, x):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every value
+            x = x.float()
+        return x.numpy()
 
     def is_concrete(self, x):
         return True

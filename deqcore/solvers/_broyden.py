@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from .._batched_linalg import pair_combine, pair_dots, ring_combine, ring_dots
-from .._loop import Problem, Solver, select_rows
+from .._loop import Problem, Solver, select_rows, statistics_dtype
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
 
 
@@ -59,7 +59,9 @@ class Broyden(Solver):
     converging step is not stored. Optional per-sample backtracking Armijo line search on
     ``||g||^2`` with quadratic interpolation. The ring grows by need up to
     ``min(memory, max_iter)`` pairs (static shapes: 8, 16, 32, ...; dynamic: 64, 128, ...), so a
-    solve that stops early never holds ``max_iter`` pairs.
+    solve that stops early never holds ``max_iter`` pairs. For half-precision states the secant
+    denominators, the update's scale and the line search's ``||g||^2`` are float32 sums; the
+    pairs keep the state's dtype, and a pair that does not fit it is skipped as a breakdown.
     """
 
     name = "broyden"
@@ -109,9 +111,11 @@ class Broyden(Solver):
                 f"x {z0.shape[1]} numbers; on backend {backend.name!r} shapes are static, so it "
                 "is allocated in full. Pass memory= (for example memory=64)")
         caps = self.capacities(backend)
+        wide = statistics_dtype(xp, z0.dtype)
+        self._wide = None if wide == z0.dtype else wide  # None: sums in the state's dtype
         self._zero = xp.zeros((z0.shape[0], 2, z0.shape[1]), dtype=z0.dtype,
                               device=array_api_compat.device(z0))
-        breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
+        breakdowns = xp.zeros(z0.shape[0], dtype=xp.int32, device=array_api_compat.device(z0))
         g0 = fz0 - z0
         ring = self._ring(backend, z0, caps[0] if caps else self.m)
         return BroydenState(z0, fz0, g0, -g0, ring, 0, breakdowns)
@@ -144,7 +148,7 @@ class Broyden(Solver):
         backend = problem.backend
         xp = backend.xp
         c1, amin = 1e-4, 1e-2
-        phi0 = xp.sum(g * g, axis=-1)
+        phi0 = self._dot(xp, g, g)
 
         def quadratic(phi, s):
             denom = 2.0 * (phi - phi0 + phi0 * s)
@@ -153,7 +157,8 @@ class Broyden(Solver):
         def armijo(phi, s):
             return phi <= phi0 * (1.0 - c1 * s)
 
-        phi1 = xp.sum((fz1 - z1) ** 2, axis=-1)
+        g1 = fz1 - z1
+        phi1 = self._dot(xp, g1, g1)
         s = xp.ones_like(phi0)
         pending = active & ~armijo(phi1, s)
         s = quadratic(phi1, s)
@@ -164,9 +169,10 @@ class Broyden(Solver):
 
         def body(ls):
             z_out, fz_out, s, pending, trials = ls
-            z_try = select_rows(xp, pending, state.z + s[:, None] * p, state.z)
+            z_try = select_rows(xp, pending, state.z + self._narrow(xp, s)[:, None] * p, state.z)
             fz_try = problem.fn(z_try)
-            phi = xp.sum((fz_try - z_try) ** 2, axis=-1)
+            g_try = fz_try - z_try
+            phi = self._dot(xp, g_try, g_try)
             ok = pending & armijo(phi, s)
             z_out = select_rows(xp, ok, z_try, z_out)
             fz_out = select_rows(xp, ok, fz_try, fz_out)
@@ -177,6 +183,16 @@ class Broyden(Solver):
         z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0),
                                                          self.ls_max_trials)
         return z_out, fz_out, 1 + trials
+
+    def _dot(self, xp: Any, a: Any, b: Any) -> Any:
+        """Per-sample ``a . b``, summed in float32 for half-precision states."""
+        if self._wide is not None:
+            a, b = xp.astype(a, self._wide), xp.astype(b, self._wide)
+        return xp.sum(a * b, axis=-1)
+
+    def _narrow(self, xp: Any, a: Any) -> Any:
+        """A float32 per-sample coefficient back in a half-precision state's dtype."""
+        return a if self._wide is None else xp.astype(a, self._zero.dtype)
 
     def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
         if self.m == 0:
@@ -193,21 +209,23 @@ class Broyden(Solver):
         UVg, VUdz = pair_combine(xp, UV, Vg, Udz)
         Bg_new = UVg - g_new
         v = VUdz - dz
-        vg = xp.sum(v * g_new, axis=-1)
-        den = vg - xp.sum(v * state.g, axis=-1)
+        vg = self._dot(xp, v, g_new)
+        den = vg - self._dot(xp, v, state.g)
         usable = xp.isfinite(den) & (den != 0.0)
-        write = keep & usable
         # an unusable denominator is replaced by 1 so that a recorded (unroll) backward never
         # meets 0 * inf; its pair is not stored
         den = xp.where(usable, den, 1.0)
-        u = (dz - Bg_new + state.Bg) / den[:, None]
+        u = (dz - Bg_new + state.Bg) / self._narrow(xp, den)[:, None]
+        if self._wide is not None:  # a half-precision pair may not fit its dtype (float16: 65504)
+            usable = usable & xp.all(xp.isfinite(u), axis=-1)
+        write = keep & usable
         # B_new g_new = B g_new + u (v . g_new), less the overwritten pair's u_old (v_old . g_new)
-        Bg_next = Bg_new + u * xp.where(write, vg, 0.0)[:, None]
+        Bg_next = Bg_new + u * self._narrow(xp, xp.where(write, vg, 0.0))[:, None]
         slot = count % self.m
         if self._wraps(backend, state, count):  # the slot may hold an older pair
             old = state.UV[:, :, slot]
-            coef = xp.where(write, xp.sum(old[:, 1] * g_new, axis=-1), 0.0)
-            Bg_next = Bg_next - old[:, 0] * coef[:, None]
+            coef = xp.where(write, self._dot(xp, old[:, 1], g_new), 0.0)
+            Bg_next = Bg_next - old[:, 0] * self._narrow(xp, coef)[:, None]
         else:
             old = self._zero
         pair = select_rows(xp, write, xp.stack([u, v], axis=1), old)
