@@ -200,3 +200,223 @@ def test_throw_under_jax_jit():
         jax.block_until_ready(run(h.asarray(x), 0))
     ok = jax.jit(lambda x: deqcore.solve(f, x, tol=1e-10, max_iter=100, throw=True).z)(h.asarray(x))
     np.testing.assert_allclose(np.asarray(ok), tanh_fixed_point(W, U, b, x), atol=1e-9)
+
+
+# --- reduced precision -----------------------------------------------------------------------
+
+HALF = ["bfloat16", "float16"]
+#: unit roundoff of each half dtype: the accuracy a state of that dtype can hold
+ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def _cast(h, a, dtype):
+    """A NumPy array as a ``dtype`` array of ``h``'s framework (bfloat16 included)."""
+    if h.name == "torch":
+        import torch
+
+        return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(getattr(torch, dtype))
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.asarray(a, dtype=np.float32), dtype=getattr(jnp, dtype))
+
+
+def _half_layer(h, W, U, b, dtype):
+    Wh, Uh, bh = (_cast(h, a, dtype) for a in (W, U, b))
+    return lambda z, x: h.xp.tanh(z @ Wh.T + x @ Uh.T + bh)
+
+
+def _half_grads(h, weights, dtype, grad, solver, **kw):
+    """dL/dW (float64 NumPy) of L = sum(c * z*) solved with the state in ``dtype``."""
+    W, U, b, x = weights
+    c = np.random.default_rng(99).standard_normal(x.shape)
+    Uh, bh, xh = (_cast(h, a, dtype) for a in (U, b, x))
+    if h.name == "torch":
+        import torch
+
+        Wt = _cast(h, W, dtype).requires_grad_(True)
+        sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x @ Uh.T + bh), xh, solver=solver,
+                            grad=grad, **kw)
+        (sol.z.float() * torch.from_numpy(c).float()).sum().backward()
+        return Wt.grad.float().numpy().astype(np.float64)
+    import jax
+    import jax.numpy as jnp
+
+    def loss(W_):
+        sol = deqcore.solve(lambda z, x: jnp.tanh(z @ W_.T + x @ Uh.T + bh), xh, solver=solver,
+                            grad=grad, **kw)
+        return jnp.sum(sol.z.astype(jnp.float32) * c)
+
+    return np.asarray(jax.grad(loss)(_cast(h, W, dtype)), dtype=np.float64)
+
+
+def _reference_grads(weights, adjoint):
+    """dL/dW in float64 from the adjoint of each sample: exact (``"implicit"``) or ``"jfb"``."""
+    W, U, b, x = weights
+    c = np.random.default_rng(99).standard_normal(x.shape)
+    z = tanh_fixed_point(W, U, b, x)
+    s = 1.0 - np.tanh(z @ W.T + x @ U.T + b) ** 2
+    d = W.shape[0]
+    if adjoint == "jfb":
+        u = c
+    else:
+        u = np.stack([np.linalg.solve((np.eye(d) - s[i][:, None] * W).T, c[i]) for i in range(len(x))])
+    return (u * s).T @ z
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_half_precision_solve_matches_the_float64_fixed_point(h, dtype, solver):
+    W, U, b, x = tanh_deq(seed=30, d=32, batch=6, rho=0.8)
+    tol = 4 * ROUNDOFF[dtype]
+    f = _half_layer(h, W, U, b, dtype)
+    sol = h.solve(f, _cast(h, x, dtype), solver=solver, tol=tol, max_iter=100)
+    assert str(sol.z.dtype).endswith(dtype)
+    # statistics are float32 sums over the half-precision values the loop saw (a half-precision
+    # norm would be off by up to 2**-9 for bfloat16); the converging iterate is the last one
+    for name in ("abs_residual", "rel_residual", "abs_trace", "rel_trace"):
+        assert str(getattr(sol, name).dtype).endswith("float32"), name
+    assert h.numpy(sol.converged).all() and sol.result is deqcore.Result.SUCCESS
+    z = h.numpy(sol.z).astype(np.float64)
+    np.testing.assert_array_equal(h.numpy(sol.solver_state.z), h.numpy(sol.z))
+    fz = h.numpy(sol.solver_state.fz).astype(np.float64)
+    abs_res = np.linalg.norm(fz - z, axis=-1)
+    # XLA may keep f's float32 values unrounded inside its loop (excess precision)
+    rtol = 1e-5 if h.name == "torch" else ROUNDOFF[dtype]
+    np.testing.assert_allclose(h.numpy(sol.abs_residual), abs_res, rtol=rtol)
+    np.testing.assert_allclose(h.numpy(sol.rel_residual), abs_res / np.linalg.norm(fz, axis=-1), rtol=rtol)
+    assert sol.summary().startswith(f"{solver}: SUCCESS, 6/6 converged")
+    # contraction rate <= 0.8: ||z - z*|| <= ||f(z) - z|| / (1 - 0.8), plus the rounding of z
+    ref = tanh_fixed_point(W, U, b, x)
+    err = np.linalg.norm(z - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert err.max() <= tol / (1 - 0.8) + ROUNDOFF[dtype], err.max()
+    with pytest.raises(ConvergenceError, match=r"6 of 6 samples did not converge \(6 MAX_ITER\)"):
+        h.solve(f, _cast(h, x, dtype), solver=solver, tol=1e-9, max_iter=2, throw=True)
+
+
+@pytest.mark.parametrize("solver", SOLVERS + ["broyden_ls"])
+def test_float16_norms_beyond_its_range_are_computed_in_float32(h, solver):
+    # z* = 5000 in each of 256 entries: ||z*|| = 80000 is above float16's largest value 65504
+    # (and the sum of squares is 1.6e9), which every statistic and Anderson's Gram matrix meet
+    kw = {"solver": "broyden", "line_search": True} if solver == "broyden_ls" else {"solver": solver}
+    x = _cast(h, np.full((3, 256), 2500.0), "float16")
+    sol = h.solve(lambda z, x: 0.5 * z + x, x, tol=1e-3, max_iter=60, **kw)
+    assert (h.numpy(sol.status) == Status.CONVERGED).all(), sol.summary()
+    # contraction 0.5: |z - z*| <= |f(z) - z| / 0.5
+    np.testing.assert_allclose(h.numpy(sol.z), 5000.0, rtol=2e-3 + ROUNDOFF["float16"])
+    assert np.isfinite(h.numpy(sol.abs_trace)).all()
+    np.testing.assert_allclose(h.numpy(sol.abs_trace)[0], np.sqrt(256) * 2500.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("grad", "solver", "reference"), [
+    ("implicit", "anderson", "implicit"),
+    ("implicit", "broyden", "implicit"),
+    ("jfb", "anderson", "jfb"),
+    ("gdeq", "broyden", "gdeq"),
+])
+def test_half_precision_gradients_agree_with_float64_ones(h, dtype, grad, solver, reference):
+    """Every backward pass runs in half precision (the implicit one's report included), with
+    forward and backward tol = 4 roundoffs: the gradient is within 8 roundoffs of the exact one
+    (3e-2 bfloat16, 4e-3 float16). GDEQ's is compared with GDEQ's in float32 (3e-2: Broyden's
+    estimate depends on the iterates it saw)."""
+    weights = tanh_deq(seed=31, d=32, batch=6, rho=0.8)
+    tol = 4 * ROUNDOFF[dtype]
+    opts = {"tol": tol} if grad == "implicit" else None
+    got = _half_grads(h, weights, dtype, grad, solver, tol=tol, max_iter=100, grad_options=opts)
+    if reference == "gdeq":
+        want, bound = _half_grads(h, weights, "float32", grad, solver, tol=tol, max_iter=100), 3e-2
+    else:
+        want, bound = _reference_grads(weights, reference), 8 * ROUNDOFF[dtype]
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= bound
+    assert np.sum(got * want) / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.999
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_implicit_backward_report(h, dtype):
+    W, U, b, x = tanh_deq(seed=32, d=16, batch=4, rho=0.8)
+    if h.name == "torch":
+        Wt = _cast(h, W, dtype).requires_grad_(True)
+        f = lambda z, x: h.xp.tanh(z @ Wt.T + x)  # noqa: E731
+        sol = deqcore.solve(f, _cast(h, x, dtype), tol=4 * ROUNDOFF[dtype],
+                            grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "warn"})
+        with pytest.warns(deqcore.BackwardWarning, match=r"4 of 4 samples did not reach rel tol 1e-09"):
+            sol.z.float().sum().backward()
+    else:
+        import jax
+
+        def loss(W_):
+            s = deqcore.solve(lambda z, x: h.xp.tanh(z @ W_.T + x), _cast(h, x, dtype), tol=4 * ROUNDOFF[dtype],
+                              grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "warn"})
+            box.append(s)
+            return s.z.astype("float32").sum()
+
+        box: list = []
+        with pytest.warns(deqcore.BackwardWarning, match=r"4 of 4 samples did not reach rel tol 1e-09"):
+            jax.grad(loss)(_cast(h, W, dtype))
+        sol = box[0]
+    report = sol.backward
+    assert report.calls == 1 and report.residual.dtype == np.float32 and report.residual.shape == (4,)
+    assert not report.converged.any() and (report.iterations == 3).all()
+    assert "0/4 converged" in report.summary()
+    with pytest.raises(ConvergenceError, match="implicit backward .* 4 of 4 samples"):
+        if h.name == "torch":
+            sol = deqcore.solve(f, _cast(h, x, dtype), grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "raise"})
+            sol.z.float().sum().backward()
+        else:
+            jax.grad(lambda W_: deqcore.solve(
+                lambda z, x: h.xp.tanh(z @ W_.T + x), _cast(h, x, dtype),
+                grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "raise"}).z.astype("float32").sum())(
+                _cast(h, W, dtype))
+
+
+@pytest.mark.backend("torch")
+def test_bfloat16_training_step_of_a_torch_module():
+    """A DEQ layer as a torch.nn.Module in bfloat16: solve with the implicit gradient, backward,
+    SGD steps. Its gradient agrees with the float32 copy's (cosine > 0.999 and a relative error
+    below 8 bfloat16 roundoffs, 3e-2, with both solves to 4 roundoffs; 1e-2 is typical), the
+    parameters move and stay finite, and the loss goes down."""
+    import copy
+
+    import torch
+
+    class Layer(torch.nn.Module):
+        def __init__(self, d: int = 24, classes: int = 5) -> None:
+            super().__init__()
+            self.inject = torch.nn.Linear(d, d)
+            self.mix = torch.nn.Linear(d, d, bias=False)
+            self.head = torch.nn.Linear(d, classes)
+            with torch.no_grad():  # a contraction: ||W|| = 0.6
+                self.mix.weight.mul_(0.6 / torch.linalg.matrix_norm(self.mix.weight.float(), 2))
+
+        def forward(self, x: torch.Tensor, tol: float) -> torch.Tensor:
+            u = self.inject(x)
+            sol = deqcore.solve(lambda z, u: torch.tanh(self.mix(z) + u), u, tol=tol,
+                                grad_options={"tol": tol}, throw=True)
+            return self.head(sol.z)
+
+    torch.manual_seed(40)
+    x, y = torch.randn(32, 24), torch.randint(0, 5, (32,))
+    full = Layer()
+    half = copy.deepcopy(full).to(torch.bfloat16)
+
+    def loss_and_grad(model: Layer, dtype: torch.dtype, tol: float) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x.to(dtype), tol).float(), y)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    _, g32 = loss_and_grad(full, torch.float32, 1e-6)
+    before = [p.detach().clone() for p in half.parameters()]
+    opt = torch.optim.SGD(half.parameters(), lr=0.5)
+    losses = []
+    for step in range(3):
+        loss, g16 = loss_and_grad(half, torch.bfloat16, 4 * ROUNDOFF["bfloat16"])
+        if step == 0:
+            assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.999
+            assert (g16 - g32).norm() / g32.norm() < 8 * ROUNDOFF["bfloat16"]
+        opt.step()
+        losses.append(loss)
+    for p, p0 in zip(half.parameters(), before, strict=True):
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all() and not torch.equal(p, p0)
+    assert losses[2] < losses[0]

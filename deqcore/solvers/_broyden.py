@@ -59,9 +59,10 @@ class Broyden(Solver):
     converging step is not stored. Optional per-sample backtracking Armijo line search on
     ``||g||^2`` with quadratic interpolation. The ring grows by need up to
     ``min(memory, max_iter)`` pairs (static shapes: 8, 16, 32, ...; dynamic: 64, 128, ...), so a
-    solve that stops early never holds ``max_iter`` pairs. For half-precision states the secant
-    denominators, the update's scale and the line search's ``||g||^2`` are float32 sums; the
-    pairs keep the state's dtype, and a pair that does not fit it is skipped as a breakdown.
+    solve that stops early never holds ``max_iter`` pairs. For half-precision states the update
+    (secant denominator, ``u``, ``B g``) and the line search's ``||g||^2`` are computed in
+    float32; the pairs are stored in the state's dtype, scaled to equal norms (``u v^T`` is
+    unchanged), and a pair that still does not fit it is skipped as a breakdown.
     """
 
     name = "broyden"
@@ -194,6 +195,13 @@ class Broyden(Solver):
         """A float32 per-sample coefficient back in a half-precision state's dtype."""
         return a if self._wide is None else xp.astype(a, self._zero.dtype)
 
+    def _balanced(self, xp: Any, u: Any, v: Any) -> tuple[Any, Any]:
+        """The float32 pair ``(u s, v / s)`` with ``s = sqrt(||v|| / ||u||)`` in the half dtype:
+        the same product ``u v^T``, with neither factor pushed out of float16's narrow range."""
+        s = xp.sqrt(xp.linalg.vector_norm(v, axis=-1) / xp.linalg.vector_norm(u, axis=-1))
+        s = xp.where(xp.isfinite(s) & (s > 0), s, 1.0)[:, None]
+        return xp.astype(u * s, self._zero.dtype), xp.astype(v / s, self._zero.dtype)
+
     def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
         if self.m == 0:
             return state._replace(z=z_new, fz=fz_new, g=g_new, Bg=-g_new)
@@ -209,26 +217,37 @@ class Broyden(Solver):
         UVg, VUdz = pair_combine(xp, UV, Vg, Udz)
         Bg_new = UVg - g_new
         v = VUdz - dz
-        vg = self._dot(xp, v, g_new)
-        den = vg - self._dot(xp, v, state.g)
+        num = dz - Bg_new + state.Bg
+        g_now, g_old = g_new, state.g
+        if self._wide is not None:  # the update in float32; its pair is balanced into the half dtype
+            v, num, g_now, g_old, Bg_new = (xp.astype(a, self._wide) for a in (v, num, g_new, state.g, Bg_new))
+        vg = xp.sum(v * g_now, axis=-1)
+        den = vg - xp.sum(v * g_old, axis=-1)
         usable = xp.isfinite(den) & (den != 0.0)
         # an unusable denominator is replaced by 1 so that a recorded (unroll) backward never
         # meets 0 * inf; its pair is not stored
         den = xp.where(usable, den, 1.0)
-        u = (dz - Bg_new + state.Bg) / self._narrow(xp, den)[:, None]
-        if self._wide is not None:  # a half-precision pair may not fit its dtype (float16: 65504)
-            usable = usable & xp.all(xp.isfinite(u), axis=-1)
+        u = num / den[:, None]
+        pair_u, pair_v = u, v
+        if self._wide is not None:
+            pair_u, pair_v = self._balanced(xp, u, v)
+            usable = usable & xp.all(xp.isfinite(pair_u) & xp.isfinite(pair_v), axis=-1)
         write = keep & usable
         # B_new g_new = B g_new + u (v . g_new), less the overwritten pair's u_old (v_old . g_new)
-        Bg_next = Bg_new + u * self._narrow(xp, xp.where(write, vg, 0.0))[:, None]
+        Bg_next = Bg_new + u * xp.where(write, vg, 0.0)[:, None]
         slot = count % self.m
         if self._wraps(backend, state, count):  # the slot may hold an older pair
             old = state.UV[:, :, slot]
-            coef = xp.where(write, self._dot(xp, old[:, 1], g_new), 0.0)
-            Bg_next = Bg_next - old[:, 0] * self._narrow(xp, coef)[:, None]
+            old_u, old_v = old[:, 0], old[:, 1]
+            if self._wide is not None:
+                old_u, old_v = xp.astype(old_u, self._wide), xp.astype(old_v, self._wide)
+            coef = xp.where(write, xp.sum(old_v * g_now, axis=-1), 0.0)
+            Bg_next = Bg_next - old_u * coef[:, None]
         else:
             old = self._zero
-        pair = select_rows(xp, write, xp.stack([u, v], axis=1), old)
+        if self._wide is not None:
+            Bg_next = xp.astype(Bg_next, g_new.dtype)
+        pair = select_rows(xp, write, xp.stack([pair_u, pair_v], axis=1), old)
         breakdowns = state.breakdowns + (keep & ~usable)
         return BroydenState(z_new, fz_new, g_new, Bg_next, backend.set_index(state.UV, slot, pair, axis=2),
                             count + 1, breakdowns)
