@@ -161,11 +161,12 @@ def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, sto
     A sample is suspect when its final residual is not finite, or when its rel residual is 0
     with a nonzero abs one (``||f(z)||`` overflowed to inf). Its final iterate and f-value (from
     :meth:`Solver.iterate`) are measured again with :func:`scaled_norm`. Where both are finite,
-    the norm overflowed, not ``f``: the re-measured residual replaces the final one (and the
-    best one, with its iterate, where it is lower). Returns the state and a (B,) mask of the
-    samples whose stop test the overflow decided (they end ``OVERFLOW`` unless the re-measured
-    residual reaches ``tol``), or None when no sample is suspect (read on eager backends) or the
-    solver keeps no iterate. ``dtype`` is the statistics dtype (None: the state's). Runs once
+    the norm overflowed, not ``f``: the re-measured residual replaces the final one, and the
+    best one where it is lower or the final iterate is the best (a best iterate before it keeps
+    its abs residual and gets rel inf: its ``||f(z)||`` is not known). Returns the state and a
+    (B,) mask of the samples whose stop test the overflow decided (they end ``OVERFLOW`` unless
+    the re-measured residual reaches ``tol``), or None when no sample is suspect (read on eager
+    backends) or the solver keeps no iterate. ``dtype`` is the statistics dtype (None: the state's). Runs once
     per solve; the loop's steps never pay for it.
     """
     xp = problem.backend.xp
@@ -185,10 +186,14 @@ def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, sto
     a = scaled_norm(xp, fzw - zw)
     remeasured = xp.stack([a, a / (scaled_norm(xp, fzw) + 1e-9)])
     remeasure = suspect & values
-    better = remeasure & ~(state.best[k] <= remeasured[k])
+    # the best record is replaced where the final iterate is better, or is the best iterate itself
+    better = remeasure & (~(state.best[k] <= remeasured[k]) | xp.all(state.best_z == z, axis=-1))
+    best = xp.where(better, remeasured, state.best)
+    # a best iterate other than the final one keeps its abs residual; its rel one is unknown
+    unknown = remeasure & ~better & (best[1] == 0) & (best[0] > 0)
     state = state._replace(
         last=xp.where(remeasure, remeasured, last),
-        best=xp.where(better, remeasured, state.best),
+        best=xp.stack([best[0], xp.where(unknown, float("inf"), best[1])]),
         best_z=select_rows(xp, better, z, state.best_z),
     )
     # in abs mode a rel residual of 0 over an overflowed ||f(z)|| did not decide the stop test

@@ -346,7 +346,8 @@ def test_half_precision_implicit_backward_report(h, dtype):
         import jax
 
         def loss(W_):
-            s = deqcore.solve(lambda z, x: h.xp.tanh(z @ W_.T + x), _cast(h, x, dtype), tol=4 * ROUNDOFF[dtype],
+            s = deqcore.solve(lambda z, x: h.xp.tanh(z @ W_.T + x), _cast(h, x, dtype),
+                              tol=4 * ROUNDOFF[dtype],
                               grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "warn"})
             box.append(s)
             return s.z.astype("float32").sum()
@@ -361,7 +362,8 @@ def test_half_precision_implicit_backward_report(h, dtype):
     assert "0/4 converged" in report.summary()
     with pytest.raises(ConvergenceError, match="implicit backward .* 4 of 4 samples"):
         if h.name == "torch":
-            sol = deqcore.solve(f, _cast(h, x, dtype), grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "raise"})
+            sol = deqcore.solve(f, _cast(h, x, dtype),
+                                grad_options={"tol": 1e-9, "max_iter": 3, "on_fail": "raise"})
             sol.z.float().sum().backward()
         else:
             jax.grad(lambda W_: deqcore.solve(
@@ -420,3 +422,226 @@ def test_bfloat16_training_step_of_a_torch_module():
     for p, p0 in zip(half.parameters(), before, strict=True):
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all() and not torch.equal(p, p0)
     assert losses[2] < losses[0]
+
+
+# --- empty batches ---------------------------------------------------------------------------
+
+GRAD_MODES = [("implicit", "anderson"), ("implicit", "broyden"), ("jfb", "fixed_point"), ("npg", "anderson"),
+              ("upg", "anderson"), ("gdeq", "broyden"), ("unroll", "anderson"), ("unroll", "broyden"),
+              ("unroll", "fixed_point"), (None, "anderson")]
+
+
+def _check_empty(h, sol, shapes, rows):
+    zs = sol.z if isinstance(sol.z, tuple) else (sol.z,)
+    assert [tuple(z.shape) for z in zs] == shapes
+    for name in ("abs_residual", "rel_residual", "converged", "status", "iterations"):
+        assert h.numpy(getattr(sol, name)).shape == (0,), name
+    assert h.numpy(sol.abs_trace).shape == (rows, 0) and h.numpy(sol.rel_trace).shape == (rows, 0)
+    assert int(h.numpy(sol.steps)) == 0 and int(h.numpy(sol.nfe)) == 1  # f(z0) on the empty batch
+    assert sol.result is deqcore.Result.SUCCESS
+    assert sol.summary() == (f"{sol.solver}: SUCCESS, 0/0 converged, steps 0, nfe 1, max {sol.stop_mode} "
+                             "residual 0.000e+00")
+
+
+@pytest.mark.parametrize(("grad", "solver"), GRAD_MODES)
+def test_empty_batch_returns_an_empty_solution_and_zero_gradients(h, grad, solver):
+    d = 5
+    W = np.random.default_rng(50).standard_normal((d, d)) * 0.1
+    x = np.zeros((0, d))
+    if h.name == "torch":
+        import torch
+
+        Wt = torch.tensor(W, requires_grad=True)
+        sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x), torch.tensor(x), solver=solver, grad=grad,
+                            max_iter=20, throw=True)
+        _check_empty(h, sol, [(0, d)], 21)
+        if grad is not None:
+            sol.z.sum().backward()
+            np.testing.assert_array_equal(Wt.grad.numpy(), np.zeros((d, d)))
+        return
+    import jax
+    import jax.numpy as jnp
+
+    def run(W_, x_):
+        return deqcore.solve(lambda z, x: jnp.tanh(z @ W_.T + x), x_, solver=solver, grad=grad, max_iter=20,
+                             throw=True)
+
+    for fn in (run, jax.jit(run)):
+        _check_empty(h, fn(jnp.asarray(W), jnp.asarray(x)), [(0, d)], 21)
+    if grad is not None:
+        for grad_fn in (jax.grad(lambda W_: run(W_, jnp.asarray(x)).z.sum()),
+                        jax.jit(jax.grad(lambda W_: run(W_, jnp.asarray(x)).z.sum()))):
+            np.testing.assert_array_equal(np.asarray(grad_fn(jnp.asarray(W))), np.zeros((d, d)))
+
+
+def test_empty_batch_of_a_tuple_state_and_of_a_given_z0(h):
+    x = h.asarray(np.zeros((0, 3)))
+    z0 = (h.asarray(np.zeros((0, 3))), h.asarray(np.zeros((0, 2, 2))))
+    sol = h.solve(lambda z, x: (0.5 * z[0] + x, 0.5 * z[1]), x, z0, trace=4)
+    _check_empty(h, sol, [(0, 3), (0, 2, 2)], 5)
+    sol = h.solve(lambda z, x: 0.5 * z, x, h.asarray(np.zeros((0, 4))), trace=False, jit=True)
+    assert tuple(sol.z.shape) == (0, 4) and sol.abs_trace is None and sol.result is deqcore.Result.SUCCESS
+
+
+# --- arrays of several frameworks ------------------------------------------------------------
+
+def _never(z, x):
+    raise AssertionError("f ran: the mixed inputs were not caught before solving")
+
+
+def test_numpy_arrays_beside_framework_arrays_are_a_type_error(h):
+    x, xn = h.asarray(np.ones((2, 3))), np.ones((2, 3))
+    with pytest.raises(TypeError, match=r"z0 holds \w+ arrays .* but x is a numpy.ndarray \(NumPy\)"):
+        deqcore.solve(_never, xn, x)
+    with pytest.raises(TypeError, match=r"z0\[0\] holds \w+ arrays .* but x\[1\] is a numpy.ndarray"):
+        deqcore.solve(_never, (x, xn), (x, x))
+    with pytest.raises(TypeError, match=r"z0\[0\] holds .* but z0\[1\] is a numpy.ndarray"):
+        deqcore.solve(_never, x, (x, xn))
+    with pytest.raises(TypeError, match=r"x\['scale'\] is a numpy.ndarray"):
+        deqcore.solve(_never, {"scale": xn, "input": x}, x)
+    with pytest.raises(TypeError, match=r"^jacobian_penalty: .* noise is a numpy.ndarray"):
+        deqcore.jacobian_penalty(_never, x, x, xn)
+    with pytest.raises(TypeError, match=rf"backend '{h.name}' cannot handle inputs of type ndarray"):
+        deqcore.solve(_never, xn, backend=h.name)
+
+
+@pytest.mark.equivalence
+def test_arrays_of_two_frameworks_are_a_type_error_before_solving(both):
+    import jax.numpy as jnp
+    import torch
+
+    xt, xj = torch.ones(2, 3), jnp.ones((2, 3))
+    with pytest.raises(TypeError, match=r"z0 holds jax arrays \(backend 'jax'\) but x is a torch.Tensor "
+                                        r"\(backend 'torch'\); convert every array of z0 and x to jax"):
+        deqcore.solve(_never, xt, jnp.zeros((2, 3)))
+    with pytest.raises(TypeError, match=r"z0 holds torch arrays .* but x is a .*Array.* \(backend 'jax'\)"):
+        deqcore.solve(_never, xj, torch.zeros(2, 3))
+    with pytest.raises(TypeError, match=r"z0\[0\] holds torch arrays .* but z0\[1\] is .*\(backend 'jax'\)"):
+        deqcore.solve(_never, xt, (torch.zeros(2, 3), jnp.zeros((2, 3))))
+    with pytest.raises(TypeError, match=r"x\[0\] holds torch arrays .* but x\[1\] is .*\(backend 'jax'\)"):
+        deqcore.solve(_never, (xt, xj))
+    with pytest.raises(TypeError, match=r"backend 'torch' was requested but x\[1\] is .*\(backend 'jax'\)"):
+        deqcore.solve(_never, (xt, xj), backend="torch")
+    with pytest.raises(TypeError, match=r"^jacobian_penalty: the arrays mix frameworks: z holds torch .* x "):
+        deqcore.jacobian_penalty(_never, torch.zeros(2, 3), xj, torch.zeros(2, 3))
+    hs = deqcore.HyperAnderson(deqcore.hypersolvers.IdentityCompression(3))
+    with pytest.raises(TypeError, match=r"^train_hypersolver: the arrays mix frameworks: x\[0\] holds torch"):
+        deqcore.train_hypersolver(hs, _never, [(xt, xj)], steps=1)
+
+
+# --- the default z0 --------------------------------------------------------------------------
+
+def test_errors_of_f_on_the_default_z0_say_it_was_defaulted(h):
+    xp = h.xp
+    W = h.asarray(np.ones((5, 5)))
+    x = h.asarray(np.ones((2, 3)))
+    f = lambda z, x: xp.tanh(z @ W)  # noqa: E731  the state has 5 features, x 3
+
+    with pytest.raises(Exception) as info:  # the framework's own error, unchanged in type and text
+        deqcore.solve(f, x)
+    notes = [n for n in getattr(info.value, "__notes__", []) if "deqcore" in n]  # JAX adds its own
+    dtype = str(x.dtype)
+    assert notes == [f"deqcore.solve: z0 was not given, so it defaulted to zeros shaped like x, (2, 3) "
+                     f"{dtype}; if the state of f has another shape, pass z0= (for example zeros of "
+                     "shape (batch, state size))"]
+    sol = deqcore.solve(f, x, h.asarray(np.zeros((2, 5))), tol=1e-8, max_iter=100)
+    assert h.numpy(sol.converged).all()
+    with pytest.raises(Exception) as info:  # z0 given: the error of f is left alone
+        deqcore.solve(f, x, h.asarray(np.zeros((2, 4))))
+    assert not [n for n in getattr(info.value, "__notes__", []) if "deqcore" in n]
+    with pytest.raises(ValueError, match=rf"f\(z\) has shape \(2, 6\), z0 has \(2, 3\) \(z0 was not "
+                                         rf"given, so it defaulted to zeros shaped like x, \(2, 3\) "
+                                         rf"{dtype}; pass z0="):
+        deqcore.solve(lambda z, x: xp.concat([z, z], axis=1), x)
+    with pytest.raises(ValueError, match=r"z0 has \(2, 3\) \(pass z0 with the structure f returns\)$"):
+        deqcore.solve(lambda z, x: xp.concat([z, z], axis=1), x, h.asarray(np.zeros((2, 3))))
+
+
+def test_append_note_stands_in_for_add_note_before_python_3_11():
+    from deqcore._solve import append_note
+
+    error = ValueError("shapes do not match")
+    append_note(error, "z0 defaulted")
+    assert str(error) == "shapes do not match\nz0 defaulted" and error.__notes__ == ["z0 defaulted"]
+    bare = KeyError()
+    append_note(bare, "z0 defaulted")
+    assert bare.args == ("z0 defaulted",) and bare.__notes__ == ["z0 defaulted"]
+
+
+# --- residual norms that overflow ------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(("dtype", "big"), [("float32", 1e19), ("float64", 1e160)])
+def test_a_residual_norm_beyond_the_dtype_is_overflow_not_nan(h, solver, dtype, big):
+    # z* = 2 x: sample 0's entries (2 big) are finite, but the sum of squares of its norm is not
+    x = np.ones((3, 64))
+    x[0] = big
+    f = lambda z, x: 0.5 * z + x  # noqa: E731
+    for jit in (False, True):
+        sol = h.solve(f, h.asarray(x, dtype), solver=solver, tol=1e-6, max_iter=50, jit=jit)
+        assert h.numpy(sol.status).tolist() == [Status.OVERFLOW, Status.CONVERGED, Status.CONVERGED]
+        assert sol.result is deqcore.Result.OVERFLOW
+        # stopped at z0 = 0, where ||f(z0) - z0|| = 8 big is representable: measured without overflow
+        np.testing.assert_array_equal(h.numpy(sol.z)[0], 0.0)
+        np.testing.assert_allclose(h.numpy(sol.abs_residual)[0], 8 * big, rtol=1e-6)
+        np.testing.assert_allclose(h.numpy(sol.rel_residual)[0], 1.0, rtol=1e-6)
+        assert not np.isfinite(h.numpy(sol.abs_trace)[0, 0])  # the loop's own (plain) measurement
+        np.testing.assert_allclose(h.numpy(sol.z)[1:], 2.0, rtol=1e-5)
+    with pytest.raises(ConvergenceError) as info:
+        h.solve(f, h.asarray(x, dtype), solver=solver, tol=1e-6, max_iter=50, throw=True)
+    msg = str(info.value)
+    assert "1 of 3 samples did not converge (1 OVERFLOW)" in msg
+    assert f"OVERFLOW: the iterate and f(z) are finite but the residual norm overflowed {dtype}" in msg
+    assert "NaN" not in msg
+
+
+def test_overflowed_norm_of_f_no_longer_reads_as_a_zero_rel_residual(h):
+    # near z* = 2e19: ||f(z) - z|| = 8e16 is fine but ||f(z)|| overflows float32, which made the
+    # rel residual 0 and the sample "converged"; re-measured, it is 5e-4
+    x = np.full((1, 64), 1e19)
+    z0 = h.asarray(np.full((1, 64), 2e19 * (1 + 1e-3)), "float32")
+    f = lambda z, x: 0.5 * z + x  # noqa: E731
+    strict = h.solve(f, h.asarray(x, "float32"), z0, tol=1e-4)
+    assert h.numpy(strict.status).tolist() == [Status.OVERFLOW]
+    np.testing.assert_allclose(h.numpy(strict.rel_residual), 5e-4, rtol=1e-3)
+    loose = h.solve(f, h.asarray(x, "float32"), z0, tol=1e-3)
+    assert h.numpy(loose.status).tolist() == [Status.CONVERGED]
+    np.testing.assert_allclose(h.numpy(loose.rel_residual), 5e-4, rtol=1e-3)
+    # the abs stop test was measured correctly all along: only the reported rel residual changes
+    absolute = h.solve(f, h.asarray(x, "float32"), z0, tol=1e17, stop_mode="abs")
+    assert h.numpy(absolute.status).tolist() == [Status.CONVERGED]
+    np.testing.assert_allclose(h.numpy(absolute.rel_residual), 5e-4, rtol=1e-3)
+
+
+def test_overflow_and_nan_in_one_batch_are_told_apart(h):
+    x = np.ones((4, 64))
+    x[0] = 1e19  # overflow
+    x[1, 3] = np.nan  # NaN from f
+    x[2, 5] = np.inf  # Inf from f
+    f = lambda z, x: 0.5 * z + x  # noqa: E731
+    sol = h.solve(f, h.asarray(x, "float32"), tol=1e-6)
+    assert h.numpy(sol.status).tolist() == [Status.OVERFLOW, Status.NONFINITE, Status.NONFINITE,
+                                            Status.CONVERGED]
+    assert sol.result is deqcore.Result.NONFINITE  # the worst
+    with pytest.raises(ConvergenceError, match=r"3 of 4 samples did not converge \(1 OVERFLOW, 2 NONFINITE\)"
+                                               r".*NONFINITE: f produced NaN/Inf; x itself contains "
+                                               r"NaN/Inf\. OVERFLOW: the iterate and f\(z\) are finite"):
+        h.solve(f, h.asarray(x, "float32"), tol=1e-6, throw=True)
+
+
+def test_iterates_growing_until_their_norm_overflows_are_overflow(h):
+    f = lambda z, x: 2.0 * z + x  # noqa: E731  z_k = 2^k - 1 with plain iteration
+    x = h.asarray(np.ones((2, 64)), "float32")
+    sol = h.solve(f, x, solver="fixed_point", divergence=None, max_iter=200)
+    assert (h.numpy(sol.status) == Status.OVERFLOW).all()
+    assert int(h.numpy(sol.steps)) < 70 and np.isfinite(h.numpy(sol.z)).all()
+    # with the divergence test on, growth is caught long before
+    sol = h.solve(f, x, solver="fixed_point", max_iter=200)
+    assert (h.numpy(sol.status) == Status.DIVERGED).all()
+
+
+def test_status_values_order_outcomes_from_best_to_worst():
+    order = ["CONVERGED", "MAX_ITER", "DIVERGED", "OVERFLOW", "NONFINITE"]
+    assert [s.name for s in sorted(Status)] == order
+    assert [r.name for r in sorted(deqcore.Result)] == ["SUCCESS"] + order[1:]
+    assert [int(s) for s in sorted(Status)] == [int(r) for r in sorted(deqcore.Result)]

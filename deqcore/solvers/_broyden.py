@@ -220,7 +220,8 @@ class Broyden(Solver):
         num = dz - Bg_new + state.Bg
         g_now, g_old = g_new, state.g
         if self._wide is not None:  # the update in float32; its pair is balanced into the half dtype
-            v, num, g_now, g_old, Bg_new = (xp.astype(a, self._wide) for a in (v, num, g_new, state.g, Bg_new))
+            wide = self._wide
+            v, num, g_now, g_old, Bg_new = (xp.astype(a, wide) for a in (v, num, g_new, state.g, Bg_new))
         vg = xp.sum(v * g_now, axis=-1)
         den = vg - xp.sum(v * g_old, axis=-1)
         usable = xp.isfinite(den) & (den != 0.0)
