@@ -28,13 +28,18 @@ TRACE_STEPS = 1000
 
 
 class Problem(NamedTuple):
-    """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n)."""
+    """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n).
+
+    ``differentiable`` is True while the loop is recorded for a gradient (``grad="unroll"``); a
+    solver's own inner loops must then be differentiable too (:meth:`Solver.inner_loop`).
+    """
 
     backend: Backend
     fn: Callable[[Any], Any]
     batch: int
     n: int
     dtype: Any
+    differentiable: bool = False
 
 
 class Solver:
@@ -80,6 +85,15 @@ class Solver:
     def grow(self, problem: Problem, state: Any, capacity: int) -> Any:
         """Enlarge the solver's memory to ``capacity`` between loop stages."""
         return state
+
+    @staticmethod
+    def inner_loop(problem: Problem) -> Callable[..., Any]:
+        """The loop for a solver's inner iterations (a line search): ``backend.while_loop``, or
+        ``backend.differentiable_loop`` while the solve is recorded for a gradient (a
+        ``while_loop`` would cut the gradient on torch and cannot be reverse-differentiated on
+        JAX). Both take ``(cond, body, state, max_steps)``."""
+        backend = problem.backend
+        return backend.differentiable_loop if problem.differentiable else backend.while_loop
 
     def iterate(self, problem: Problem, state: Any) -> tuple[Any, Any] | None:
         """The latest iterate and its f-value, (B, n) each (a frozen sample's final ones), or None.
@@ -161,19 +175,19 @@ def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, sto
     A sample is suspect when its final residual is not finite, or when its rel residual is 0
     with a nonzero abs one (``||f(z)||`` overflowed to inf). Its final iterate and f-value (from
     :meth:`Solver.iterate`) are measured again with :func:`scaled_norm`. Where both are finite,
-    the norm overflowed, not ``f``: the re-measured residual replaces the final one, and the
-    best one where it is lower or the final iterate is the best (a best iterate before it keeps
-    its abs residual and gets rel inf: its ``||f(z)||`` is not known). Returns the state and a
-    (B,) mask of the samples whose stop test the overflow decided (they end ``OVERFLOW`` unless
-    the re-measured residual reaches ``tol``), or None when no sample is suspect (read on eager
-    backends) or the solver keeps no iterate. ``dtype`` is the statistics dtype (None: the state's). Runs once
-    per solve; the loop's steps never pay for it.
+    the norm overflowed, not ``f``: the re-measured values replace the mismeasured entries of the
+    final residuals, and of the best ones where the final iterate is the best or lower (a best
+    iterate before it keeps its abs residual and gets rel inf: its ``||f(z)||`` is not known).
+    Returns the state and a (B,) mask of the samples whose stop test the overflow decided (they
+    end ``OVERFLOW`` unless the re-measured residual reaches ``tol``), or None when no sample is
+    suspect (read on eager backends) or the solver keeps no iterate. ``dtype`` is the statistics
+    dtype (None: the state's). Runs once per solve; the loop's steps never pay for it.
     """
     xp = problem.backend.xp
     last = state.last
-    finite = xp.isfinite(last[0]) & xp.isfinite(last[1])
+    finite_abs, finite_rel = xp.isfinite(last[0]), xp.isfinite(last[1])
     zero_rel = (last[1] == 0) & (last[0] > 0)
-    suspect = ~finite | zero_rel
+    suspect = ~(finite_abs & finite_rel) | zero_rel
     pair = solver.iterate(problem, state.solver)
     if pair is None or problem.n == 0 or problem.batch == 0:
         return state, None
@@ -184,20 +198,21 @@ def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, sto
     values = xp.all(xp.isfinite(z), axis=-1) & xp.all(xp.isfinite(fz), axis=-1)
     zw, fzw = (z, fz) if dtype is None else (xp.astype(z, dtype), xp.astype(fz, dtype))
     a = scaled_norm(xp, fzw - zw)
-    remeasured = xp.stack([a, a / (scaled_norm(xp, fzw) + 1e-9)])
     remeasure = suspect & values
-    # the best record is replaced where the final iterate is better, or is the best iterate itself
-    better = remeasure & (~(state.best[k] <= remeasured[k]) | xp.all(state.best_z == z, axis=-1))
-    best = xp.where(better, remeasured, state.best)
-    # a best iterate other than the final one keeps its abs residual; its rel one is unknown
-    unknown = remeasure & ~better & (best[1] == 0) & (best[0] > 0)
+    fixed = xp.stack([xp.where(remeasure & ~finite_abs, a, last[0]),
+                      xp.where(remeasure & (~finite_rel | zero_rel), a / (scaled_norm(xp, fzw) + 1e-9),
+                               last[1])])
+    best = state.best
+    take = remeasure & (xp.all(state.best_z == z, axis=-1) | ~(best[k] <= fixed[k]))
+    best = xp.where(take, fixed, best)
+    unknown = remeasure & ~take & (best[1] == 0) & (best[0] > 0)
     state = state._replace(
-        last=xp.where(remeasure, remeasured, last),
+        last=fixed,
         best=xp.stack([best[0], xp.where(unknown, float("inf"), best[1])]),
-        best_z=select_rows(xp, better, z, state.best_z),
+        best_z=select_rows(xp, take, z, state.best_z),
     )
     # in abs mode a rel residual of 0 over an overflowed ||f(z)|| did not decide the stop test
-    return state, remeasure & (suspect if stop_mode == "rel" else ~finite)
+    return state, remeasure & (suspect if stop_mode == "rel" else ~(finite_abs & finite_rel))
 
 
 def stage_ends(capacities: list[int], max_iter: int, check_every: int) -> list[int]:
@@ -231,6 +246,8 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     state. A sample whose residual norm overflowed that dtype while its iterate stayed finite
     ends ``OVERFLOW``, not ``NONFINITE`` (:func:`diagnose_overflow`).
     """
+    if differentiable != problem.differentiable:
+        problem = problem._replace(differentiable=differentiable)
     backend = problem.backend
     xp = backend.xp
     device = array_api_compat.device(z0)

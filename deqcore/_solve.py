@@ -192,14 +192,15 @@ def solve(
 
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
+    its = state.iterations  # an empty batch's steps: a sum of nothing, as a max has no identity
     solution = Solution(
         z=structure.unflatten(be, z_flat),
         abs_residual=state.best[0],
         rel_residual=state.best[1],
         converged=status == int(Status.CONVERGED),
         status=status,
-        iterations=state.iterations,
-        steps=xp.max(state.iterations) if structure.batch else xp.zeros((), dtype=state.iterations.dtype),
+        iterations=its,
+        steps=xp.max(state.iterations) if structure.batch else xp.sum(its, dtype=its.dtype),
         nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,
         abs_trace=None if state.trace is None else state.trace[0],
         rel_trace=None if state.trace is None else state.trace[1],

@@ -474,13 +474,15 @@ def test_empty_batch_returns_an_empty_solution_and_zero_gradients(h, grad, solve
             np.testing.assert_array_equal(np.asarray(grad_fn(jnp.asarray(W))), np.zeros((d, d)))
 
 
-def test_empty_batch_of_a_tuple_state_and_of_a_given_z0(h):
+def test_empty_batch_of_a_tuple_state_a_given_z0_and_a_hypersolver(h):
     x = h.asarray(np.zeros((0, 3)))
     z0 = (h.asarray(np.zeros((0, 3))), h.asarray(np.zeros((0, 2, 2))))
     sol = h.solve(lambda z, x: (0.5 * z[0] + x, 0.5 * z[1]), x, z0, trace=4)
     _check_empty(h, sol, [(0, 3), (0, 2, 2)], 5)
     sol = h.solve(lambda z, x: 0.5 * z, x, h.asarray(np.zeros((0, 4))), trace=False, jit=True)
     assert tuple(sol.z.shape) == (0, 4) and sol.abs_trace is None and sol.result is deqcore.Result.SUCCESS
+    hs = deqcore.HyperAnderson(deqcore.hypersolvers.IdentityCompression(3))
+    _check_empty(h, h.solve(lambda z, x: 0.5 * z + x, x, solver=hs, max_iter=4), [(0, 3)], 5)
 
 
 # --- arrays of several frameworks ------------------------------------------------------------
@@ -645,3 +647,50 @@ def test_status_values_order_outcomes_from_best_to_worst():
     assert [s.name for s in sorted(Status)] == order
     assert [r.name for r in sorted(deqcore.Result)] == ["SUCCESS"] + order[1:]
     assert [int(s) for s in sorted(Status)] == [int(r) for r in sorted(deqcore.Result)]
+
+
+def test_unroll_differentiates_through_broydens_line_search(h):
+    """grad="unroll" records every step, the line search's trial steps included: its gradient
+    equals central differences of the forward solve itself (8 steps, the line search active).
+    A line search run as a plain while_loop cut that path (torch) or could not be
+    differentiated at all (JAX)."""
+    rng = np.random.default_rng(4)
+    d = 6
+    W = rng.standard_normal((d, d))
+    W = 2.5 * W / np.linalg.norm(W, 2)
+    x = 2 * rng.standard_normal((3, d))
+    c = rng.standard_normal((3, d))
+    kw = {"solver": "broyden", "line_search": True, "tol": 1e-14, "max_iter": 8}
+    xp = h.xp
+
+    def forward(W_):
+        return h.solve(lambda z, x_: xp.tanh(z @ W_.T + x_), h.asarray(x), grad=None, jit=False, **kw)
+
+    sol = forward(h.asarray(W))
+    assert int(h.numpy(sol.nfe)) > 1 + int(h.numpy(sol.steps))  # trial steps were taken
+    if h.name == "jax":
+        import jax
+
+        def unrolled(W_):
+            out = h.solve(lambda z, x_: xp.tanh(z @ W_.T + x_), h.asarray(x), grad="unroll", **kw)
+            return xp.sum(out.z * c)
+
+        loss = jax.jit(lambda W_: xp.sum(forward(W_).z * c))
+        got = np.asarray(jax.grad(unrolled)(h.asarray(W)))
+    else:
+        import torch
+
+        def loss(W_):
+            return (forward(W_).z * torch.from_numpy(c)).sum()
+
+        Wt = torch.tensor(W, requires_grad=True)
+        out = h.solve(lambda z, x_: torch.tanh(z @ Wt.T + x_), h.asarray(x), grad="unroll", **kw)
+        (out.z * torch.from_numpy(c)).sum().backward()
+        got = Wt.grad.numpy()
+    eps = 1e-6
+    fd = np.zeros_like(W)
+    for idx in np.ndindex(W.shape):
+        E = np.zeros_like(W)
+        E[idx] = eps
+        fd[idx] = (float(loss(h.asarray(W + E))) - float(loss(h.asarray(W - E)))) / (2 * eps)
+    np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-8)

@@ -181,8 +181,8 @@ class Broyden(Solver):
             pending = pending & ~ok & (s_next >= amin)
             return z_out, fz_out, s_next, pending, trials + 1
 
-        z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0),
-                                                         self.ls_max_trials)
+        z_out, fz_out, _, _, trials = self.inner_loop(problem)(cond, body, (z1, fz1, s, pending, 0),
+                                                              self.ls_max_trials)
         return z_out, fz_out, 1 + trials
 
     def _dot(self, xp: Any, a: Any, b: Any) -> Any:
