@@ -200,7 +200,7 @@ def solve(
         converged=status == int(Status.CONVERGED),
         status=status,
         iterations=its,
-        steps=xp.max(state.iterations) if structure.batch else xp.sum(its, dtype=its.dtype),
+        steps=xp.max(its) if structure.batch else xp.sum(its, dtype=its.dtype),
         nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,
         abs_trace=None if state.trace is None else state.trace[0],
         rel_trace=None if state.trace is None else state.trace[1],
