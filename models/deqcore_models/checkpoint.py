@@ -119,7 +119,8 @@ def _array_differences(expected: Mapping[str, Spec], got: Mapping[str, Any]) -> 
     return {"missing": missing, "unexpected": unexpected, "mismatched": wrong}
 
 
-def _nonfinite(arrays: Mapping[str, Any]) -> list[str]:
+def nonfinite_arrays(arrays: Mapping[str, Any]) -> list[str]:
+    """``"name (k of n values)"`` for each floating array holding NaN or Inf."""
     out = []
     for k in sorted(arrays):
         a = np.asarray(arrays[k])
@@ -160,7 +161,7 @@ def check_checkpoint(ck: Checkpoint, schema: Schema, source: str = "checkpoint")
             for kind, items in _array_differences(schema.arrays[group], got).items():
                 if items:
                     problems.append(f"{label} {kind} {len(items)}: {_listing(items)}")
-        bad = _nonfinite(got)
+        bad = nonfinite_arrays(got)
         if bad:
             problems.append(f"{label} with NaN or Inf values: {_listing(bad)}")
     if problems:

@@ -1,4 +1,4 @@
-"""The experiments of issue 4, one command each; results, tables and plots go to ``--out``.
+"""The models' experiments, one command each; results, tables and plots go to ``--out``.
 
     python -m deqcore_models.experiments gdeq --data ../shared/data --out docs/experiments/gdeq-fmnist
 
@@ -196,6 +196,9 @@ def compare_backends(run_a: Path, run_b: Path, out: Path, overwrite: bool = Fals
         raise ValueError(f"the runs differ in more than the backend: {sorted(same)}")
     if any(not s.get("final") or s.get("status") == "failed" for s in (sa, sb)):
         raise ValueError("a run has no final results (it failed or has not finished): compare complete runs")
+    if any(s.get("flags") or None in s["final"].values() for s in (sa, sb)):
+        raise ValueError("a run's results are flagged (non-finite metrics in its summary.json): nothing to "
+                         "compare")
     n = min(len(ta), len(tb))
     la = np.array([float(r["loss"]) for r in ta[:n]])
     lb = np.array([float(r["loss"]) for r in tb[:n]])

@@ -241,7 +241,7 @@ def fit(model: FrozenModel, hs: HyperAnderson, *, steps: int, batch_size: int = 
 
 def training_cost(model: FrozenModel, hs: HyperAnderson,
                   history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """The issue's cost figures of a trained hypersolver: parameters (and their share of the
+    """The cost figures of a trained hypersolver: parameters (and their share of the
     model's and of the equilibrium layer's) and training seconds (and their share of the DEQ's
     training time; None when the run has no ``epochs.csv``)."""
     seconds = float(history[-1]["seconds"])

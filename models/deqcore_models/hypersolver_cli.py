@@ -8,6 +8,7 @@ says so."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def hypersolver_train(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     final = {k: history[-1][k] for k in ("conv", "init", "alpha")}
-    bad = [k for k, v in final.items() if v != v or v in (float("inf"), float("-inf"))]
+    bad = [k for k, v in final.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"hypersolver training diverged: final {', '.join(bad)} not finite; "
                                  f"nothing was written (lower --train-option lr=...)")
@@ -126,8 +127,8 @@ def row_flags(rows: list[dict[str, Any]]) -> list[str]:
     """A flag for each result row with a non-finite metric, loss or residual."""
     out = []
     for r in rows:
-        bad = [k for k in ("metric", "loss", "residual") if isinstance(r.get(k), float) and not
-               (abs(r[k]) < float("inf"))]
+        bad = [k for k in ("metric", "loss", "residual")
+               if isinstance(r.get(k), float) and not math.isfinite(r[k])]
         if bad:
             out.append(f"{r['method']} at {r['budget']} steps: {', '.join(bad)} not finite (the solve "
                        f"diverged or produced NaN)")

@@ -48,12 +48,14 @@ from ._engines import make_engine, optimizer_specs
 from ._progress import Progress
 from ._workloads import MODELS, make_workload
 from .checkpoint import (
+    GROUPS,
     Checkpoint,
     CheckpointError,
     Schema,
     array_specs,
     check_checkpoint,
     load_checkpoint,
+    nonfinite_arrays,
     save_checkpoint,
 )
 
@@ -430,10 +432,11 @@ def result_flags(rows: Sequence[Mapping[str, Any]], cfg: TrainConfig) -> tuple[l
     flags, warns = [], []
     for row in rows:
         where = f"epoch {row['epoch']}: " if "epoch" in row and len(rows) > 1 else ""
-        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        # None: a non-finite number read back from JSON (a resumed run's earlier epochs)
+        bad = [k for k, v in row.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
         if bad:
-            flags.append(f"{where}{', '.join(f'{k} is {row[k]}' for k in bad)}: the model's outputs are "
-                         f"not finite and these metrics mean nothing")
+            shown = ", ".join(f"{k} is {'null' if row[k] is None else row[k]}" for k in bad)
+            flags.append(f"{where}{shown}: the model's outputs are not finite and these metrics mean nothing")
     final = rows[-1] if rows else {}
     res = final.get("test_residual")
     if isinstance(res, float) and math.isfinite(res) and res > cfg.tol:
@@ -482,11 +485,11 @@ class Trainer:
 
     def save(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> Path:
         params, state, extra = self.engine.export()
-        bad = [f"{k} ({int(np.size(v) - np.count_nonzero(np.isfinite(v)))} values)"
-               for k, v in params.items() if not np.all(np.isfinite(v))]
+        bad = [f"{label} {item}" for group, label in zip((params, state, extra), GROUPS.values(), strict=True)
+               for item in nonfinite_arrays(group)]
         if bad:
-            raise FloatingPointError(self._failure(step - 1, "the weights became NaN or Inf ("
-                                                   + ", ".join(bad[:5]) + ")"))
+            shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise FloatingPointError(self._failure(step - 1, f"the weights became NaN or Inf ({shown})"))
         path = save_checkpoint(self.out / "checkpoint.npz",
                                Checkpoint(self._meta(step, epoch_acc, history), params, state, extra))
         self._saved_step = step
