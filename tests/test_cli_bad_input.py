@@ -526,6 +526,11 @@ def test_hypersolver_outputs_are_not_replaced_unless_asked(capsys, run_copy):
     assert rc == 2 and "results.json already exist" in one_error_line(err, "deqcore hypersolver eval")
     assert (run_copy / "hypersolver.npz").read_text() == "earlier results"
     assert (run_copy / "hypersolver-eval" / "results.json").read_text() == "earlier results"
+    # the hypersolver file itself is checked when loaded for the model: this one is no .npz at all
+    rc, _, err = run_cli(capsys, ["hypersolver", "eval", "--run", run_copy, "--out", run_copy / "other"])
+    line = one_error_line(err, "deqcore hypersolver eval")
+    assert rc == 2 and f"{run_copy / 'hypersolver.npz'}: not a readable .npz file" in line
+    assert not (run_copy / "other").exists()
 
 
 def test_experiments_refuse_to_replace_results(capsys, tmp_path, empty_data):
