@@ -257,8 +257,12 @@ def test_same_command_on_both_backends_gives_matching_curves(data_root, tmp_path
     assert res["max_rel_loss_diff"] < 1e-3, res
     assert res["final"][0]["test_ppl"] == pytest.approx(res["final"][1]["test_ppl"], rel=1e-3)
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"backends.md", "backends.json", "backends.png"}
+    before = (tmp_path / "cmp" / "backends.json").read_bytes()
+    assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "jax"),
+                        "--out", str(tmp_path / "cmp")]) == 2  # earlier results are kept unless asked
     assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "nowhere"),
-                        "--out", str(tmp_path / "cmp")]) == 2
+                        "--out", str(tmp_path / "cmp"), "--overwrite"]) == 2
+    assert (tmp_path / "cmp" / "backends.json").read_bytes() == before
 
 
 @pytest.mark.equivalence
