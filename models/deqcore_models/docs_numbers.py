@@ -19,9 +19,11 @@ Two markers, both HTML comments (invisible on the rendered page):
   first: ``%`` (times 100) or ``*N``. A ``K`` or ``M`` right after the written number (``53K``)
   divides them by a thousand or a million.
 
-Queries: dot-separated keys (``training.hyper.seconds``); ``*`` takes every item of a dict or
-list; ``[k=v,k2=v2]`` keeps the list items whose fields print as those values (``rows[method=hyper,
-budget=1].accuracy``; ``v1|v2`` accepts either); ``[3]`` picks an item. A CSV source is a list of rows, numbers parsed.
+Queries: dot-separated keys (``training.hyper.seconds``; ``a|b`` takes both); ``*`` takes every
+item of a dict or list; ``[k=v,k2=v2]`` keeps the list items whose fields print as those values
+(``rows[method=hyper,budget=1].accuracy``; ``v1|v2`` accepts either); ``[3]`` picks an item. A
+``sum:``, ``count:``, ``mean:``, ``min:`` or ``max:`` in front reduces the selection to one number.
+A CSV source is a list of rows, numbers parsed.
 
     python -m deqcore_models.docs_numbers            # rewrite the blocks this package renders
     python -m deqcore_models.docs_numbers --check    # list every stale block and wrong number
@@ -149,8 +151,20 @@ def _printed(value: Any) -> str:
 _SEGMENT = re.compile(r"\[(?P<filter>[^\]]*)\]|(?P<key>[^.\[\]]+)")
 
 
+AGGREGATES: dict[str, Callable[[list[float]], float]] = {
+    "sum": lambda v: float(sum(v)), "count": lambda v: float(len(v)),
+    "mean": lambda v: float(sum(v)) / len(v), "min": lambda v: float(min(v)), "max": lambda v: float(max(v))}
+
+
 def query(data: Any, path: str) -> list[Any]:
     """The values ``path`` selects in ``data`` (see the module docstring)."""
+    head, colon, rest = path.partition(":")
+    if colon and head in AGGREGATES:
+        values = query(data, rest)
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad or (not values and head != "count"):
+            return values if bad else []
+        return [AGGREGATES[head](values)]
     items = [data]
     for m in _SEGMENT.finditer(path):
         nxt: list[Any] = []
@@ -158,9 +172,8 @@ def query(data: Any, path: str) -> list[Any]:
             if m["key"] == "*" or m["filter"] == "*":
                 nxt += list(item.values()) if isinstance(item, dict) else list(item)
             elif m["key"] is not None:
-                if not isinstance(item, dict) or m["key"] not in item:
-                    continue
-                nxt.append(item[m["key"]])
+                if isinstance(item, dict):
+                    nxt += [item[k] for k in m["key"].split("|") if k in item]
             elif re.fullmatch(r"-?\d+", m["filter"]):
                 if isinstance(item, list) and -len(item) <= int(m["filter"]) < len(item):
                     nxt.append(item[int(m["filter"])])
@@ -350,4 +363,6 @@ def main(argv: list[str] | None = None, names: Iterable[str] | None = None, prog
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from deqcore_models.docs_numbers import main as _main  # the registry the renderers fill
+
+    sys.exit(_main())
