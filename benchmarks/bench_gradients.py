@@ -868,6 +868,10 @@ def main(argv=None) -> int:
         "rows": rows, "memory": mem, "goals": gl,
     }, indent=1))
     print(f"\nwrote {out}")
+    from render_docs import refresh_pages_of
+
+    for page in refresh_pages_of(out):  # the pages whose generated blocks quote this file
+        print(f"rendered {page}")
     return 0
 
 

@@ -52,7 +52,8 @@ symmetric problem at d=1024 and on the convolutional layer.
 Run:  python benchmarks/bench_solvers.py [--repeats 7] [--dtype float32] [--problems symmetric,conv]
       python benchmarks/bench_solvers.py --quick          (smoke run: d=256 dense and conv, 3 repeats)
 Results go to ``--json`` (default benchmarks/results/solvers.json); an existing file is kept
-unless ``--overwrite`` is given.
+unless ``--overwrite`` is given. The documentation's blocks generated from that file
+(docs/benchmarks.md) are rendered again (``render_docs.py``).
 """
 
 from __future__ import annotations
@@ -662,6 +663,10 @@ def main(argv=None) -> int:
         "idle_before_timing": idle_seen, "rows": rows, "goals": gl,
     }, indent=1))
     print(f"\nwrote {out}")
+    from render_docs import refresh_pages_of
+
+    for page in refresh_pages_of(out):  # the pages whose generated blocks quote this file
+        print(f"rendered {page}")
     return 0
 
 
