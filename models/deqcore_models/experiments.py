@@ -407,6 +407,40 @@ def _hyperdeq_operating_points(r: dict[str, Any]) -> list[str]:
                                   r["model"] == "transformer")
 
 
+#: the cost goals of a hypersolver: a share of the model's parameters and of its training time
+HYPERDEQ_GOALS = {"speedup": 2.0, "parameter_ratio": 0.04, "time_ratio": 0.02}
+
+
+def _hyperdeq_goals(r: dict[str, Any]) -> list[str]:
+    """The main hypersolver (the first trained) against :data:`HYPERDEQ_GOALS`: its solve-phase
+    speedup at equal quality against each classic solver, its parameter and training-time shares."""
+    name, t = next(iter(r["training"].items()))
+    goal = HYPERDEQ_GOALS
+    per = r["speedups"]["solve_seconds"].get(name, {})
+    cells = [f"{base} " + ("not reached" if v["speedup"] is None else f"{v['speedup']:.2f}×")
+             for base, v in per.items()]
+    fast = bool(per) and all(v["speedup"] is not None and v["speedup"] >= goal["speedup"]
+                             for v in per.values())
+
+    def mark(ok: bool) -> str:
+        return "✓" if ok else "✗"
+
+    rows = ["| goal | result |", "|---|---|",
+            f"| ≥ {goal['speedup']:g}× faster than each classic solver at equal quality (solve phase) | "
+            f"{mark(fast)} {', '.join(cells) or 'no classic solver compared'} |",
+            f"| ≤ {100 * goal['parameter_ratio']:g} % of the model's parameters | "
+            f"{mark(t['parameter_ratio'] <= goal['parameter_ratio'])} {100 * t['parameter_ratio']:.2f} % "
+            f"({t['parameters']:,} of {t['model_parameters']:,}) |"]
+    if t["time_ratio"] is None:
+        rows.append(f"| training ≤ {100 * goal['time_ratio']:g} % of the DEQ's | unknown (the run has no "
+                    f"epochs.csv); {t['seconds']:.0f} s |")
+    else:
+        rows.append(f"| training ≤ {100 * goal['time_ratio']:g} % of the DEQ's | "
+                    f"{mark(t['time_ratio'] <= goal['time_ratio'])} {100 * t['time_ratio']:.2f} % "
+                    f"({t['seconds']:.0f} s of {t['model_train_seconds']:,.0f} s) |")
+    return rows
+
+
 def _hyperdeq_table(r: dict[str, Any]) -> str:
     """The whole ``results.md`` of a ``hyperdeq`` run from its results."""
     text = r["model"] == "transformer"
@@ -451,7 +485,7 @@ for _name, _make in (("hyperdeq.results", _hyperdeq_table), ("hyperdeq.cost", _h
                      ("hyperdeq.residual", lambda r: _hyperdeq_grid(r, "residual")),
                      ("hyperdeq.seconds", lambda r: _hyperdeq_grid(r, "seconds")),
                      ("hyperdeq.solve-seconds", lambda r: _hyperdeq_grid(r, "solve_seconds")),
-                     ("hyperdeq.speedups", _hyperdeq_speedups),
+                     ("hyperdeq.speedups", _hyperdeq_speedups), ("hyperdeq.goals", _hyperdeq_goals),
                      ("hyperdeq.operating-points", _hyperdeq_operating_points)):
     _hyperdeq_renderer(_name, _make)
 
