@@ -3,7 +3,7 @@
 Whether the two backends train the same model at comparable speed on CPU: the goal is a step
 time within 1.5x of each other's, either way. Each backend runs in
 its own subprocess (in one process, XLA's and PyTorch's thread pools spin against each other and
-torch steps became 2-20x slower and erratic), from the same NumPy weights on the same batches.
+torch steps became many times slower and erratic), from the same NumPy weights on the same batches.
 The first ``--warmup`` steps (JAX compiles, PyTorch's first steps are also slow) are excluded, and
 the blocks alternate torch, jax, torch, jax so that slow machine phases hit both; each backend's
 figure is the better of its two blocks' medians. Reported per workload and backend: training step
