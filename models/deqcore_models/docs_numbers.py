@@ -19,6 +19,9 @@ Two markers, both HTML comments (invisible on the rendered page):
   first: ``%`` (times 100) or ``*N``. A ``K`` or ``M`` right after the written number (``53K``)
   divides them by a thousand or a million.
 
+A number quoted from elsewhere (a paper) says so in the text and carries ``<!-- quoted: SOURCE
+-->`` right after it; it is not checked.
+
 Queries: dot-separated keys (``training.hyper.seconds``; ``a|b`` takes both); ``*`` takes every
 item of a dict or list; ``[k=v,k2=v2]`` keeps the list items whose fields print as those values
 (``rows[method=hyper,budget=1].accuracy``; ``v1|v2`` accepts either); ``[3]`` picks an item. A
@@ -154,6 +157,7 @@ _SEGMENT = re.compile(r"\[(?P<filter>[^\]]*)\]|(?P<key>[^.\[\]]+)")
 AGGREGATES: dict[str, Callable[[list[float]], float]] = {
     "sum": lambda v: float(sum(v)), "count": lambda v: float(len(v)),
     "mean": lambda v: float(sum(v)) / len(v), "min": lambda v: float(min(v)), "max": lambda v: float(max(v))}
+"""``sum:`` and the others reduce a selection to one number; ``count:`` counts items of any kind."""
 
 
 def query(data: Any, path: str) -> list[Any]:
@@ -161,10 +165,10 @@ def query(data: Any, path: str) -> list[Any]:
     head, colon, rest = path.partition(":")
     if colon and head in AGGREGATES:
         values = query(data, rest)
+        if head == "count":
+            return [float(len(values))]
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad or (not values and head != "count"):
-            return values if bad else []
-        return [AGGREGATES[head](values)]
+        return values if bad or not values else [AGGREGATES[head](values)]
     items = [data]
     for m in _SEGMENT.finditer(path):
         nxt: list[Any] = []
@@ -222,17 +226,18 @@ def check_number(before: str, values: Sequence[Any], scale: str | None) -> str |
     scaled = [float(v) * factor for v in nums]
     if any(not math.isfinite(v) for v in scaled):
         return f"the query selects non-finite values: {nums[:3]}"
+    suffix = m["suffix"] or ""
     if m["b"] is None:
         a = _clean(m["a"])
         got = sorted({_fixed(v, a) for v in scaled})
         want = _fixed(float(a), a)
         if got != [want]:
-            return f"the page says {m['a']}, the results say {' / '.join(got)}"
+            return f"the page says {m['a']}{suffix}, the results say {' / '.join(g + suffix for g in got)}"
         return None
     a, b = _clean(m["a"]), _clean(m["b"])
     low, high = _fixed(min(scaled), a), _fixed(max(scaled), b)
     if (low, high) != (_fixed(float(a), a), _fixed(float(b), b)):
-        return f"the page says {m['a']}–{m['b']}, the results say {low}–{high}"
+        return f"the page says {m['a']}–{m['b']}{suffix}, the results say {low}–{high}{suffix}"
     return None
 
 
