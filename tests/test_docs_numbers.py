@@ -40,8 +40,8 @@ def _strip(text: str) -> str:
 
 def test_every_generated_block_and_checked_number_matches_its_results():
     pages = dn.pages(ROOT)
-    issues = [issue for page in pages for issue in dn.problems(page, ROOT)]
-    assert not issues, "docs disagree with their results files:\n" + "\n".join(issues)
+    wrong = [item for page in pages for item in dn.problems(page, ROOT)]
+    assert not wrong, "docs disagree with their results files:\n" + "\n".join(wrong)
     # not vacuous: the pages that quote results do so through the markers
     texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in pages}
     named = {b.name for t in texts.values() for b in dn.blocks(t)}
@@ -116,8 +116,8 @@ def test_checked_number_accepts_the_value_as_written(tmp_path, written, data, sc
 ])
 def test_checked_number_rejects_a_wrong_value(tmp_path, written, data, scale):
     page = _page(tmp_path, f"The run took {written}<!-- checked: r.json a{scale} -->.\n", {"a": data})
-    (issue,) = dn.problems(page)
-    assert "page.md:1" in issue and "r.json a" in issue and written.split()[0] in issue
+    (item,) = dn.problems(page)
+    assert "page.md:1" in item and "r.json a" in item and written.split()[0] in item
 
 
 def test_checked_range_is_the_smallest_and_largest_selected(tmp_path):
@@ -130,18 +130,18 @@ def test_checked_range_is_the_smallest_and_largest_selected(tmp_path):
             "count 3<!-- checked: r.json count:rows[method=anderson] -->, "
             "sum 4.77<!-- checked: r.json sum:rows[method=anderson,d=256|1024|64].ratio -->, "
             "none 1.0<!-- checked: r.json rows[method=jfb].ratio -->.\n")
-    issues = dn.problems(_page(tmp_path, text, {"rows": rows}))
-    assert len(issues) == 2
-    assert "the page says 1.25–1.95, the results say 1.25–2.00" in issues[0]
-    assert "selects nothing" in issues[1]
+    wrong = dn.problems(_page(tmp_path, text, {"rows": rows}))
+    assert len(wrong) == 2
+    assert "the page says 1.25–1.95, the results say 1.25–2.00" in wrong[0]
+    assert "selects nothing" in wrong[1]
 
 
 def test_checked_number_in_a_table_cell_is_the_cells_own(tmp_path):
     """The marker checks the number of its own cell, not one of the cell before."""
     text = ("| a | b |\n|---|---|\n| 12.5 | 3<!-- checked: r.json b --> |\n"
             "| 7 | <!-- checked: r.json b --> |\n")
-    issues = dn.problems(_page(tmp_path, text, {"b": 3}))
-    assert len(issues) == 1 and ":4:" in issues[0] and "no number" in issues[0]
+    wrong = dn.problems(_page(tmp_path, text, {"b": 3}))
+    assert len(wrong) == 1 and ":4:" in wrong[0] and "no number" in wrong[0]
 
 
 def test_a_stale_generated_block_is_found_and_rewritten(tmp_path):
@@ -161,13 +161,13 @@ def test_a_stale_generated_block_is_found_and_rewritten(tmp_path):
     result["training"]["hyper"]["unconverged_targets"] = 0
     result["rows"][0]["accuracy"] = result["rows"][0]["metric"] = 0.5
     (tmp_path / "results.json").write_text(json.dumps(result))
-    issues = dn.problems(page)
+    wrong = dn.problems(page)
     assert any("'hyperdeq.cost' differs" in i and "python -m deqcore_models.docs_numbers" in i
-               for i in issues)
-    assert any("'hyperdeq.metric' differs" in i for i in issues)
+               for i in wrong)
+    assert any("'hyperdeq.metric' differs" in i for i in wrong)
     # the prose quotes the 22 unconverged targets and the 81.2 % first-step accuracy: both now wrong
-    assert any("training.hyper.unconverged_targets" in i and "the page says 22" in i for i in issues)
-    assert any("rows[method=hyper,budget=1].accuracy" in i for i in issues)
+    assert any("training.hyper.unconverged_targets" in i and "the page says 22" in i for i in wrong)
+    assert any("rows[method=hyper,budget=1].accuracy" in i for i in wrong)
     before = page.read_text()
     dn.write_page(page, "hyperdeq.results", "results.json")
     after = page.read_text()

@@ -347,10 +347,10 @@ def main(argv: list[str] | None = None, names: Iterable[str] | None = None, prog
     root = args.root.resolve()
     targets = [p.resolve() for p in args.pages] or pages(root)
     if args.check:
-        issues = [i for p in targets for i in problems(p, root, skip_foreign=True)]
-        for issue in issues:
-            print(issue)
-        return 1 if issues else 0
+        wrong = [i for p in targets for i in problems(p, root, skip_foreign=True)]
+        for item in wrong:
+            print(item)
+        return 1 if wrong else 0
     own = set(renderers()) if names is None else set(names)
     changed = []
     for p in targets:
@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None, names: Iterable[str] | None = None, prog
     for p in changed:
         print(f"rewrote {p.relative_to(root) if p.is_relative_to(root) else p}", file=sys.stderr)
     leftover = [i for p in targets for i in problems(p, root, skip_foreign=True)]
-    for issue in leftover:
-        print(issue, file=sys.stderr)
+    for item in leftover:
+        print(item, file=sys.stderr)
     return 1 if leftover else 0
 
 
