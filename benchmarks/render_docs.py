@@ -361,18 +361,8 @@ def memory_table_block(source: Path) -> str:
 
 
 def refresh_pages_of(results: Path) -> list[Path]:
-    """Render again every generated block whose source is ``results``; the pages changed."""
-    results = results.resolve()
-    changed = []
-    for page in docs_numbers.pages(ROOT):
-        text = page.read_text()
-        names = {b.name for b in docs_numbers.blocks(text) if (page.parent / b.source).resolve() == results}
-        if names:
-            new = docs_numbers.refresh(text, page, names)
-            if new != text:
-                page.write_text(new)
-                changed.append(page)
-    return changed
+    """Render again every generated block of this checkout whose source is ``results``."""
+    return docs_numbers.refresh_pages_of(results, ROOT)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,33 @@ def write_page(path: Path, name: str, source: str) -> None:
     path.write_text(refresh(text, path))
 
 
+def repository_of(path: Path) -> Path | None:
+    """The checkout ``path`` lies in (the nearest folder above it with ``pyproject.toml`` and
+    ``docs/``), or None."""
+    for folder in path.resolve().parents:
+        if (folder / "pyproject.toml").is_file() and (folder / "docs").is_dir():
+            return folder
+    return None
+
+
+def refresh_pages_of(results: Path, root: Path | None = None) -> list[Path]:
+    """Render again, in every page of the checkout (``root``, default :func:`repository_of`
+    ``results``), the generated blocks whose source is ``results``; the pages changed. Checked
+    numbers are not touched: :func:`problems` reports the ones a new result contradicts."""
+    results = results.resolve()
+    root = repository_of(results) if root is None else root
+    changed: list[Path] = []
+    for page in pages(root) if root is not None else []:
+        text = page.read_text()
+        names = {b.name for b in blocks(text) if (page.parent / b.source).resolve() == results}
+        if names:
+            new = refresh(text, page, names)
+            if new != text:
+                page.write_text(new)
+                changed.append(page)
+    return changed
+
+
 def problems(page: Path, root: Path | None = None, skip_foreign: bool = False) -> list[str]:
     """Everything wrong with one page: a block that differs from its rendering (or has an unknown
     renderer or a missing source), a checked number that does not match, a marker that does not

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .docs_numbers import load, renderer, write_page
+from .docs_numbers import load, refresh_pages_of, renderer, write_page
 from .train import TrainConfig, Trainer
 
 #: Each mode with the trainer's defaults (for implicit, its backward budget of 20 steps) except
@@ -162,6 +162,7 @@ def render_gdeq_epochs(source: Path) -> str:
 
 def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     write_page(out / "README.md", "gdeq.report", "results.json")
+    refresh_pages_of(out / "results.json")  # pages elsewhere in the checkout that quote it
     try:
         import matplotlib
 
@@ -329,8 +330,9 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
     write_plots(rows, out, model.text, title=f"{model.cfg.model} on {model.cfg.dataset}")
     _hyperdeq_training_plot(out, args.variants)
     write_page(out / "results.md", "hyperdeq.results", "results.json")
-    if (out / "README.md").exists():
+    if (out / "README.md").exists():  # the report's reading: its blocks, not its prose
         write_page(out / "README.md", "hyperdeq.results", "results.json")
+    refresh_pages_of(out / "results.json")  # pages elsewhere in the checkout that quote it
     return result
 
 
