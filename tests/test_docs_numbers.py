@@ -252,3 +252,30 @@ def test_torch_examples_print_what_their_comments_say():
 @pytest.mark.backend("jax")
 def test_jax_examples_print_what_their_comments_say():
     _check_examples("jax")
+
+
+def test_a_new_result_renders_the_pages_that_quote_it(tmp_path):
+    """What a benchmark or experiment command does after writing its results: every block of the
+    checkout sourced from that file is rendered again, other blocks and the prose stay."""
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "results").mkdir()
+    rows = json.loads((ROOT / "benchmarks/results/backends.json").read_text())
+    (tmp_path / "results" / "backends.json").write_text(json.dumps(rows))
+    (tmp_path / "results" / "other.json").write_text(json.dumps(rows))
+    page = tmp_path / "docs" / "page.md"
+    stale = [dn.block("backends.table", f"../results/{name}.json", "stale", render_docs.COMMAND)
+             for name in ("backends", "other")]
+    page.write_text("Intro 0.76×<!-- checked: ../results/backends.json [workload=mdeq].ratio_step -->.\n\n"
+                    + stale[0] + "\n\nMiddle.\n\n" + stale[1] + "\n")
+    rows[0]["ratio_step"] = 0.5
+    (tmp_path / "results" / "backends.json").write_text(json.dumps(rows))
+    assert dn.refresh_pages_of(tmp_path / "results" / "backends.json") == [page]
+    text = page.read_text()
+    first, second = dn.blocks(text)
+    assert "**0.50× PASS**" in first.body and second.body == "stale\n"
+    assert text.startswith("Intro 0.76×") and "\n\nMiddle.\n\n" in text
+    (item,) = [i for i in dn.problems(page) if "checked number" in i]
+    assert "the page says 0.76, the results say 0.50" in item
+    assert dn.refresh_pages_of(tmp_path / "results" / "other.json", tmp_path) == [page]
+    assert [i for i in dn.problems(page) if "differs" in i] == []

@@ -249,14 +249,15 @@ def _marker_parts(body: str) -> tuple[str, str, str | None]:
     return words[0], " ".join(words[1:-1] if scale else words[1:]), scale
 
 
-def refresh(text: str, page: Path, names: Iterable[str] | None = None) -> str:
+def refresh(text: str, page: Path, names: Iterable[str] | None = None,
+            source: Path | None = None) -> str:
     """``text`` of ``page`` with every generated block whose renderer is registered (and named in
-    ``names``, when given) rendered again from its source."""
+    ``names``, and rendered from ``source``, when given) rendered again from its source."""
     table = renderers()
     wanted = set(table) if names is None else set(names) & set(table)
     out, last = [], 0
     for b in blocks(text):
-        if b.name not in wanted:
+        if b.name not in wanted or (source is not None and (page.parent / b.source).resolve() != source):
             continue
         reg = table[b.name]
         body = reg.render(page.parent / b.source)
@@ -292,9 +293,8 @@ def refresh_pages_of(results: Path, root: Path | None = None) -> list[Path]:
     changed: list[Path] = []
     for page in pages(root) if root is not None else []:
         text = page.read_text()
-        names = {b.name for b in blocks(text) if (page.parent / b.source).resolve() == results}
-        if names:
-            new = refresh(text, page, names)
+        if any((page.parent / b.source).resolve() == results for b in blocks(text)):
+            new = refresh(text, page, source=results)
             if new != text:
                 page.write_text(new)
                 changed.append(page)
