@@ -332,6 +332,8 @@ def problems(page: Path, root: Path | None = None, skip_foreign: bool = False) -
                          f"run `{reg.command}` to rewrite it")
     loaded: dict[Path, Any] = {}
     for m in CHECK.finditer(text):
+        if text.count("`", text.rfind("\n", 0, m.start()) + 1, m.start()) % 2:
+            continue  # inside inline code: an example of the marker, not a marker
         line = text.count("\n", 0, m.start()) + 1
         try:
             name, path, scale = _marker_parts(m["body"])
