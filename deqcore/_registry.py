@@ -356,26 +356,35 @@ def _check_backend(entry: Entry, backend: Any) -> None:
         raise PluginError(f"{where} could not be built: {made} returned None instead of a deqcore.Backend. "
                           + _fix(entry.plugin))
     attributes, methods = _protocol_members(Backend)
-    missing = [n for n in [*attributes, *methods] if not hasattr(backend, n)]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
+    members: dict[str, Any] = {}
+    broken = []
+    for member in [*attributes, *methods]:
+        try:
+            members[member] = getattr(backend, member)
+        except AttributeError:
+            pass
+        except Exception as exc:  # a property that fails is as unusable as a missing member
+            broken.append(f"reading {member} raised {type(exc).__name__}: {exc}")
+            members[member] = None
+    missing = [m for m in [*attributes, *methods] if m not in members]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += broken
     for attr, annotation in attributes.items():
-        if attr in missing:
+        if attr not in members or any(p.startswith(f"reading {attr} ") for p in broken):
             continue
-        value = getattr(backend, attr)
-        expected = _ANNOTATED_TYPES.get(str(annotation))
+        value = members[attr]
+        expected = annotation if isinstance(annotation, type) else _ANNOTATED_TYPES.get(str(annotation))
         if expected is not None and not isinstance(value, expected):
             problems.append(f"{attr} is {value!r}, not a {expected.__name__}")
         elif value is None:
             problems.append(f"{attr} is None")
-    name = getattr(backend, "name", entry.name)
+    name = members.get("name")
     if isinstance(name, str) and name != entry.name:
         problems.append(f"its name is {name!r} but it is registered as {entry.name!r}")
     for method in methods:
-        if method in missing:
+        if method not in members or any(p.startswith(f"reading {method} ") for p in broken):
             continue
-        impl = getattr(backend, method)
+        impl = members[method]
         if not callable(impl):
             problems.append(f"{method} is not callable (it is {type(impl).__name__})")
         else:

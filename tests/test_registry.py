@@ -259,6 +259,8 @@ BACKEND_PLUGIN = """
             if attr.startswith("_") or attr in self._drop:
                 raise AttributeError(attr)
             if attr in self._replace:
+                if isinstance(self._replace[attr], Exception):  # a property that fails
+                    raise self._replace[attr]
                 return self._replace[attr]
             return getattr(self._inner, attr)
 
@@ -297,6 +299,7 @@ BACKEND_PLUGIN = """
         register("misnamed", delegate("misnamed", name="other"))
         register("string_shapes", delegate("string_shapes", static_shapes="no"))
         register("no_xp", delegate("no_xp", xp=None))
+        register("raising_xp", delegate("raising_xp", xp=RuntimeError("no device found")))
         register("narrow_loop", delegate("narrow_loop", while_loop=while_loop_without_options))
         register("returns_none", make_none)
         register("raises", make_raising)
@@ -367,6 +370,7 @@ def test_a_backend_lacking_several_members_names_them_all(backend_plugin):
     ("misnamed", "its name is 'other' but it is registered as 'misnamed'"),
     ("string_shapes", "static_shapes is 'no', not a bool"),
     ("no_xp", "xp is None"),
+    ("raising_xp", "reading xp raised RuntimeError: no device found"),
     ("narrow_loop", "while_loop(cond, body, state) cannot be called as while_loop(cond, body, state, "
                     "max_steps=None, check_every=1) (too many positional arguments)"),
 ])
