@@ -331,6 +331,8 @@ def test_plain_idx_has_exactly_the_declared_bytes(data_root, tmp_path):
     for bad in (0, -3):
         with pytest.raises(ValueError, match=rf"count must be a positive int or None .*, got {bad}$"):
             D.read_idx(path, 1, count=bad)
+    with pytest.raises(ValueError, match=r"ndim must be .* a positive int .*got 0$"):
+        D.read_idx(path, 0)
 
 
 def test_sha256sums_digest_mismatch_and_line_formats(data_root, tmp_path):

@@ -52,7 +52,7 @@ def to_float_nchw(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
 # ------------------------------------------------------------------------------------------- IDX
 
 
-def check_labels(source: str, name: str, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+def _check_labels(source: str, name: str, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """``labels`` as int64 if they are a 1-D integer array within ``0..len(classes)-1``; else a
     :class:`DataError` naming ``source`` and the array ``name``."""
     labels = np.asarray(labels)
@@ -77,6 +77,10 @@ def read_idx(path: Path, ndim: int, count: int | None = None) -> np.ndarray:
     more or less. A bad file raises :class:`DataError` naming it, the fault and the expected layout.
     """
     count = check_limit(count, "count")
+    if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
+        error = ValueError if isinstance(ndim, int) and not isinstance(ndim, bool) else TypeError
+        raise error(f"ndim must be the number of dimensions of the IDX file, a positive int (1: labels, "
+                    f"3: images), got {ndim!r}")
     items = _idx_items(path, ndim)
     return items[:count].copy()
 
@@ -125,7 +129,7 @@ def fashion_mnist(root: Path, limit: int | None = None) -> ImageDataset:
     for split, prefix in (("train", "train"), ("test", "t10k")):
         x = _idx_items(folder / f"{prefix}-images-idx3-ubyte.gz", 3)
         labels = folder / f"{prefix}-labels-idx1-ubyte.gz"
-        y = check_labels(str(labels), "labels", _idx_items(labels, 1), FASHION_CLASSES)
+        y = _check_labels(str(labels), "labels", _idx_items(labels, 1), FASHION_CLASSES)
         if len(x) != len(y):
             raise DataError(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
         parts[split] = (x[:limit, :, :, None].copy(), y[:limit].copy())
@@ -172,7 +176,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data is None or labels is None:
         raise DataError(f"{path}: keys {sorted(map(str, batch))} lack data/labels; expected {_CIFAR_PICKLE}")
     data = np.asarray(data)
-    labels = check_labels(str(path), "labels", np.asarray(labels), CIFAR_CLASSES)
+    labels = _check_labels(str(path), "labels", np.asarray(labels), CIFAR_CLASSES)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{path}: data {data.dtype} {data.shape} with {len(labels)} labels; "
                         f"expected {_CIFAR_PICKLE}")
@@ -189,14 +193,14 @@ def _check_cifar_npz(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.
         x = arrays[f"{split}_x"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
             raise DataError(f"{path}: {split}_x is {x.dtype} {x.shape}; expected {_CIFAR_NPZ}")
-        y = check_labels(str(path), f"{split}_y", arrays[f"{split}_y"], CIFAR_CLASSES)
+        y = _check_labels(str(path), f"{split}_y", arrays[f"{split}_y"], CIFAR_CLASSES)
         if len(y) != len(x):
             raise DataError(f"{path}: {len(x)} {split}_x images but {len(y)} {split}_y labels; "
                             f"expected {_CIFAR_NPZ}")
         if f"{split}_idx" in arrays and f"{split}_labels_all" in arrays:
             # the subset records where its rows come from: their labels must agree with the full list
             name = f"{split}_labels_all"
-            full = check_labels(str(path), name, arrays[name], CIFAR_CLASSES)
+            full = _check_labels(str(path), name, arrays[name], CIFAR_CLASSES)
             idx = arrays[f"{split}_idx"]
             in_range = idx.dtype.kind in "iu" and (not len(idx) or (idx.min() >= 0 and idx.max() < len(full)))
             if idx.shape != y.shape or not in_range or len(np.unique(idx)) != len(idx):
