@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     ap.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = ap.parse_args(argv)
+    bs.require_packages("gpu_check", bs.ANCHOR_PACKAGES["torch"])
     import jax
     import torch
 

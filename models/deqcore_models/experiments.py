@@ -1,4 +1,4 @@
-"""The models' experiments, one command each; results, tables and plots go to ``--out``.
+"""The model experiments, one command each; results, tables and plots go to ``--out``.
 
     python -m deqcore_models.experiments gdeq --data ../shared/data --out docs/experiments/gdeq-fmnist
 
@@ -17,6 +17,10 @@ Anderson from the learned initialiser at every budget on the test set: residual 
 accuracy (perplexity) vs time plots, the speedup at equal quality, parameter and training-time
 ratios; writes results.md, results.json, residual.png, pareto.png, training.png.
 
+Every table these commands write is a generated block (:mod:`deqcore_models.docs_numbers`) rendered
+from the results files they write, and a rerun renders the blocks of an existing ``README.md`` in
+``--out`` again, so a report's hand-written reading never disagrees with its numbers.
+
 ``backends``: compares two training runs of the same command on different backends (their
 ``steps.csv`` and ``summary.json``): per-step loss difference, final test metrics, median step
 time ratio; writes ``backends.md``, ``backends.json`` and ``backends.png`` (both loss curves).
@@ -29,15 +33,15 @@ import csv
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deqcore._arrays_io import write_text
-
 from .cli import UsageError, _one_line, _Parser
+from .docs_numbers import load, refresh_pages_of, renderer, write_page
 from .hyperdeq import _save_figure, save_json
 from .train import ConfigError, TrainConfig, Trainer
 
@@ -125,9 +129,31 @@ def _refuse_existing(out: Path, overwrite: bool, names: tuple[str, ...] | None =
                          f"--out")
 
 
-def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    lines = [f"# GDEQ comparison: MDEQ ({args.config}) on {args.dataset}, backend {args.backend}", "",
-             "Command: `python -m deqcore_models.experiments " + " ".join(sys.argv[1:]) + "`", "",
+def _gdeq_command(args: dict[str, Any]) -> str:
+    """The command line that reproduces a ``gdeq`` run from its saved arguments (the data folder
+    written as DATA)."""
+    words = ["python -m deqcore_models.experiments gdeq"]
+    for key, value in args.items():
+        if key == "experiment" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "data":
+            value = "DATA"
+        if value is True:
+            words.append(flag)
+        else:
+            words.append(f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(words)
+
+
+@renderer("gdeq.report")
+def render_gdeq_report(source: Path) -> str:
+    """The ``gdeq`` experiment's title, command and table, from its ``results.json``."""
+    result = load(source)
+    args, rows = result["args"], result["rows"]
+    title = f"# GDEQ comparison: MDEQ ({args['config']}) on {args['dataset']}, backend {args['backend']}"
+    lines = [title, "",
+             f"Command: `{_gdeq_command(args)}`", "",
              "| mode | pretrain steps | s / DEQ step (median) | speedup vs implicit | test acc | vs implicit "
              "| forward NFE | mean cos vs implicit | last cos |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -138,7 +164,37 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
                      f"| {r['cosine_mean']:.3f} | {r['cosine_last']:.3f} |")
     lines += ["", "Plots: `accuracy.png` (test accuracy per epoch), `cosine.png` (cosine with the implicit "
               "gradient over training), `step_time.png`. Per-run CSVs in the subfolders."]
-    write_text(out / "README.md", "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+@renderer("gdeq.epochs")
+def render_gdeq_epochs(source: Path) -> str:
+    """Test accuracy per epoch of every run of a ``gdeq`` experiment, and each mode's difference
+    from implicit with the same pre-training."""
+    rows = load(source)["rows"]
+    runs = [(f"{r['mode']} (pre {r['pretrain']})", r) for r in rows]
+    diffs = [(f"{name} − implicit", r, next(b for b in rows if b["mode"] == "implicit"
+                                           and b["pretrain"] == r["pretrain"]))
+             for name, r in runs if r["mode"] != "implicit"
+             and any(b["mode"] == "implicit" and b["pretrain"] == r["pretrain"] for b in rows)]
+    epochs = max(len(r["epochs"]) for r in rows)
+    lines = ["| epoch | " + " | ".join([n for n, _ in runs] + [n for n, _, _ in diffs]) + " |",
+             "|---|" + "---|" * (len(runs) + len(diffs))]
+    def acc(r: dict[str, Any], e: int) -> float | None:
+        return r["epochs"][e]["test_acc"] if e < len(r["epochs"]) else None
+
+    for e in range(epochs):
+        cells = [f"{100 * a:.2f} %" if (a := acc(r, e)) is not None else "" for _, r in runs]
+        for _, r, base in diffs:
+            a, b = acc(r, e), acc(base, e)
+            cells.append(f"{100 * (a - b):+.2f}" if a is not None and b is not None else "")
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    write_page(out / "README.md", "gdeq.report", "results.json")
+    refresh_pages_of(out / "results.json")  # pages elsewhere in the checkout that quote it
     try:
         import matplotlib
 
@@ -177,6 +233,26 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
     _save_figure(fig, out / "step_time.png")
 
 
+@renderer("experiments.backends")
+def render_backends(source: Path) -> str:
+    """The ``backends`` comparison's table, from its ``backends.json``."""
+    r = load(source)
+    na, nb = r["backends"]
+    fa, fb = r["final"]
+    sec_a, sec_b = r["median_step_s"]
+    metric = "test_ppl" if "test_ppl" in fa else "test_acc"
+    lines = [f"# Same command, {na} vs {nb}", "",
+             f"Runs: `{r['runs'][0]}`, `{r['runs'][1]}` ({r['steps']} steps each).", "",
+             f"| | {na} | {nb} |", "|---|---|---|",
+             f"| final test loss | {fa['test_loss']:.4f} | {fb['test_loss']:.4f} |",
+             f"| final {metric} | {fa[metric]:.4f} | {fb[metric]:.4f} |",
+             f"| median step s | {sec_a:.3f} | {sec_b:.3f} |", "",
+             f"Largest per-step training-loss difference: {r['max_abs_loss_diff']:.2e} "
+             f"(relative {r['max_rel_loss_diff']:.2e}); step time ratio {na}/{nb} "
+             f"{r['step_time_ratio']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
 BACKEND_FILES = ("backends.md", "backends.json", "backends.png")
 
 
@@ -210,17 +286,7 @@ def compare_backends(run_a: Path, run_b: Path, out: Path, overwrite: bool = Fals
               "max_rel_loss_diff": float((np.abs(la - lb) / np.abs(la)).max()),
               "final": [fa, fb], "median_step_s": [sec_a, sec_b], "step_time_ratio": sec_a / sec_b}
     save_json(out / "backends.json", result)
-    metric = "test_ppl" if "test_ppl" in fa else "test_acc"
-    lines = [f"# Same command, {na.strip()} vs {nb.strip()}", "",
-             f"Runs: `{run_a}`, `{run_b}` ({n} steps each).", "",
-             "| | " + " | ".join(x.strip() for x in (na, nb)) + " |", "|---|---|---|",
-             f"| final test loss | {fa['test_loss']:.4f} | {fb['test_loss']:.4f} |",
-             f"| final {metric} | {fa[metric]:.4f} | {fb[metric]:.4f} |",
-             f"| median step s | {sec_a:.3f} | {sec_b:.3f} |", "",
-             f"Largest per-step training-loss difference: {result['max_abs_loss_diff']:.2e} "
-             f"(relative {result['max_rel_loss_diff']:.2e}); step time ratio {na.strip()}/{nb.strip()} "
-             f"{result['step_time_ratio']:.2f}."]
-    write_text(out / "backends.md", "\n".join(lines) + "\n")
+    write_page(out / "backends.md", "experiments.backends", "backends.json")
     try:
         import matplotlib
 
@@ -300,7 +366,10 @@ def run_hyperdeq(args: argparse.Namespace) -> dict[str, Any]:
     save_json(out / "results.json", result)
     write_plots(rows, out, model.text, title=f"{model.cfg.model} on {model.cfg.dataset}")
     _hyperdeq_training_plot(out, args.variants)
-    write_text(out / "results.md", _hyperdeq_table(result))
+    write_page(out / "results.md", "hyperdeq.results", "results.json")
+    if (out / "README.md").exists():  # the report's reading: its blocks, not its prose
+        write_page(out / "README.md", "hyperdeq.results", "results.json")
+    refresh_pages_of(out / "results.json")  # pages elsewhere in the checkout that quote it
     return result
 
 
@@ -327,18 +396,93 @@ def _hyperdeq_training_plot(out: Path, variants: list[str]) -> None:
     _save_figure(fig, out / "training.png")
 
 
-def _hyperdeq_table(r: dict[str, Any]) -> str:
-    from .hyperdeq import operating_points_table, speedup_table
+def _hyperdeq_targets(t: dict[str, Any], r: dict[str, Any]) -> str:
+    missed = t.get("unconverged_targets")
+    return "unknown" if missed is None else f"{missed:,} of {r['steps'] * r['batch_size']:,}"
 
+
+def _hyperdeq_cost(r: dict[str, Any]) -> list[str]:
+    lines = ["| hypersolver | parameters | of the model | of the layer | training s | of the DEQ's "
+             "training | targets unconverged | L_conv first → last |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in r["training"].items():
+        share = "unknown" if t["time_ratio"] is None else f"{100 * t['time_ratio']:.2f} %"
+        lines.append(f"| {name} | {t['parameters']:,} | {100 * t['parameter_ratio']:.2f} % | "
+                     f"{100 * t['layer_parameter_ratio']:.1f} % | {t['seconds']:.0f} | {share} | "
+                     f"{_hyperdeq_targets(t, r)} | {t['first_conv']:.3g} → {t['last_conv']:.3g} |")
+    return lines
+
+
+def _hyperdeq_grid(r: dict[str, Any], field: str) -> list[str]:
+    """One row per method, one column per budget, of ``field`` (``metric``: accuracy % or
+    perplexity)."""
     text = r["model"] == "transformer"
-    metric = "perplexity" if text else "accuracy %"
     budgets = sorted({row["budget"] for row in r["rows"]})
     methods = list(dict.fromkeys(row["method"] for row in r["rows"]))
     cell = {(row["method"], row["budget"]): row for row in r["rows"]}
 
     def fmt(row: dict[str, Any]) -> str:
-        return f"{row['metric']:.1f}" if text else f"{100 * row['metric']:.2f}"
+        if field == "metric":
+            return f"{row['metric']:.1f}" if text else f"{100 * row['metric']:.2f}"
+        return f"{row[field]:.2e}" if field == "residual" else f"{row[field]:.2f}"
 
+    lines = ["| method | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        values = [fmt(cell[(m, b)]) if (m, b) in cell else "" for b in budgets]
+        lines.append(f"| {m} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _hyperdeq_speedups(r: dict[str, Any]) -> list[str]:
+    from .hyperdeq import speedup_table
+
+    return speedup_table(r["speedups"], r["model"] == "transformer")
+
+
+def _hyperdeq_operating_points(r: dict[str, Any]) -> list[str]:
+    from .hyperdeq import operating_points_table
+
+    return operating_points_table(r["rows"], list(r["training"]), ["anderson", "broyden"],
+                                  r["model"] == "transformer")
+
+
+#: the cost goals of a hypersolver: a share of the model's parameters and of its training time
+HYPERDEQ_GOALS = {"speedup": 2.0, "parameter_ratio": 0.04, "time_ratio": 0.02}
+
+
+def _hyperdeq_goals(r: dict[str, Any]) -> list[str]:
+    """The main hypersolver (the first trained) against :data:`HYPERDEQ_GOALS`: its solve-phase
+    speedup at equal quality against each classic solver, its parameter and training-time shares."""
+    name, t = next(iter(r["training"].items()))
+    goal = HYPERDEQ_GOALS
+    per = r["speedups"]["solve_seconds"].get(name, {})
+    cells = [f"{base} " + ("not reached" if v["speedup"] is None else f"{v['speedup']:.2f}×")
+             for base, v in per.items()]
+    fast = bool(per) and all(v["speedup"] is not None and v["speedup"] >= goal["speedup"]
+                             for v in per.values())
+
+    def mark(ok: bool) -> str:
+        return "✓" if ok else "✗"
+
+    rows = ["| goal | result |", "|---|---|",
+            f"| ≥ {goal['speedup']:g}× faster than each classic solver at equal quality (solve phase) | "
+            f"{mark(fast)} {', '.join(cells) or 'no classic solver compared'} |",
+            f"| ≤ {100 * goal['parameter_ratio']:g} % of the model's parameters | "
+            f"{mark(t['parameter_ratio'] <= goal['parameter_ratio'])} {100 * t['parameter_ratio']:.2f} % "
+            f"({t['parameters']:,} of {t['model_parameters']:,}) |"]
+    if t["time_ratio"] is None:
+        rows.append(f"| training ≤ {100 * goal['time_ratio']:g} % of the DEQ's | unknown (the run has no "
+                    f"epochs.csv); {t['seconds']:.0f} s |")
+    else:
+        rows.append(f"| training ≤ {100 * goal['time_ratio']:g} % of the DEQ's | "
+                    f"{mark(t['time_ratio'] <= goal['time_ratio'])} {100 * t['time_ratio']:.2f} % "
+                    f"({t['seconds']:.0f} s of {t['model_train_seconds']:,.0f} s) |")
+    return rows
+
+
+def _hyperdeq_table(r: dict[str, Any]) -> str:
+    """The whole ``results.md`` of a ``hyperdeq`` run from its results."""
+    text = r["model"] == "transformer"
+    metric = "perplexity" if text else "accuracy %"
     seconds = r["model_train_seconds"]
     trained = "for an unknown time" if seconds is None else f"{seconds:.0f} s"
     lines = [f"# HyperDEQ on {r['model']} / {r['dataset']} ({r['backend']}, {r['test_items']} test "
@@ -346,34 +490,60 @@ def _hyperdeq_table(r: dict[str, Any]) -> str:
              f"Model: {r['model_parameters']:,} parameters ({r['layer_parameters']:,} in the equilibrium "
              f"layer), trained {trained} (checkpoint step {r['checkpoint_step']}). "
              f"Hypersolvers: {r['steps']} steps of batch {r['batch_size']}, K = {r['iterations']}, "
-             f"lr {r['lr']}.", "",
-             "| hypersolver | parameters | of the model | of the layer | training s | of the DEQ's "
-             "training | L_conv first → last |", "|---|---|---|---|---|---|---|"]
-    for name, t in r["training"].items():
-        share = "unknown" if t["time_ratio"] is None else f"{100 * t['time_ratio']:.2f} %"
-        lines.append(f"| {name} | {t['parameters']:,} | {100 * t['parameter_ratio']:.2f} % | "
-                     f"{100 * t['layer_parameter_ratio']:.1f} % | {t['seconds']:.0f} | {share} | "
-                     f"{t['first_conv']:.3g} → {t['last_conv']:.3g} |")
-    tables = ((f"Test {metric} at each budget (solver steps; NFE = steps + 1)", fmt),
-              ("Mean relative residual", lambda row: f"{row['residual']:.2e}"),
-              ("Seconds per test pass", lambda row: f"{row['seconds']:.2f}"),
-              ("Seconds of the solve phase (injection, start, solver steps)",
-               lambda row: f"{row['solve_seconds']:.2f}"))
-    for title, form in tables:
-        lines += ["", f"## {title}", "", "| method | " + " | ".join(str(b) for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-        for m in methods:
-            values = [form(cell[(m, b)]) if (m, b) in cell else "" for b in budgets]
-            lines.append(f"| {m} | " + " | ".join(values) + " |")
+             f"lr {r['lr']}.", "", *_hyperdeq_cost(r)]
+    tables = ((f"Test {metric} at each budget (solver steps; NFE = steps + 1)", "metric"),
+              ("Mean relative residual", "residual"),
+              ("Seconds per test pass", "seconds"),
+              ("Seconds of the solve phase (injection, start, solver steps)", "solve_seconds"))
+    for title, field in tables:
+        lines += ["", f"## {title}", "", *_hyperdeq_grid(r, field)]
     lines += ["", "## Speedup at equal quality", "",
               "Target: the classic solver's best quality over these budgets, less 0.5 accuracy points "
               "(plus 2 % perplexity). Speedup: the classic solver's cheapest run reaching it, divided by "
               f"the hypersolver's; times are the fastest of {r.get('repeats', 1)} passes.", "",
-              *speedup_table(r["speedups"], text),
+              *_hyperdeq_speedups(r),
               "", "## Speedup at each classic operating point (solve phase)", "",
               "At the quality a classic solver reaches at each budget: its solve-phase seconds divided by "
               "the hypersolver's cheapest run at least as good (no slack), and that run's budget.", "",
-              *operating_points_table(r["rows"], list(r["training"]), ["anderson", "broyden"], text)]
+              *_hyperdeq_operating_points(r)]
+    return "\n".join(lines) + "\n"
+
+
+def _hyperdeq_renderer(name: str, make: Callable[[dict[str, Any]], list[str] | str]) -> None:
+    def render(source: Path) -> str:
+        out = make(load(source))
+        return out if isinstance(out, str) else "\n".join(out) + "\n"
+
+    render.__doc__ = f"The ``{name}`` part of a ``hyperdeq`` run's report, from its results.json."
+    renderer(name)(render)
+
+
+for _name, _make in (("hyperdeq.results", _hyperdeq_table), ("hyperdeq.cost", _hyperdeq_cost),
+                     ("hyperdeq.metric", lambda r: _hyperdeq_grid(r, "metric")),
+                     ("hyperdeq.residual", lambda r: _hyperdeq_grid(r, "residual")),
+                     ("hyperdeq.seconds", lambda r: _hyperdeq_grid(r, "seconds")),
+                     ("hyperdeq.solve-seconds", lambda r: _hyperdeq_grid(r, "solve_seconds")),
+                     ("hyperdeq.speedups", _hyperdeq_speedups), ("hyperdeq.goals", _hyperdeq_goals),
+                     ("hyperdeq.operating-points", _hyperdeq_operating_points)):
+    _hyperdeq_renderer(_name, _make)
+
+
+@renderer("run.epochs")
+def render_run_epochs(source: Path) -> str:
+    """A training run's ``epochs.csv`` as a table: test and training metric and the seconds of
+    training steps per epoch."""
+    rows = load(source)
+    text = bool(rows) and "test_ppl" in rows[0]
+    head = ("| epoch | test perplexity | train loss | seconds (training steps) |" if text else
+            "| epoch | test accuracy | train accuracy | seconds (training steps) |")
+    lines = [head, "|---|---|---|---|"]
+    for r in rows:
+        if text:
+            lines.append(f"| {r['epoch']} | {r['test_ppl']:.1f} | {r['train_loss']:.3f} "
+                         f"| {r['train_seconds']:.0f} |")
+        else:
+            lines.append(f"| {r['epoch']} | {100 * r['test_acc']:.2f} % | {100 * r['train_acc']:.2f} % "
+                         f"| {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

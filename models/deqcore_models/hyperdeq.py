@@ -94,19 +94,17 @@ class FrozenModel:
     def defaults(self) -> dict[str, int]:
         """:func:`make_hypersolver`'s sizes for this model: K = 3 (the budgets where a learned
         solver can pay off; the loss unrolls 2K = 6), and an initialiser of 8 channels with a
-        mixer of width 8 for MDEQ (1,962 parameters, 3.7 % of the 53K-parameter ``cpu`` model;
-        on Fashion-MNIST, 8 initialiser channels instead of 4 lifted the 1-step accuracy from
-        57 % to 81 %), 16 and 16 for the DEQ-Transformer."""
+        mixer of width 8 for MDEQ (a wider initialiser, paid for by a narrower mixer, is what
+        lifts the 1-step accuracy), 16 and 16 for the DEQ-Transformer. What they cost and gain
+        on trained models: docs/experiments/hyperdeq-fmnist and hyperdeq-wt2."""
         return {"iterations": 3, "hidden": 16, "width": 16} if self.text else \
             {"iterations": 3, "hidden": 8, "width": 8}
 
     @property
     def fit_defaults(self) -> dict[str, Any]:
-        """:func:`fit`'s per-model target settings: the DEQ-Transformer's targets do not converge
-        within 60 Broyden steps either (relative residual ~3e-2 at 60, ~7e-2 at 30); 30 steps
-        cut the target solve from 0.19 to 0.08 s per training step on WikiText-2, and the
-        hypersolver trained so (K = 3) scored as well (perplexity 436/398/392 at 2/4/8 steps,
-        against 433/405/395 with 60-step targets and K = 6)."""
+        """:func:`fit`'s per-model target settings: the DEQ-Transformer's targets converge within
+        neither 30 nor 60 Broyden steps, so 30 steps, half the target solve, give targets that are
+        as useful (docs/experiments/hyperdeq-wt2 records the residual they reach)."""
         return {"target_max_iter": 30} if self.text else {}
 
 
@@ -232,8 +230,9 @@ def fit(model: FrozenModel, hs: HyperAnderson, *, steps: int, batch_size: int = 
     ``options``). Unless ``options`` say otherwise, targets come from Broyden at 60 steps
     (``model.fit_defaults`` may lower that), relative tolerance 1e-4, and Adam's learning rate is
     1e-2. Why: on the Fashion-MNIST MDEQ, 1e-3 barely moved L_conv in 300 steps; targets to 1e-5
-    made a training step a third slower and the hypersolver no better in our runs (it reaches
-    ~1e-1 in 2K steps, so a 1e-4 target is exact enough)."""
+    made a training step slower and the hypersolver no better in our runs (its residual after
+    2K steps is far above 1e-4, so a 1e-4 target is exact enough: the residual table of
+    docs/experiments/hyperdeq-fmnist)."""
     opts = {"target_max_iter": 60, "target_tol": 1e-4, "lr": 1e-2, **model.fit_defaults, **options}
     return train_hypersolver(hs, model.layer, training_inputs(model, batch_size, seed), steps=steps,
                              backend=model.backend, start=model.zeros, progress=progress, **opts)

@@ -62,10 +62,10 @@ from .checkpoint import (
 DATASETS = tuple(name for _, sets in MODELS.values() for name in sets)
 #: The implicit backward's default: the MDEQ papers' budget of 20 backward steps (b_thres of the
 #: LARGE configurations), not a tolerance. On these models the adjoint equation is not solved to
-#: a small tolerance in any affordable budget (Fashion-MNIST MDEQ: worst relative residual 0.3-0.5
-#: over the first 300 steps, after 20 or 100 steps alike, while 100 cost 3x the step time), so the
-#: unmet tolerance is not warned about every step: steps.csv records the residual the backward
-#: reached (``bwd_residual``). Options given with ``--grad-option`` override these.
+#: a small tolerance in any affordable budget (the Fashion-MNIST MDEQ's 20-step backward missed
+#: it on every training step of the GDEQ experiment, docs/models.md), so the unmet tolerance is
+#: not warned about every step: steps.csv records the residual the backward reached
+#: (``bwd_residual``). Options given with ``--grad-option`` override these.
 IMPLICIT_BACKWARD: dict[str, Any] = {"max_iter": 20, "on_fail": "ignore"}
 #: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged.
 KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
