@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from deqcore._arrays_io import dumps_json, write_text
+
 WORKLOADS = {
     "mdeq": dict(model="mdeq", config="cpu", dataset="fashion-mnist", batch_size=64, solver="broyden",
                  max_iter=18, grad="implicit"),
@@ -115,7 +117,7 @@ def main() -> int:
         print(f"[{verdict}] {r['workload']}: jax/torch step {r['ratio_step']:.2f}x (goal within {GOAL}x "
               f"either way); forward {r['ratio_forward']:.2f}x, backward {r['ratio_backward']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    write_text(args.out, dumps_json(rows, indent=2))
     print(f"wrote {args.out}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render_docs import refresh_pages_of

@@ -100,7 +100,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import math
 import os
 import platform
@@ -111,6 +110,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from deqcore._arrays_io import dumps_json, write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_solvers as fwd  # noqa: E402  (problems, judge, reference, idle wait, versions)
@@ -906,7 +907,7 @@ def main(argv=None) -> int:
         print(g["line"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_text(out, dumps_json({
         "config": {"batch": BATCH, "tol": TOL, "max_iter": MAX_ITER, "dtype": "float32",
                    "sizes": sizes, "repeats": repeats, "problems": problems, "rho": fwd.RHO,
                    "injection": INJECTION, "seed": fwd.SEED, "frameworks": frameworks, "anchors": anchors,

@@ -64,7 +64,6 @@ import argparse
 import functools
 import gc
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -76,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from deqcore._arrays_io import dumps_json, write_text
 
 TOL = 1e-4
 MAX_ITER = 50
@@ -679,7 +680,7 @@ def main(argv=None) -> int:
     for g in gl:
         print(g["line"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_text(out, dumps_json({
         "config": {"tol": TOL, "max_iter": MAX_ITER, "dtype": args.dtype, "dense": dense, "conv": convs,
                    "repeats": repeats, "problems": problems, "rho": RHO, "seed": SEED,
                    "judge_slack": JUDGE_SLACK, "frameworks": frameworks, "injection": args.injection,

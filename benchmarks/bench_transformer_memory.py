@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deqcore._arrays_io import dumps_json, write_text
+
 
 def _setup(args, mode: str, depth: int, output: str):
     import torch  # noqa: F401  (the process's baseline includes the framework)
@@ -182,7 +184,7 @@ def main(argv=None) -> None:
     summary: dict = {"config": vars(args), "depth": depth, "rows": rows, **memory_summary(rows, depth)}
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deq-memory-"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "memory.json", dumps_json(summary, indent=2))
     docs_numbers.write_page(out / "memory.md", "memory.report", "memory.json")
     print((out / "memory.md").read_text())
 

@@ -281,3 +281,23 @@ def test_a_new_result_renders_the_pages_that_quote_it(tmp_path):
     assert "the page says 0.76, the results say 0.50" in item
     assert dn.refresh_pages_of(tmp_path / "results" / "other.json", tmp_path) == [page]
     assert [i for i in dn.problems(page) if "differs" in i] == []
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_every_committed_results_file_is_strict_json():
+    """NaN and Infinity are not JSON: results files write them as null (every writer goes through
+    ``deqcore._arrays_io.dumps_json``), so any JSON reader can load them."""
+    files = [p for p in ROOT.rglob("*.json")
+             if not any(part.startswith(".") or part in ("node_modules", "build", "dist") for part in
+                        p.relative_to(ROOT).parts)]
+    assert len(files) >= 10, files
+    bad = []
+    for path in files:
+        try:
+            json.loads(path.read_text(), parse_constant=_reject_constant)
+        except ValueError as exc:
+            bad.append(f"{path.relative_to(ROOT)}: {exc}")
+    assert not bad, bad
