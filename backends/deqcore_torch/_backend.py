@@ -8,6 +8,8 @@ from typing import Any
 import array_api_compat.torch as compat
 import torch
 
+from deqcore._gradients import higher_order_error as _higher_order_error
+
 
 def _matmul(x1, x2, /):
     # Batched (B, k, n) products are the solvers' inner loops: call bmm directly, skipping
@@ -88,18 +90,71 @@ def _needs_gradient(fz, z):
 
 
 class _Adjoint(torch.autograd.Function):
-    """Identity on ``f(z*)`` whose backward replaces the cotangent ``g`` by ``adjoint(g, ...)``."""
+    """Identity on ``f(z*)`` whose backward replaces the cotangent ``g`` by ``adjoint(g, ...)``.
+
+    The adjoint is computed without a graph; when the backward is recorded (``create_graph``) it
+    is returned through :class:`_HigherOrderCheck`, tied to ``g`` and ``f(z*)``.
+    """
 
     @staticmethod
-    def forward(ctx, fz, adjoint, vjp_z, *saved):
-        ctx.adjoint, ctx.vjp_z = adjoint, vjp_z
+    def forward(ctx, fz, adjoint, vjp_z, make_error, *saved):
+        # f(z*) is kept alive by vjp_z's closure already; the check needs its graph, not its data
+        ctx.adjoint, ctx.vjp_z, ctx.make_error, ctx.fz = adjoint, vjp_z, make_error, fz
         ctx.save_for_backward(*saved)
         return fz.view_as(fz)
 
     @staticmethod
     def backward(ctx, g):
-        u = ctx.adjoint(g, ctx.vjp_z, *ctx.saved_tensors)
-        return (u, None, None) + (None,) * len(ctx.saved_tensors)
+        with torch.no_grad():
+            u = ctx.adjoint(g.detach(), ctx.vjp_z, *ctx.saved_tensors)
+        u = _checked(u, ctx.make_error, g, ctx.fz)
+        return (u, None, None, None) + (None,) * len(ctx.saved_tensors)
+
+
+class _HigherOrderCheck(torch.autograd.Function):
+    """Identity on a cotangent whose own backward raises ``make_error()``.
+
+    ``anchors`` are inputs only so that every derivative of the result reaches this node: the
+    cotangent itself (for what the loss depends on) and an array whose graph reaches the
+    parameters and ``x``.
+    """
+
+    @staticmethod
+    def forward(ct, make_error, *anchors):
+        return ct.view_as(ct)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.make_error = inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise ctx.make_error()
+
+
+def _checked(ct, make_error, *anchors):
+    """``ct``, with :class:`_HigherOrderCheck` on it when a backward is being recorded."""
+    if not torch.is_grad_enabled():
+        return ct
+    return _HigherOrderCheck.apply(ct, make_error, *anchors)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on ``x`` whose backward returns the cotangent through :func:`_checked`."""
+
+    @staticmethod
+    def forward(x, anchor, make_error):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, anchor, ctx.make_error = inputs
+        ctx.save_for_backward(anchor)
+
+    @staticmethod
+    def backward(ctx, g):
+        (anchor,) = ctx.saved_tensors
+        return _checked(g, ctx.make_error, anchor), None, None
 
 
 class TorchBackend:
@@ -179,7 +234,7 @@ class TorchBackend:
     def stop_gradient(self, x):
         return x.detach()
 
-    def attach_adjoint(self, f, z_star, x, adjoint, saved=()):
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None):
         z_star = z_star.detach()
         if not torch.is_grad_enabled():
             return z_star
@@ -193,11 +248,20 @@ class TorchBackend:
             (out,) = torch.autograd.grad(fz, z, v, retain_graph=True)
             return out
 
-        out = _Adjoint.apply(fz, adjoint, vjp_z, *(s.detach() for s in saved))
+        make_error = higher_order_error or _higher_order_error(None)
+        out = _Adjoint.apply(fz, adjoint, vjp_z, make_error, *(s.detach() for s in saved))
         # Equal to z_star in value; the gradient path runs through f(z*, x). A non-finite f(z*)
         # (a flagged sample) must not turn the returned value into NaN.
         delta = out - out.detach()
         return z_star + torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+
+    def first_order_only(self, x, make_error):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return x
+        # one element of x, multiplied by 0: a new tensor (no storage of x kept, no version
+        # counter shared) whose graph reaches everything x depends on
+        anchor = x.reshape(-1)[:1] * 0
+        return _FirstOrderOnly.apply(x, anchor, make_error)
 
     def host_callback(self, fn, *arrays):
         fn(*(self.to_numpy(a) for a in arrays))
