@@ -72,13 +72,15 @@ def deqcore_register_gradients(register):  # type: ignore[no-untyped-def]
     Call ``register(name, mode_class)``. The class subclasses :class:`deqcore.AdjointMode`
     (implementing ``adjoint``: the incoming cotangent ``g`` becomes an adjoint
     ``u ~ g (I - J)^-1``, carried back through the backend's ``attach_adjoint`` hook) or
-    :class:`deqcore.GradientMode` (implementing ``attach``).
+    :class:`deqcore.GradientMode` (implementing ``attach``). Its class attribute
+    ``exact_higher_order`` (default False) declares whether its gradient may be differentiated
+    again; when False, a second derivative raises :class:`deqcore.HigherOrderError`.
 
     Checked at registration: the base class; ``attach`` (``adjoint`` for an ``AdjointMode``)
     implemented, and every method it overrides callable with the base's arguments; a class
     attribute ``name`` equal to the registered name (``solution.backward`` reports it);
     ``options`` as for solvers (a mode's option names are its own: ``tol`` is allowed);
-    ``unrolled`` a bool.
+    ``unrolled`` and ``exact_higher_order`` bools.
     """
 
 
