@@ -32,7 +32,9 @@ class HigherOrderError(NotImplementedError):
     :attr:`GradientMode.exact_higher_order`: on torch, a second ``backward`` or
     ``torch.autograd.grad`` of a gradient taken with ``create_graph=True``; on JAX, ``jax.grad`` of
     ``jax.grad``, ``jax.hessian``, ``jax.jacfwd`` of ``jax.grad`` (at trace time, also under
-    ``jax.jit``). Taking the first derivative with ``create_graph=True`` alone does not raise.
+    ``jax.jit``). On torch also forward-mode differentiation through a mode that is not built on
+    :meth:`Backend.attach_adjoint` (``torch.func.jvp``, ``torch.func.hessian`` through ``upg``).
+    Taking the first derivative with ``create_graph=True`` alone does not raise.
     """
 
 
@@ -43,12 +45,13 @@ def higher_order_error(mode: str | None) -> Callable[[], HigherOrderError]:
 
     def make() -> HigherOrderError:
         return HigherOrderError(
-            f"deqcore.solve: {what} gives first derivatives only, and its gradient was differentiated "
-            f"again (a second backward through a gradient taken with create_graph=True; jax.grad of "
-            f"jax.grad, jax.hessian, jax.jacfwd of jax.grad). Its backward pass holds z* constant, so "
-            f"that derivative would miss how z* moves with the parameters and be wrong. For exact "
-            f"higher-order derivatives solve with grad='unroll' (it differentiates the forward "
-            f"iterations; memory grows with them), or take finite differences of first-order gradients")
+            f"deqcore: {what} gives first derivatives only, by reverse-mode differentiation, and was "
+            f"differentiated twice (a second backward through a gradient taken with create_graph=True; "
+            f"jax.grad of jax.grad, jax.hessian, jax.jacfwd of jax.grad) or in forward mode. Its "
+            f"backward pass holds z* constant, so a derivative of its gradient would miss how z* moves "
+            f"with the parameters and be wrong. For exact higher-order derivatives solve with "
+            f"grad='unroll' (it differentiates the forward iterations; memory grows with them), or take "
+            f"finite differences of first-order gradients")
 
     return make
 

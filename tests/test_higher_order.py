@@ -126,6 +126,34 @@ def test_unroll_hessian_vector_product_matches_finite_differences(h, solver, ste
         assert rel(hv, fd) <= 1e-7, rel(hv, fd)
 
 
+@pytest.mark.parametrize(("solver", "steps", "linear"), UNROLLED)
+@pytest.mark.backend("torch")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_unroll_under_torch_func_forward_mode(solver, steps, linear):
+    """torch.func's compositions that involve forward mode (hessian = jacfwd of jacrev, jvp of
+    grad, grad of jvp, jvp of jvp) give the same H V. Anderson's small linear solve needs the LU
+    path here: torch.linalg.solve's forward-mode rule is wrong once differentiated again."""
+    import torch
+
+    L = loss_fn(Harness("torch"), "unroll", solver=solver, linear=linear, tol=1e-300, max_iter=steps)
+    _, fd = unrolled("torch", solver, steps, linear)
+    W, x, c, V = (torch.tensor(a) for a in (W0, X0, C0, V0))
+
+    def jvp(W_):
+        return torch.func.jvp(lambda w: L(w, x, c), (W_,), (V,))[1]
+
+    hessian = torch.func.hessian(L)(W, x, c).reshape(D * D, D * D)
+    hvps = {
+        "hessian": (hessian @ V.reshape(-1)).reshape(D, D),
+        "jvp of grad": torch.func.jvp(lambda w: torch.func.grad(L)(w, x, c), (W,), (V,))[1],
+        "grad of jvp": torch.func.grad(jvp)(W),
+    }
+    for name, hv in hvps.items():
+        assert rel(hv.numpy(), fd) <= 1e-7, (name, rel(hv.numpy(), fd))
+    vhv = torch.func.jvp(jvp, (W,), (V,))[1]  # V^T H V
+    assert abs(float(vhv) - float(np.sum(fd * V0))) <= 1e-7 * abs(float(np.sum(fd * V0)))
+
+
 def test_unroll_gives_the_second_derivative_of_the_equilibrium(h):
     """Converged, unroll's H V is the true one of L(z*(W)): central differences of the implicit
     (exact first-order) gradient agree to the backward solves' accuracy."""
@@ -206,17 +234,32 @@ def test_torch_second_derivative_raises(grad, opts, solver, linear):
 
 
 @pytest.mark.backend("torch")
-def test_torch_func_second_derivative_raises_for_upg():
-    """torch.func: UPG (no custom adjoint) is differentiable once under torch.func.grad and raises
-    on a second; the adjoint modes are not supported by torch.func at all (torch says so)."""
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own
+def test_torch_func_and_forward_mode_for_upg():
+    """torch.func: UPG (no custom adjoint) is differentiable once in reverse mode (torch.func.grad,
+    torch.func.jacrev) and raises on a second derivative and on forward mode (torch.func.jvp,
+    torch.func.hessian, torch.autograd.forward_ad); the adjoint modes are not supported by
+    torch.func at all (torch says so)."""
     import torch
+    import torch.autograd.forward_ad as forward_ad
 
-    W, x, c = (torch.tensor(a) for a in (W0, X0, C0))
+    W, x, c, V = (torch.tensor(a) for a in (W0, X0, C0, V0))
     L = loss_fn(Harness("torch"), "upg", {"k": 5, "lam": 0.5})
-    np.testing.assert_allclose(torch.func.grad(L)(W, x, c).numpy(), gradient(Harness("torch"), L)(W0),
-                               rtol=1e-12, atol=1e-14)
-    with raises_higher_order("upg"):
-        torch.func.grad(lambda W_: (torch.func.grad(L)(W_, x, c) * torch.tensor(V0)).sum())(W)
+    plain = gradient(Harness("torch"), L)(W0)
+    np.testing.assert_allclose(torch.func.grad(L)(W, x, c).numpy(), plain, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(torch.func.jacrev(L)(W, x, c).numpy(), plain, rtol=1e-12, atol=1e-14)
+    attempts = {
+        "grad of grad": lambda: torch.func.grad(lambda W_: (torch.func.grad(L)(W_, x, c) * V).sum())(W),
+        "hessian": lambda: torch.func.hessian(L)(W, x, c),
+        "jvp of grad": lambda: torch.func.jvp(lambda W_: torch.func.grad(L)(W_, x, c), (W,), (V,)),
+        "jvp": lambda: torch.func.jvp(lambda W_: L(W_, x, c), (W,), (V,)),
+    }
+    for name, attempt in attempts.items():
+        with raises_higher_order("upg"):
+            attempt()
+            pytest.fail(f"{name} did not raise")
+    with forward_ad.dual_level(), raises_higher_order("upg"):
+        L(forward_ad.make_dual(W, V), x, c)
     with pytest.raises(RuntimeError, match="requires_grad_"):
         torch.func.grad(loss_fn(Harness("torch"), "jfb"))(W, x, c)
 
@@ -322,3 +365,19 @@ def test_modes_declare_their_order():
     assert {name for name, cls in modes.items() if cls.exact_higher_order} == {"unroll"}
     assert not deqcore.GradientMode.exact_higher_order
 
+
+
+@pytest.mark.backend("torch")
+def test_the_declaration_decides(monkeypatch):
+    """deqcore.solve reads exact_higher_order, not a list of names: a mode declaring it (here UPG,
+    patched; its second derivative is then UPG's own, z* held constant) is not checked."""
+    import torch
+
+    from deqcore.gradients import UPG
+
+    monkeypatch.setattr(UPG, "exact_higher_order", True)
+    L = loss_fn(Harness("torch"), "upg", {"k": 5, "lam": 0.5})
+    W, x, c = torch_leaves(W0, X0, C0)
+    (gW,) = torch.autograd.grad(L(W, x, c), W, create_graph=True)
+    (hv,) = torch.autograd.grad((gW * torch.tensor(V0)).sum(), W)
+    assert np.isfinite(hv.numpy()).all() and np.linalg.norm(hv.numpy()) > 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import array_api_compat.torch as compat
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from deqcore._gradients import higher_order_error as _higher_order_error
 
@@ -70,6 +71,21 @@ xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
 xp.pair_dots, xp.pair_combine = _pair_dots, _pair_combine
 
 
+def _dual(*tensors):
+    """Whether a tensor carries a forward-mode tangent (torch.func.jvp, jacfwd, forward_ad)."""
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _solve(a, b):
+    if _dual(a, b):
+        # torch.linalg.solve's forward-mode rule is wrong once it is differentiated again (jvp of
+        # jvp, grad of jvp: measured off by 25 % against finite differences); the LU
+        # factorisation's rules are exact
+        lu, pivots, _ = torch.linalg.lu_factor_ex(a, check_errors=False)
+        return torch.linalg.lu_solve(lu, pivots, b)
+    return torch.linalg.solve_ex(a, b, check_errors=False)[0]
+
+
 def _needs_gradient(fz, z):
     """Whether the graph of ``fz`` reaches a leaf requiring grad other than ``z`` (depth-first)."""
     if fz.grad_fn is None:
@@ -119,6 +135,8 @@ class _HigherOrderCheck(torch.autograd.Function):
     parameters and ``x``.
     """
 
+    generate_vmap_rule = True  # torch.func.jacrev, torch.func.hessian
+
     @staticmethod
     def forward(ct, make_error, *anchors):
         return ct.view_as(ct)
@@ -131,6 +149,10 @@ class _HigherOrderCheck(torch.autograd.Function):
     def backward(ctx, *grads):
         raise ctx.make_error()
 
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward over reverse: torch.func.hessian, jvp of grad
+        raise ctx.make_error()
+
 
 def _checked(ct, make_error, *anchors):
     """``ct``, with :class:`_HigherOrderCheck` on it when a backward is being recorded."""
@@ -140,7 +162,10 @@ def _checked(ct, make_error, *anchors):
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on ``x`` whose backward returns the cotangent through :func:`_checked`."""
+    """Identity on ``x`` whose backward returns the cotangent through :func:`_checked`; forward
+    mode raises (a forward-mode tangent cannot be checked against a second differentiation)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, anchor, make_error):
@@ -155,6 +180,10 @@ class _FirstOrderOnly(torch.autograd.Function):
     def backward(ctx, g):
         (anchor,) = ctx.saved_tensors
         return _checked(g, ctx.make_error, anchor), None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise ctx.make_error()
 
 
 class TorchBackend:
@@ -201,9 +230,9 @@ class TorchBackend:
         return fn
 
     def set_index(self, buffer, index, value, axis=0):
-        if torch.is_grad_enabled() and (buffer.requires_grad or value.requires_grad):
-            # recorded for autograd (the unroll mode): an in-place write would invalidate
-            # tensors saved for backward
+        if (torch.is_grad_enabled() and (buffer.requires_grad or value.requires_grad)) or _dual(value):
+            # recorded for autograd (the unroll mode, also in forward mode): an in-place write
+            # would invalidate tensors saved for backward
             return torch.select_scatter(buffer, value, axis, int(index))
         buffer.select(axis, int(index)).copy_(value)
         return buffer
@@ -215,7 +244,7 @@ class TorchBackend:
         dtype = a.dtype
         if dtype in (torch.float16, torch.bfloat16):  # LAPACK has no half-precision solve
             a, b = a.float(), b.float()
-        x, _ = torch.linalg.solve_ex(a, b.unsqueeze(-1), check_errors=False)
+        x = _solve(a, b.unsqueeze(-1))
         return x.squeeze(-1).to(dtype)
 
     def vjp(self, fn, *primals, create_graph=False):
@@ -256,7 +285,8 @@ class TorchBackend:
         return z_star + torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
 
     def first_order_only(self, x, make_error):
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        # attached for reverse mode, and for forward mode (a dual x), which it does not support
+        if not (torch.is_grad_enabled() and x.requires_grad) and not _dual(x):
             return x
         # one element of x, multiplied by 0: a new tensor (no storage of x kept, no version
         # counter shared) whose graph reaches everything x depends on
