@@ -443,9 +443,10 @@ def _check_entry(entry: Entry) -> None:
             problem = _call_problem(method, impl, spec, bound=bound)
             if problem is not None:
                 problems.append(problem)
-    unrolled = getattr(cls, "unrolled", False)
-    if not isinstance(unrolled, bool):
-        problems.append(f"its class attribute unrolled is {unrolled!r}, not True or False")
+    for flag in ("unrolled", "exact_higher_order"):
+        value = getattr(cls, flag, False)
+        if not isinstance(value, bool):
+            problems.append(f"its class attribute {flag} is {value!r}, not True or False")
     name = getattr(cls, "name", None)
     if named and name != entry.name:
         problems.append("it has no class attribute name" if name is None else f"its class attribute name "

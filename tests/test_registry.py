@@ -683,6 +683,9 @@ BROKEN_REGISTRATIONS = {
     "gradient_unrolled_not_bool": (
         "gradients", _mode(*_NAMED, "unrolled = 'yes'", base="JFB"),
         r"its class attribute unrolled is 'yes', not True or False$"),
+    "gradient_exact_higher_order_not_bool": (
+        "gradients", _mode(*_NAMED, "exact_higher_order = 1", base="JFB"),
+        r"its class attribute exact_higher_order is 1, not True or False$"),
     "hypersolver_not_a_hypersolver": (
         "hypersolvers", "register('bad_entry', FixedPoint)",
         r"registered hypersolver 'bad_entry' as class deqcore.solvers.*FixedPoint, "
