@@ -134,7 +134,12 @@ class Broyden(Solver):
         return self.m < self.max_iter and state.UV.shape[2] == self.m
 
     def final_state(self, problem: Problem, state: BroydenState) -> BroydenState:
-        return state._replace(UV=problem.backend.active_prefix(state.UV, state.count, axis=2))
+        used = problem.backend.active_prefix(state.UV, state.count, axis=2)
+        if used.shape[2] < state.UV.shape[2]:
+            # a prefix view would keep the whole ring's storage alive for as long as the solution
+            # (and GDEQ's backward pass) holds it: keep the slots in use only
+            used = problem.backend.xp.asarray(used, copy=True)
+        return state._replace(UV=used)
 
     def step(self, problem: Problem, state: BroydenState, active: Any):
         xp = problem.backend.xp
