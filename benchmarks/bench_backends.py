@@ -1,8 +1,9 @@
 """Training-step and forward-solve time of the same model on PyTorch and JAX, side by side.
 
-Issue 4's goal: both backends within 1.5x of each other's step time on CPU. Each backend runs in
+Whether the two backends train the same model at comparable speed on CPU: the goal is a step
+time within 1.5x of each other's, either way. Each backend runs in
 its own subprocess (in one process, XLA's and PyTorch's thread pools spin against each other and
-torch steps became 2-20x slower and erratic), from the same NumPy weights on the same batches.
+torch steps became many times slower and erratic), from the same NumPy weights on the same batches.
 The first ``--warmup`` steps (JAX compiles, PyTorch's first steps are also slow) are excluded, and
 the blocks alternate torch, jax, torch, jax so that slow machine phases hit both; each backend's
 figure is the better of its two blocks' medians. Reported per workload and backend: training step
@@ -11,6 +12,9 @@ gradient), the backward share (step minus forward), NFE, and the JAX/torch ratio
 
     python benchmarks/bench_backends.py --data ../shared/data            # MDEQ and Transformer
     python benchmarks/bench_backends.py --data ../shared/data --workload mdeq --steps 20
+
+Results go to ``--out`` (default benchmarks/results/backends.json); the documentation's blocks
+generated from that file (docs/benchmarks.md) are rendered again (``render_docs.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from deqcore._arrays_io import dumps_json, write_text
 
 WORKLOADS = {
     "mdeq": dict(model="mdeq", config="cpu", dataset="fashion-mnist", batch_size=64, solver="broyden",
@@ -111,8 +117,13 @@ def main() -> int:
         print(f"[{verdict}] {r['workload']}: jax/torch step {r['ratio_step']:.2f}x (goal within {GOAL}x "
               f"either way); forward {r['ratio_forward']:.2f}x, backward {r['ratio_backward']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    write_text(args.out, dumps_json(rows, indent=2))
     print(f"wrote {args.out}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from render_docs import refresh_pages_of
+
+    for page in refresh_pages_of(Path(args.out)):  # the pages whose generated blocks quote this file
+        print(f"rendered {page}")
     return 0
 
 

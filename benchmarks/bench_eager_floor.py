@@ -152,9 +152,10 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         raise SystemExit("bench_eager_floor: --repeats must be >= 1")
     torch.set_num_threads(1)
-    dense = bs._shapes(args.dense, 2, "--dense")
+    dense = bs._shapes(args.dense, 2, "--dense", "bench_eager_floor")
+    convs = bs._shapes(args.conv, 4, "--conv", "bench_eager_floor")
     problems = [bs.make_problem("symmetric", s, "float32", 0.1) for s in dense]
-    problems += [bs.make_problem("conv", s, "float32", 0.1) for s in bs._shapes(args.conv, 4, "--conv")]
+    problems += [bs.make_problem("conv", s, "float32", 0.1) for s in convs]
     for p in problems:
         measure(p, args.repeats, not args.no_compile)
     return 0

@@ -1,9 +1,9 @@
 """Gradient benchmark: deqcore's gradient modes against TorchDEQ (torch) and jaxopt / optimistix (JAX).
 
-Problem: the tanh DEQ layer of ``bench_solvers.py`` (imported from there, so the data are the very
-same): ``f(z, x) = tanh(z W^T + x U^T + b)``, batch 64, ``d`` in ``--sizes``, W ``gaussian``
-(spectral norm 0.9) or ``symmetric`` (eigenvalues spread over [-0.9, 0.9]), injection scale 0.1,
-float32. The loss is ``L = sum(c * z*)`` with a fixed random ``c`` (standard normal, seeded per
+Problem: the dense tanh DEQ layer of ``bench_solvers.py`` (its ``make_problem``, so the data are
+the very same): ``f(z, x) = tanh(z W^T + x U^T + b)``, batch 64, ``d`` in ``--sizes``, W
+``gaussian`` (spectral norm 0.9) or ``symmetric`` (eigenvalues spread over [-0.9, 0.9]), injection
+scale 0.1, float32. The loss is ``L = sum(c * z*)`` with a fixed random ``c`` (standard normal, seeded per
 problem); the gradient is taken with respect to W only.
 
 Forward solve (identical for every deqcore mode): Anderson (Broyden for ``gdeq``, which needs its
@@ -33,9 +33,10 @@ What is measured, per problem, framework and method:
   Jacobian at its fixed point, with a counting operator) plus 1.
 * ``cos`` / ``rel err``: cosine and relative Frobenius error of the gradient w.r.t. W against the
   "exact" gradient: the float64 fixed point of the float32-rounded weights (plain iteration to
-  1e-12) and a dense float64 solve ``(I - J^T) u = c`` per sample (``np.linalg.solve``), then
-  ``dL/dW = (u * s)^T z*`` with ``s = 1 - z*^2``. A method's error therefore contains its forward
-  error (``fwd rel`` column: the worst sample's relative residual of its z, judged in float64).
+  1e-12, bench_solvers' ``Problem.reference``) and a dense float64 solve ``(I - J^T) u = c`` per
+  sample (``np.linalg.solve``), then ``dL/dW = (u * s)^T z*`` with ``s = 1 - z*^2``. A method's
+  error therefore contains its forward error (``fwd rel`` column: the worst sample's relative
+  residual of its z, judged in float64).
   ``bwd err`` isolates the backward: the relative error against the same dense formula evaluated
   at the method's own returned z (float64), i.e. the exact implicit gradient given its forward.
 * ``bytes``: what the forward keeps for the backward.
@@ -51,8 +52,8 @@ What is measured, per problem, framework and method:
 Anchors (read from their sources, driven with the documented options):
 
 * TorchDEQ: ``torchdeq.get_deq(core="sliced", f_solver="anderson", f_max_iter=50, f_tol=1e-4,
-  f_stop_mode="rel")`` with ``solver_kwargs={"m": 5, "lam": 1e-4, "tau": 1}`` (as in
-  bench_solvers.py); ``ift=True`` with ``b_solver="anderson", b_tol=1e-6, b_stop_mode="rel",
+  f_stop_mode="rel")`` with ``solver_kwargs={"m": 5, "lam": 1e-4, "tau": 1}`` (bench_solvers'
+  ``TORCHDEQ["anderson"]``); ``ift=True`` with ``b_solver="anderson", b_tol=1e-6, b_stop_mode="rel",
   b_max_iter=100`` (deqcore implicit's backward defaults); phantom gradient ``grad=5, tau=0.5``;
   JFB ``grad=1``. TorchDEQ's backward solver gets no options besides these (its Anderson keeps
   m=6, lam=1e-4).
@@ -84,6 +85,14 @@ Goal lines:
 
 Run:  python benchmarks/bench_gradients.py [--sizes 256,1024] [--repeats 7]
       python benchmarks/bench_gradients.py --quick
+      python benchmarks/bench_gradients.py --sizes 32 --repeats 1 --frameworks torch --no-anchors \
+          --wait-idle 0 --json /tmp/gradients.json                  (a check of the script: seconds)
+The anchors need ``torchdeq`` (torch) and ``jaxopt``, ``optimistix``, ``lineax`` (JAX): a missing one
+stops the script at the start, with the command that installs it; ``--no-anchors`` measures deqcore
+alone (the comparison goal with TorchDEQ is then reported as skipped). Results go to ``--json``
+(default benchmarks/results/gradients.json); an existing file is kept unless ``--overwrite`` is
+given. The documentation's blocks generated from that file (docs/benchmarks-gradients.md) are
+rendered again (``render_docs.py``).
 """
 
 from __future__ import annotations
@@ -91,7 +100,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import math
 import os
 import platform
@@ -103,10 +111,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_solvers as fwd  # noqa: E402  (problem construction, judge, idle wait, versions)
+from deqcore._arrays_io import dumps_json, write_text
 
-BATCH = fwd.BATCH
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_solvers as fwd  # noqa: E402  (problems, judge, reference, idle wait, versions)
+
+BATCH = 64
+INJECTION = 0.1
 TOL = fwd.TOL
 MAX_ITER = fwd.MAX_ITER
 K, LAM = 5, 0.5  # npg / upg / TorchDEQ phantom
@@ -114,7 +125,9 @@ B_TOL, B_MAX_ITER = 1e-6, 100  # backward solves of the implicit methods
 OPTX_TOL = 1e-5  # lineax GMRES (elementwise max-norm test): 1e-6 stagnates in float32
 MEM_ITERS = (10, 40)
 MEM_TOL = 1e-30
-PROBLEMS = fwd.PROBLEMS
+PROBLEMS = ("gaussian", "symmetric")  # bench_solvers' dense problems: the gradient is taken w.r.t. W
+#: The anchor libraries per framework, by import name (lineax: optimistix's linear solver, used directly).
+ANCHOR_PACKAGES = {"torch": fwd.ANCHOR_PACKAGES["torch"], "jax": (*fwd.ANCHOR_PACKAGES["jax"], "lineax")}
 DEQCORE_MODES = (  # label, grad, forward solver, grad_options, solver options
     ("implicit", "implicit", "anderson", {}, {}),
     ("jfb", "jfb", "anderson", {}, {}),
@@ -141,16 +154,21 @@ JAX_TURN_S = 0.03  # each JAX timing turn repeats forward and gradient to last a
 # ----------------------------------------------------------------------------------------------
 
 
-def cotangent(p: dict) -> np.ndarray:
-    rng = np.random.default_rng([fwd.SEED, p["d"], PROBLEMS.index(p["kind"]), 1])
-    return rng.standard_normal((BATCH, p["d"])).astype(np.float32).astype(np.float64)
+def make_problem(kind: str, d: int) -> fwd.Problem:
+    """bench_solvers' dense problem ``kind`` at state size ``d``, batch 64, injection 0.1, float32."""
+    return fwd.make_problem(kind, (d, BATCH), "float32", INJECTION)
 
 
-def exact_gradient(p: dict, z: np.ndarray, c: np.ndarray, chunk: int = 8) -> np.ndarray:
+def cotangent(p: fwd.Problem) -> np.ndarray:
+    rng = np.random.default_rng([fwd.SEED, p.extra["d"], PROBLEMS.index(p.kind), 1])
+    return rng.standard_normal((p.batch, p.extra["d"])).astype(np.float32).astype(np.float64)
+
+
+def exact_gradient(p: fwd.Problem, z: np.ndarray, c: np.ndarray, chunk: int = 8) -> np.ndarray:
     """dL/dW of L = sum(c * z*) at the fixed point z: dense per-sample adjoint solves."""
-    W = p["W"]
+    W = p.arrays["W"]
     d = W.shape[0]
-    s = 1.0 - f_np(p, z) ** 2  # tanh' at z*
+    s = 1.0 - p.f_numpy(z) ** 2  # tanh' at z*
     u = np.empty_like(z)
     eye = np.eye(d)
     for i in range(0, z.shape[0], chunk):
@@ -158,10 +176,6 @@ def exact_gradient(p: dict, z: np.ndarray, c: np.ndarray, chunk: int = 8) -> np.
         A = eye[None] - W.T[None] * s[i:i + chunk, None, :]
         u[i:i + chunk] = np.linalg.solve(A, c[i:i + chunk, :, None])[..., 0]
     return (u * s).T @ z
-
-
-def f_np(p: dict, z: np.ndarray) -> np.ndarray:
-    return fwd.f_numpy(p, z)
 
 
 def accuracy(g: np.ndarray, G: np.ndarray) -> tuple[float, float]:
@@ -215,7 +229,7 @@ def row(case: Case, G: np.ndarray) -> dict:
     tb_min = min(case.tb)
     total = [a + b for a, b in zip(case.tf, case.tb, strict=True)]
     return {
-        "backend": case.framework, "problem": case.p["kind"], "d": case.p["d"],
+        "backend": case.framework, "problem": case.p.kind, "d": case.p.extra["d"],
         "method": case.method, "library": case.library, "forward_solver": case.fsolver,
         "fwd_steps": info.get("steps"), "fwd_worst_rel": info["worst"],
         "fwd_converged": fwd.converged(info["worst"]),
@@ -255,15 +269,20 @@ def _torch_saved_bytes(run, exclude):
     return sum(seen.values()), out
 
 
-class _TorchData:
-    def __init__(self, p, c):
+class TorchData:
+    """The problem's tensors with W^T a leaf that requires grad; ``f`` and ``f_counted`` (the same
+    layer, counting the VJPs of its backward in ``count[0]``)."""
+
+    def __init__(self, p: fwd.Problem, c: np.ndarray, dtype: str = "float32"):
         import torch
 
-        self.Wt = torch.tensor(p["W"].T.copy(), dtype=torch.float32, requires_grad=True)
-        self.Ut = torch.tensor(p["U"].T.copy(), dtype=torch.float32)
-        self.b = torch.tensor(p["b"], dtype=torch.float32)
-        self.x = torch.tensor(p["x"], dtype=torch.float32)
-        self.c = torch.tensor(c, dtype=torch.float32)
+        dt = getattr(torch, dtype)
+        a = p.arrays
+        self.Wt = torch.tensor(a["W"].T.copy(), dtype=dt, requires_grad=True)
+        self.Ut = torch.tensor(a["U"].T.copy(), dtype=dt)
+        self.b = torch.tensor(a["b"], dtype=dt)
+        self.x = torch.tensor(a["x"], dtype=dt)
+        self.c = torch.tensor(c, dtype=dt)
         self.count = [0]
         counter = self.count
 
@@ -289,13 +308,12 @@ class _TorchData:
         return (self.Wt, self.Ut, self.b, self.x, self.c)
 
 
-def torch_cases(p: dict, c: np.ndarray) -> list[Case]:
+def torch_cases(p: fwd.Problem, c: np.ndarray, anchors: bool = True) -> list[Case]:
     import torch
-    from torchdeq import get_deq
 
     import deqcore
 
-    T = _TorchData(p, c)
+    T = TorchData(p, c)
     cases = []
 
     def build(forward_of, method, library, fsolver, expected=None):
@@ -311,7 +329,7 @@ def torch_cases(p: dict, c: np.ndarray) -> list[Case]:
             (T.c * z).sum().backward()
         info["vjps"] = T.count[0]
         info["grad"] = T.Wt.grad.detach().numpy().T.astype(np.float64)
-        info["worst"] = float(fwd.judge(p, z).max())
+        info["worst"] = float(p.judge(z).max())
         info["grad_at_z"] = exact_gradient(p, z.detach().numpy().astype(np.float64), c)
         info["steps"] = meta["steps"]
         if meta.get("nfe") is not None and method == "unroll":
@@ -358,16 +376,20 @@ def torch_cases(p: dict, c: np.ndarray) -> list[Case]:
         expected = {"jfb": 1, "gdeq": 1, "npg": K, "upg": K}.get(mode)
         build(forward_of, label, "deqcore", solver, expected)
 
+    if not anchors:
+        return cases
+    from torchdeq import get_deq
+
     common = dict(core="sliced", f_solver="anderson", f_max_iter=MAX_ITER, f_tol=TOL,
                   f_stop_mode="rel", b_solver="anderson", b_max_iter=B_MAX_ITER, b_tol=B_TOL,
                   b_stop_mode="rel")
-    fkw = {"m": 5, "lam": 1e-4, "tau": 1.0}
-    anchors = [
+    fkw = fwd.TORCHDEQ["anderson"]
+    torchdeq_modes = [
         ("IFT", dict(ift=True), None),
         (f"phantom (k={K}, tau={LAM})", dict(grad=K, tau=LAM), K),
         ("JFB", dict(grad=1), 1),
     ]
-    for name, kw, expected in anchors:
+    for name, kw, expected in torchdeq_modes:
         deq = get_deq(**common, **kw)
         deq.train()
 
@@ -381,13 +403,13 @@ def torch_cases(p: dict, c: np.ndarray) -> list[Case]:
     return cases
 
 
-def torch_memory(p: dict, c: np.ndarray) -> list[dict]:
+def torch_memory(p: fwd.Problem, c: np.ndarray) -> list[dict]:
     import deqcore
 
-    T = _TorchData(p, c)
+    T = TorchData(p, c)
     out = []
     for label, mode, solver, gopts, sopts in MEM_MODES:
-        rec = {"backend": "torch", "problem": p["kind"], "d": p["d"], "method": label,
+        rec = {"backend": "torch", "problem": p.kind, "d": p.extra["d"], "method": label,
                "measure": "saved_tensors_hooks unique storages (excl. W, U, b, x, c)"}
         for n in MEM_ITERS:
             def run(n=n, mode=mode, solver=solver, gopts=gopts, sopts=sopts):
@@ -430,13 +452,14 @@ def _jax_tap(counter):
 
 
 class _JaxData:
-    def __init__(self, p, c):
+    def __init__(self, p: fwd.Problem, c: np.ndarray):
         import jax.numpy as jnp
 
-        self.Wt = jnp.asarray(p["W"].T, dtype=jnp.float32)
-        self.Ut = jnp.asarray(p["U"].T, dtype=jnp.float32)
-        self.b = jnp.asarray(p["b"], dtype=jnp.float32)
-        self.x = jnp.asarray(p["x"], dtype=jnp.float32)
+        a = p.arrays
+        self.Wt = jnp.asarray(a["W"].T, dtype=jnp.float32)
+        self.Ut = jnp.asarray(a["U"].T, dtype=jnp.float32)
+        self.b = jnp.asarray(a["b"], dtype=jnp.float32)
+        self.x = jnp.asarray(a["x"], dtype=jnp.float32)
         self.c = jnp.asarray(c, dtype=jnp.float32)
         self.count = [0]
         tap = _jax_tap(self.count)
@@ -458,12 +481,9 @@ def _temp_bytes(compiled):
         return None
 
 
-def jax_cases(p: dict, c: np.ndarray, zref: np.ndarray) -> list[Case]:
+def jax_cases(p: fwd.Problem, c: np.ndarray, zref: np.ndarray, anchors: bool = True) -> list[Case]:
     import jax
     import jax.numpy as jnp
-    import jaxopt
-    import lineax as lx
-    import optimistix as optx
 
     import deqcore
 
@@ -487,7 +507,7 @@ def jax_cases(p: dict, c: np.ndarray, zref: np.ndarray) -> list[Case]:
             info["vjps_reported"] = rep.vjps + 1
             info["bwd_converged"] = bool(np.all(rep.converged))
         info["grad"] = np.asarray(g, dtype=np.float64).T
-        info["worst"] = float(fwd.judge(p, z).max())
+        info["worst"] = float(p.judge(z).max())
         info["grad_at_z"] = exact_gradient(p, np.asarray(z, dtype=np.float64), c)
         info["steps"] = int(steps)
         if count is not None:
@@ -556,6 +576,12 @@ def jax_cases(p: dict, c: np.ndarray, zref: np.ndarray) -> list[Case]:
         if mode == "unroll":
             info["vjps_expected"] = info["steps"] + 1
 
+    if not anchors:
+        return cases
+    import jaxopt
+    import lineax as lx
+    import optimistix as optx
+
     # anchors: absolute whole-batch tolerance, calibrated on the forward (as bench_solvers.py)
     t0 = TOL * float(np.min(np.linalg.norm(zref, axis=-1)))
 
@@ -564,7 +590,7 @@ def jax_cases(p: dict, c: np.ndarray, zref: np.ndarray) -> list[Case]:
         for fac in fwd.CALIBRATION_FACTORS:
             tol = jnp.asarray(t0 * fac, dtype=jnp.float32)
             z = jax.block_until_ready(solve(J.Wt, tol))
-            worst = float(fwd.judge(p, z).max())
+            worst = float(p.judge(z).max())
             chosen = (fac, tol)
             if fwd.converged(worst):
                 break
@@ -628,7 +654,7 @@ def jax_cases(p: dict, c: np.ndarray, zref: np.ndarray) -> list[Case]:
     return cases
 
 
-def jax_memory(p: dict, c: np.ndarray) -> list[dict]:
+def jax_memory(p: fwd.Problem, c: np.ndarray) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -637,7 +663,7 @@ def jax_memory(p: dict, c: np.ndarray) -> list[dict]:
     J = _JaxData(p, c)
     out = []
     for label, mode, solver, gopts, sopts in MEM_MODES:
-        rec = {"backend": "jax", "problem": p["kind"], "d": p["d"], "method": label,
+        rec = {"backend": "jax", "problem": p.kind, "d": p.extra["d"], "method": label,
                "measure": "temp_size_in_bytes of jit(grad) (forward + backward program)"}
         for n in MEM_ITERS:
             def loss(Wt, c, n=n, mode=mode, solver=solver, gopts=gopts, sopts=sopts):
@@ -725,6 +751,11 @@ def goals(rows: list[dict], mem: list[dict]) -> list[dict]:
                             f"rel err {im['bwd_rel_err']:.2e} vs {ift['bwd_rel_err']:.2e} "
                             f"({'ok' if acc else 'WORSE'}; total rel err {im['rel_err']:.2e} vs "
                             f"{ift['rel_err']:.2e})"})
+            elif im:
+                out.append({"goal": "implicit-vs-ift", "pass": None, "problem": kind, "d": d,
+                            "backend": be, "line":
+                            f"[SKIP] implicit backward vs TorchDEQ IFT (torch, {kind}, d={d}): "
+                            f"not judged, TorchDEQ was not run (--no-anchors)"})
     for m in mem:
         a, b = m.get(f"bytes_{MEM_ITERS[0]}"), m.get(f"bytes_{MEM_ITERS[1]}")
         if a is None or b is None:
@@ -760,21 +791,39 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="256,1024", help="comma-separated d values (default 256,1024)")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up (median)")
     ap.add_argument("--frameworks", default="torch,jax", help="torch,jax (default both)")
-    ap.add_argument("--problems", default=",".join(PROBLEMS))
+    ap.add_argument("--problems", default=",".join(PROBLEMS), help="gaussian,symmetric (default both)")
     ap.add_argument("--quick", action="store_true",
                     help="d=256 only, 3 repeats, no memory sweep, JAX VJPs not counted (a smoke run)")
+    ap.add_argument("--no-anchors", action="store_true",
+                    help="measure deqcore's modes alone (no TorchDEQ, jaxopt, optimistix)")
     ap.add_argument("--wait-idle", type=float, default=10.0, metavar="S",
                     help="before timing each problem, wait up to S seconds for the CPUs to be >= 85%% "
                          "idle (a shared machine); 0 disables (default 10)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "gradients.json"))
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = ap.parse_args(argv)
     global COUNT_JAX
     COUNT_JAX = not args.quick
 
-    sizes = [256] if args.quick else [int(s) for s in args.sizes.split(",") if s]
+    out = Path(args.json)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"bench_gradients: {out} exists; pass --overwrite to replace it or --json PATH")
+    sizes = [256] if args.quick else [d for (d,) in fwd._shapes(args.sizes, 1, "--sizes", "bench_gradients")]
     repeats = 3 if args.quick else args.repeats
     frameworks = [s for s in args.frameworks.split(",") if s]
     problems = [s for s in args.problems.split(",") if s]
+    unknown = sorted(set(problems) - set(PROBLEMS))
+    if not problems or unknown:
+        raise SystemExit(f"bench_gradients: --problems takes {', '.join(PROBLEMS)}, got {args.problems!r}")
+    if not sizes:
+        raise SystemExit("bench_gradients: --sizes is empty; give state sizes d like 256,1024")
+    if not frameworks or set(frameworks) - {"torch", "jax"} or repeats < 1:
+        raise SystemExit(f"bench_gradients: --frameworks takes torch,jax (got {args.frameworks!r}); "
+                         f"--repeats >= 1 (got {repeats})")
+    anchors = not args.no_anchors
+    if anchors:
+        fwd.require_packages("bench_gradients", [m for fw in frameworks for m in ANCHOR_PACKAGES[fw]],
+                             ", or pass --no-anchors to measure deqcore alone")
 
     versions = {"python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count()}
@@ -787,22 +836,25 @@ def main(argv=None) -> int:
     print(f"deqcore gradient benchmark: tanh DEQ, batch {BATCH}, float32, forward tol {TOL:g} (rel), "
           f"max_iter {MAX_ITER}, loss sum(c*z*), gradient w.r.t. W, repeats {repeats} (median)")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    if not anchors:
+        print("anchors not run (--no-anchors): deqcore's modes only; the goal against TorchDEQ IFT "
+              "is reported as skipped", flush=True)
 
     start = time.perf_counter()
     load_start = os.getloadavg()
     rows, exact_info, idle_seen = [], [], []
     for d in sizes:
         for kind in problems:
-            p = fwd.make_problem(kind, d, "float32")
+            p = make_problem(kind, d)
             c = cotangent(p)
             t = time.perf_counter()
-            zref = fwd.reference_fixed_point(p)
+            zref = p.reference()
             G = exact_gradient(p, zref, c)
             exact_info.append({"problem": kind, "d": d, "seconds": time.perf_counter() - t,
-                               "ref_worst_rel": float(fwd.judge(p, zref).max()),
+                               "ref_worst_rel": float(p.judge(zref).max()),
                                "grad_norm": float(np.linalg.norm(G))})
-            for fw, make in (("torch", functools.partial(torch_cases, p, c)),
-                             ("jax", functools.partial(jax_cases, p, c, zref))):
+            for fw, make in (("torch", functools.partial(torch_cases, p, c, anchors)),
+                             ("jax", functools.partial(jax_cases, p, c, zref, anchors))):
                 if fw not in frameworks:
                     continue
                 t = time.perf_counter()
@@ -821,7 +873,7 @@ def main(argv=None) -> int:
 
     mem = []
     if not args.quick:
-        pm = fwd.make_problem(problems[0], min(sizes), "float32")
+        pm = make_problem(problems[0], min(sizes))
         cm = cotangent(pm)
         for fw, make in (("torch", torch_memory), ("jax", jax_memory)):
             if fw in frameworks:
@@ -835,7 +887,8 @@ def main(argv=None) -> int:
           f"VJPs: counted batched VJPs of f in the backward (rep: the mode's own report); "
           f"Jprod: VJPs + transposed products; cos / rel err: vs the float64 exact dL/dW; "
           f"bytes: torch saved-for-backward storages, JAX temp bytes of jit(grad)\n")
-    fwd.print_grouped(HEADER, rows, fmt_row)
+    print(HEADER)
+    fwd.print_grouped(rows, fmt_row, ("d", "problem", "backend"))
     if mem:
         print(f"\nMemory sweep (tol {MEM_TOL:g}: every iteration runs):")
         print(f"{'backend':<6} {'method':<18} {'bytes @' + str(MEM_ITERS[0]):>14} "
@@ -853,12 +906,11 @@ def main(argv=None) -> int:
     for g in gl:
         print(g["line"])
 
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_text(out, dumps_json({
         "config": {"batch": BATCH, "tol": TOL, "max_iter": MAX_ITER, "dtype": "float32",
                    "sizes": sizes, "repeats": repeats, "problems": problems, "rho": fwd.RHO,
-                   "injection": fwd.INJECTION, "seed": fwd.SEED, "frameworks": frameworks,
+                   "injection": INJECTION, "seed": fwd.SEED, "frameworks": frameworks, "anchors": anchors,
                    "k": K, "lam": LAM, "backward_tol": B_TOL, "backward_max_iter": B_MAX_ITER,
                    "memory_sweep": {"max_iter": MEM_ITERS, "tol": MEM_TOL},
                    "timing": "round-robin over the methods of a problem; torch: loss.backward() "
@@ -868,6 +920,10 @@ def main(argv=None) -> int:
         "rows": rows, "memory": mem, "goals": gl,
     }, indent=1))
     print(f"\nwrote {out}")
+    from render_docs import refresh_pages_of
+
+    for page in refresh_pages_of(out):  # the pages whose generated blocks quote this file
+        print(f"rendered {page}")
     return 0
 
 

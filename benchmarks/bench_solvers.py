@@ -51,8 +51,11 @@ symmetric problem at d=1024 and on the convolutional layer.
 
 Run:  python benchmarks/bench_solvers.py [--repeats 7] [--dtype float32] [--problems symmetric,conv]
       python benchmarks/bench_solvers.py --quick          (smoke run: d=256 dense and conv, 3 repeats)
+The anchors need ``torchdeq`` (torch) and ``jaxopt``, ``optimistix`` (JAX): a missing one stops the
+script at the start, with the command that installs it.
 Results go to ``--json`` (default benchmarks/results/solvers.json); an existing file is kept
-unless ``--overwrite`` is given.
+unless ``--overwrite`` is given. The documentation's blocks generated from that file
+(docs/benchmarks.md) are rendered again (``render_docs.py``).
 """
 
 from __future__ import annotations
@@ -60,17 +63,20 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
+import importlib.util
 import math
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from deqcore._arrays_io import dumps_json, write_text
 
 TOL = 1e-4
 MAX_ITER = 50
@@ -174,6 +180,20 @@ def make_problem(kind: str, shape: tuple[int, ...], dtype: str, injection: float
               "b": rnd(0.1 * injection * rng.standard_normal(d)),
               "x": rnd(injection * rng.standard_normal((B, d)))}
     return Problem(kind, f"d={d} B={B}", B, d, arrays, injection, {"d": d})
+
+
+#: The anchor libraries per framework, by import name (also the name pip installs).
+ANCHOR_PACKAGES = {"torch": ("torchdeq",), "jax": ("jaxopt", "optimistix")}
+
+
+def require_packages(script: str, packages: Iterable[str], alternative: str = "") -> None:
+    """Exit, before any work, with a message naming every package of ``packages`` that is not
+    installed and how to install it (``alternative``: another way out, e.g. a flag)."""
+    missing = [name for name in dict.fromkeys(packages) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"{script}: the anchor package{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} {'are' if len(missing) > 1 else 'is'} not installed; "
+                         f"pip install {' '.join(missing)}{alternative}")
 
 
 def converged(worst: float) -> bool:
@@ -454,6 +474,17 @@ def fmt_row(r: dict) -> str:
             f"{r['ratio_floor_min']:6.2f} {r['per_eval_ms']:7.3f} {va_s}  {r['note']}")
 
 
+def print_grouped(rows: list[dict], fmt, keys: tuple[str, ...] = ("problem", "config", "backend")) -> None:
+    """``fmt(row)`` per row, a blank line wherever the values of ``keys`` change."""
+    last = None
+    for r in rows:
+        key = tuple(r[k] for k in keys)
+        if last is not None and key != last:
+            print()
+        last = key
+        print(fmt(r))
+
+
 def _group(rows, *keys):
     out: dict = {}
     for r in rows:
@@ -547,7 +578,9 @@ def _version(mod: str):
         return getattr(__import__(mod), "__version__", None)
 
 
-def _shapes(text: str, n: int, what: str) -> list[tuple[int, ...]]:
+def _shapes(text: str, n: int, what: str, prog: str = "bench_solvers") -> list[tuple[int, ...]]:
+    """The comma-separated ``N1xN2x...`` items of flag ``what`` (``n`` numbers each, all >= 1); a
+    malformed item exits with a message that starts with the script's name ``prog``."""
     out = []
     for item in (s for s in text.split(",") if s):
         try:
@@ -555,7 +588,7 @@ def _shapes(text: str, n: int, what: str) -> list[tuple[int, ...]]:
         except ValueError:
             shape = ()
         if len(shape) != n or min(shape) < 1:
-            raise SystemExit(f"bench_solvers: {what} wants items like {'x'.join(['N'] * n)}, got {item!r}")
+            raise SystemExit(f"{prog}: {what} wants items like {'x'.join(['N'] * n)}, got {item!r}")
         out.append(shape)
     return out
 
@@ -591,6 +624,7 @@ def main(argv=None) -> int:
     dense = _shapes("256x256" if args.quick else args.dense, 2, "--dense")
     convs = _shapes(args.conv, 4, "--conv")
     repeats = 3 if args.quick else args.repeats
+    require_packages("bench_solvers", [m for fw in frameworks for m in ANCHOR_PACKAGES[fw]])
 
     if "torch" in frameworks:
         import torch
@@ -636,13 +670,7 @@ def main(argv=None) -> int:
           f"||f(z)-z||/||f(z)|| at the returned z, in float64; t/floor: time over NFE evaluations of "
           f"the method's own f; vs anchor: time over the fastest converged anchor (same backend, "
           f"same problem)\n")
-    last = None
-    for r in rows:
-        key = (r["problem"], r["config"], r["backend"])
-        if last is not None and key != last:
-            print()
-        last = key
-        print(fmt_row(r))
+    print_grouped(rows, fmt_row)
     idle_s = (f"; CPU idle before timing: min {min(idle_seen):.0%}, median "
               f"{statistics.median(idle_seen):.0%}" if idle_seen else "")
     print(f"\nload average (1/5/15 min) at start {tuple(round(v, 2) for v in load_start)}, at end "
@@ -652,7 +680,7 @@ def main(argv=None) -> int:
     for g in gl:
         print(g["line"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_text(out, dumps_json({
         "config": {"tol": TOL, "max_iter": MAX_ITER, "dtype": args.dtype, "dense": dense, "conv": convs,
                    "repeats": repeats, "problems": problems, "rho": RHO, "seed": SEED,
                    "judge_slack": JUDGE_SLACK, "frameworks": frameworks, "injection": args.injection,
@@ -662,6 +690,10 @@ def main(argv=None) -> int:
         "idle_before_timing": idle_seen, "rows": rows, "goals": gl,
     }, indent=1))
     print(f"\nwrote {out}")
+    from render_docs import refresh_pages_of
+
+    for page in refresh_pages_of(out):  # the pages whose generated blocks quote this file
+        print(f"rendered {page}")
     return 0
 
 

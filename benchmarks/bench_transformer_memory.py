@@ -30,6 +30,9 @@ Measured with PyTorch (eager autograd keeps exactly what backward needs):
 
     python benchmarks/bench_transformer_memory.py --data ../shared/data \
         [--out docs/experiments/transformer-wt2]
+
+It writes ``memory.json`` and ``memory.md`` (rendered from it by ``render_docs.py``) to ``--out``
+(default: a new temporary folder, printed), and prints the report.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from deqcore._arrays_io import dumps_json, write_text
 
 
 def _setup(args, mode: str, depth: int, output: str):
@@ -154,7 +160,8 @@ def main(argv=None) -> None:
                    help="positions per softmax chunk of the chunked output layer (default 32, the "
                         "trainer's)")
     p.add_argument("--output-layer", default="chunked", help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help="also write memory.json and memory.md here")
+    p.add_argument("--out", default=None,
+                   help="where memory.json and memory.md go (default: a new temporary folder)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -172,51 +179,14 @@ def main(argv=None) -> None:
         r.update(run_child(args, mode, depth, output, exact_rss=True))
         r["step_s"] = run_child(args, mode, depth, output, exact_rss=False)["step_s"]
 
-    def growth(r):
-        return r["peak_rss_mb"] - r["rss_after_setup_mb"]
+    from render_docs import docs_numbers, memory_summary  # the report's renderer (benchmarks/)
 
-    summary: dict = {"config": vars(args), "depth": depth, "rows": rows}
-    for output in ("chunked", "full"):
-        d, e = rows[f"deq, {output}"], rows[f"explicit-{depth}, {output}"]
-        summary[output] = {
-            "reduction_saved_total": 1 - d["saved_total"] / e["saved_total"],
-            "reduction_saved_layers": 1 - d["saved_layers"] / e["saved_layers"],
-            "reduction_peak_rss": 1 - d["peak_rss_mb"] / e["peak_rss_mb"],
-            "reduction_peak_rss_increase": 1 - growth(d) / growth(e),
-            "reduction_step_peak": 1 - d["step_peak_mb"] / e["step_peak_mb"],
-            "step_time_ratio": d["step_s"] / e["step_s"]}
-    mb = 1 / 2 ** 20
-    lines = [f"# DEQ-Transformer training memory vs an explicit weight-tied transformer of depth {depth}",
-             "", "Command: `python benchmarks/bench_transformer_memory.py --data DATA "
-             f"--config {args.config} --batch-size {args.batch_size} --solver {args.solver} "
-             f"--max-iter {args.max_iter} --chunk {args.chunk}` (PyTorch, float32, one WikiText-2 batch of "
-             f"{args.batch_size} x {rows['deq, chunked']['tokens']} tokens; the explicit depth "
-             "is the DEQ's measured forward NFE). `chunked`: the output layer deqcore_models trains "
-             f"with (softmax over {args.chunk} positions at a time, recomputed in backward); `full`: all "
-             "logits kept for backward.", "",
-             "| model, output layer | saved for backward, MB | of which vocabulary-sized | layer stack | "
-             "peak RSS MB | RSS growth in training MB | step peak MB | step s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['saved_total'] * mb:.1f} | {r['saved_vocab'] * mb:.1f} | "
-                     f"{r['saved_layers'] * mb:.1f} | {r['peak_rss_mb']:.0f} | {growth(r):.0f} | "
-                     f"{r['step_peak_mb']:.0f} | "
-                     f"{r['step_s']:.3f} |")
-    lines.append("")
-    for output in ("chunked", "full"):
-        sm = summary[output]
-        lines.append(f"- {output} output layer: saved for backward {100 * sm['reduction_saved_total']:.1f} % "
-                     f"less in total ({100 * sm['reduction_saved_layers']:.1f} % in the layer stack); "
-                     f"peak process memory {100 * sm['reduction_peak_rss']:.1f} % less, its growth in "
-                     f"training {100 * sm['reduction_peak_rss_increase']:.1f} % less, step peak "
-                     f"{100 * sm['reduction_step_peak']:.1f} % less; step time DEQ / "
-                     f"explicit {sm['step_time_ratio']:.2f}x")
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "memory.json").write_text(json.dumps(summary, indent=2))
-        (out / "memory.md").write_text("\n".join(lines) + "\n")
+    summary: dict = {"config": vars(args), "depth": depth, "rows": rows, **memory_summary(rows, depth)}
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="deq-memory-"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "memory.json", dumps_json(summary, indent=2))
+    docs_numbers.write_page(out / "memory.md", "memory.report", "memory.json")
+    print((out / "memory.md").read_text())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Run:  python benchmarks/gpu_check.py [--device cuda] [--repeats 7] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -32,6 +31,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from deqcore._arrays_io import dumps_json, write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_solvers as bs  # noqa: E402
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     ap.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = ap.parse_args(argv)
+    bs.require_packages("gpu_check", bs.ANCHOR_PACKAGES["torch"])
     import jax
     import torch
 
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
         report["timings"] += time_methods(bs.make_problem(kind, shape, "float32", 0.1), device, args.repeats)
         print(f"timed {kind}", flush=True)
     report["equivalence"] = torch_equals_jax(device)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    write_text(out / "gpu_check.json", dumps_json(report, indent=1))
     (out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
     return 0

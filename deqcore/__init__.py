@@ -14,6 +14,7 @@ from ._gradients import (
     BackwardReport,
     BackwardWarning,
     GradientMode,
+    HigherOrderError,
 )
 from ._hookspecs import hookimpl, hookspec
 from ._loop import Problem, Solver, select_rows
@@ -34,6 +35,7 @@ __all__ = [
     "BackwardReport",
     "BackwardWarning",
     "GradientMode",
+    "HigherOrderError",
     "HyperAnderson",
     "Hypersolver",
     "COMMON_OPTIONS",

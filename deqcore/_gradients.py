@@ -5,6 +5,12 @@ most modes turn the incoming cotangent ``g`` into an adjoint ``u ~ g (I - J)^-1`
 ``z*``) and let one VJP of ``f`` at ``z*`` carry ``u`` to the parameters and to ``x``
 (:class:`AdjointMode`, built on :meth:`Backend.attach_adjoint`); others differentiate through a
 few extra evaluations of ``f`` (UPG). Every mode works on the flat (B, n) state, per sample.
+
+Higher-order derivatives: only modes that declare :attr:`GradientMode.exact_higher_order`
+(``unroll``) may be differentiated twice. Every other mode gives its first derivative as usual, and
+a derivative of that gradient raises :class:`HigherOrderError` (the backend's
+:meth:`Backend.first_order_only` and :meth:`Backend.attach_adjoint` put the check on the gradient
+path, so it fires only when a second derivative is actually taken).
 """
 
 from __future__ import annotations
@@ -17,6 +23,37 @@ import numpy as np
 from ._loop import Problem
 from ._options import Option
 from ._protocol import Backend
+
+
+class HigherOrderError(NotImplementedError):
+    """A gradient mode that gives first derivatives only was differentiated twice.
+
+    Raised when a derivative of a gradient reaches a mode that does not declare
+    :attr:`GradientMode.exact_higher_order`: on torch, a second ``backward`` or
+    ``torch.autograd.grad`` of a gradient taken with ``create_graph=True``; on JAX, ``jax.grad`` of
+    ``jax.grad``, ``jax.hessian``, ``jax.jacfwd`` of ``jax.grad`` (at trace time, also under
+    ``jax.jit``). On torch also forward-mode differentiation through a mode that is not built on
+    :meth:`Backend.attach_adjoint` (``torch.func.jvp``, ``torch.func.hessian`` through ``upg``).
+    Taking the first derivative with ``create_graph=True`` alone does not raise.
+    """
+
+
+def higher_order_error(mode: str | None) -> Callable[[], HigherOrderError]:
+    """The error for a second derivative through gradient mode ``mode`` (None: a mode built on
+    :meth:`Backend.attach_adjoint` directly), as a factory for the backends' checks."""
+    what = "a gradient built on Backend.attach_adjoint" if mode is None else f"gradient mode {mode!r}"
+
+    def make() -> HigherOrderError:
+        return HigherOrderError(
+            f"deqcore: {what} gives first derivatives only, by reverse-mode differentiation, and was "
+            f"differentiated twice (a second backward through a gradient taken with create_graph=True; "
+            f"jax.grad of jax.grad, jax.hessian, jax.jacfwd of jax.grad) or in forward mode. Its "
+            f"backward pass holds z* constant, so a derivative of its gradient would miss how z* moves "
+            f"with the parameters and be wrong. For exact higher-order derivatives solve with "
+            f"grad='unroll' (it differentiates the forward iterations; memory grows with them), or take "
+            f"finite differences of first-order gradients")
+
+    return make
 
 
 class BackwardReport:
@@ -78,6 +115,15 @@ class GradientMode:
 
     The constructor takes the (validated) options as keywords. :meth:`check` rejects forward
     solvers the mode cannot work with, before anything is solved.
+
+    ``exact_higher_order`` declares whether the gradient path this mode attaches can itself be
+    differentiated exactly (second derivatives, Hessian-vector products). Only ``unroll`` can: it
+    differentiates the forward iterations, which depend on the parameters. Every other built-in
+    mode holds ``z*`` constant in its backward pass (an adjoint at ``z*``, or steps from
+    ``stop_gradient(z*)``), so a derivative of its gradient would miss ``dz*/dtheta``; for those
+    (False, the default) ``deqcore.solve`` passes the result of :meth:`attach` through
+    :meth:`Backend.first_order_only`, and :meth:`Backend.attach_adjoint` checks its own backward:
+    the first derivative is unchanged, a second one raises :class:`HigherOrderError`.
     """
 
     name: ClassVar[str]
@@ -85,6 +131,9 @@ class GradientMode:
     #: True for modes that differentiate through the forward solve itself (``unroll``): the
     #: forward then runs with gradient recording and :meth:`attach` is not called.
     unrolled: ClassVar[bool] = False
+    #: True for modes whose gradient is exact to every order (``unroll``); False: first
+    #: derivatives only, a second derivative raises :class:`HigherOrderError`.
+    exact_higher_order: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         for key, value in options.items():
@@ -103,7 +152,9 @@ class AdjointMode(GradientMode):
 
     :meth:`saved` names the arrays of the forward solve the adjoint needs (they are kept for the
     backward pass and counted as such); :meth:`adjoint` gets them back, with the backend and the
-    report, and must not use any other array of the forward pass.
+    report, and must not use any other array of the forward pass. The adjoint is computed without
+    recording a graph (first derivatives only): :meth:`Backend.attach_adjoint` raises
+    :class:`HigherOrderError`, naming the mode, when its gradient is differentiated again.
     """
 
     def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
@@ -119,7 +170,8 @@ class AdjointMode(GradientMode):
         def adjoint(g: Any, vjp_z: Callable[[Any], Any], *saved: Any) -> Any:
             return self.adjoint(ctx, g, vjp_z, saved)
 
-        return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp))
+        return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
+                                         higher_order_error=higher_order_error(self.name))
 
 
 class AdjointContext(NamedTuple):

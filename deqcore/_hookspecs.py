@@ -10,6 +10,13 @@ Each hook receives a ``register`` callable bound to the plugin (see :class:`deqc
 call it once per thing the plugin adds. deqcore's own backends and solvers register through
 these same hooks. Registration must be cheap and must not import heavy frameworks: backends
 register a factory that imports its framework when the backend is first used.
+
+``register`` checks what it is given against the contract below (the class's base, the methods
+it must implement and their signatures, its ``options``) and raises ``TypeError`` naming the
+plugin and every problem; the registry then drops the whole plugin with a
+:class:`deqcore.PluginWarning`, and the other plugins keep working. A backend is checked against
+:class:`deqcore.Backend` when its factory first runs: a failure there is a
+:class:`deqcore.PluginError` for whoever asked for that backend.
 """
 
 from __future__ import annotations
@@ -28,7 +35,16 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
     an object implementing :class:`deqcore.Backend` (called once, on first use), ``modules``
     names the top-level modules whose array types belong to this backend (used to infer the
     backend from an input, without importing anything), and ``install`` is the hint shown when
-    the factory fails to import its framework.
+    the factory fails to import its framework. No other keywords are accepted.
+
+    At registration ``factory`` must be callable and ``modules`` a tuple of top-level module
+    names. On first use (``deqcore.registry().backend(name)``, ``deqcore.solve``) an
+    ``ImportError`` from ``factory()`` is re-raised with the install hint; any other exception,
+    a ``None`` result, or an object lacking a member of :class:`deqcore.Backend` (the attributes
+    ``name``, ``xp``, ``static_shapes`` and every method), with a member that is not callable or
+    cannot be called as the protocol declares, a ``static_shapes`` that is not a bool, or a
+    ``name`` other than the registered one, is a :class:`deqcore.PluginError` naming the plugin,
+    the backend and each problem.
     """
 
 
@@ -36,11 +52,16 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
 def deqcore_register_solvers(register):  # type: ignore[no-untyped-def]
     """Add forward fixed-point solvers.
 
-    Call ``register(name, solver_class)``. The class follows the :class:`deqcore.Solver`
-    contract: a class attribute ``options`` mapping option names to :class:`deqcore.Option`
-    (unknown options given to ``deqcore.solve`` are rejected against it), a constructor taking
-    ``max_iter=`` and those options as keywords, and ``init``/``step``/``commit`` written over the
-    backend protocol so the solver runs on every backend.
+    Call ``register(name, solver_class)``. The class subclasses :class:`deqcore.Solver`: a class
+    attribute ``options`` mapping option names to :class:`deqcore.Option` (unknown options given
+    to ``deqcore.solve`` are rejected against it), a constructor taking ``max_iter=`` and those
+    options as keywords, and ``init``/``step``/``commit`` written over the backend protocol so
+    the solver runs on every backend.
+
+    Checked at registration: the base class; ``init``, ``step`` and ``commit`` implemented, and
+    every method it overrides callable with the base's arguments; ``options`` a dict whose
+    values are ``Option``s whose defaults pass their own check, and whose names are not
+    parameters of ``deqcore.solve`` (``tol``, ``max_iter``, ...: those never reach a solver).
     """
 
 
@@ -48,8 +69,18 @@ def deqcore_register_solvers(register):  # type: ignore[no-untyped-def]
 def deqcore_register_gradients(register):  # type: ignore[no-untyped-def]
     """Add gradient modes (backward estimators through the fixed point).
 
-    Call ``register(name, mode)``. Modes turn the incoming cotangent ``g`` into an adjoint
-    ``u ~ g (I - J)^-1`` through the backend's ``attach_adjoint`` hook.
+    Call ``register(name, mode_class)``. The class subclasses :class:`deqcore.AdjointMode`
+    (implementing ``adjoint``: the incoming cotangent ``g`` becomes an adjoint
+    ``u ~ g (I - J)^-1``, carried back through the backend's ``attach_adjoint`` hook) or
+    :class:`deqcore.GradientMode` (implementing ``attach``). Its class attribute
+    ``exact_higher_order`` (default False) declares whether its gradient may be differentiated
+    again; when False, a second derivative raises :class:`deqcore.HigherOrderError`.
+
+    Checked at registration: the base class; ``attach`` (``adjoint`` for an ``AdjointMode``)
+    implemented, and every method it overrides callable with the base's arguments; a class
+    attribute ``name`` equal to the registered name (``solution.backward`` reports it);
+    ``options`` as for solvers (a mode's option names are its own: ``tol`` is allowed);
+    ``unrolled`` and ``exact_higher_order`` bools.
     """
 
 
@@ -64,4 +95,7 @@ def deqcore_register_hypersolvers(register):  # type: ignore[no-untyped-def]
     learned first guess (or None). Instances are passed as ``deqcore.solve(f, x, solver=hs)``.
     The registered name is stored in saved weights, and
     :func:`deqcore.hypersolvers.load_hypersolver` finds the class by it.
+
+    Checked at registration: the base class; ``bind`` and ``initial_state`` implemented and
+    callable with the base's arguments; a class attribute ``name`` equal to the registered name.
     """

@@ -4,7 +4,12 @@ A solver supplies ``init`` (its state from ``z0`` and ``f(z0)``), ``step`` (prop
 the next iterate for the active samples) and ``commit`` (update its memory for the samples that
 stay active). Everything else, which is the same for every solver, lives here: the stop
 test and the outcome per sample (``terminate``), the divergence and non-finite checks, the
-lowest-residual iterate, the traces.
+lowest-residual iterate, the traces, and after the loop the diagnosis of residual norms that
+overflowed the state's dtype.
+
+Residuals are plain norms (one pass over the state per step). For half-precision states
+(float16, bfloat16) they are computed in float32 (:func:`statistics_dtype`): float16's range
+ends at 65504, which a norm of moderate entries already exceeds.
 """
 
 from __future__ import annotations
@@ -23,13 +28,18 @@ TRACE_STEPS = 1000
 
 
 class Problem(NamedTuple):
-    """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n)."""
+    """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n).
+
+    ``differentiable`` is True while the loop is recorded for a gradient (``grad="unroll"``); a
+    solver's own inner loops must then be differentiable too (:meth:`Solver.inner_loop`).
+    """
 
     backend: Backend
     fn: Callable[[Any], Any]
     batch: int
     n: int
     dtype: Any
+    differentiable: bool = False
 
 
 class Solver:
@@ -76,6 +86,25 @@ class Solver:
         """Enlarge the solver's memory to ``capacity`` between loop stages."""
         return state
 
+    @staticmethod
+    def inner_loop(problem: Problem) -> Callable[..., Any]:
+        """The loop for a solver's inner iterations (a line search): ``backend.while_loop``, or
+        ``backend.differentiable_loop`` while the solve is recorded for a gradient (a
+        ``while_loop`` would cut the gradient on torch and cannot be reverse-differentiated on
+        JAX). Both take ``(cond, body, state, max_steps)``."""
+        backend = problem.backend
+        return backend.differentiable_loop if problem.differentiable else backend.while_loop
+
+    def iterate(self, problem: Problem, state: Any) -> tuple[Any, Any] | None:
+        """The latest iterate and its f-value, (B, n) each (a frozen sample's final ones), or None.
+
+        Read once after the loop to tell a residual norm that overflowed the dtype from an ``f``
+        that produced NaN/Inf. The default returns ``state.z`` and ``state.fz`` when the state
+        has them; a solver without them returns None and such samples stay ``NONFINITE``.
+        """
+        z, fz = getattr(state, "z", None), getattr(state, "fz", None)
+        return None if z is None or fz is None else (z, fz)
+
     def final_state(self, problem: Problem, state: Any) -> Any:
         """The state reported as ``Solution.solver_state`` (for example memory trimmed to the
         slots in use where shapes are dynamic); the default is the loop's final state."""
@@ -99,10 +128,30 @@ class LoopState(NamedTuple):
     trace: Any
 
 
-def residuals(xp: Any, g: Any, fz: Any) -> tuple[Any, Any]:
-    """Per-sample (abs, rel) residuals from ``g = f(z) - z``: ||g|| and ||g|| / (||f(z)|| + 1e-9)."""
+def statistics_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype of residuals and mixing systems for a state of ``dtype``: float32 for
+    half-precision states (float16 overflows at 65504; bfloat16 keeps 8 significant bits), the
+    state's own dtype otherwise."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def residuals(xp: Any, g: Any, fz: Any, dtype: Any = None) -> tuple[Any, Any]:
+    """Per-sample (abs, rel) residuals from ``g = f(z) - z``: ||g|| and ||g|| / (||f(z)|| + 1e-9).
+
+    ``dtype`` (None: the arrays' own) is the dtype they are computed in, see :func:`statistics_dtype`.
+    """
+    if dtype is not None:
+        g, fz = xp.astype(g, dtype), xp.astype(fz, dtype)
     a = xp.linalg.vector_norm(g, axis=-1)
     return a, a / (xp.linalg.vector_norm(fz, axis=-1) + 1e-9)
+
+
+def scaled_norm(xp: Any, v: Any) -> Any:
+    """Per-row ``||v||`` of a (B, n) array without overflow in its sum of squares: finite whenever
+    the norm itself is representable; NaN for a row holding NaN, inf for one holding inf."""
+    s = xp.max(xp.abs(v), axis=-1)
+    s = xp.where((s > 0) & xp.isfinite(s), s, xp.ones_like(s))
+    return s * xp.linalg.vector_norm(v / s[:, None], axis=-1)
 
 
 def terminate(xp: Any, abs_res: Any, rel_res: Any, limit: Any, *, tol: float,
@@ -119,6 +168,55 @@ def terminate(xp: Any, abs_res: Any, rel_res: Any, limit: Any, *, tol: float,
     return xp.where(finite, code, int(Status.NONFINITE))
 
 
+def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, stop_mode: str,
+                      dtype: Any) -> tuple[LoopState, Any]:
+    """After the loop: re-measure the samples whose plain residual norm may have overflowed.
+
+    A sample is suspect when its final residual is not finite, or when its rel residual is 0
+    with a nonzero abs one (``||f(z)||`` overflowed to inf). Its final iterate and f-value (from
+    :meth:`Solver.iterate`) are measured again with :func:`scaled_norm`. Where both are finite,
+    the norm overflowed, not ``f``: the re-measured values replace the mismeasured entries of the
+    final residuals, and of the best ones where the final iterate is the best or lower (a best
+    iterate before it keeps its abs residual and gets rel inf: its ``||f(z)||`` is not known).
+    Returns the state and a (B,) mask of the samples whose stop test the overflow decided (they
+    end ``OVERFLOW`` unless the re-measured residual reaches ``tol``), or None when no sample is
+    suspect (read on eager backends) or the solver keeps no iterate. ``dtype`` is the statistics
+    dtype (None: the state's). Runs once per solve; the loop's steps never pay for it.
+    """
+    xp = problem.backend.xp
+    last = state.last
+    pair = solver.iterate(problem, state.solver)
+    if pair is None or problem.n == 0 or problem.batch == 0:
+        return state, None
+    # rel / abs = 1 / (||f(z)|| + 1e-9) is finite and positive for every well-measured sample (an
+    # exact fixed point, 0 / 0, takes the full test): one cheap check on eager backends
+    if problem.backend.is_concrete(last) and bool(xp.all(last[1] / last[0] > 0)):
+        return state, None
+    finite_abs, finite_rel = xp.isfinite(last[0]), xp.isfinite(last[1])
+    zero_rel = (last[1] == 0) & (last[0] > 0)
+    suspect = ~(finite_abs & finite_rel) | zero_rel
+    z, fz = pair
+    k = 1 if stop_mode == "rel" else 0
+    values = xp.all(xp.isfinite(z), axis=-1) & xp.all(xp.isfinite(fz), axis=-1)
+    zw, fzw = (z, fz) if dtype is None else (xp.astype(z, dtype), xp.astype(fz, dtype))
+    a = scaled_norm(xp, fzw - zw)
+    remeasure = suspect & values
+    fixed = xp.stack([xp.where(remeasure & ~finite_abs, a, last[0]),
+                      xp.where(remeasure & (~finite_rel | zero_rel), a / (scaled_norm(xp, fzw) + 1e-9),
+                               last[1])])
+    best = state.best
+    take = remeasure & (xp.all(state.best_z == z, axis=-1) | ~(best[k] <= fixed[k]))
+    best = xp.where(take, fixed, best)
+    unknown = remeasure & ~take & (best[1] == 0) & (best[0] > 0)
+    state = state._replace(
+        last=fixed,
+        best=xp.stack([best[0], xp.where(unknown, float("inf"), best[1])]),
+        best_z=select_rows(xp, take, z, state.best_z),
+    )
+    # in abs mode a rel residual of 0 over an overflowed ||f(z)|| did not decide the stop test
+    return state, remeasure & (suspect if stop_mode == "rel" else ~(finite_abs & finite_rel))
+
+
 def stage_ends(capacities: list[int], max_iter: int, check_every: int) -> list[int]:
     """The step at which each loop stage ends: capacities rounded down to a multiple of
     ``check_every`` (so every backend tests the stop condition at the same steps), the last
@@ -133,7 +231,7 @@ def _capped(xp: Any, index: Any, cap: int) -> Any:
 
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
         divergence: float | None, differentiable: bool = False, trace: int = TRACE_STEPS,
-        check_every: int = 1) -> tuple[LoopState, Any]:
+        check_every: int = 1, fz0: Any = None) -> tuple[LoopState, Any]:
     """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and per-sample status.
 
     A sample stays active while its stop residual is above ``tol`` and its abs residual below
@@ -143,17 +241,32 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     number of steps whose residuals are recorded (0: none); the loop's memory does not depend on
     ``max_iter``. The stop test is read every ``check_every`` steps (a host round-trip on eager
     backends); a sample still freezes at the step it stops, so the only difference from 1 is up
-    to ``check_every - 1`` extra batched evaluations once all samples are frozen.
+    to ``check_every - 1`` extra batched evaluations once all samples are frozen. ``fz0`` is
+    ``fn(z0)`` when the caller evaluated it already (it counts in ``nfe`` all the same).
+
+    Residuals, their traces and the best/last records have the :func:`statistics_dtype` of the
+    state. A sample whose residual norm overflowed that dtype while its iterate stayed finite
+    ends ``OVERFLOW``, not ``NONFINITE`` (:func:`diagnose_overflow`).
     """
+    if differentiable != problem.differentiable:
+        problem = problem._replace(differentiable=differentiable)
     backend = problem.backend
     xp = backend.xp
     device = array_api_compat.device(z0)
     k = 1 if stop_mode == "rel" else 0
-    fz0 = problem.fn(z0)
-    res0 = xp.stack(residuals(xp, fz0 - z0, fz0))
+    wide = statistics_dtype(xp, z0.dtype)
+    stats = None if wide == z0.dtype else wide
+    if fz0 is None:
+        fz0 = problem.fn(z0)
+    res0 = xp.stack(residuals(xp, fz0 - z0, fz0, stats))
     inf = xp.full_like(res0, float("inf"))
     limit = None if divergence is None else res0[0] * divergence
     finite0 = xp.isfinite(res0[0]) & xp.isfinite(res0[1])
+    best_z = xp.asarray(z0, copy=True)
+    if differentiable:
+        # a solve that takes no step (every sample stops at z0, or an empty batch) still ties z
+        # to f's graph, so that a recorded backward gives zero gradients instead of failing
+        best_z = best_z + xp.where(xp.isfinite(fz0), 0.0 * fz0, 0.0)
     rows = min(trace, max_iter) + 1 if trace else 0
     buffer = None
     if rows:
@@ -165,7 +278,7 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         nfe=1,
         active=res0[k] > tol,
         iterations=xp.zeros(problem.batch, dtype=xp.int32, device=device),
-        best_z=xp.asarray(z0, copy=True),
+        best_z=best_z,
         best=xp.where(finite0, res0, inf),
         last=res0,
         trace=buffer,
@@ -178,7 +291,7 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         active = s.active
         z_new, fz_new, sstate, nfe = solver.step(problem, s.solver, active)
         g_new = fz_new - z_new
-        res = xp.stack(residuals(xp, g_new, fz_new))
+        res = xp.stack(residuals(xp, g_new, fz_new, stats))
         keep = active & (res[k] > tol)
         if limit is not None:
             keep = keep & (res[0] <= limit)
@@ -215,8 +328,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         steps = xp.arange(rows, device=device)[:, None]
         state = state._replace(trace=xp.where(steps > state.it, state.last[:, None, :],
                                               state.trace[:, :rows]))
+    state, overflow = diagnose_overflow(problem, solver, state, stop_mode=stop_mode, dtype=stats)
     status = terminate(xp, state.last[0], state.last[1], inf[0] if limit is None else limit, tol=tol,
                        stop_mode=stop_mode)
+    if overflow is not None:
+        status = xp.where(overflow & (status != int(Status.CONVERGED)), int(Status.OVERFLOW), status)
     return state._replace(solver=solver.final_state(problem, state.solver)), xp.astype(status, xp.int32)
 
 

@@ -138,6 +138,7 @@ class Backend(Protocol):
         x: Any,
         adjoint: Callable[..., Array],
         saved: tuple[Array, ...] = (),
+        higher_order_error: Callable[[], Exception] | None = None,
     ) -> Array:
         """The custom-gradient hook every gradient mode is built on.
 
@@ -152,10 +153,38 @@ class Backend(Protocol):
         ``saved_tensors_hooks`` see them; JAX: ``custom_vjp`` residuals), and ``adjoint`` must not
         close over any other array: under ``jax.jit`` that would leak a tracer.
 
+        First derivatives only: ``adjoint`` runs without recording a graph, and the backward
+        holds ``z_star`` constant, so the gradient it gives cannot be differentiated correctly
+        again. A derivative of that gradient (with respect to anything: the parameters, ``x``,
+        or what the cotangent ``g`` depends on, also for losses linear in ``z*``) raises
+        ``higher_order_error()`` (None: a :class:`deqcore.HigherOrderError` naming no mode); the
+        first derivative itself is unaffected, also when taken with ``create_graph=True``.
+
         torch: an identity ``autograd.Function`` on ``f(z*)`` (parameters of modules used by ``f``
         receive ``.grad`` through ``loss.backward()``); nothing is attached when grad mode is off or
-        nothing ``f`` uses requires grad. JAX: ``custom_vjp`` with closure conversion, so arrays
-        ``f`` closes over receive gradients under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+        nothing ``f`` uses requires grad. Under ``create_graph=True`` ``u`` passes through a
+        function whose own backward raises, tied to ``g`` and ``f(z*)``. JAX: ``custom_vjp``
+        with closure conversion, so arrays ``f`` closes over receive gradients under
+        ``jax.grad``, ``jax.jit`` and ``jax.vmap``; the backward starts with a ``custom_jvp``
+        identity on ``g`` and the residuals whose JVP rule raises when any of them carries a
+        tangent (an outer derivative). Forward-mode differentiation of the returned array is not
+        supported (JAX's ``custom_vjp`` error).
+        """
+        ...
+
+    def first_order_only(self, x: Array, make_error: Callable[[], Exception]) -> Array:
+        """``x`` unchanged, with a check on its gradient path: the cotangent that flows back through
+        ``x`` passes unchanged, and differentiating it (a second derivative through ``x``, with
+        respect to anything upstream of ``x`` or of the cotangent) raises ``make_error()``.
+
+        ``deqcore.solve`` applies it to the result of every gradient mode that does not declare
+        :attr:`deqcore.GradientMode.exact_higher_order`. torch: an identity ``autograd.Function``
+        (nothing is attached when grad mode is off or ``x`` does not require grad) whose backward,
+        when it is recorded (``create_graph=True``), returns the cotangent through a function whose
+        own backward raises, tied to ``x``'s graph by a one-element anchor. JAX: a ``custom_vjp``
+        identity whose backward passes the cotangent through a ``custom_jvp`` identity that
+        raises when the cotangent or ``x`` carries a tangent; reverse mode only (a first-order
+        ``jax.jvp`` through ``x`` gets JAX's ``custom_vjp`` error).
         """
         ...
 

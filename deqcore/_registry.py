@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata
+import inspect
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pluggy
 
 from . import _hookspecs
+from ._options import Option
+from ._protocol import Backend
 
 KINDS = ("backends", "solvers", "gradients", "hypersolvers")
 ENTRY_POINT_GROUP = "deqcore"
@@ -25,14 +29,24 @@ BUILTIN_PLUGINS = (
     ("deqcore_torch", "deqcore_torch"),
     ("deqcore_jax", "deqcore_jax"),
 )
+#: Accepted values of ``DEQCORE_DISABLE_PLUGIN_AUTOLOAD`` (lower-cased, stripped); anything else
+#: is a ``ValueError``, since whether it means "on" or "off" cannot be told.
+DISABLE_VALUES = {"": False, "0": False, "false": False, "no": False, "off": False,
+                  "1": True, "true": True, "yes": True, "on": True}
+#: What ``register(...)`` accepts as keywords for a backend (the registry reads them; a misspelt
+#: one would silently change behaviour). Other kinds keep their keywords in ``Entry.info`` unread.
+BACKEND_INFO = ("modules", "install")
 
 
 class PluginError(RuntimeError):
-    """A plugin conflict, such as two plugins registering the same name."""
+    """A plugin fault deqcore cannot work around: two plugins registering the same name, a hook
+    misusing ``register`` or the registry, or a backend whose factory fails or builds an object
+    that does not implement :class:`deqcore.Backend` (raised when that backend is first used)."""
 
 
 class PluginWarning(UserWarning):
-    """A plugin failed to import or to register; the others keep working."""
+    """A plugin failed to import or to register, or registered something that breaks its
+    contract, and is ignored (the others keep working); or a plugin setting names no plugin."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +79,23 @@ class Register:
             )
         if not isinstance(name, str) or not name:
             raise ValueError(f"plugin {self.plugin!r} registered a {self.kind[:-1]} with name {name!r}")
-        self._registry._add(Entry(self.kind, name, obj, self.plugin, info))
+        entry = Entry(self.kind, name, obj, self.plugin, info)
+        _check_entry(entry)
+        self._registry._add(entry)
 
 
 class Registry:
     """Everything plugins registered. Load happens on first use; :meth:`reset` forgets it all.
 
     Environment: ``DEQCORE_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry-point plugins (built-ins still
-    load); ``DEQCORE_BLOCK_PLUGINS=a,b`` blocks plugins by name, built-in ones included.
+    load; ``1``/``true``/``yes``/``on`` and ``0``/``false``/``no``/``off``/empty are accepted, any
+    other value is a ``ValueError``); ``DEQCORE_BLOCK_PLUGINS=a,b`` blocks plugins by name,
+    built-in ones included (a name that matches no plugin gives a :class:`PluginWarning`).
+
+    Everything registered is checked against its contract when it is registered (a solver class
+    against :class:`deqcore.Solver`, ...); a plugin that breaks one is dropped with a
+    :class:`PluginWarning`. A backend is checked against :class:`deqcore.Backend` when its factory
+    first runs (:meth:`backend`), since building it imports its framework.
     """
 
     def __init__(self) -> None:
@@ -119,14 +142,17 @@ class Registry:
     def _load_plugins(self) -> dict[str, dict[str, Entry]]:
         pm = pluggy.PluginManager("deqcore")
         pm.add_hookspecs(_hookspecs)
+        disabled = _autoload_disabled()
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         blocked = {b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()}
+        _warn_unknown_blocked(blocked, [n for n, _ in BUILTIN_PLUGINS] + [ep.name for ep in entry_points])
         for name in blocked:
             pm.set_blocked(name)
         for name, module in BUILTIN_PLUGINS:
             if name not in blocked:
                 pm.register(importlib.import_module(module), name=name)
-        if os.environ.get(DISABLE_ENV, "").strip().lower() in ("", "0", "false", "no", "off"):
-            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if not disabled:
+            for ep in entry_points:
                 if ep.name in blocked:
                     continue
                 if pm.has_plugin(ep.name):
@@ -191,19 +217,33 @@ class Registry:
         return table[name]
 
     def backend(self, name: str) -> Any:
-        """The backend instance named ``name``, created on first use."""
+        """The backend instance named ``name``, created on first use.
+
+        Raises ``ImportError`` (with the plugin's install hint) when the factory cannot import its
+        framework, and :class:`PluginError` when the factory raises anything else or builds an
+        object that is not a :class:`deqcore.Backend` (missing or non-callable members, members
+        whose signature differs from the protocol's, a ``name`` other than ``name``). A failed
+        build is not cached: the next call tries again.
+        """
         entry = self.get("backends", name)
         with self._lock:
             if name not in self._backend_instances:
                 factory: Callable[[], Any] = entry.obj
                 try:
-                    self._backend_instances[name] = factory()
+                    backend = factory()
                 except ImportError as exc:
                     hint = entry.info.get("install", "")
                     raise ImportError(
                         f"deqcore backend {name!r} could not import its framework ({exc})."
                         + (f" Install it with: {hint}" if hint else "")
                     ) from exc
+                except Exception as exc:
+                    raise PluginError(
+                        f"backend {name!r} of plugin {entry.plugin!r} could not be built: its factory "
+                        f"{_qualname(factory)}() raised {type(exc).__name__}: {exc}. {_fix(entry.plugin)}"
+                    ) from exc
+                _check_backend(entry, backend)
+                self._backend_instances[name] = backend
             return self._backend_instances[name]
 
     def backend_for(self, obj: Any) -> str | None:
@@ -224,6 +264,255 @@ class Registry:
         if kind not in KINDS:
             raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
         return self._load()[kind]
+
+
+def _autoload_disabled() -> bool:
+    raw = os.environ.get(DISABLE_ENV, "")
+    value = raw.strip().lower()
+    if value not in DISABLE_VALUES:
+        on = ", ".join(repr(v) for v, off in DISABLE_VALUES.items() if off)
+        keep = ", ".join(repr(v) for v, off in DISABLE_VALUES.items() if not off)
+        raise ValueError(f"{DISABLE_ENV}={raw!r} is not a recognised value: set it to one of {on} to "
+                         f"skip entry-point plugins, or to one of {keep} (or unset it) to load them")
+    return DISABLE_VALUES[value]
+
+
+def _warn_unknown_blocked(blocked: set[str], known: list[str]) -> None:
+    """Warn about ``DEQCORE_BLOCK_PLUGINS`` entries that name no plugin: a misspelt name would
+    otherwise leave the plugin it meant loaded, silently."""
+    for name in sorted(blocked - set(known)):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        listing = ", ".join(sorted(set(known)))
+        _warn(f"{BLOCK_ENV} names {name!r}, which matches no installed plugin ({listing}), so it blocks "
+              f"nothing{hint}")
+
+
+def _fix(plugin: str) -> str:
+    return f"Fix or update the plugin, or block it with {BLOCK_ENV}={plugin}"
+
+
+def _qualname(obj: Any) -> str:
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+# ------------------------------------------------------------------------------------------------
+# contracts: what is registered is checked at registration, a backend when it is first built
+
+
+def _protocol_members(protocol: type) -> tuple[dict[str, str], list[str]]:
+    """A Protocol's data members (name -> annotation) and methods, from the class itself, so the
+    check follows the protocol when a member is added."""
+    attributes = dict(getattr(protocol, "__annotations__", {}))
+    methods = [n for n, v in vars(protocol).items() if not n.startswith("_") and inspect.isfunction(v)]
+    return attributes, methods
+
+
+_ANNOTATED_TYPES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
+
+
+def _call_problem(name: str, impl: Any, spec: Any, *, bound: bool) -> str | None:
+    """What stops ``impl`` from being called the ways ``spec`` (a function whose first parameter
+    is ``self``) declares, or None. Parameters without a default are passed positionally; those
+    with one both positionally and by keyword; keyword-only ones by keyword; ``*args`` with two
+    extra arguments. ``bound`` says ``impl`` takes no ``self``. Unknowable signatures pass."""
+    try:
+        spec_sig = inspect.signature(spec)
+        impl_sig = inspect.signature(impl)
+    except (TypeError, ValueError):
+        return None
+    params = list(spec_sig.parameters.values())[1:]
+    kinds = inspect.Parameter
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    keywords = {p.name: None for p in params if p.kind is kinds.KEYWORD_ONLY}
+    extra = [None, None] if any(p.kind is kinds.VAR_POSITIONAL for p in params) else []
+    self_arg = [] if bound else [None]
+    required = [p for p in positional if p.default is p.empty]
+    by_keyword = {p.name: None for p in positional if p.default is not p.empty}
+    calls = [(self_arg + [None] * len(positional) + extra, keywords),
+             (self_arg + [None] * len(required), {**by_keyword, **keywords})]
+    for args, kwargs in calls:
+        try:
+            impl_sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            impl_params = list(impl_sig.parameters.values())[0 if bound else 1:]
+            return f"{name}{_plain(impl_params)} cannot be called as {name}{_plain(params)} ({exc})"
+    return None
+
+
+def _plain(params: list[inspect.Parameter]) -> str:
+    """A parameter list without annotations, as the docs write it: ``(cond, body, state, max_steps=None)``."""
+    empty = inspect.Parameter.empty
+    return str(inspect.Signature([p.replace(annotation=empty) for p in params]))
+
+
+def _check_backend(entry: Entry, backend: Any) -> None:
+    """Raise :class:`PluginError` unless ``backend`` implements :class:`deqcore.Backend`."""
+    where = f"backend {entry.name!r} of plugin {entry.plugin!r}"
+    made = f"its factory {_qualname(entry.obj)}()"
+    if backend is None:
+        raise PluginError(f"{where} could not be built: {made} returned None instead of a deqcore.Backend. "
+                          + _fix(entry.plugin))
+    attributes, methods = _protocol_members(Backend)
+    members: dict[str, Any] = {}
+    broken = []
+    for member in [*attributes, *methods]:
+        try:
+            members[member] = getattr(backend, member)
+        except AttributeError:
+            pass
+        except Exception as exc:  # a property that fails is as unusable as a missing member
+            broken.append(f"reading {member} raised {type(exc).__name__}: {exc}")
+            members[member] = None
+    missing = [m for m in [*attributes, *methods] if m not in members]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += broken
+    for attr, annotation in attributes.items():
+        if attr not in members or any(p.startswith(f"reading {attr} ") for p in broken):
+            continue
+        value = members[attr]
+        expected = annotation if isinstance(annotation, type) else _ANNOTATED_TYPES.get(str(annotation))
+        if expected is not None and not isinstance(value, expected):
+            problems.append(f"{attr} is {value!r}, not a {expected.__name__}")
+        elif value is None:
+            problems.append(f"{attr} is None")
+    name = members.get("name")
+    if isinstance(name, str) and name != entry.name:
+        problems.append(f"its name is {name!r} but it is registered as {entry.name!r}")
+    for method in methods:
+        if method not in members or any(p.startswith(f"reading {method} ") for p in broken):
+            continue
+        impl = members[method]
+        if not callable(impl):
+            problems.append(f"{method} is not callable (it is {type(impl).__name__})")
+        else:
+            problem = _call_problem(method, impl, getattr(Backend, method), bound=True)
+            if problem is not None:
+                problems.append(problem)
+    if problems:
+        raise PluginError(f"{where} is not a deqcore.Backend ({made} returned a "
+                          f"{_qualname(type(backend))}): {'; '.join(problems)}. {_fix(entry.plugin)}")
+
+
+def _contracts() -> dict[str, tuple[type, list[tuple[type, str]], bool]]:
+    """Per kind: the base class, the (owner, method) pairs a subclass must override, and whether
+    the class's ``name`` must equal the registered name (it is shown in reports, saved with
+    weights). Imported late: these modules import the registry."""
+    from ._gradients import AdjointMode, GradientMode
+    from ._loop import Solver
+    from .hypersolvers import Hypersolver
+
+    return {
+        "solvers": (Solver, [(Solver, "init"), (Solver, "step"), (Solver, "commit")], False),
+        "gradients": (GradientMode, [(GradientMode, "attach"), (AdjointMode, "adjoint")], True),
+        "hypersolvers": (Hypersolver, [(Hypersolver, "bind"), (Hypersolver, "initial_state")], True),
+    }
+
+
+def _check_entry(entry: Entry) -> None:
+    """Raise ``TypeError`` naming the plugin and every problem unless ``entry.obj`` follows its
+    kind's contract. Called inside the plugin's hook, so the plugin is then dropped with a
+    :class:`PluginWarning`. Imports no framework."""
+    what = f"plugin {entry.plugin!r} registered {entry.kind[:-1]} {entry.name!r}"
+    if entry.kind == "backends":
+        problems = _backend_registration_problems(entry)
+        if problems:
+            raise TypeError(f"{what}: {'; '.join(problems)}")
+        return
+    base, required, named = _contracts()[entry.kind]
+    cls = entry.obj
+    contract = f"deqcore.{base.__name__}"
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        shown = f"class {_qualname(cls)}" if isinstance(cls, type) else f"a {type(cls).__name__} ({cls!r})"
+        raise TypeError(f"{what} as {shown}, which is not a subclass of {contract}; register the class")
+    problems = []
+    missing = [m for owner, m in required if issubclass(cls, owner) and getattr(cls, m) is getattr(owner, m)]
+    if missing:
+        problems.append(f"it does not implement {', '.join(missing)}")
+    for owner in [base, *dict.fromkeys(o for o, _ in required if o is not base and issubclass(cls, o))]:
+        for method, spec in vars(owner).items():
+            impl = getattr(cls, method)
+            if method.startswith("_") or not inspect.isfunction(spec) or method in missing or impl is spec:
+                continue
+            if not callable(impl):
+                problems.append(f"{method} is not callable")
+                continue
+            bound = isinstance(inspect.getattr_static(cls, method), (staticmethod, classmethod))
+            problem = _call_problem(method, impl, spec, bound=bound)
+            if problem is not None:
+                problems.append(problem)
+    for flag in ("unrolled", "exact_higher_order"):
+        value = getattr(cls, flag, False)
+        if not isinstance(value, bool):
+            problems.append(f"its class attribute {flag} is {value!r}, not True or False")
+    name = getattr(cls, "name", None)
+    if named and name != entry.name:
+        problems.append("it has no class attribute name" if name is None else f"its class attribute name "
+                        f"is {name!r}; it must be the registered name {entry.name!r}")
+    if entry.kind != "hypersolvers":
+        problems.extend(_options_problems(cls, solver=entry.kind == "solvers"))
+    if problems:
+        raise TypeError(f"{what} as class {_qualname(cls)}, which breaks the {contract} contract: "
+                        f"{'; '.join(problems)}")
+
+
+def _options_problems(cls: type, *, solver: bool) -> list[str]:
+    options = getattr(cls, "options", None)
+    if not isinstance(options, Mapping):
+        return ["it has no class attribute options (a dict of option name -> deqcore.Option; {} for none)"
+                if options is None else f"its options are a {type(options).__name__}, not a dict of "
+                "option name -> deqcore.Option"]
+    problems = []
+    reserved: set[str] = set()
+    if solver:
+        from ._solve import solve
+
+        reserved = {p.name for p in inspect.signature(solve).parameters.values()
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    for key, option in options.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            problems.append(f"option name {key!r} is not a Python identifier")
+        elif key in reserved:
+            problems.append(f"option {key!r} is a parameter of deqcore.solve itself, so it could never "
+                            f"reach the solver; rename it")
+        if not isinstance(option, Option):
+            problems.append(f"option {key!r} is {option!r} (type {type(option).__name__}), not a "
+                            f"deqcore.Option(default, doc, check)")
+            continue
+        if not callable(option.check):
+            problems.append(f"option {key!r} has a check that is not callable")
+            continue
+        try:
+            verdict = option.check(option.default)
+        except Exception as exc:
+            problems.append(f"option {key!r}: its check raised {type(exc).__name__}: {exc} on the "
+                            f"default {option.default!r}")
+            continue
+        if verdict is not None:
+            problems.append(f"option {key!r} has default {option.default!r}, which its own check rejects "
+                            f"(must be {verdict})")
+    return problems
+
+
+def _backend_registration_problems(entry: Entry) -> list[str]:
+    problems = []
+    if not callable(entry.obj):
+        problems.append(f"its factory {entry.obj!r} is not callable (register a function that returns the "
+                        "backend; it is called on first use)")
+    unknown = sorted(set(entry.info) - set(BACKEND_INFO))
+    if unknown:
+        problems.append(f"unknown keyword{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                        f"(a backend takes {', '.join(BACKEND_INFO)})")
+    modules = entry.info.get("modules", ())
+    if (isinstance(modules, str) or not isinstance(modules, (tuple, list, frozenset, set))
+            or not all(isinstance(m, str) and m and "." not in m for m in modules)):
+        problems.append(f"modules={modules!r}: expected a tuple of top-level module names, such as "
+                        "modules=('torch',)")
+    if not isinstance(entry.info.get("install", ""), str):
+        problems.append(f"install={entry.info['install']!r}: expected the install command as a str")
+    return problems
 
 
 def _warn(message: str) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._registry import registry
-from ._solve import _resolve_backend
+from ._solve import resolve_backend
 from ._structure import Structure
 
 
@@ -36,7 +36,7 @@ def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *
     Raises:
         ValueError / TypeError: ``noise`` does not match ``z``, or ``f``'s output does not.
     """
-    be = _resolve_backend(registry(), backend, x, z)
+    be = resolve_backend(registry(), backend, "jacobian_penalty", {"z": z, "x": x, "noise": noise})
     structure = Structure.of(be, z, batched, what="z")
     probe = Structure.of(be, noise, batched, what="noise")
     if (probe.is_tuple, probe.shapes, probe.dtype) != (structure.is_tuple, structure.shapes, structure.dtype):

@@ -13,6 +13,12 @@ class Status(enum.IntEnum):
     CONVERGED: the stop residual reached ``tol``.
     MAX_ITER: ``max_iter`` steps ran without reaching ``tol``; the lowest-residual iterate is kept.
     DIVERGED: the residual grew beyond ``divergence`` times the initial one; the sample was frozen.
+    OVERFLOW: the iterate and ``f(z)`` stayed finite but the residual norm overflowed the
+        dtype's range (the sum of squares of entries above about ``sqrt(finfo.max)``: 1.8e19
+        in float32 and in half precision, whose norms are taken in float32; 1.3e154 in float64).
+        The loop stopped the sample there; its residuals are measured again without overflow
+        (inf where the norm itself is not representable). Rescale the state or solve in a
+        wider dtype.
     NONFINITE: ``f`` produced NaN or Inf for this sample (for example from a NaN in ``x``); the
         sample was frozen at its last finite iterate, or at ``z0`` if ``f(z0)`` was not finite.
     """
@@ -20,16 +26,19 @@ class Status(enum.IntEnum):
     CONVERGED = 0
     MAX_ITER = 1
     DIVERGED = 2
-    NONFINITE = 3
+    OVERFLOW = 3
+    NONFINITE = 4
 
 
 class Result(enum.IntEnum):
-    """Outcome of a whole solve: the worst :class:`Status` over the batch."""
+    """Outcome of a whole solve: the worst :class:`Status` over the batch (``SUCCESS`` for an
+    empty batch)."""
 
     SUCCESS = 0
     MAX_ITER = 1
     DIVERGED = 2
-    NONFINITE = 3
+    OVERFLOW = 3
+    NONFINITE = 4
 
 
 class ConvergenceError(RuntimeError):
@@ -45,7 +54,10 @@ class CompileWarning(UserWarning):
 class Solution:
     """The outcome of :func:`deqcore.solve`.
 
-    Per-sample arrays have the batch as their (last) axis and live on the input's device.
+    Per-sample arrays have the batch as their (last) axis and live on the input's device; for an
+    empty batch (B = 0) they have length 0, ``steps`` is 0 and ``result`` is ``SUCCESS``.
+    Residuals and traces are in the state's dtype, or in float32 for half-precision states
+    (float16, bfloat16), where they are computed.
 
     Attributes:
         z: the fixed point, with the structure of ``z0`` (an array or a tuple of arrays). Per
@@ -56,8 +68,9 @@ class Solution:
         status: (B,) int, a :class:`Status` code per sample.
         iterations: (B,) int, the steps each sample took before it was frozen.
         steps: int scalar, the loop steps run (the largest of ``iterations``).
-        nfe: int scalar, batched evaluations of ``f`` (the initial ``f(z0)`` included; with
-            ``check_every > 1`` also those that ran after every sample had stopped).
+        nfe: int scalar, batched evaluations of ``f`` (the initial ``f(z0)`` included, also for
+            an empty batch; with ``check_every > 1`` also those that ran after every sample had
+            stopped).
         abs_trace: (min(max_iter, trace) + 1, B) absolute residual of the iterate at each step
             (row 0: ``z0``), for the first ``trace`` steps (1000 by default); entries after a
             sample was frozen repeat its final value. None when solved with ``trace=False``.
@@ -126,4 +139,6 @@ def _to_numpy(x: Any) -> Any:
 
     if hasattr(x, "detach"):
         x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            x = x.float()
     return np.asarray(x)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from . import _options as opt
-from ._gradients import BackwardProblem, BackwardReport
-from ._loop import TRACE_STEPS, Problem, run
+from ._gradients import BackwardProblem, BackwardReport, higher_order_error
+from ._loop import TRACE_STEPS, Problem, run, statistics_dtype
 from ._registry import registry
 from ._solution import ConvergenceError, Solution, Status
 from ._structure import Structure, leaves
@@ -62,9 +63,14 @@ def solve(
         f: the layer, called as ``f(z, x)``. ``z`` is an array or a tuple of arrays (several
             resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device.
         x: the input injection, passed to ``f`` unchanged (an array, a tuple of arrays, or None).
-        z0: the initial state; default zeros with the structure of ``x``.
+        z0: the initial state; default zeros with the structure of ``x`` (an error ``f`` raises
+            on that default carries a note saying so, with the shape it had). Any floating dtype:
+            half-precision states (float16, bfloat16) are iterated in their dtype while residuals
+            and mixing systems are computed in float32. An empty batch (B = 0) returns an empty
+            :class:`Solution` after one evaluation of ``f``.
         backend: ``"torch"``, ``"jax"`` or a plugin's backend; default inferred from the arrays.
-            A backend that does not match the arrays' type is a ``TypeError`` naming both.
+            A backend that does not match the arrays' type is a ``TypeError`` naming both, and so
+            are arrays of ``x`` and ``z0`` from different frameworks (NumPy included).
         solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver;
             or a trained hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then
             also supplies ``z0`` from its initialiser when ``z0`` is None. A hypersolver takes no
@@ -109,8 +115,9 @@ def solve(
 
     Returns:
         A :class:`Solution`. Per sample, ``z`` is the iterate with the lowest stop residual seen;
-        samples whose ``f`` produced NaN/Inf are flagged ``NONFINITE``, never silently returned
-        as converged. The solve records no autograd graph.
+        samples whose ``f`` produced NaN/Inf are flagged ``NONFINITE``, those whose residual norm
+        overflowed the dtype's range ``OVERFLOW``, never silently returned as converged. The
+        solve records no autograd graph.
     """
     reg = registry()
     common = opt.resolve(
@@ -120,7 +127,7 @@ def solve(
          "batched": batched, "throw": throw, "trace": trace, "check_every": check_every,
          "compile": compile},
     )
-    be = _resolve_backend(reg, backend, x, z0)
+    be = resolve_backend(reg, backend, "deqcore.solve", {"z0": z0, "x": x})
     loop_be = be
     if common["compile"] is not False:
         if not callable(getattr(be, "compiled", None)):
@@ -145,7 +152,8 @@ def solve(
     if z0 is None and hyper is not None:
         with be.no_grad():
             z0 = hyper.initial_state(be, x, first_floating(be, x, "deqcore.solve"))
-    if z0 is None:
+    defaulted = z0 is None
+    if defaulted:
         z0 = _zeros_like(be, x)
     structure = Structure.of(be, z0, common["batched"])
     ref = leaves(z0)[0]
@@ -154,18 +162,24 @@ def solve(
 
     def fn(zf: Any) -> Any:
         out = f(structure.unflatten(be, zf), x)
-        structure.check_output(be, out, ref)
+        structure.check_output(be, out, ref, defaulted)
         return structure.flatten(be, out)
 
     unrolled = mode is not None and mode.unrolled
     with contextlib.nullcontext() if unrolled else be.no_grad():
         z0f = be.stop_gradient(structure.flatten(be, z0))
+        fz0 = None
+        if defaulted:
+            with _note_default_z0(structure):
+                out0 = f(structure.unflatten(be, z0f), x)
+            structure.check_output(be, out0, ref, defaulted)
+            fz0 = structure.flatten(be, out0)
         problem = Problem(loop_be, fn, structure.batch, structure.n, structure.dtype)
         trace_steps = TRACE_STEPS if common["trace"] is True else int(common["trace"])
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
                             stop_mode=common["stop_mode"], divergence=common["divergence"],
                             differentiable=unrolled, trace=trace_steps,
-                            check_every=common["check_every"])
+                            check_every=common["check_every"], fz0=fz0)
     xp = be.xp
     report = BackwardReport(mode.name) if mode is not None else None
     z_flat = state.best_z
@@ -178,14 +192,17 @@ def solve(
 
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
+    if mode is not None and not mode.exact_higher_order:
+        z_flat = be.first_order_only(z_flat, higher_order_error(mode.name))
+    its = state.iterations  # an empty batch's steps: a sum of nothing, as a max has no identity
     solution = Solution(
         z=structure.unflatten(be, z_flat),
         abs_residual=state.best[0],
         rel_residual=state.best[1],
         converged=status == int(Status.CONVERGED),
         status=status,
-        iterations=state.iterations,
-        steps=xp.max(state.iterations),
+        iterations=its,
+        steps=xp.max(its) if structure.batch else xp.sum(its, dtype=its.dtype),
         nfe=xp.asarray(state.nfe) if not be.is_array(state.nfe) else state.nfe,
         abs_trace=None if state.trace is None else state.trace[0],
         rel_trace=None if state.trace is None else state.trace[1],
@@ -197,9 +214,40 @@ def solve(
         backward=report,
     )
     if common["throw"]:
-        be.host_check(~solution.converged, _convergence_error(solver, common, x, be),
+        be.host_check(~solution.converged, _convergence_error(solver, common, x, be, structure.dtype),
                       solution.status, solution.residual)
     return solution
+
+
+@contextlib.contextmanager
+def _note_default_z0(structure: Structure) -> Iterator[None]:
+    """Add a note to an error ``f`` raises on the default z0, which the user never saw."""
+    try:
+        yield
+    except Exception as error:
+        add_note(error, f"deqcore.solve: z0 was not given, so it defaulted to zeros shaped like x, "
+                        f"{structure.describe()}; if the state of f has another shape, pass z0= "
+                        "(for example zeros of shape (batch, state size))")
+        raise
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+); before 3.11 the note is appended to the message."""
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    else:
+        append_note(error, note)
+
+
+def append_note(error: BaseException, note: str) -> None:
+    """Python 3.10's stand-in for ``add_note``: the note joins the message (its first argument
+    when that is a string, else a new last argument) and ``__notes__``, as 3.11 would show it."""
+    args = error.args
+    if args and isinstance(args[0], str):
+        error.args = (f"{args[0]}\n{note}",) + args[1:]
+    else:
+        error.args = args + (note,)
+    error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def _gradient_mode(reg: Any, grad: str | None, grad_options: Mapping[str, Any] | None,
@@ -216,26 +264,44 @@ def _gradient_mode(reg: Any, grad: str | None, grad_options: Mapping[str, Any] |
     return mode
 
 
-def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any) -> Callable[..., Exception]:
+def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any,
+                       dtype: Any) -> Callable[..., Exception]:
     def make(failed: np.ndarray, status: np.ndarray, residual: np.ndarray) -> Exception:
         bad = np.flatnonzero(failed)
         names = {int(s): Status(int(s)).name for s in np.unique(status[bad])}
         counts = ", ".join(f"{int((status[bad] == s).sum())} {n}" for s, n in names.items())
+        measured = residual[bad][~np.isnan(residual[bad])]
+        worst = float(measured.max()) if measured.size else float("nan")
         msg = (f"deqcore.solve({solver!r}): {bad.size} of {failed.size} samples did not converge "
                f"({counts}); samples {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}, worst "
-               f"{common['stop_mode']} residual {np.nanmax(residual[bad]):.3e} > tol {common['tol']:g}")
+               f"{common['stop_mode']} residual {worst:.3e} > tol {common['tol']:g}")
+        hints = []
         if int(Status.NONFINITE) in names:
-            msg += ". f produced NaN/Inf"
+            hint = "NONFINITE: f produced NaN/Inf"
             arrays = [a for a in leaves(x) if be.is_array(a)]
-            if any(be.is_concrete(a) and not np.all(np.isfinite(be.to_numpy(a))) for a in arrays):
-                msg += "; x itself contains NaN/Inf"
-        elif int(Status.DIVERGED) in names:
-            msg += ". The residual grew: is f a contraction? Try damping (fixed_point damping<1)"
-        else:
-            msg += f". Raise max_iter (now {common['max_iter']}) or loosen tol"
-        return ConvergenceError(msg)
+            if any(be.is_concrete(a) and not bool(be.xp.all(be.xp.isfinite(a))) for a in arrays):
+                hint += "; x itself contains NaN/Inf"
+            hints.append(hint)
+        if int(Status.OVERFLOW) in names:
+            wide = statistics_dtype(be.xp, dtype)
+            where = _dtype_name(wide)
+            if wide != dtype:
+                where += f" (where the residuals of {_dtype_name(dtype)} states are computed)"
+            hints.append(f"OVERFLOW: the iterate and f(z) are finite but the residual norm overflowed "
+                         f"{where}, whose norms fail for entries above about "
+                         f"{np.sqrt(float(be.xp.finfo(wide).max)):.1e}; rescale the state, solve in a "
+                         "wider dtype, or check that f is a contraction")
+        if not hints and int(Status.DIVERGED) in names:
+            hints.append("The residual grew: is f a contraction? Try damping (fixed_point damping<1)")
+        if not hints:
+            hints.append(f"Raise max_iter (now {common['max_iter']}) or loosen tol")
+        return ConvergenceError(msg + ". " + ". ".join(hints))
 
     return make
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def first_floating(be: Any, x: Any, owner: str) -> Any:
@@ -257,35 +323,64 @@ def _zeros_like(be: Any, x: Any) -> Any:
     return be.xp.zeros_like(x)
 
 
-def _resolve_backend(reg: Any, name: str | None, x: Any, z0: Any) -> Any:
-    candidates = [leaf for leaf in leaves(z0) + leaves(x) if leaf is not None]
-    inferred = None
-    for leaf in candidates:
-        inferred = reg.backend_for(leaf)
-        if inferred is not None:
-            break
+def resolve_backend(reg: Any, name: str | None, owner: str, arrays: Mapping[str, Any]) -> Any:
+    """The backend of a call's arrays: ``name``'s, else inferred from the first array of
+    ``arrays`` (argument name -> value, in the order to search).
+
+    Every array of every argument (nested tuples, lists and dict values included) must belong to
+    that backend: arrays of two frameworks, or a NumPy array beside framework arrays, are a
+    ``TypeError`` naming the arguments that hold each, raised before anything runs.
+    """
+    found = [(path, leaf) for arg, value in arrays.items() for path, leaf in _paths(value, arg)
+             if leaf is not None]
+    kinds = {path: reg.backend_for(leaf) for path, leaf in found}
     if name is None:
+        inferred = next((kind for kind in kinds.values() if kind is not None), None)
         if inferred is None:
-            kinds = sorted({type(leaf).__name__ for leaf in candidates}) or ["nothing"]
+            types = sorted({type(leaf).__name__ for _, leaf in found}) or ["nothing"]
             raise TypeError(
-                f"deqcore.solve: cannot infer the backend from {', '.join(kinds)}; pass backend= "
+                f"{owner}: cannot infer the backend from {', '.join(types)}; pass backend= "
                 f"(available: {', '.join(reg.names('backends'))})"
             )
-        return reg.backend(inferred)
-    be = reg.backend(name)
-    for leaf in candidates:
-        if be.is_array(leaf):
-            return be
-        other = reg.backend_for(leaf)
-        if other is not None:
+        be = reg.backend(inferred)
+    else:
+        be = reg.backend(name)
+        for path, leaf in found:
+            other = kinds[path]
+            if other is not None and other != be.name and not be.is_array(leaf):
+                raise TypeError(
+                    f"{owner}: backend {name!r} was requested but {path} is a {_type_name(leaf)} "
+                    f"(backend {other!r}); convert the arrays or pass backend={other!r}"
+                )
+    home = next((path for path, leaf in found if be.is_array(leaf)), None)
+    if home is None:
+        if any(hasattr(leaf, "shape") for _, leaf in found):
             raise TypeError(
-                f"deqcore.solve: backend {name!r} was requested but the input is a "
-                f"{type(leaf).__module__}.{type(leaf).__name__} (backend {other!r}); convert the "
-                f"arrays or pass backend={other!r}"
+                f"{owner}: backend {be.name!r} cannot handle inputs of type "
+                f"{', '.join(sorted({type(leaf).__name__ for _, leaf in found}))}"
             )
-    if not candidates or all(not hasattr(leaf, "shape") for leaf in candidates):
         return be
-    raise TypeError(
-        f"deqcore.solve: backend {name!r} cannot handle inputs of type "
-        f"{', '.join(sorted({type(leaf).__name__ for leaf in candidates}))}"
-    )
+    for path, leaf in found:
+        kind = kinds[path]
+        if be.is_array(leaf) or not (isinstance(leaf, np.ndarray) or (kind is not None and kind != be.name)):
+            continue
+        framework = "NumPy" if kind is None else f"backend {kind!r}"
+        raise TypeError(
+            f"{owner}: the arrays mix frameworks: {home} holds {be.name} arrays (backend "
+            f"{be.name!r}) but {path} is a {_type_name(leaf)} ({framework}); convert every array "
+            f"of {' and '.join(arrays)} to {be.name} arrays (torch.as_tensor / jax.numpy.asarray)"
+        )
+    return be
+
+
+def _paths(obj: Any, path: str) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` per leaf of ``obj`` in :func:`leaves`' order: ``x``, ``x[1]``, ``x['key']``."""
+    if isinstance(obj, (tuple, list)):
+        return [pair for i, item in enumerate(obj) for pair in _paths(item, f"{path}[{i}]")]
+    if isinstance(obj, dict):
+        return [pair for key, item in obj.items() for pair in _paths(item, f"{path}[{key!r}]")]
+    return [(path, obj)]
+
+
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,16 +32,16 @@ class Structure:
     dtype: Any
     batched: bool
 
-    @property
+    @functools.cached_property
     def batch(self) -> int:
         return self.shapes[0][0] if self.batched else 1
 
-    @property
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
         skip = 1 if self.batched else 0
         return tuple(math.prod(s[skip:]) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def n(self) -> int:
         return sum(self.sizes)
 
@@ -78,8 +79,10 @@ class Structure:
 
     def flatten(self, backend: Backend, z: Any) -> Any:
         xp = backend.xp
-        items = list(z) if self.is_tuple else [z]
-        flat = [xp.reshape(item, (self.batch, -1)) for item in items]
+        # explicit sizes: (batch, -1) is ambiguous for an empty batch
+        if not self.is_tuple:
+            return xp.reshape(z, (self.batch, self.n))
+        flat = [xp.reshape(item, (self.batch, size)) for item, size in zip(z, self.sizes, strict=True)]
         return flat[0] if len(flat) == 1 else xp.concat(flat, axis=1)
 
     def unflatten(self, backend: Backend, zf: Any) -> Any:
@@ -92,16 +95,32 @@ class Structure:
             start += size
         return tuple(out)
 
-    def check_output(self, backend: Backend, out: Any, ref: Any) -> None:
-        """Raise a clear error unless ``f``'s output ``out`` matches this structure (and ``ref``'s device)."""
-        hint = " (pass z0 with the structure f returns)"
+    def _hint(self, defaulted: bool) -> str:
+        # built only when raising: f's output is checked every step
+        if defaulted:
+            return (f" (z0 was not given, so it defaulted to zeros shaped like x, {self.describe()}; "
+                    "pass z0= with the structure f returns)")
+        return " (pass z0 with the structure f returns)"
+
+    def describe(self) -> str:
+        """The shapes and dtype, as a message shows them: ``(4, 3) float32`` or a tuple of shapes."""
+        shapes = ", ".join(str(s) for s in self.shapes)
+        return f"({shapes}) {self.dtype}" if self.is_tuple else f"{shapes} {self.dtype}"
+
+    def check_output(self, backend: Backend, out: Any, ref: Any, defaulted: bool = False) -> None:
+        """Raise a clear error unless ``f``'s output ``out`` matches this structure (and ``ref``'s device).
+
+        ``defaulted``: z0 was not given but made as zeros like ``x``; the messages say so.
+        """
         if self.is_tuple != isinstance(out, (tuple, list)):
             kind = "a tuple" if self.is_tuple else "a single array"
-            raise TypeError(f"deqcore.solve: f must return {kind} like z0, got {type(out).__name__}{hint}")
+            raise TypeError(f"deqcore.solve: f must return {kind} like z0, got {type(out).__name__}"
+                            f"{self._hint(defaulted)}")
         items = list(out) if self.is_tuple else [out]
         if len(items) != len(self.shapes):
             raise ValueError(
-                f"deqcore.solve: f returned {len(items)} arrays, z0 has {len(self.shapes)}{hint}"
+                f"deqcore.solve: f returned {len(items)} arrays, z0 has {len(self.shapes)}"
+                f"{self._hint(defaulted)}"
             )
         ref_device = backend.device(ref)
         for i, (item, shape) in enumerate(zip(items, self.shapes, strict=True)):
@@ -112,12 +131,14 @@ class Structure:
                 )
             if tuple(item.shape) != shape:
                 raise ValueError(
-                    f"deqcore.solve: {name} has shape {tuple(item.shape)}, z0 has {shape}{hint}"
+                    f"deqcore.solve: {name} has shape {tuple(item.shape)}, z0 has {shape}"
+                    f"{self._hint(defaulted)}"
                 )
             if item.dtype != self.dtype:
                 raise TypeError(
                     f"deqcore.solve: {name} has dtype {item.dtype}, z0 has {self.dtype}; make f "
                     "return the state's dtype (or pass z0 of the dtype f returns)"
+                    f"{self._hint(True) if defaulted else ''}"
                 )
             device = backend.device(item)
             if ref_device is not None and device is not None and device != ref_device:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from deqcore_models.data import DataError, read_idx
 
 import deqcore
+from deqcore._arrays_io import dumps_json, write_text
 
 IMAGES = Path("fashion-mnist") / "t10k-images-idx3-ubyte.gz"
 DEFAULT_DATA = Path("..") / "shared" / "data"
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_backends": skipped,
     }
     json_path = args.out / "results.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    write_text(json_path, dumps_json(results, indent=1) + "\n")
     out_files.append(json_path)
     print("\nwrote " + ", ".join(str(p) for p in out_files))
     return 1 if errors else 0

@@ -9,6 +9,12 @@ pytest's summary), never skipped: ``@pytest.mark.backend("jax")`` needs JAX (jit
 ``@pytest.mark.equivalence`` needs both. Each such test runs in the tox env that selects what it
 needs (torch, jax, or both for the equivalence tests), so a skip in a report always means
 something went wrong.
+
+``equivalence`` is exactly "needs every backend": a test that needs both without the marker (it
+uses the ``both`` fixture, or carries ``backend("torch")`` and ``backend("jax")``) gets it here,
+before ``-m`` selects, so the tox envs that select by the marker (``-m "not equivalence"`` in
+torch and jax, ``-m equivalence`` in both) cannot all leave it out. tests/test_selection.py
+checks that every collected test runs in some tox env.
 """
 
 from __future__ import annotations
@@ -50,10 +56,14 @@ def _needs(item: pytest.Item) -> set[str]:
     return need
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m/-k selection sees the markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     unknown = {n for item in items for n in _needs(item)} - set(ALL_BACKENDS)
     if unknown:
         raise pytest.UsageError(f"@pytest.mark.backend names unknown backends {sorted(unknown)}")
+    for item in items:
+        if _needs(item) >= set(ALL_BACKENDS) and item.get_closest_marker("equivalence") is None:
+            item.add_marker(pytest.mark.equivalence)
     keep = [item for item in items if _needs(item) <= set(SELECTED)]
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])

@@ -20,13 +20,13 @@ CONSTANT = [("implicit", {}, "anderson"), ("jfb", {}, "anderson"), ("npg", {"k":
             ("gdeq", {}, "broyden")]
 
 
-def kept_bytes(h, grad, grad_options, solver, max_iter):
+def kept_bytes(h, grad, grad_options, solver, max_iter, memory=6):
     W, U, b, x = tanh_deq(seed=31, d=D, batch=BATCH, rho=0.9, sym=True)
     # tol below reach: every forward runs exactly max_iter steps
     kw = {"solver": solver, "tol": 1e-300, "max_iter": max_iter, "grad": grad,
           "grad_options": grad_options or None}
     if solver == "broyden":
-        kw["memory"] = 6
+        kw["memory"] = memory
     if h.name == "torch":
         import torch
 
@@ -81,3 +81,30 @@ def test_gdeq_keeps_the_broyden_ring(h):
     else:  # XLA's temporaries already hold the ring during the forward loop; it stays live
         assert gdeq >= jfb, (jfb, gdeq)
     assert np.isfinite(gdeq)
+
+
+@pytest.mark.backend("torch")
+def test_gdeq_keeps_only_the_ring_slots_in_use():
+    """A solve that converges before its ring is full: the backward pass keeps the pairs
+    written, not the buffer they were written into (on torch a prefix view would keep it all)."""
+    import torch
+
+    W, U, b, x = tanh_deq(seed=32, d=D, batch=BATCH, rho=0.9, sym=True)
+    Wt = torch.tensor(W, requires_grad=True)
+    Ut, bt, xt = torch.tensor(U), torch.tensor(b), torch.tensor(x)
+    kept = {}
+    for grad in ("jfb", "gdeq"):
+        storages = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sol = deqcore.solve(lambda z, x: torch.tanh(z @ Wt.T + x @ Ut.T + bt), xt, solver="broyden",
+                                tol=1e-6, max_iter=50, memory=50, grad=grad)
+        kept[grad] = sum(storages.values())
+        count = int(sol.solver_state.count)
+    assert 0 < count < 25, count  # converged well before the 50 slots
+    ring = 2 * BATCH * count * D * 8
+    assert ring <= kept["gdeq"] - kept["jfb"] <= ring + BATCH * D * 8, (kept, ring)

@@ -253,9 +253,17 @@ def test_same_weights_same_iterates_and_training_on_both_backends(both):
     hs = _hyper(iterations=4)
     trained = [train_hypersolver(hs, k.tanh_layer(W, U, b), _batches(k, 8), steps=3, conv_loss=loss)[0]
                for k in (t, j) for loss in ("norm", "log")]
+    # mixer.b2[0], the bias of alpha_hat, has no gradient: the shift projection removes constants; Adam
+    # turns its rounding-level gradient g into steps of lr * g / eps = 1e5 g, so after three steps
+    # it holds noise of ~1e-10 that differs between the backends. Each must leave it within that
+    # noise (3 steps * 1e5 * 1e-14) of its start; an entry with a gradient moves by ~lr = 1e-3.
+    noise = 3 * 1e-3 / 1e-8 * 1e-14
     for k in hs.params:
-        np.testing.assert_allclose(trained[0].params[k], trained[2].params[k], rtol=1e-9, atol=1e-10)
-        np.testing.assert_allclose(trained[1].params[k], trained[3].params[k], rtol=1e-9, atol=1e-10)
+        for torch_run, jax_run in ((trained[0], trained[2]), (trained[1], trained[3])):
+            a, c = torch_run.params[k], jax_run.params[k]
+            if k == "mixer.b2":
+                for p in (a, c):
+                    np.testing.assert_allclose(p[0], hs.params[k][0], rtol=0, atol=noise)
+                a, c = a[1:], c[1:]
+            np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-10)
         assert not np.array_equal(trained[0].params[k], hs.params[k])
-    # (b2[0], the bias of alpha_hat, has no gradient: the shift projection removes constants;
-    # Adam turns its rounding-level gradient into ~1e-12 steps, hence atol)

@@ -236,18 +236,19 @@ def test_hypersolver_cli_trains_and_evaluates_on_a_run(data_root, tmp_path):
 
     for args, message in (
             (["train", "--run", str(tmp_path / "none")], "has no checkpoint.npz"),
-            (["train", "--run", str(run), "--steps", "0"], "--steps must be >= 1"),
+            (["train", "--run", str(run), "--steps", "0"], "--steps must be an int >= 1"),
             (["train", "--run", str(run), "--steps", "1", "--train-option", "lambda1=2"],
              "unknown option 'lambda1'"),
             (["eval", "--run", str(run), "--budgets", "0,2"], "--budgets needs integers >= 1"),
-            (["eval", "--run", str(run), "--repeats", "0"], "--repeats must be >= 1"),
+            (["eval", "--run", str(run), "--repeats", "0"], "--repeats must be an int >= 1"),
             (["eval", "--run", str(run), "--solvers", "anderson,bogus"], "unknown solver(s) bogus"),
             (["eval", "--run", str(run), "--hypersolver", str(tmp_path / "missing.npz")],
              "no hypersolver file"),
             (["eval", "--run", str(run), "--hypersolver", str(tmp_path / "noinit.npz"), "--from-init"],
              "--from-init needs the first hypersolver to have an initialiser")):
         proc = _cli(["hypersolver", *args, "--no-progress"], check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 def _check_scores(run, backend, rows):
@@ -344,5 +345,60 @@ def test_hyperdeq_experiment_writes_its_tables_and_plots(data_root, tmp_path):
     table = (out / "results.md").read_text()
     assert "| hyper | anderson |" in table and "## Mean relative residual" in table
     assert {p.name for p in out.glob("*.png")} == {"residual.png", "pareto.png", "training.png"}
-    with pytest.raises(SystemExit):
-        experiment(["hyperdeq", "--run", str(run), "--variants", "bogus", "--out", str(out)])
+    assert experiment(["hyperdeq", "--run", str(run), "--variants", "bogus", "--out", str(out)]) == 2
+    # the results are not replaced unless asked
+    assert experiment(["hyperdeq", "--run", str(run), "--variants", "hyper", "--steps", "1", "--out",
+                       str(out)]) == 2
+    assert (out / "results.md").read_text() == table
+
+
+def _rewrite_npz(path, change):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    arrays, meta = change(arrays, meta)
+    raw = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays, __meta__=np.frombuffer(raw, np.uint8))
+
+
+def test_hypersolver_files_are_checked_against_the_model(tmp_path):
+    """load_hypersolver refuses weights that do not fit the model they are loaded for, whatever
+    is wrong with the file, naming it: another model's compression, a weight's shape or dtype,
+    a missing or extra weight, NaN weights, missing settings, a truncated file."""
+    from deqcore.hypersolvers import load_hypersolver
+
+    hs = _hyper(seed=3)
+    path = hs.save(tmp_path / "hs.npz", meta={"run": "x"})
+    pieces = (MDEQCompression(MICRO.channels), MDEQInitialiser(MICRO.channels[0], MICRO.channels))
+    loaded = load_hypersolver(path, *pieces)
+    for k, v in hs.params.items():
+        np.testing.assert_array_equal(loaded.params[k], v)
+    name = sorted(hs.params)[0]
+    cases = {
+        "another model": (None, "the hypersolver was trained with compression"),
+        "shape": (lambda a, m: ({**a, name: a[name][..., :1]}, m), f"weight {name!r} has shape"),
+        "dtype": (lambda a, m: ({**a, name: a[name].astype(np.int64)}, m),
+                  f"weights {name} are not floating"),
+        "missing": (lambda a, m: ({k: v for k, v in a.items() if k != name}, m), f"missing ['{name}']"),
+        "extra": (lambda a, m: ({**a, "mixer.extra": np.zeros(2)}, m), "unexpected ['mixer.extra']"),
+        "nan": (lambda a, m: ({**a, name: np.full_like(a[name], np.nan)}, m), "contains NaN or Inf"),
+        "no settings": (lambda a, m: (a, {"format": m["format"]}), "its metadata has no settings"),
+        "no mixer kind": (lambda a, m: (a, {**m, "config": {**m["config"], "mixer": {"width": 4}}}),
+                          "its settings lack mixer.kind"),
+        "not json": (lambda a, m: (a, b"{oops"), "unreadable metadata, not JSON"),
+        "truncated": (None, "not a readable .npz file"),
+    }
+    for case, (change, message) in cases.items():
+        target = tmp_path / f"{case.replace(' ', '-')}.npz"
+        target.write_bytes(path.read_bytes())
+        use = pieces
+        if case == "another model":
+            use = (MDEQCompression((16, 16)), MDEQInitialiser(16, (16, 16)))
+        elif case == "truncated":
+            target.write_bytes(path.read_bytes()[:200])
+        else:
+            _rewrite_npz(target, change)
+        with pytest.raises(ValueError, match=str(target)) as info:
+            load_hypersolver(target, *use)
+        assert message in str(info.value), (case, str(info.value))

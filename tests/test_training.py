@@ -82,7 +82,7 @@ def test_gradient_clipping(backend, fmnist):
         e.train_step(x[16:32], y[16:32], None, settings, 1e-3)
     for k, v in engine.export()[0].items():
         np.testing.assert_array_equal(resumed.export()[0][k], v, err_msg=k)
-    with pytest.raises(ValueError, match="clip_norm must be positive"):
+    with pytest.raises(ValueError, match=r"clip_norm \(--clip-norm\) must be a finite float > 0"):
         TrainConfig(clip_norm=0.0)
 
 
@@ -257,8 +257,12 @@ def test_same_command_on_both_backends_gives_matching_curves(data_root, tmp_path
     assert res["max_rel_loss_diff"] < 1e-3, res
     assert res["final"][0]["test_ppl"] == pytest.approx(res["final"][1]["test_ppl"], rel=1e-3)
     assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"backends.md", "backends.json", "backends.png"}
+    before = (tmp_path / "cmp" / "backends.json").read_bytes()
+    assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "jax"),
+                        "--out", str(tmp_path / "cmp")]) == 2  # earlier results are kept unless asked
     assert experiments(["backends", str(tmp_path / "torch"), str(tmp_path / "nowhere"),
-                        "--out", str(tmp_path / "cmp")]) == 2
+                        "--out", str(tmp_path / "cmp"), "--overwrite"]) == 2
+    assert (tmp_path / "cmp" / "backends.json").read_bytes() == before
 
 
 @pytest.mark.equivalence
@@ -294,9 +298,9 @@ def test_cli_errors_are_clear(data_root, tmp_path):
                  str(tmp_path / "r2")], check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = _cli(["train", "--data", str(data_root), "--epochs", "0"], check=False)
-    assert proc.returncode != 0 and "epochs must be positive" in proc.stderr
+    assert proc.returncode == 2 and "--epochs must be an int >= 1, got 0" in proc.stderr
     proc = _cli(_train_args(data_root, tmp_path / "r4") + ["--softmax-chunk", "16"], check=False)
-    assert proc.returncode != 0 and "softmax_chunk is an option of the transformer" in proc.stderr
+    assert proc.returncode == 2 and "--softmax-chunk is an option of the transformer" in proc.stderr
     proc = _cli(["eval", "--run", str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
     for backend in [b for b in ("torch", "jax") if importlib.util.find_spec(b) is None]:  # tox torch/jax envs
@@ -316,7 +320,7 @@ def test_softmax_chunk_option(data_root):
     assert (task().output, task().chunk) == (("embed.weight", "out.bias"), DEFAULT_SOFTMAX_CHUNK)
     assert task(softmax_chunk=5).chunk == 5
     assert task(softmax_chunk=0).output is None
-    with pytest.raises(ValueError, match="softmax_chunk must be >= 0"):
+    with pytest.raises(ValueError, match=r"softmax_chunk \(--softmax-chunk\) must be an int >= 0"):
         TrainConfig(model="transformer", config="micro", dataset="tiny-shakespeare", softmax_chunk=-1)
 
 

@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from deqcore._gradients import higher_order_error as _higher_order_error
 from deqcore._solution import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Solution
 
 
@@ -36,6 +38,32 @@ def _pair_combine(pairs, wa, wb, /):
 xp = types.SimpleNamespace(**{k: getattr(jnp, k) for k in dir(jnp) if not k.startswith("__")})
 xp.ring_dots, xp.ring_combine = _ring_dots, _ring_combine
 xp.pair_dots, xp.pair_combine = _pair_dots, _pair_combine
+
+
+def _numpy(x):
+    # bfloat16 becomes float32, as on torch: ml_dtypes' bfloat16 arrays lack parts of NumPy's API
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype == jnp.bfloat16 else x
+
+
+def _checked(make_error, ct, anchors):
+    """``ct`` unchanged; ``make_error()`` is raised at trace time when a transformation
+    differentiates it, that is when ``ct`` or a floating leaf of ``anchors`` carries a nonzero
+    tangent (``jax.grad`` or ``jax.jacfwd`` of a gradient)."""
+    floating = [a for a in jax.tree.leaves(anchors) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+
+    @jax.custom_jvp
+    def check(ct, anchors):
+        return ct
+
+    def rule(primals, tangents):
+        if not all(isinstance(t, SymbolicZero) for t in jax.tree.leaves(
+                tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))):
+            raise make_error()
+        return primals[0], jnp.zeros_like(primals[0])
+
+    check.defjvp(rule, symbolic_zeros=True)
+    return check(ct, floating)
 
 
 class JaxBackend:
@@ -104,10 +132,11 @@ class JaxBackend:
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
-    def attach_adjoint(self, f, z_star, x, adjoint, saved=()):
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None):
         z_star = jax.lax.stop_gradient(z_star)
         saved = tuple(jax.lax.stop_gradient(s) for s in saved)
         f_closed, consts = jax.closure_convert(f, z_star, x)
+        make_error = higher_order_error or _higher_order_error(None)
 
         @jax.custom_vjp
         def fixed_point(z, x, consts, saved):
@@ -117,6 +146,9 @@ class JaxBackend:
             return z, (z, x, consts, saved)
 
         def bwd(res, g):
+            # first, before the adjoint's loops are traced: a derivative of this backward (the
+            # residuals or g carry tangents) is an error, not a wrong answer
+            g = _checked(make_error, g, res)
             z, x, consts, saved = res
             _, pullback = jax.vjp(lambda z_, x_, c_: f_closed(z_, x_, *c_), z, x, consts)
             u = adjoint(g, lambda v: pullback(v)[0], *saved)
@@ -126,14 +158,28 @@ class JaxBackend:
         fixed_point.defvjp(fwd, bwd)
         return fixed_point(z_star, x, consts, saved)
 
+    def first_order_only(self, x, make_error):
+        @jax.custom_vjp
+        def identity(x):
+            return x
+
+        def fwd(x):
+            return x, x
+
+        def bwd(x, g):
+            return (_checked(make_error, g, x),)
+
+        identity.defvjp(fwd, bwd)
+        return identity(x)
+
     def host_callback(self, fn, *arrays):
         if all(self.is_concrete(a) for a in arrays):
-            fn(*(np.asarray(a) for a in arrays))
+            fn(*(_numpy(a) for a in arrays))
             return
-        jax.debug.callback(lambda *a: fn(*(np.asarray(v) for v in a)), *arrays)
+        jax.debug.callback(lambda *a: fn(*(_numpy(v) for v in a)), *arrays)
 
     def to_numpy(self, x):
-        return np.asarray(x)
+        return _numpy(x)
 
     def is_concrete(self, x):
         return not isinstance(x, jax.core.Tracer)
@@ -144,12 +190,12 @@ class JaxBackend:
     def host_check(self, failed, make_error: Callable[..., Exception], *payload):
         if self.is_concrete(failed) and all(self.is_concrete(p) for p in payload):
             if bool(jnp.any(failed)):
-                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+                raise make_error(_numpy(failed), *(_numpy(p) for p in payload))
             return
 
         def callback(failed, *payload):
             if np.any(failed):
-                raise make_error(np.asarray(failed), *(np.asarray(p) for p in payload))
+                raise make_error(_numpy(failed), *(_numpy(p) for p in payload))
 
         jax.debug.callback(callback, failed, *payload)
 

@@ -25,17 +25,8 @@ class GDEQ(AdjointMode):
             )
 
     def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
-        state = bp.solver_state
-        be = bp.backend
-        saved = []
-        for ring in (state.U, state.V):
-            used = be.active_prefix(ring, state.count, axis=1)
-            # A prefix view would keep the whole ring's storage alive until the backward pass;
-            # while the ring is not full, a copy of the used slots is what training memory needs.
-            if used.shape[1] < ring.shape[1]:
-                used = be.xp.asarray(used, copy=True)
-            saved.append(used)
-        return tuple(saved)
+        # the solver's final state holds only the ring slots in use (Broyden.final_state)
+        return bp.solver_state.U, bp.solver_state.V
 
     def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
         U, V = saved

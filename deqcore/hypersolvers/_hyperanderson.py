@@ -268,26 +268,42 @@ def load_hypersolver(path: str | os.PathLike[str], compression: Any,
 
     ``compression`` and ``initialiser`` are the model-specific pieces (code, not data); their
     :meth:`config` must equal the saved one, so weights trained for one model are not silently
-    used with another. Returns the hypersolver with the saved settings and weights.
+    used with another. The weights must then have exactly the names and shapes the settings
+    give, floating dtypes and finite values. Returns the hypersolver with the saved settings and
+    weights; anything else (an unreadable file, missing or malformed settings, a mismatch) is a
+    ``ValueError`` naming ``path``.
     """
     arrays, meta = load_arrays(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a deqcore hypersolver file (format {meta.get('format')!r})")
-    cfg = meta["config"]
+    cfg = meta.get("config")
+    keys = ("algorithm", "iterations", "memory", "normalisation", "update", "mixer")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: its metadata has no settings ('config'); not a complete hypersolver file")
+    missing = [k for k in keys if k not in cfg]
+    if missing or not isinstance(cfg["mixer"], dict) or "kind" not in cfg["mixer"]:
+        raise ValueError(f"{path}: its settings lack {', '.join(missing) or 'mixer.kind'}; not a complete "
+                         f"hypersolver file")
     for label, piece in (("compression", compression), ("initialiser", initialiser)):
         saved = cfg.get(label)
         given = None if piece is None else piece.config()
         if saved != given:
             raise ValueError(f"{path}: the hypersolver was trained with {label} {saved}, "
                              f"but {given} was given")
+    not_float = sorted(k for k, v in arrays.items() if not np.issubdtype(v.dtype, np.floating))
+    if not_float:
+        raise ValueError(f"{path}: weights {', '.join(not_float)} are not floating-point arrays")
     from .._registry import registry
 
     cls = registry().get("hypersolvers", cfg["algorithm"]).obj
     mixer_cfg = dict(cfg["mixer"])
     kind = mixer_cfg.pop("kind")
-    mixer = TemporalConvMixer(**mixer_cfg) if kind == "temporal_conv" else AndersonMixer(**mixer_cfg)
-    return cls(compression, initialiser, mixer, iterations=cfg["iterations"], memory=cfg["memory"],
-               normalisation=cfg["normalisation"], update=cfg["update"], params=arrays)
+    try:
+        mixer = TemporalConvMixer(**mixer_cfg) if kind == "temporal_conv" else AndersonMixer(**mixer_cfg)
+        return cls(compression, initialiser, mixer, iterations=cfg["iterations"], memory=cfg["memory"],
+                   normalisation=cfg["normalisation"], update=cfg["update"], params=arrays)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _checked(params: dict[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

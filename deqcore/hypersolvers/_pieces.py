@@ -43,7 +43,7 @@ class DenseInitialiser:
 
     def __call__(self, backend: Any, params: Mapping[str, Any], x: Any) -> Any:
         xp = backend.xp
-        flat = xp.reshape(x, (x.shape[0], -1))
+        flat = xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))  # -1 is ambiguous for B = 0
         if flat.shape[1] != self.in_features:
             raise ValueError(f"DenseInitialiser: x has {flat.shape[1]} features per sample, "
                              f"the initialiser was built for {self.in_features}")
@@ -64,7 +64,7 @@ class IdentityCompression:
     def __call__(self, backend: Any, g: Any) -> Any:
         xp = backend.xp
         items = list(g) if isinstance(g, (tuple, list)) else [g]
-        flat = xp.concat([xp.reshape(a, (a.shape[0], -1)) for a in items], axis=1)
+        flat = xp.concat([xp.reshape(a, (a.shape[0], math.prod(a.shape[1:]))) for a in items], axis=1)
         if flat.shape[1] != self.features:
             raise ValueError(f"IdentityCompression: the state has {flat.shape[1]} entries per sample, "
                              f"the compression was built for {self.features}")

@@ -147,14 +147,14 @@ def train_hypersolver(
         how many targets missed ``target_tol``, ``seconds``: wall time since the start).
     """
     from .._registry import registry
-    from .._solve import _resolve_backend
+    from .._solve import resolve_backend
 
     opts = resolve("train_hypersolver", TRAIN_OPTIONS, options)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train_hypersolver: steps must be an int >= 1, got {steps!r}")
     it = iter(batches)
     x = _next_batch(it, 0, steps)
-    be = _resolve_backend(registry(), backend, x, None)
+    be = resolve_backend(registry(), backend, "train_hypersolver", {"x": x})
     xp = be.xp
     target_fn, step_fn = _step_functions(hs, f, be, opts, start)
     history: list[dict[str, float]] = []

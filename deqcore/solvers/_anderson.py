@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from .._batched_linalg import ring_combine, ring_dots
-from .._loop import Problem, Solver, select_rows
+from .._loop import Problem, Solver, select_rows, statistics_dtype
 from .._options import Option, nonnegative_float, positive_float, positive_int
 
 
@@ -15,7 +15,9 @@ class AndersonState(NamedTuple):
     ``G`` (B, m, n) holds the residuals ``f(X_i) - X_i``, ``Y`` (B, m, n) the mixing targets
     ``X_i + beta * G_i`` (so a step is one product ``alpha @ Y``), and ``gram`` (B, m, m) the Gram
     matrix ``G G^T``, updated one row and column per step. ``count`` iterates have been stored;
-    ``breakdowns`` (B,) counts steps whose mixing system had no finite solution.
+    ``breakdowns`` (B,) counts steps whose mixing system had no finite solution. For
+    half-precision states ``G`` and ``gram`` are float32 (the mixing weights are solved there);
+    ``Y`` has the state's dtype.
     """
 
     z: Any
@@ -69,7 +71,9 @@ class Anderson(Solver):
 
     Each step mixes the stored iterates: ``z = sum_i a_i X_i + beta * sum_i a_i G_i`` with the
     weights of :func:`mixing_weights`. A sample whose mixing system is singular takes a plain
-    damped step instead and is counted in ``state.breakdowns``. One f-evaluation a step.
+    damped step instead and is counted in ``state.breakdowns``. One f-evaluation a step. For
+    half-precision states the residuals, their Gram matrix and the weights are float32 (a
+    bfloat16 Gram matrix keeps 8 significant bits), the iterates the state's dtype.
     """
 
     name = "anderson"
@@ -87,19 +91,24 @@ class Anderson(Solver):
         backend = problem.backend
         xp = backend.xp
         device = array_api_compat.device(z0)
-        self._eye = xp.eye(self.memory, dtype=z0.dtype, device=device)
+        mix = statistics_dtype(xp, z0.dtype)
+        self._mix = None if mix == z0.dtype else mix  # None: mix in the state's dtype
+        self._eye = xp.eye(self.memory, dtype=mix, device=device)
         self._slots = xp.arange(self.memory, device=device)
         B, n = z0.shape
-        ring = xp.zeros((B, self.memory, n), dtype=z0.dtype, device=device)
-        gram = xp.zeros((B, self.memory, self.memory), dtype=z0.dtype, device=device)
-        breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
-        state = AndersonState(z0, fz0, ring, xp.zeros_like(ring), gram, 0, breakdowns)
+        G = xp.zeros((B, self.memory, n), dtype=mix, device=device)
+        Y = xp.zeros((B, self.memory, n), dtype=z0.dtype, device=device)
+        gram = xp.zeros((B, self.memory, self.memory), dtype=mix, device=device)
+        breakdowns = xp.zeros(B, dtype=xp.int32, device=device)
+        state = AndersonState(z0, fz0, G, Y, gram, 0, breakdowns)
         return self._store(backend, state, z0, fz0, fz0 - z0)
 
     def _store(self, backend: Any, state: AndersonState, z: Any, fz: Any, g: Any) -> AndersonState:
         xp = backend.xp
         slot = state.count % self.memory
         y = fz if self.beta == 1.0 else z + self.beta * g
+        if self._mix is not None:
+            g = xp.astype(g, self._mix)
         G = backend.set_index(state.G, slot, g, axis=1)
         Y = backend.set_index(state.Y, slot, y, axis=1)
         row = ring_dots(xp, G, g)
@@ -118,11 +127,13 @@ class Anderson(Solver):
         valid = None
         if backend.static_shapes:
             valid = self._slots < count
-            newest = xp.astype(self._slots == (count - 1) % k, state.z.dtype)
+            newest = xp.astype(self._slots == (count - 1) % k, gram.dtype)
         else:
             newest = eye[(count - 1) % self.memory]
         alpha, singular = mixing_weights(backend, gram, self.lam, valid, eye)
         alpha = xp.where(singular[:, None], newest, alpha)
+        if self._mix is not None:
+            alpha = xp.astype(alpha, state.Y.dtype)
         proposal = ring_combine(xp, alpha, backend.active_prefix(state.Y, count, axis=1))
         z = select_rows(xp, active, proposal, state.z)
         fz = problem.fn(z)

@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from .._batched_linalg import pair_combine, pair_dots, ring_combine, ring_dots
-from .._loop import Problem, Solver, select_rows
+from .._loop import Problem, Solver, select_rows, statistics_dtype
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
 
 
@@ -59,7 +59,10 @@ class Broyden(Solver):
     converging step is not stored. Optional per-sample backtracking Armijo line search on
     ``||g||^2`` with quadratic interpolation. The ring grows by need up to
     ``min(memory, max_iter)`` pairs (static shapes: 8, 16, 32, ...; dynamic: 64, 128, ...), so a
-    solve that stops early never holds ``max_iter`` pairs.
+    solve that stops early never holds ``max_iter`` pairs. For half-precision states the update
+    (secant denominator, ``u``, ``B g``) and the line search's ``||g||^2`` are computed in
+    float32; the pairs are stored in the state's dtype, scaled to equal norms (``u v^T`` is
+    unchanged), and a pair that still does not fit it is skipped as a breakdown.
     """
 
     name = "broyden"
@@ -109,9 +112,11 @@ class Broyden(Solver):
                 f"x {z0.shape[1]} numbers; on backend {backend.name!r} shapes are static, so it "
                 "is allocated in full. Pass memory= (for example memory=64)")
         caps = self.capacities(backend)
+        wide = statistics_dtype(xp, z0.dtype)
+        self._wide = None if wide == z0.dtype else wide  # None: sums in the state's dtype
         self._zero = xp.zeros((z0.shape[0], 2, z0.shape[1]), dtype=z0.dtype,
                               device=array_api_compat.device(z0))
-        breakdowns = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
+        breakdowns = xp.zeros(z0.shape[0], dtype=xp.int32, device=array_api_compat.device(z0))
         g0 = fz0 - z0
         ring = self._ring(backend, z0, caps[0] if caps else self.m)
         return BroydenState(z0, fz0, g0, -g0, ring, 0, breakdowns)
@@ -129,7 +134,12 @@ class Broyden(Solver):
         return self.m < self.max_iter and state.UV.shape[2] == self.m
 
     def final_state(self, problem: Problem, state: BroydenState) -> BroydenState:
-        return state._replace(UV=problem.backend.active_prefix(state.UV, state.count, axis=2))
+        used = problem.backend.active_prefix(state.UV, state.count, axis=2)
+        if used.shape[2] < state.UV.shape[2]:
+            # a prefix view would keep the whole ring's storage alive for as long as the solution
+            # (and GDEQ's backward pass) holds it: keep the slots in use only
+            used = problem.backend.xp.asarray(used, copy=True)
+        return state._replace(UV=used)
 
     def step(self, problem: Problem, state: BroydenState, active: Any):
         xp = problem.backend.xp
@@ -144,7 +154,7 @@ class Broyden(Solver):
         backend = problem.backend
         xp = backend.xp
         c1, amin = 1e-4, 1e-2
-        phi0 = xp.sum(g * g, axis=-1)
+        phi0 = self._dot(xp, g, g)
 
         def quadratic(phi, s):
             denom = 2.0 * (phi - phi0 + phi0 * s)
@@ -153,7 +163,8 @@ class Broyden(Solver):
         def armijo(phi, s):
             return phi <= phi0 * (1.0 - c1 * s)
 
-        phi1 = xp.sum((fz1 - z1) ** 2, axis=-1)
+        g1 = fz1 - z1
+        phi1 = self._dot(xp, g1, g1)
         s = xp.ones_like(phi0)
         pending = active & ~armijo(phi1, s)
         s = quadratic(phi1, s)
@@ -164,9 +175,10 @@ class Broyden(Solver):
 
         def body(ls):
             z_out, fz_out, s, pending, trials = ls
-            z_try = select_rows(xp, pending, state.z + s[:, None] * p, state.z)
+            z_try = select_rows(xp, pending, state.z + self._narrow(xp, s)[:, None] * p, state.z)
             fz_try = problem.fn(z_try)
-            phi = xp.sum((fz_try - z_try) ** 2, axis=-1)
+            g_try = fz_try - z_try
+            phi = self._dot(xp, g_try, g_try)
             ok = pending & armijo(phi, s)
             z_out = select_rows(xp, ok, z_try, z_out)
             fz_out = select_rows(xp, ok, fz_try, fz_out)
@@ -174,9 +186,26 @@ class Broyden(Solver):
             pending = pending & ~ok & (s_next >= amin)
             return z_out, fz_out, s_next, pending, trials + 1
 
-        z_out, fz_out, _, _, trials = backend.while_loop(cond, body, (z1, fz1, s, pending, 0),
-                                                         self.ls_max_trials)
+        z_out, fz_out, _, _, trials = self.inner_loop(problem)(cond, body, (z1, fz1, s, pending, 0),
+                                                              self.ls_max_trials)
         return z_out, fz_out, 1 + trials
+
+    def _dot(self, xp: Any, a: Any, b: Any) -> Any:
+        """Per-sample ``a . b``, summed in float32 for half-precision states."""
+        if self._wide is not None:
+            a, b = xp.astype(a, self._wide), xp.astype(b, self._wide)
+        return xp.sum(a * b, axis=-1)
+
+    def _narrow(self, xp: Any, a: Any) -> Any:
+        """A float32 per-sample coefficient back in a half-precision state's dtype."""
+        return a if self._wide is None else xp.astype(a, self._zero.dtype)
+
+    def _balanced(self, xp: Any, u: Any, v: Any) -> tuple[Any, Any]:
+        """The float32 pair ``(u s, v / s)`` with ``s = sqrt(||v|| / ||u||)`` in the half dtype:
+        the same product ``u v^T``, with neither factor pushed out of float16's narrow range."""
+        s = xp.sqrt(xp.linalg.vector_norm(v, axis=-1) / xp.linalg.vector_norm(u, axis=-1))
+        s = xp.where(xp.isfinite(s) & (s > 0), s, 1.0)[:, None]
+        return xp.astype(u * s, self._zero.dtype), xp.astype(v / s, self._zero.dtype)
 
     def commit(self, problem, state: BroydenState, z_new, fz_new, g_new, active, keep):
         if self.m == 0:
@@ -193,24 +222,38 @@ class Broyden(Solver):
         UVg, VUdz = pair_combine(xp, UV, Vg, Udz)
         Bg_new = UVg - g_new
         v = VUdz - dz
-        vg = xp.sum(v * g_new, axis=-1)
-        den = vg - xp.sum(v * state.g, axis=-1)
+        num = dz - Bg_new + state.Bg
+        g_now, g_old = g_new, state.g
+        if self._wide is not None:  # the update in float32; its pair is balanced into the half dtype
+            wide = self._wide
+            v, num, g_now, g_old, Bg_new = (xp.astype(a, wide) for a in (v, num, g_new, state.g, Bg_new))
+        vg = xp.sum(v * g_now, axis=-1)
+        den = vg - xp.sum(v * g_old, axis=-1)
         usable = xp.isfinite(den) & (den != 0.0)
-        write = keep & usable
         # an unusable denominator is replaced by 1 so that a recorded (unroll) backward never
         # meets 0 * inf; its pair is not stored
         den = xp.where(usable, den, 1.0)
-        u = (dz - Bg_new + state.Bg) / den[:, None]
+        u = num / den[:, None]
+        pair_u, pair_v = u, v
+        if self._wide is not None:
+            pair_u, pair_v = self._balanced(xp, u, v)
+            usable = usable & xp.all(xp.isfinite(pair_u) & xp.isfinite(pair_v), axis=-1)
+        write = keep & usable
         # B_new g_new = B g_new + u (v . g_new), less the overwritten pair's u_old (v_old . g_new)
         Bg_next = Bg_new + u * xp.where(write, vg, 0.0)[:, None]
         slot = count % self.m
         if self._wraps(backend, state, count):  # the slot may hold an older pair
             old = state.UV[:, :, slot]
-            coef = xp.where(write, xp.sum(old[:, 1] * g_new, axis=-1), 0.0)
-            Bg_next = Bg_next - old[:, 0] * coef[:, None]
+            old_u, old_v = old[:, 0], old[:, 1]
+            if self._wide is not None:
+                old_u, old_v = xp.astype(old_u, self._wide), xp.astype(old_v, self._wide)
+            coef = xp.where(write, xp.sum(old_v * g_now, axis=-1), 0.0)
+            Bg_next = Bg_next - old_u * coef[:, None]
         else:
             old = self._zero
-        pair = select_rows(xp, write, xp.stack([u, v], axis=1), old)
+        if self._wide is not None:
+            Bg_next = xp.astype(Bg_next, g_new.dtype)
+        pair = select_rows(xp, write, xp.stack([pair_u, pair_v], axis=1), old)
         breakdowns = state.breakdowns + (keep & ~usable)
         return BroydenState(z_new, fz_new, g_new, Bg_next, backend.set_index(state.UV, slot, pair, axis=2),
                             count + 1, breakdowns)

@@ -7,7 +7,9 @@ schedule lives in the framework-neutral training loop). PyTorch uses ``clip_grad
 ``torch.optim.Adam``; JAX uses optax (``clip_by_global_norm``, ``add_decayed_weights``, then
 ``scale_by_adam``). The two clips differ only in torch's 1e-6 added to the norm. Optimizer
 moments export to the same names on both (``opt.m/<param>``, ``opt.v/<param>``, ``opt.step``), so
-a checkpoint resumes on either backend.
+a checkpoint resumes on either backend. ``load`` accepts only arrays of exactly the engine's
+names, shapes and dtypes (:func:`~deqcore_models.checkpoint.check_checkpoint` against
+:meth:`schema`): nothing is broadcast, and no parameter silently keeps its initial value.
 """
 
 from __future__ import annotations
@@ -18,9 +20,41 @@ import numpy as np
 
 from ._deq import DEQSettings, collect_backward_reports, worst_backward_residual
 from ._ops import ops_for
+from .checkpoint import Checkpoint, Schema, array_specs, check_checkpoint
 
 
-class TorchEngine:
+def optimizer_specs(params: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The names, shapes and dtypes of the optimizer state both engines export for ``params``
+    (NumPy): Adam's moments like each parameter and the step count, an int64 scalar."""
+    specs = {}
+    for k, (shape, dtype) in array_specs(params).items():
+        specs[f"opt.m/{k}"] = specs[f"opt.v/{k}"] = (shape, dtype)
+    specs["opt.step"] = ((), np.dtype(np.int64))
+    return specs
+
+
+class _Engine:
+    """What both engines share: their checkpoint schema and the check before ``load``."""
+
+    params: dict[str, Any]
+    state: dict[str, Any]
+
+    def export(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def schema(self) -> Schema:
+        """The arrays :meth:`load` takes: the engine's parameters and state as they are, and the
+        optimizer state of :func:`optimizer_specs`."""
+        params, state, _ = self.export()
+        return Schema({"params": array_specs(params), "state": array_specs(state),
+                       "extra": optimizer_specs(params)})
+
+    def _check_load(self, params, state, extra) -> None:
+        check_checkpoint(Checkpoint({}, dict(params), dict(state), dict(extra)), self.schema(),
+                         f"{type(self).__name__}.load")
+
+
+class TorchEngine(_Engine):
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                  weight_decay: float, clip_norm: float | None = None) -> None:
         import torch
@@ -90,10 +124,17 @@ class TorchEngine:
                 extra[f"opt.m/{k}"] = self.ops.to_numpy(st["exp_avg"]).copy()
                 extra[f"opt.v/{k}"] = self.ops.to_numpy(st["exp_avg_sq"]).copy()
                 step = int(st["step"])
+            else:  # no step yet, or a parameter without a gradient: Adam's moments are zero
+                extra[f"opt.m/{k}"] = np.zeros_like(params[k])
+                extra[f"opt.v/{k}"] = np.zeros_like(params[k])
         extra["opt.step"] = np.asarray(step, np.int64)
         return params, state, extra
 
     def load(self, params, state, extra) -> None:
+        """Set parameters, state and optimizer state from NumPy arrays of exactly the engine's
+        :meth:`schema` (a :class:`~deqcore_models.checkpoint.CheckpointError` lists every
+        difference; nothing is changed then)."""
+        self._check_load(params, state, extra)
         torch = self._torch
         with torch.no_grad():
             for k, v in params.items():
@@ -107,7 +148,7 @@ class TorchEngine:
                                      "exp_avg_sq": self.ops.asarray(extra[f"opt.v/{k}"])}
 
 
-class JaxEngine:
+class JaxEngine(_Engine):
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                  weight_decay: float, clip_norm: float | None = None) -> None:
         import jax
@@ -209,6 +250,8 @@ class JaxEngine:
         return params, state, extra
 
     def load(self, params, state, extra) -> None:
+        """As :meth:`TorchEngine.load`."""
+        self._check_load(params, state, extra)
         jnp = self.ops.xp
         self.params = {k: jnp.asarray(v) for k, v in params.items()}
         self.state = {k: jnp.asarray(v) for k, v in state.items()}
@@ -233,15 +276,33 @@ def _framework(ops: Any, tree: Any) -> Any:
     return [ops.asarray(v) if isinstance(v, np.ndarray) else v for v in tree]
 
 
+_ENGINES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "torch": (("torch",), "'torch==2.13.0'", "PyTorch"),
+    "jax": (("jax", "optax"), "'deqcore[jax]'", "JAX and optax"),
+}
+
+
+def require_framework(backend: str) -> None:
+    """Raise ``ImportError`` (saying what to install) unless ``backend``'s framework is installed;
+    looks for the packages without importing them."""
+    import importlib.util
+
+    if backend not in _ENGINES:
+        raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
+    modules, extra, what = _ENGINES[backend]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"backend {backend!r} needs {what}, which is not installed (no module "
+                          f"{', '.join(missing)}); install it with pip install {extra}")
+
+
 def make_engine(backend: str, task: Any, params, state, weight_decay: float, clip_norm: float | None = None):
     """The training engine of ``backend`` (``"torch"`` or ``"jax"``): Adam with L2
     ``weight_decay``, after clipping the gradient's global norm to ``clip_norm`` (None: no
     clipping). A missing framework is an ``ImportError`` saying what to install."""
-    engines = {"torch": (TorchEngine, "'torch==2.13.0'", "PyTorch"),
-               "jax": (JaxEngine, "'deqcore[jax]'", "JAX and optax")}
-    if backend not in engines:
-        raise ValueError(f"unknown backend {backend!r}; training supports 'torch' and 'jax'")
-    cls, extra, what = engines[backend]
+    require_framework(backend)
+    cls = {"torch": TorchEngine, "jax": JaxEngine}[backend]
+    _, extra, what = _ENGINES[backend]
     try:
         return cls(task, params, state, weight_decay, clip_norm)
     except ModuleNotFoundError as exc:

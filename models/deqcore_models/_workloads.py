@@ -82,10 +82,18 @@ class ImageWorkload:
         root = D.data_dir(cfg.data)
         ds = D.fashion_mnist(root) if cfg.dataset == "fashion-mnist" else D.cifar10(root)
         tx, ty, ex, ey = ds.train_x, ds.train_y, ds.test_x, ds.test_y
-        if cfg.train_limit:
+        _check_limit("train_limit", cfg.train_limit, len(tx), "training images")
+        _check_limit("test_limit", cfg.test_limit, len(ex), "test images")
+        if cfg.train_limit is not None:
             tx, ty = tx[: cfg.train_limit], ty[: cfg.train_limit]
-        if cfg.test_limit:
+        if cfg.test_limit is not None:
             ex, ey = ex[: cfg.test_limit], ey[: cfg.test_limit]
+        if len(tx) < cfg.batch_size:
+            raise _config_error("batch_size", f"must be at most the {len(tx)} training images"
+                                              f"{' (after --train-limit)' if cfg.train_limit else ''}, "
+                                              f"got {cfg.batch_size}")
+        if not len(ex):
+            raise _config_error("test_limit", "leaves no test images")
         flat = ds.train_x.reshape(-1, ds.train_x.shape[-1]).astype(np.float64) / 255.0
         mean, std = flat.mean(axis=0), flat.std(axis=0)
         self.x_train, self.y_train = D.to_float_nchw(tx, mean, std), ty
@@ -95,8 +103,6 @@ class ImageWorkload:
         self.params0, self.state0 = init_mdeq(self.model_cfg, self.x_train.shape[1], cfg.seed)
         self.task = mdeq_task(self.model_cfg)
         self.steps_per_epoch = len(self.x_train) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {cfg.batch_size} exceeds the {len(self.x_train)} training images")
         self.eval_batch_size = cfg.eval_batch_size or 500
 
     def describe(self) -> str:
@@ -144,23 +150,32 @@ class TextWorkload:
         corpus = D.wikitext2(root) if cfg.dataset == "wikitext2" else D.tiny_shakespeare(root)
         self.corpus = corpus
         train, test = corpus.train, corpus.test
-        if cfg.train_limit:
+        _check_limit("train_limit", cfg.train_limit, len(train), "training tokens")
+        _check_limit("test_limit", cfg.test_limit, len(test), "test tokens")
+        if cfg.train_limit is not None:
             train = train[: cfg.train_limit]
-        if cfg.test_limit:
+        if cfg.test_limit is not None:
             test = test[: cfg.test_limit]
         self.model_cfg = TRANSFORMER_CONFIGS[cfg.config]
         self.length = self.model_cfg.tgt_len
-        self.rows = D.batchify(train, cfg.batch_size)
         self.eval_batch_size = cfg.eval_batch_size or 10
+        limited = " (after --train-limit)" if cfg.train_limit else ""
+        if len(train) // cfg.batch_size < self.length + 1:
+            raise _config_error("batch_size", f"is too large: {len(train)} training tokens{limited} in "
+                                              f"{cfg.batch_size} rows do not fill one segment of "
+                                              f"{self.length} tokens (+1 target) per row; at most "
+                                              f"{max(len(train) // (self.length + 1), 0)}")
+        if len(test) // self.eval_batch_size < 2:
+            raise _config_error("eval_batch_size" if cfg.eval_batch_size else "test_limit",
+                                f"leaves too few test tokens: {len(test)} in {self.eval_batch_size} rows "
+                                f"of at least 2")
+        self.rows = D.batchify(train, cfg.batch_size)
         self.test_rows = D.batchify(test, self.eval_batch_size)
         self.params0, self.state0 = init_transformer(self.model_cfg, corpus.vocab_size, cfg.seed,
                                                      batch_size=cfg.batch_size)
         chunk = DEFAULT_SOFTMAX_CHUNK if cfg.softmax_chunk is None else cfg.softmax_chunk or None
         self.task = transformer_task(self.model_cfg, chunk=chunk)
         self.steps_per_epoch = (self.rows.shape[1] - 1) // self.length
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(train)} training tokens in {cfg.batch_size} rows do not fill one "
-                             f"segment of {self.length} tokens")
 
     def describe(self) -> str:
         return (f"{self.rows.size} train, {self.test_rows.size} test tokens, vocabulary "
@@ -202,4 +217,19 @@ def jacobian_probe(cfg: Any, step: int, shapes: Sequence[tuple[int, ...]]) -> li
 
 
 def make_workload(cfg: Any) -> ImageWorkload | TextWorkload:
+    """The workload of a :class:`~deqcore_models.train.TrainConfig`: its data loaded and checked
+    against the settings that depend on its size (a limit beyond the data, a batch larger than
+    it: the :class:`~deqcore_models.train.ConfigError` of the flag at fault)."""
     return TextWorkload(cfg) if cfg.model == "transformer" else ImageWorkload(cfg)
+
+
+def _config_error(setting: str, problem: str) -> Exception:
+    from .train import ConfigError  # train imports this module
+
+    return ConfigError(setting, problem)
+
+
+def _check_limit(setting: str, limit: int | None, size: int, what: str) -> None:
+    if limit is not None and limit > size:
+        raise _config_error(setting, f"is {limit}, more than the {size} {what} of the data set "
+                                     f"(leave it out to use all of them)")

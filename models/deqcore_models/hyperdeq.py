@@ -14,7 +14,7 @@ whatever backend trained it (checkpoints are framework-neutral).
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,15 +26,17 @@ from typing import Any
 import numpy as np
 
 import deqcore
+from deqcore._arrays_io import dumps_json, write_atomic, write_text
 from deqcore.hypersolvers import HyperAnderson, Hypersolver, load_hypersolver, train_hypersolver
 
+from ._engines import require_framework
 from ._hyper import MDEQCompression, MDEQInitialiser, TransformerCompression, TransformerInitialiser
 from ._layers import cross_entropy, token_cross_entropy
 from ._ops import ops_for
 from ._workloads import make_workload
-from .checkpoint import load_checkpoint
+from .checkpoint import check_checkpoint, load_checkpoint
 from .mdeq import equilibrium_shapes, mdeq_parts
-from .train import TrainConfig, _read_csv
+from .train import TrainConfig, _read_csv, checkpoint_step, config_from_checkpoint, model_schema
 from .transformer import transformer_parts
 
 
@@ -92,48 +94,54 @@ class FrozenModel:
     def defaults(self) -> dict[str, int]:
         """:func:`make_hypersolver`'s sizes for this model: K = 3 (the budgets where a learned
         solver can pay off; the loss unrolls 2K = 6), and an initialiser of 8 channels with a
-        mixer of width 8 for MDEQ (1,962 parameters, 3.7 % of the 53K-parameter ``cpu`` model;
-        on Fashion-MNIST, 8 initialiser channels instead of 4 lifted the 1-step accuracy from
-        57 % to 81 %), 16 and 16 for the DEQ-Transformer."""
+        mixer of width 8 for MDEQ (a wider initialiser, paid for by a narrower mixer, is what
+        lifts the 1-step accuracy), 16 and 16 for the DEQ-Transformer. What they cost and gain
+        on trained models: docs/experiments/hyperdeq-fmnist and hyperdeq-wt2."""
         return {"iterations": 3, "hidden": 16, "width": 16} if self.text else \
             {"iterations": 3, "hidden": 8, "width": 8}
 
     @property
     def fit_defaults(self) -> dict[str, Any]:
-        """:func:`fit`'s per-model target settings: the DEQ-Transformer's targets do not converge
-        within 60 Broyden steps either (relative residual ~3e-2 at 60, ~7e-2 at 30); 30 steps
-        cut the target solve from 0.19 to 0.08 s per training step on WikiText-2, and the
-        hypersolver trained so (K = 3) scored as well (perplexity 436/398/392 at 2/4/8 steps,
-        against 433/405/395 with 60-step targets and K = 6)."""
+        """:func:`fit`'s per-model target settings: the DEQ-Transformer's targets converge within
+        neither 30 nor 60 Broyden steps, so 30 steps, half the target solve, give targets that are
+        as useful (docs/experiments/hyperdeq-wt2 records the residual they reach)."""
         return {"target_max_iter": 30} if self.text else {}
 
 
 def load_frozen(run: str | Path, backend: str | None = None, data: str | None = None,
                 test_limit: int | None = None) -> FrozenModel:
     """The model of ``run/checkpoint.npz`` with the run's data (``data`` overrides the folder;
-    ``test_limit`` the number of test images or tokens; default the run's)."""
+    ``test_limit`` the number of test images or tokens; default the run's). The checkpoint is
+    checked as every load is (:func:`~deqcore_models.checkpoint.check_checkpoint` against
+    :func:`~deqcore_models.train.model_schema`): a mismatch, a corrupted file or NaN weights are
+    a :class:`~deqcore_models.checkpoint.CheckpointError` listing every difference."""
     run = Path(run)
-    ck = load_checkpoint(run / "checkpoint.npz")
-    saved = dict(ck.meta["train_config"])
-    if data is not None:
-        saved["data"] = data
-    if test_limit is not None:
-        saved["test_limit"] = test_limit
-    saved["backend"] = backend or saved["backend"]
-    saved["out"] = str(run)
-    cfg = TrainConfig(**saved)
+    source = run / "checkpoint.npz"
+    ck = load_checkpoint(source)
+    cfg = config_from_checkpoint(ck, str(source), backend=backend, data=data, test_limit=test_limit,
+                                 out=str(run))
+    require_framework(cfg.backend)
     work = make_workload(cfg)
+    check_checkpoint(ck, model_schema(cfg, work), str(source))
     ops = ops_for(cfg.backend)
     P = {k: ops.asarray(v) for k, v in ck.params.items()}
     S = {k: ops.asarray(v) for k, v in ck.state.items()}
     pieces = _text_pieces if work.text else _image_pieces
     rebuild, zeros, compression, initialiser, prefix = pieces(ops, work.model_cfg)
     epochs = _read_csv(run / "epochs.csv")
-    train_seconds = float(sum(float(r["train_seconds"]) for r in epochs)) if epochs else math.nan
+    seconds = [_number(r.get("train_seconds")) for r in epochs]
+    train_seconds = float(sum(seconds)) if seconds and all(math.isfinite(v) for v in seconds) else math.nan
     count = int(sum(np.asarray(v).size for v in ck.params.values()))
     layer_count = int(sum(np.asarray(v).size for k, v in ck.params.items() if k.startswith(prefix)))
     return FrozenModel(run, cfg.backend, cfg, work, ops, zeros, compression, initialiser, count, layer_count,
-                       train_seconds, int(ck.meta["step"]), (P, S), rebuild)
+                       train_seconds, checkpoint_step(ck, str(source)), (P, S), rebuild)
+
+
+def _number(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _text_pieces(ops: Any, mc: Any) -> tuple[Any, ...]:
@@ -187,13 +195,21 @@ def make_hypersolver(model: FrozenModel, *, iterations: int | None = None, memor
 
 
 def load_for(model: FrozenModel, path: str | Path) -> HyperAnderson:
-    """Hypersolver weights saved for ``model`` (the saved initialiser's width is read back)."""
+    """Hypersolver weights saved for ``model`` (the saved initialiser's width is read back). A
+    file that is unreadable, not a hypersolver's, or made for another model (its compression or
+    initialiser differs, a weight's name, shape or dtype does not match, a weight is NaN) is a
+    ``ValueError`` naming the file (:func:`deqcore.hypersolvers.load_hypersolver` checks them)."""
     from deqcore._arrays_io import load_arrays
 
     _, meta = load_arrays(path)
-    init_cfg = meta.get("config", {}).get("initialiser")
-    init = None if init_cfg is None else model.initialiser(int(init_cfg["hidden"]))
-    return load_hypersolver(path, model.compression, init)
+    cfg = meta.get("config")
+    init_cfg = cfg.get("initialiser") if isinstance(cfg, dict) else None
+    hidden = init_cfg.get("hidden") if isinstance(init_cfg, dict) else None
+    if init_cfg is None:
+        return load_hypersolver(path, model.compression, None)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"{path}: its initialiser settings {init_cfg!r} have no valid 'hidden' width")
+    return load_hypersolver(path, model.compression, model.initialiser(hidden))
 
 
 def training_inputs(model: FrozenModel, batch_size: int, seed: int = 0) -> Iterator[Any]:
@@ -214,8 +230,9 @@ def fit(model: FrozenModel, hs: HyperAnderson, *, steps: int, batch_size: int = 
     ``options``). Unless ``options`` say otherwise, targets come from Broyden at 60 steps
     (``model.fit_defaults`` may lower that), relative tolerance 1e-4, and Adam's learning rate is
     1e-2. Why: on the Fashion-MNIST MDEQ, 1e-3 barely moved L_conv in 300 steps; targets to 1e-5
-    made a training step a third slower and the hypersolver no better in our runs (it reaches
-    ~1e-1 in 2K steps, so a 1e-4 target is exact enough)."""
+    made a training step slower and the hypersolver no better in our runs (its residual after
+    2K steps is far above 1e-4, so a 1e-4 target is exact enough: the residual table of
+    docs/experiments/hyperdeq-fmnist)."""
     opts = {"target_max_iter": 60, "target_tol": 1e-4, "lr": 1e-2, **model.fit_defaults, **options}
     return train_hypersolver(hs, model.layer, training_inputs(model, batch_size, seed), steps=steps,
                              backend=model.backend, start=model.zeros, progress=progress, **opts)
@@ -223,7 +240,7 @@ def fit(model: FrozenModel, hs: HyperAnderson, *, steps: int, batch_size: int = 
 
 def training_cost(model: FrozenModel, hs: HyperAnderson,
                   history: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """The issue's cost figures of a trained hypersolver: parameters (and their share of the
+    """The cost figures of a trained hypersolver: parameters (and their share of the
     model's and of the equilibrium layer's) and training seconds (and their share of the DEQ's
     training time; None when the run has no ``epochs.csv``)."""
     seconds = float(history[-1]["seconds"])
@@ -236,11 +253,12 @@ def training_cost(model: FrozenModel, hs: HyperAnderson,
 
 
 def save_history(path: Path, history: Sequence[Mapping[str, float]]) -> None:
-    """``train_hypersolver``'s per-step records as CSV."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    """``train_hypersolver``'s per-step records as CSV, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())
 
 
 def _test_batches(model: FrozenModel) -> list[tuple[Any, Any, int]]:
@@ -488,8 +506,7 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, text: bool, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "residual.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out / "residual.png")
 
     metrics = [r["metric"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
@@ -511,13 +528,20 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out: Path, text: bool, title:
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out / "pareto.png")
     return [str(out / "residual.png"), str(out / "pareto.png")]
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write ``fig`` as PNG atomically, then close it (also when the write fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def save_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """``data`` as strict JSON (non-finite numbers as ``null``), written atomically."""
+    write_text(path, dumps_json(data, indent=2))

@@ -1,38 +1,81 @@
 """``deqcore hypersolver train|eval``: HyperDEQ on a training run's checkpoint (see
-:mod:`deqcore_models.hyperdeq` for the library calls behind them)."""
+:mod:`deqcore_models.hyperdeq` for the library calls behind them).
+
+Every flag is checked before the run's checkpoint and data are loaded (a bad one is one
+``error:`` line and exit status 2), and no earlier result is replaced unless ``--overwrite``
+says so."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ._progress import Progress
-from .cli import _key_values
+from .cli import UsageError, _key_values, report_flags
+
+#: The files ``hypersolver eval`` writes in its folder.
+EVAL_FILES = ("results.json", "residual.png", "pareto.png")
+
+
+def _check_ints(args: argparse.Namespace, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be an int >= {minimum}, got {value}")
+
+
+def _check_run(args: argparse.Namespace) -> Path:
+    """The run's checkpoint path, after the cheap checks: it exists, the backend is installed."""
+    from ._engines import require_framework
+
+    path = Path(args.run) / "checkpoint.npz"
+    if not path.is_file():
+        raise UsageError(f"--run {args.run} has no checkpoint.npz (is it a `deqcore train --out` folder?)")
+    if args.backend is not None:
+        require_framework(args.backend)
+    return path
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool, flag: str) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{flag}: {', '.join(existing)} already exist(s): pass --overwrite to replace, or "
+                         f"choose another {flag}")
 
 
 def _model(args: argparse.Namespace, test_limit: int | None = None) -> Any:
     from .hyperdeq import load_frozen
 
-    if not (Path(args.run) / "checkpoint.npz").exists():
-        raise SystemExit(f"error: {args.run} has no checkpoint.npz (is it a `deqcore train --out` folder?)")
     return load_frozen(args.run, backend=args.backend, data=args.data, test_limit=test_limit)
 
 
 def hypersolver_train(args: argparse.Namespace) -> int:
+    import deqcore
+    from deqcore._options import resolve
+    from deqcore.hypersolvers._training import TRAIN_OPTIONS
+
     from .hyperdeq import fit, make_hypersolver, save_history, training_cost
 
-    for flag in ("steps", "batch_size", "iterations", "memory", "width", "hidden"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
+    _check_ints(args, ("steps", "batch_size", "iterations", "memory", "width", "hidden"), 1)
+    _check_ints(args, ("seed",), 0)
     options = _key_values(args.train_option, "--train-option")
+    try:
+        resolve("--train-option", TRAIN_OPTIONS, options)
+        deqcore.registry().get("solvers", options.get("target_solver", "broyden"))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    _check_run(args)
+    out = Path(args.out) if args.out else Path(args.run) / "hypersolver.npz"
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must name a .npz file, got {out}")
+    _refuse_existing([out, out.with_suffix(".csv")], args.overwrite, "--out")
     model = _model(args)
     hidden = None if args.no_initialiser else (args.hidden or model.defaults["hidden"])
     hs = make_hypersolver(model, iterations=args.iterations, memory=args.memory, width=args.width,
                           hidden=hidden, prior=args.prior, normalisation=args.normalisation, seed=args.seed)
-    out = Path(args.out) if args.out else Path(args.run) / "hypersolver.npz"
     ratio = hs.parameter_count() / model.parameters
     print(f"deqcore hypersolver train: {hs} for {model.run} ({model.parameters} model parameters, "
           f"hypersolver {100 * ratio:.2f} %), backend {model.backend}, {args.steps} steps of "
@@ -48,15 +91,18 @@ def hypersolver_train(args: argparse.Namespace) -> int:
     try:
         trained, history = fit(model, hs, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                progress=report, **{"log_every": 1, **options})
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
     finally:
         if bar is not None:
             bar.close()
+    final = {k: history[-1][k] for k in ("conv", "init", "alpha")}
+    bad = [k for k, v in final.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"hypersolver training diverged: final {', '.join(bad)} not finite; "
+                                 f"nothing was written (lower --train-option lr=...)")
     cost = training_cost(model, hs, history)
     meta = {"run": str(model.run), "checkpoint_step": model.step, "backend": model.backend,
             "steps": args.steps, "batch_size": args.batch_size, "train_options": options, **cost,
-            "final": {k: history[-1][k] for k in ("conv", "init", "alpha")}}
+            "final": final}
     trained.save(out, meta=meta)
     save_history(out.with_suffix(".csv"), history)
     share = (f" ({100 * cost['time_ratio']:.2f} % of the DEQ's {model.train_seconds:.0f} s)"
@@ -71,10 +117,22 @@ def _ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"error: {flag} expects comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{flag} expects comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise SystemExit(f"error: {flag} needs integers >= 1, got {text!r}")
+        raise UsageError(f"{flag} needs integers >= 1, got {text!r}")
     return values
+
+
+def row_flags(rows: list[dict[str, Any]]) -> list[str]:
+    """A flag for each result row with a non-finite metric, loss or residual."""
+    out = []
+    for r in rows:
+        bad = [k for k in ("metric", "loss", "residual")
+               if isinstance(r.get(k), float) and not math.isfinite(r[k])]
+        if bad:
+            out.append(f"{r['method']} at {r['budget']} steps: {', '.join(bad)} not finite (the solve "
+                       f"diverged or produced NaN)")
+    return out
 
 
 def hypersolver_eval(args: argparse.Namespace) -> int:
@@ -83,29 +141,38 @@ def hypersolver_eval(args: argparse.Namespace) -> int:
     from .hyperdeq import all_speedups, compare, load_for, save_json, speedup_table, write_plots
 
     budgets = _ints(args.budgets, "--budgets")
-    if args.repeats < 1:
-        raise SystemExit(f"error: --repeats must be >= 1, got {args.repeats}")
+    _check_ints(args, ("repeats", "test_limit"), 1)
     classic = [s.strip() for s in args.solvers.split(",") if s.strip()]
     known = deqcore.available()["solvers"]
     unknown = [s for s in classic if s not in known]
     if unknown:
-        raise SystemExit(f"error: unknown solver(s) {', '.join(unknown)}; available: {', '.join(known)}")
-    model = _model(args, args.test_limit)
-    methods: dict[str, Any] = {}
+        raise UsageError(f"--solvers: unknown solver(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    _check_run(args)
     hypers = args.hypersolver or [str(Path(args.run) / "hypersolver.npz")]
+    files: dict[str, str] = {}
     for item in hypers:
         label, sep, path = item.partition("=")
         label, path = (label, path) if sep else ("hyper" if len(hypers) == 1 else Path(item).stem, item)
-        if not Path(path).exists():
-            raise SystemExit(f"error: no hypersolver file {path} (train one with "
+        if not Path(path).is_file():
+            raise UsageError(f"--hypersolver: no hypersolver file {path} (train one with "
                              "`deqcore hypersolver train`)")
+        if label in files or label in classic:
+            raise UsageError(f"--hypersolver: the label {label!r} is used twice")
+        files[label] = path
+    out = Path(args.out) if args.out else Path(args.run) / "hypersolver-eval"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    _refuse_existing([out / name for name in EVAL_FILES], args.overwrite, "--out")
+    model = _model(args, args.test_limit)
+    methods: dict[str, Any] = {}
+    for label, path in files.items():
         try:
             methods[label] = load_for(model, path)
         except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from exc
+            raise UsageError(f"--hypersolver {path}: {exc}") from None
     first = next(iter(methods.values()))
     if args.from_init and first.initialiser is None:
-        raise SystemExit("error: --from-init needs the first hypersolver to have an initialiser")
+        raise UsageError("--from-init needs the first hypersolver to have an initialiser")
     for name in classic:
         methods[name] = name
         if args.from_init:
@@ -119,8 +186,8 @@ def hypersolver_eval(args: argparse.Namespace) -> int:
         "parameters": {"model": model.parameters, "layer": model.layer_parameters,
                        **{k: methods[k].parameter_count() for k in hyper_labels}},
         "speedups": all_speedups(rows, hyper_labels, classic, model.text),
+        "flags": row_flags(rows),
     }
-    out = Path(args.out) if args.out else Path(args.run) / "hypersolver-eval"
     save_json(out / "results.json", summary)
     plots = write_plots(rows, out, model.text, title=f"{model.cfg.model} on {model.cfg.dataset}")
     metric = "ppl" if model.text else "acc %"
@@ -133,4 +200,4 @@ def hypersolver_eval(args: argparse.Namespace) -> int:
     print("\n".join(speedup_table(summary["speedups"], model.text)))
     for p in [str(out / "results.json"), *plots]:
         print(f"wrote {p}")
-    return 0
+    return report_flags(summary)

@@ -6,116 +6,256 @@ NumPy with seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so the sam
 PyTorch and JAX sees the same data in the same order, and a run resumed from a checkpoint
 continues exactly where the killed one stopped. Outputs in ``out_dir``: ``steps.csv`` (one row per
 step), ``epochs.csv``, ``summary.json``, ``checkpoint.npz`` (latest; ``--resume`` continues from
-it) and PNG plots (``curves.png``, ``residuals.png``) when matplotlib is installed.
+it) and ``curves.png`` when matplotlib is installed. Nothing in an existing folder is replaced
+unless asked (``overwrite``), and nothing is written before the first step succeeded; every file
+is written atomically or appended to, and JSON is strict (non-finite numbers are ``null``, and
+flagged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import json
+import io
 import math
+import numbers
 import os
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import deqcore
+from deqcore._arrays_io import dumps_json, write_atomic, write_error, write_text
+from deqcore._options import (
+    nonnegative_float,
+    nonnegative_int,
+    one_of,
+    positive_float,
+    positive_int,
+    resolve,
+    unit_interval,
+)
 
 from ._deq import DEQSettings
-from ._engines import make_engine
+from ._engines import make_engine, optimizer_specs
 from ._progress import Progress
 from ._workloads import MODELS, make_workload
-from .checkpoint import Checkpoint, CheckpointError, check_schema, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    GROUPS,
+    Checkpoint,
+    CheckpointError,
+    Schema,
+    array_specs,
+    check_checkpoint,
+    load_checkpoint,
+    nonfinite_arrays,
+    save_checkpoint,
+)
 
 DATASETS = tuple(name for _, sets in MODELS.values() for name in sets)
 #: The implicit backward's default: the MDEQ papers' budget of 20 backward steps (b_thres of the
 #: LARGE configurations), not a tolerance. On these models the adjoint equation is not solved to
-#: a small tolerance in any affordable budget (Fashion-MNIST MDEQ: worst relative residual 0.3-0.5
-#: over the first 300 steps, after 20 or 100 steps alike, while 100 cost 3x the step time), so the
-#: unmet tolerance is not warned about every step: steps.csv records the residual the backward
-#: reached (``bwd_residual``). Options given with ``--grad-option`` override these.
+#: a small tolerance in any affordable budget (the Fashion-MNIST MDEQ's 20-step backward missed
+#: it on every training step of the GDEQ experiment, docs/models.md), so the unmet tolerance is
+#: not warned about every step: steps.csv records the residual the backward reached
+#: (``bwd_residual``). Options given with ``--grad-option`` override these.
 IMPLICIT_BACKWARD: dict[str, Any] = {"max_iter": 20, "on_fail": "ignore"}
 #: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged.
 KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
 
 
+class ConfigError(ValueError):
+    """A :class:`TrainConfig` setting is invalid. ``setting`` names the field, ``flag`` the
+    ``deqcore`` flag that sets it (None for a setting without one) and ``problem`` says what is
+    wrong and how to fix it; ``str()`` names the field, :meth:`for_cli` the flag."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting, self.problem = setting, problem
+        self.flag = flag_of(setting)
+        super().__init__(f"TrainConfig.{setting}{'' if self.flag is None else f' ({self.flag})'} {problem}")
+
+    def for_cli(self) -> str:
+        return f"{self.flag or self.setting} {self.problem}"
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A :class:`TrainConfig` setting of the wrong type, or an unknown option name in it."""
+
+
+_INT: tuple[type, ...] = (numbers.Integral,)
+_FLOAT: tuple[type, ...] = (numbers.Real,)
+_STR: tuple[type, ...] = (str,)
+_PATH: tuple[type, ...] = (str, os.PathLike)
+_DICT: tuple[type, ...] = (Mapping,)
+
+
+def _nonempty(v: Any) -> str | None:
+    return None if isinstance(v, (str, os.PathLike)) and str(v).strip() else "a non-empty name"
+
+
+#: The models compute in float32: a setting beyond its range means nothing.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def checked(v: Any) -> str | None:
+        problem = check(v)
+        if problem is None and abs(v) > _F32_MAX:
+            return f"{check(math.nan)} within float32's range (<= {_F32_MAX:.3g})"
+        return problem
+
+    return checked
+
+
+def _learning_rate(v: Any) -> str | None:
+    # Adam's first step is lr / (1 - beta1) = 10 lr, a float32 on both engines
+    problem = positive_float(v)
+    if problem is None and v > _F32_MAX / 10:
+        return f"<= {_F32_MAX / 10:.3g} (Adam's first step, 10 lr, must be a float32)"
+    return problem
+
+
+def _options_dict(v: Any) -> str | None:
+    return None if isinstance(v, Mapping) and all(isinstance(k, str) for k in v) else \
+        "a dict of option names to values"
+
+
+def _setting(default: Any = None, check: Callable[[Any], str | None] = _nonempty,
+             kind: tuple[type, ...] = _STR, hint: str = "", *, none_ok: bool = False,
+             factory: Callable[[], Any] | None = None, flag: str | None = "") -> Any:
+    """A :class:`TrainConfig` field with its validator (a ``deqcore._options`` check), the Python
+    types it takes, a hint appended to its error, whether None is valid (the hint should say
+    what None means), and its ``deqcore`` flag ("" for the default ``--name-with-dashes``, None
+    for none)."""
+    meta = {"check": check, "kind": kind, "hint": hint, "none_ok": none_ok, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_ALL_DATA = "leave it out (None) to use all of it"
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (saved in every checkpoint and in summary.json)."""
+    """Everything a training run depends on (saved in every checkpoint and in summary.json).
 
-    backend: str = "torch"
-    model: str = "mdeq"
-    config: str = "cpu"
-    dataset: str = "fashion-mnist"
-    data: str | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    solver: str = "broyden"
-    tol: float = 1e-3
-    max_iter: int = 18
-    solver_options: dict[str, Any] = field(default_factory=dict)
-    grad: str = "implicit"
-    grad_options: dict[str, Any] = field(default_factory=dict)
-    pretrain_steps: int = 0
-    unrolled_layers: int = 6
-    jac_weight: float = 0.0
-    jac_freq: float = 1.0
-    softmax_chunk: int | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    seed: int = 0
-    out: str = "runs/mdeq"
-    checkpoint_every: int = 100
-    eval_batch_size: int | None = None
-    cosine_every: int = 0
-    cosine_reference: dict[str, Any] = field(default_factory=lambda: {"max_iter": 40})
+    Every field is checked when the config is made (also from a checkpoint's JSON): its type,
+    its range (one validator per field, declared with it), the combinations (a config and a
+    data set of the model, ``min_lr <= lr``, ``softmax_chunk`` only for the transformer) and the
+    solve settings against deqcore's registry (the solver and gradient mode exist, their options
+    are known and valid, and the mode works with the solver). A bad setting is a
+    :class:`ConfigError` (a ``ValueError``; :class:`ConfigTypeError`, also a ``TypeError``, for
+    a wrong type or an unknown option name) naming the field and its ``deqcore`` flag.
+    """
+
+    backend: str = _setting("torch", one_of("torch", "jax"))
+    model: str = _setting("mdeq", one_of(*MODELS))
+    config: str = _setting("cpu")
+    dataset: str = _setting("fashion-mnist")
+    data: str | None = _setting(None, _nonempty, _PATH, none_ok=True)
+    train_limit: int | None = _setting(None, positive_int, _INT, _ALL_DATA, none_ok=True)
+    test_limit: int | None = _setting(None, positive_int, _INT, _ALL_DATA, none_ok=True)
+    solver: str = _setting("broyden")
+    tol: float = _setting(1e-3, _float32(positive_float), _FLOAT)
+    max_iter: int = _setting(18, positive_int, _INT)
+    solver_options: dict[str, Any] = _setting(check=_options_dict, kind=_DICT, factory=dict,
+                                              flag="--solver-option")
+    grad: str = _setting("implicit")
+    grad_options: dict[str, Any] = _setting(check=_options_dict, kind=_DICT, factory=dict,
+                                            flag="--grad-option")
+    pretrain_steps: int = _setting(0, nonnegative_int, _INT)
+    unrolled_layers: int = _setting(6, positive_int, _INT)
+    jac_weight: float = _setting(0.0, _float32(nonnegative_float), _FLOAT, "0 turns the penalty off")
+    jac_freq: float = _setting(1.0, unit_interval, _FLOAT, "it is the probability that a step is penalised")
+    softmax_chunk: int | None = _setting(None, nonnegative_int, _INT,
+                                         "0: the whole softmax at once; None: the default chunk",
+                                         none_ok=True)
+    epochs: int = _setting(1, positive_int, _INT)
+    max_steps: int | None = _setting(None, positive_int, _INT, "leave it out (None) to run every epoch",
+                                     none_ok=True)
+    batch_size: int = _setting(64, positive_int, _INT)
+    lr: float = _setting(1e-3, _learning_rate, _FLOAT)
+    min_lr: float = _setting(1e-6, nonnegative_float, _FLOAT)
+    weight_decay: float = _setting(0.0, _float32(nonnegative_float), _FLOAT)
+    clip_norm: float | None = _setting(None, _float32(positive_float), _FLOAT,
+                                       "leave it out (None) for no clipping", none_ok=True)
+    seed: int = _setting(0, nonnegative_int, _INT)
+    out: str = _setting("runs/mdeq", _nonempty, _PATH)
+    checkpoint_every: int = _setting(100, positive_int, _INT)
+    eval_batch_size: int | None = _setting(None, positive_int, _INT, none_ok=True)
+    cosine_every: int = _setting(0, nonnegative_int, _INT, "0 turns the probe off")
+    cosine_reference: dict[str, Any] = _setting(check=_options_dict, kind=_DICT,
+                                                factory=lambda: {"max_iter": 40}, flag=None)
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; available: {sorted(MODELS)}")
+        for f in fields(self):
+            _check_setting(f, getattr(self, f.name))
+        for name in ("data", "out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         configs, datasets = MODELS[self.model]
+        other = [m for m, (c, _) in MODELS.items() if m != self.model and self.config in c]
         if self.config not in configs:
-            raise ValueError(f"unknown {self.model} config {self.config!r}; available: {sorted(configs)}")
+            hint = f" ({self.config!r} is a {other[0]} config: add --model {other[0]})" if other else ""
+            raise ConfigError("config", f"must be one of {', '.join(sorted(configs))} for model "
+                                        f"{self.model}, got {self.config!r}{hint}")
         if self.dataset not in datasets:
-            raise ValueError(f"model {self.model} trains on {list(datasets)}, not {self.dataset!r}")
-        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
-            raise ValueError(f"eval_batch_size must be positive, got {self.eval_batch_size}")
-        if self.cosine_every < 0:
-            raise ValueError(f"cosine_every must be >= 0, got {self.cosine_every}")
-        for name in ("epochs", "batch_size", "checkpoint_every", "max_iter",
-                     "unrolled_layers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.jac_weight >= 0:
-            raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
-        if not 0 < self.jac_freq <= 1:
-            raise ValueError(f"jac_freq is the probability of a penalised step, in (0, 1]; "
-                             f"got {self.jac_freq}")
-        if self.softmax_chunk is not None:
-            if self.model != "transformer":
-                raise ValueError(f"softmax_chunk is an option of the transformer's output layer; model "
-                                 f"{self.model} has none")
-            if self.softmax_chunk < 0:
-                raise ValueError(f"softmax_chunk must be >= 0 (0: the whole softmax at once), got "
-                                 f"{self.softmax_chunk}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive (or None: no clipping), got {self.clip_norm}")
-        if self.pretrain_steps < 0:
-            raise ValueError(f"pretrain_steps must be >= 0, got {self.pretrain_steps}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+            other = [m for m, (_, d) in MODELS.items() if m != self.model and self.dataset in d]
+            hint = f" ({self.dataset!r} is for model {other[0]}: add --model {other[0]})" if other else ""
+            raise ConfigError("dataset", f"must be one of {', '.join(datasets)} for model {self.model}, "
+                                         f"got {self.dataset!r}{hint}")
+        if self.softmax_chunk is not None and self.model != "transformer":
+            raise ConfigError("softmax_chunk", f"is an option of the transformer's output layer; model "
+                                               f"{self.model} has none: leave it out")
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
+                                        f"schedule anneals from lr down to min_lr")
+        self._check_solve()
+
+    def _check_solve(self) -> None:
+        """The forward solve and gradient mode against deqcore's registry, as ``deqcore.solve``
+        would check them at the first step."""
+        reg = deqcore.registry()
+        try:
+            solver_cls = reg.get("solvers", self.solver).obj
+        except ValueError as exc:
+            raise ConfigError("solver", f"{self.solver!r} is not a solver: {exc}") from None
+        fixed = sorted(set(self.solver_options) & _FLAGGED_SOLVE)
+        if fixed:
+            raise ConfigError("solver_options", f"may not set {', '.join(fixed)}: use "
+                              + ", ".join(flag_of(k) or k for k in fixed))
+        common = {k: v for k, v in self.solver_options.items() if k in deqcore.COMMON_OPTIONS}
+        own = {k: v for k, v in self.solver_options.items() if k not in deqcore.COMMON_OPTIONS}
+        _resolve("solver_options", f"solver {self.solver!r}", solver_cls.options, own, deqcore.COMMON_OPTIONS)
+        _resolve("solver_options", "deqcore.solve", deqcore.COMMON_OPTIONS,
+                 {**common, "tol": self.tol, "max_iter": self.max_iter})
+        self._check_grad("grad", self.grad, "grad_options", self.grad_options_used())
+        if self.cosine_every:
+            self._check_grad("cosine_every", "implicit", "cosine_reference", dict(self.cosine_reference))
+
+    def _check_grad(self, setting: str, grad: str, options_setting: str, options: dict[str, Any]) -> None:
+        try:
+            cls = deqcore.registry().get("gradients", grad).obj
+        except ValueError as exc:
+            raise ConfigError(setting, f"{grad!r} is not a gradient mode: {exc}") from None
+        resolved = _resolve(options_setting, f"gradient mode {grad!r}", cls.options, options)
+        try:
+            mode = cls(**resolved)
+        except (TypeError, ValueError) as exc:  # the implicit mode checks its backward solver here
+            error = ConfigTypeError if isinstance(exc, TypeError) else ConfigError
+            raise error(options_setting, f"is invalid: {exc}") from None
+        try:
+            mode.check(self.solver)
+        except ValueError as exc:
+            raise ConfigError(setting, f"{grad} does not work with --solver {self.solver}: {exc}") from None
 
     def grad_options_used(self) -> dict[str, Any]:
         """The gradient mode's options: the trainer's defaults for the mode, then ``grad_options``."""
@@ -141,20 +281,182 @@ class TrainConfig:
                            solver_options=dict(self.solver_options), grad=None)
 
 
+#: Solve settings with flags of their own, so not accepted in ``solver_options``.
+_FLAGGED_SOLVE = {"tol", "max_iter", "stop_mode", "batched", "backend", "solver", "grad", "grad_options"}
+#: Settings that define the model a checkpoint holds (with its ``model_config``).
+MODEL_SETTINGS = ("model", "config", "dataset")
+#: Settings ``--resume`` may change: the stopping point, where it runs and reads, and how often
+#: it saves; every other setting must equal the checkpoint's.
+RESUME_FREE = ("epochs", "max_steps", "backend", "checkpoint_every", "data", "out")
+
+
+def flag_of(setting: str) -> str | None:
+    """The ``deqcore train`` flag of a :class:`TrainConfig` field (None when it has none)."""
+    for f in fields(TrainConfig):
+        if f.name == setting:
+            flag = f.metadata.get("flag", "")
+            return None if flag is None else flag or "--" + setting.replace("_", "-")
+    return None
+
+
+def _check_setting(f: Any, value: Any) -> None:
+    if value is None and f.metadata["none_ok"]:
+        return
+    problem = f.metadata["check"](value)
+    if problem is None:
+        return
+    hint = f.metadata["hint"]
+    text = f"must be {problem}, got {value!r}" + (f" ({hint})" if hint else "")
+    kind = f.metadata["kind"]
+    wrong_type = value is not None and (not isinstance(value, kind) or isinstance(value, bool))
+    if wrong_type:
+        raise ConfigTypeError(f.name, f"must be {problem}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f.name, text)
+
+
+def _resolve(setting: str, owner: str, spec: Mapping[str, Any], given: Mapping[str, Any],
+             also_valid: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    try:
+        return resolve(owner, spec, given, also_valid)
+    except TypeError as exc:
+        raise ConfigTypeError(setting, f"is invalid: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(setting, f"is invalid: {exc}") from None
+
+
+def config_from_checkpoint(ck: Checkpoint, source: str, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` saved in ``ck`` with ``overrides`` (None values ignored). Saved
+    settings that are missing, unknown or invalid are a :class:`CheckpointError` naming
+    ``source``; an invalid override is the :class:`ConfigError` of its flag."""
+    saved = ck.meta.get("train_config")
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{source}: its metadata has no train_config object (got "
+                              f"{type(saved).__name__}); not written by deqcore train")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: its train_config has unknown settings {', '.join(unknown)} "
+                              f"(written by another version of deqcore?)")
+    try:
+        stored = TrainConfig(**saved)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: its train_config is invalid: {exc}") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(stored, **given) if given else stored
+
+
 def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
     """Cosine annealing stepped per iteration from ``base`` to ``minimum`` over ``total`` steps."""
     t = min(step, total) / max(total, 1)
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-class Trainer:
-    """Runs a :class:`TrainConfig`; :meth:`run` trains (resuming if asked) and returns the summary."""
+#: The columns of steps.csv.
+STEP_COLUMNS = ("step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_residual",
+                "bwd_unconverged", "lr", "seconds")
+#: The files a run writes in its folder; ``--overwrite`` replaces exactly these.
+RUN_FILES = ("steps.csv", "epochs.csv", "cosine.csv", "summary.json", "checkpoint.npz", "curves.png")
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+
+class RunFolderError(FileExistsError):
+    """The output folder already holds files and neither resuming nor overwriting was asked."""
+
+
+def check_out_dir(out: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run that would lose files: ``out`` must be missing or empty unless the
+    run resumes it (it must then hold ``checkpoint.npz``) or ``overwrite`` replaces its run
+    (nothing is removed before the new run's first step succeeds). Reads only the folder."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in --out, "
+                         "--overwrite replaces it")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder: choose another --out")
+    if resume:
+        if not (out / "checkpoint.npz").is_file():
+            raise CheckpointError(f"--resume: nothing to resume, {out / 'checkpoint.npz'} does not exist "
+                                  f"(a run stopped before its first checkpoint): start it again with "
+                                  f"--overwrite, or drop --resume")
+        return
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise RunFolderError(f"--out {out} already holds {shown}: pass --resume to continue that run, "
+                             f"--overwrite to replace it, or choose another --out")
+
+
+class _CsvLog:
+    """A CSV file a run appends rows to, opened only when the run's first step succeeded.
+
+    ``keep_through`` (a resumed run): rows of a step after it are dropped first, and the file's
+    own columns are kept. A failed write is a :class:`WriteError`."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
+        self._fh: Any = None
+        self._writer: Any = None
+
+    def open(self, keep_through: int | None) -> None:
+        try:
+            if keep_through is not None:
+                _truncate_csv(self.path, keep_through)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            if not new:
+                with open(self.path, newline="") as fh:
+                    self.fields = next(csv.reader(fh), self.fields)
+            self._fh = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                self._writer.writeheader()
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        try:
+            self._writer.writerow(row)
+            self._fh.flush()
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
+
+    def close(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+
+
+def result_flags(rows: Sequence[Mapping[str, Any]], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """``(flags, warnings)`` of evaluation results (one mapping per epoch, or one): a flag for
+    every non-finite number (the model's outputs overflowed: the metrics mean nothing), a
+    warning when the forward solves did not reach ``cfg.tol`` on the test set."""
+    flags, warns = [], []
+    for row in rows:
+        where = f"epoch {row['epoch']}: " if "epoch" in row and len(rows) > 1 else ""
+        # None: a non-finite number read back from JSON (a resumed run's earlier epochs)
+        bad = [k for k, v in row.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
+        if bad:
+            shown = ", ".join(f"{k} is {'null' if row[k] is None else row[k]}" for k in bad)
+            flags.append(f"{where}{shown}: the model's outputs are not finite and these metrics mean nothing")
+    final = rows[-1] if rows else {}
+    res = final.get("test_residual")
+    if isinstance(res, float) and math.isfinite(res) and res > cfg.tol:
+        warns.append(f"the forward solves did not converge on the test set: worst relative residual "
+                     f"{res:.3g} > --tol {cfg.tol:g} after at most --max-iter {cfg.max_iter} steps")
+    return flags, warns
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig`; :meth:`run` trains (resuming if asked) and returns the summary.
+
+    ``work`` is the config's workload when already made (:func:`make_workload`); data-size
+    problems (a batch larger than the data, a limit beyond it) are :class:`ConfigError` s of the
+    flag at fault, raised before anything is written."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, work: Any = None) -> None:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out)
-        self.work = make_workload(cfg)
+        self.work = make_workload(cfg) if work is None else work
         self.model_cfg = self.work.model_cfg
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
@@ -164,6 +466,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._saved_step: int | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> dict[str, Any]:
@@ -171,49 +474,55 @@ class Trainer:
                 "step": step, "epoch_acc": epoch_acc, "history": history,
                 "model_config": asdict(self.model_cfg)}
 
+    def schema(self) -> Schema:
+        """:func:`model_schema` of this trainer's config and workload."""
+        return model_schema(self.cfg, self.work)
+
+    def load(self, ck: Checkpoint, source: str) -> None:
+        """Load ``ck`` into the engine after :func:`check_checkpoint` against :meth:`schema`."""
+        check_checkpoint(ck, self.schema(), source)
+        self.engine.load(ck.params, ck.state, ck.extra)
+
     def save(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> Path:
         params, state, extra = self.engine.export()
-        return save_checkpoint(self.out / "checkpoint.npz",
+        bad = [f"{label} {item}" for group, label in zip((params, state, extra), GROUPS.values(), strict=True)
+               for item in nonfinite_arrays(group)]
+        if bad:
+            shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise FloatingPointError(self._failure(step - 1, f"the weights became NaN or Inf ({shown})"))
+        path = save_checkpoint(self.out / "checkpoint.npz",
                                Checkpoint(self._meta(step, epoch_acc, history), params, state, extra))
+        self._saved_step = step
+        return path
 
     def restore(self) -> tuple[int, dict[str, float], list[dict]]:
-        ck = load_checkpoint(self.out / "checkpoint.npz")
-        check_schema(self.params0, ck.params, "parameters", str(self.out / "checkpoint.npz"))
-        check_schema(self.state0, ck.state, "buffers", str(self.out / "checkpoint.npz"))
-        saved = ck.meta.get("train_config", {})
-        # the run must be the same run: every setting but the stopping point and the backend
-        free = {"epochs", "max_steps", "backend", "checkpoint_every", "data", "out"}
-        mine = asdict(self.cfg)
-        defaults = asdict(TrainConfig(model=self.cfg.model, config=self.cfg.config, dataset=self.cfg.dataset))
-        saved = {k: saved.get(k, defaults[k]) for k in mine}  # settings newer than the checkpoint
-        diff = {k: (saved[k], mine[k]) for k in mine if k not in free and saved[k] != mine[k]}
-        if diff:
-            raise CheckpointError("--resume: the checkpoint was written by a run with other settings: "
-                                  + ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items()))
-        self.engine.load(ck.params, ck.state, ck.extra)
-        return int(ck.meta["step"]), dict(ck.meta.get("epoch_acc", {})), list(ck.meta.get("history", []))
+        """Load ``out/checkpoint.npz`` to resume: the same run (see :meth:`schema`), a valid
+        step within this run, finite arrays."""
+        path = self.out / "checkpoint.npz"
+        ck = load_checkpoint(path)
+        check_resumable(self.cfg, ck)
+        self.load(ck, str(path))
+        step = checkpoint_step(ck, str(path))
+        self._saved_step = step
+        return step, dict(ck.meta.get("epoch_acc") or {}), list(ck.meta.get("history") or [])
 
-    def _probe_cosine(self, step: int, x: np.ndarray, y: np.ndarray, masks: Any) -> None:
-        """Append the cosine between this run's gradient and the implicit one (same batch, same
-        masks, same weights) to ``cosine.csv``."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", deqcore.BackwardWarning)
-            mine = self.engine.gradients(x, y, masks, self.cfg.deq_settings())
-            ref = self.engine.gradients(x, y, masks, self.cfg.reference_settings())
-        path = self.out / "cosine.csv"
-        _truncate_csv(path, step - 1)  # rows a killed run wrote at or after this step
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new:
-                w.writerow(["step", "cosine"])
-            w.writerow([step, f"{_cosine(mine, ref):.6f}"])
+    def _failure(self, step: int, what: str) -> str:
+        """The message of a run that failed at (0-based) ``step``: what happened and where the
+        last good state is."""
+        if self._saved_step is not None:
+            where = (f"the last good state is {self.out / 'checkpoint.npz'} (step {self._saved_step}); "
+                     f"resuming it repeats the same steps")
+        else:
+            where = "no checkpoint of this run was written yet"
+        return (f"step {step + 1}: {what}; {where}. Start again with a lower --lr or with --clip-norm "
+                f"(and --overwrite)")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, settings: DEQSettings | None = None) -> dict[str, float]:
         """Test loss, accuracy (of images, or of next tokens), mean NFE per batch and the worst
         residual; ``test_ppl`` (perplexity) too for language models. A language model's memory
-        runs along the test stream from empty."""
+        runs along the test stream from empty. Non-finite values are returned as they are (see
+        :func:`result_flags`)."""
         settings = settings or self.cfg.eval_settings()
         state = self.work.eval_state(self.engine.state)
         loss = correct = count = nfe = 0.0
@@ -226,7 +535,7 @@ class Trainer:
             correct += r["correct"]
             count += n
             nfe += r["nfe"]
-            worst = max(worst, r["residual"])
+            worst = max(worst, r["residual"]) if math.isfinite(r["residual"]) else r["residual"]
             nb += 1
         out = {"test_loss": loss / count, "test_acc": correct / count, "test_nfe": nfe / nb,
                "test_residual": worst}
@@ -235,27 +544,33 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ training
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train to ``total_steps`` and return the summary (also written to summary.json).
+
+        A new run needs an empty or missing ``out`` unless ``overwrite``; ``resume`` continues
+        from ``out/checkpoint.npz`` (see :func:`check_out_dir`). No file is written or removed
+        before the first step succeeded, so a run that fails at once leaves the folder as it
+        was. A non-finite loss, or weights that became non-finite, stop the run with a
+        ``FloatingPointError`` naming the last good checkpoint; summary.json then says
+        ``"status": "failed"``. The summary's ``flags`` list non-finite metrics and its
+        ``warnings`` unconverged test solves (:func:`result_flags`)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_out_dir(self.out, resume=resume, overwrite=overwrite)
         start_step, epoch_acc, history = 0, dict[str, float](), list[dict[str, Any]]()
         if resume:
             start_step, epoch_acc, history = self.restore()
-        steps_csv = self.out / "steps.csv"
-        _truncate_csv(steps_csv, start_step)
-        fields = ["step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_residual",
-                  "bwd_unconverged", "lr", "seconds"]
+        if start_step >= self.total_steps:
+            return {"config": asdict(cfg), "status": "complete", "steps": start_step, "epochs": history,
+                    "final": history[-1] if history else None, "written": [],
+                    "parameters": int(sum(v.size for v in self.params0.values())),
+                    "note": f"the run is already at step {start_step} of {self.total_steps}: nothing to "
+                            f"train (raise --epochs or --max-steps to continue it)"}
+        steps_log = _CsvLog(self.out / "steps.csv", list(STEP_COLUMNS))
+        cosine_log = _CsvLog(self.out / "cosine.csv", ["step", "cosine"])
         kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-        new_file = not steps_csv.exists()
-        if not new_file:  # a run resumed: keep the columns its file was started with
-            with open(steps_csv, newline="") as fh:
-                fields = next(csv.reader(fh), fields)
         bar = Progress(self.total_steps, f"{cfg.backend}/{cfg.grad}") if self.progress else None
-        step = start_step
-        with open(steps_csv, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
+        step, started = start_step, False
+        try:
             while step < self.total_steps:
                 epoch, pos = divmod(step, self.steps_per_epoch)
                 if pos == 0:
@@ -267,8 +582,9 @@ class Trainer:
                 pre = step < cfg.pretrain_steps
                 settings = cfg.pretrain_settings() if pre else cfg.deq_settings()
                 lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
+                cosine = None
                 if cfg.cosine_every and not pre and step % cfg.cosine_every == 0:
-                    self._probe_cosine(step, batch.x, batch.y, batch.masks)
+                    cosine = self._cosine(batch.x, batch.y, batch.masks)
                 t0 = time.perf_counter()
                 # an unconverged implicit backward warns every step: count it in the CSV instead
                 with warnings.catch_warnings(record=True) as caught:
@@ -280,20 +596,23 @@ class Trainer:
                         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 bwd_bad = sum(issubclass(w.category, deqcore.BackwardWarning) for w in caught)
                 if not math.isfinite(r["loss"]):
-                    raise FloatingPointError(f"step {step}: loss is {r['loss']}; the last good state is in "
-                                             f"{self.out / 'checkpoint.npz'} (resume with a lower --lr)")
+                    raise FloatingPointError(self._failure(step, f"the training loss is {r['loss']}"))
+                if not started:  # the first step succeeded: only now touch the folder
+                    self._start_files(resume, start_step, steps_log, cosine_log)
+                    started = True
+                if cosine is not None:
+                    cosine_log.write({"step": step, "cosine": f"{cosine:.6f}"})
                 step += 1
                 for key, val in (("loss", r["loss"] * batch.count), ("correct", r["correct"]),
                                  ("count", batch.count), ("seconds", dt), ("nfe", r["nfe"])):
                     epoch_acc[key] = epoch_acc.get(key, 0.0) + val
-                writer.writerow({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
+                steps_log.write({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
                                  "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / batch.count:.4f}",
                                  "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
                                  "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
                                  "bwd_residual": _blank_nan(r.get("bwd_residual", float("nan"))),
                                  "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
                 if kill_at is not None and step == kill_at:
-                    fh.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
                     shown = {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}"}
@@ -314,20 +633,94 @@ class Trainer:
                     history.append(row)
                     _write_epochs(self.out / "epochs.csv", history)
                 if end_of_epoch or step % cfg.checkpoint_every == 0:
-                    fh.flush()
                     self.save(step, epoch_acc, history)
                     if bar is None:  # --no-progress: one line per checkpoint, so a long run shows life
                         print(f"step {step}/{self.total_steps} epoch {epoch + 1}: loss {r['loss']:.4f}, "
                               f"nfe {r['nfe']}, {dt:.3f} s/step; checkpoint saved", file=sys.stderr,
                               flush=True)
-        if bar:
-            bar.close()
-        summary = {"config": asdict(cfg), "steps": step, "epochs": history,
-                   "final": history[-1] if history else None,
-                   "parameters": int(sum(v.size for v in self.params0.values()))}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        except (FloatingPointError, deqcore.ConvergenceError) as exc:  # the latter with throw=True
+            if started:
+                self._write_summary(step, history, "failed", [str(exc)])
+            raise
+        finally:
+            steps_log.close()
+            cosine_log.close()
+            if bar:
+                bar.close()
+        summary = self._write_summary(step, history, "complete", [])
         summary["plots"] = write_plots(self.out)
+        summary["written"] = [str(self.out / n) for n in RUN_FILES if (self.out / n).exists()]
         return summary
+
+    def _start_files(self, resume: bool, start_step: int, steps_log: _CsvLog, cosine_log: _CsvLog) -> None:
+        """Make the folder this run's: a new run removes the files of the run it replaces
+        (:data:`RUN_FILES`, nothing else), a resumed one drops log rows written after its
+        checkpoint; then the logs open."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.out / name).unlink()
+        steps_log.open(start_step if resume else None)
+        if self.cfg.cosine_every:  # its rows carry the 0-based step probed: after s steps keep < s
+            cosine_log.open(start_step - 1 if resume else None)
+
+    def _write_summary(self, step: int, history: list[dict[str, Any]], status: str,
+                       failures: list[str]) -> dict[str, Any]:
+        flags, warns = result_flags(history, self.cfg)
+        summary = {"config": asdict(self.cfg), "status": status, "steps": step, "epochs": history,
+                   "final": history[-1] if history else None,
+                   "parameters": int(sum(v.size for v in self.params0.values())),
+                   "flags": failures + flags, "warnings": warns}
+        write_text(self.out / "summary.json", dumps_json(summary, indent=2))
+        return summary
+
+    def _cosine(self, x: np.ndarray, y: np.ndarray, masks: Any) -> float:
+        """The cosine between this run's gradient and the implicit one (same batch, same masks,
+        same weights)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", deqcore.BackwardWarning)
+            mine = self.engine.gradients(x, y, masks, self.cfg.deq_settings())
+            ref = self.engine.gradients(x, y, masks, self.cfg.reference_settings())
+        return _cosine(mine, ref)
+
+
+def checkpoint_step(ck: Checkpoint, source: str) -> int:
+    """The number of steps the run of ``ck`` had taken (a :class:`CheckpointError` unless an
+    int >= 1)."""
+    step = ck.meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise CheckpointError(f"{source}: its metadata's step {step!r} is not an int >= 1")
+    return step
+
+
+def model_schema(cfg: TrainConfig, work: Any) -> Schema:
+    """What a checkpoint must hold to load into the model of ``cfg`` and its workload ``work``:
+    its parameters and buffers as initialised, the optimizer state of both engines
+    (:func:`~deqcore_models._engines.optimizer_specs`), the code's ``model_config`` of
+    ``cfg.config``, and the settings that define the model (:data:`MODEL_SETTINGS`)."""
+    mine = asdict(cfg)
+    meta = {"model": cfg.model, "config": cfg.config, "model_config": asdict(work.model_cfg),
+            "train_config": {k: mine[k] for k in MODEL_SETTINGS}}
+    return Schema({"params": array_specs(work.params0), "state": array_specs(work.state0),
+                   "extra": optimizer_specs(work.params0)}, meta)
+
+
+def check_resumable(cfg: TrainConfig, ck: Checkpoint) -> None:
+    """The checks of a resume that need no data: ``ck`` holds a valid train_config, it equals
+    ``cfg`` in every setting but :data:`RESUME_FREE`, and its arrays are finite. A
+    :class:`CheckpointError` lists every difference."""
+    source = str(Path(cfg.out) / "checkpoint.npz")
+    saved = config_from_checkpoint(ck, source)
+    mine, theirs = asdict(cfg), asdict(saved)
+    raw = ck.meta["train_config"]
+    wanted = {k: mine[k] for k in mine if k not in RESUME_FREE and (k in raw or mine[k] != theirs[k])}
+    try:
+        check_checkpoint(ck, Schema({}, {"train_config": wanted}), source)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc} (the checkpoint was written by a run with other "
+                              f"settings; only {', '.join(flag_of(k) or k for k in RESUME_FREE)} may "
+                              f"change)") from None
 
 
 def _blank_nan(v: float) -> str:
@@ -342,23 +735,41 @@ def _cosine(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
 
 
 def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (written by a run killed after its last checkpoint)."""
+    """Drop rows after ``step`` (written by a run killed after its last checkpoint), and rows cut
+    short by a failed write; rewritten atomically."""
     if not path.exists():
         return
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows:
         return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows(kept)
+
+    def keep(r: list[str]) -> bool:
+        try:
+            return len(r) == len(rows[0]) and int(r[0]) <= step
+        except ValueError:
+            return False
+
+    kept = [rows[0]] + [r for r in rows[1:] if keep(r)]
+    write_text(path, _csv_text(kept))
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
 
 
 def _write_epochs(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    names = list(history[0])
+    write_text(path, _csv_text([names, *([row.get(k) for k in names] for row in history)]))
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def write_plots(out: Path) -> list[str]:
@@ -377,34 +788,36 @@ def write_plots(out: Path) -> list[str]:
     epochs = _read_csv(out / "epochs.csv")
     if not steps:
         return []
-    s = np.array([float(r["step"]) for r in steps])
+    s = np.array([_num(r["step"]) for r in steps])
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
-    ax[0, 0].plot(s, [float(r["loss"]) for r in steps], lw=0.8, label="train (batch)")
+    ax[0, 0].plot(s, [_num(r["loss"]) for r in steps], lw=0.8, label="train (batch)")
     if epochs:
-        ax[0, 0].plot([float(r["step"]) for r in epochs], [float(r["test_loss"]) for r in epochs], "o-",
+        ax[0, 0].plot([_num(r["step"]) for r in epochs], [_num(r["test_loss"]) for r in epochs], "o-",
                       label="test")
     ax[0, 0].set(title="loss", xlabel="step")
     ax[0, 0].legend()
-    ax[0, 1].plot(s, [100 * float(r["acc"]) for r in steps], lw=0.8, label="train (batch)")
+    ax[0, 1].plot(s, [100 * _num(r["acc"]) for r in steps], lw=0.8, label="train (batch)")
     if epochs:
-        ax[0, 1].plot([float(r["step"]) for r in epochs], [100 * float(r["test_acc"]) for r in epochs], "o-",
+        ax[0, 1].plot([_num(r["step"]) for r in epochs], [100 * _num(r["test_acc"]) for r in epochs], "o-",
                       label="test")
     ax[0, 1].set(title="accuracy %", xlabel="step")
     ax[0, 1].legend()
-    ax[1, 0].plot(s, [float(r["nfe"]) for r in steps], lw=0.8)
+    ax[1, 0].plot(s, [_num(r["nfe"]) for r in steps], lw=0.8)
     ax[1, 0].set(title="forward NFE", xlabel="step")
     def positive(values):
         return [v if v > 0 and math.isfinite(v) else np.nan for v in values]
 
-    ax[1, 1].semilogy(s, positive([float(r["residual"]) for r in steps]), lw=0.8, label="forward")
-    backward = [float(r["bwd_residual"]) if r.get("bwd_residual") else np.nan for r in steps]
+    ax[1, 1].semilogy(s, positive([_num(r["residual"]) for r in steps]), lw=0.8, label="forward")
+    backward = [_num(r.get("bwd_residual")) for r in steps]
     if not all(np.isnan(backward)):
         ax[1, 1].semilogy(s, positive(backward), lw=0.8, label="implicit backward")
         ax[1, 1].legend()
     ax[1, 1].set(title="worst relative residual (DEQ steps)", xlabel="step")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(out / "curves.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return [str(out / "curves.png")]
 
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 #: Environment variable naming the data folder when no ``--data`` flag is given.
 DATA_ENV = "DEQCORE_DATA"
 
 
 class DataError(RuntimeError):
-    """A data file is missing or not in the expected format. The message names the file and the
-    format that was expected; deqcore never downloads data."""
+    """A data file is missing, corrupted (its digest, checksum or size is wrong) or not in the
+    expected format. The message names the file, what is wrong and the fix; deqcore never downloads
+    data."""
 
 
 def data_dir(flag: str | os.PathLike[str] | None = None) -> Path:
@@ -40,3 +43,14 @@ def require_file(path: Path, expected: str) -> Path:
         raise DataError(f"data file not found: {path}\n  expected {expected}.\n  deqcore never "
                         f"downloads data: put the file there or point --data / ${DATA_ENV} elsewhere.")
     return path
+
+
+def check_limit(limit: object, name: str = "limit") -> int | None:
+    """``limit`` (keep the first ``limit`` items of each split) if it is None or a positive int."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int or None (all items), got {type(limit).__name__}")
+    if limit < 1:
+        raise ValueError(f"{name} must be a positive int or None (all items), got {limit}")
+    return int(limit)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._paths import DataError, require_file
+from ._integrity import read_data_file
+from ._paths import DataError, check_limit
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -39,11 +40,16 @@ class TextCorpus:
 
 
 def _read_text(path: Path, expected: str) -> str:
-    require_file(path, expected)
+    """The whole file as text, verified: its ``SHA256SUMS`` digest if listed, UTF-8, no NUL bytes."""
+    raw = read_data_file(path, expected)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); expected {expected}") from exc
+    nul = raw.find(0)
+    if nul >= 0:
+        raise DataError(f"{path}: NUL byte at byte {nul}, which text never holds (a zero-filled, damaged "
+                        f"region?); copy the file again. Expected {expected}")
     if not text.strip():
         raise DataError(f"{path}: empty; expected {expected}")
     return text
@@ -54,8 +60,10 @@ def wikitext2(root: Path, limit: int | None = None) -> TextCorpus:
 
     Each line is split on whitespace and ends with ``<eos>`` (empty lines give a lone ``<eos>``);
     the vocabulary is built from train in order of first appearance; valid/test tokens missing
-    from it become ``<unk>``. ``limit`` keeps the first ``limit`` lines of each file.
+    from it become ``<unk>``. ``limit`` keeps the first ``limit`` lines of each file; every file is
+    still read and verified whole (its ``SHA256SUMS`` digest if listed, UTF-8).
     """
+    limit = check_limit(limit)
     expected = ("tokenised WikiText-2 text, UTF-8, one paragraph per line, words separated by spaces "
                 "(the copy of pytorch/examples word_language_model/data/wikitext-2)")
     folder = root / "wikitext-2"
@@ -91,8 +99,10 @@ def char_corpus(path: Path, splits: tuple[float, float] = (0.9, 0.05),
 
     The text is cut, in order, into train / valid / test at the fractions ``splits`` (train,
     valid; test is the rest). The vocabulary is the sorted set of characters of the whole file, so
-    every split is encodable. ``limit`` keeps the first ``limit`` characters.
+    every split is encodable. ``limit`` keeps the first ``limit`` characters; the whole file is
+    still read and verified (its ``SHA256SUMS`` digest if listed, UTF-8).
     """
+    limit = check_limit(limit)
     text = _read_text(path, "a UTF-8 text file (character-level corpus)")
     if limit is not None:
         text = text[:limit]
