@@ -46,8 +46,9 @@ class Solver:
     """Base of the built-in solvers. Subclasses are final and set ``name`` and ``options``.
 
     The loop calls ``init`` once, then ``step`` and ``commit`` once per iteration. ``step``
-    must leave inactive samples where they are (``z_new == z`` for them); ``commit`` writes
-    solver memory only for the samples in ``keep``.
+    must leave inactive samples where they are (``z_new == z`` for them); ``commit`` updates the
+    memory of the samples in ``keep`` and may write the others' too (Anderson does), since a
+    stopped sample's iterate never moves again.
     """
 
     name: ClassVar[str]
