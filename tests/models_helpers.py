@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from deqcore_models._deq import DEQSettings
 from deqcore_models._layers import cross_entropy
@@ -108,3 +110,16 @@ def task_run(backend, task, params, state, x, y, settings: DEQSettings, masks=No
     (loss, (jac, nfe, res)), g = jax.jit(jax.value_and_grad(lossf, has_aux=True))(P)
     return {"loss": float(loss), "jac": float(jac), "nfe": int(nfe), "residual": float(res),
             "grads": {k: np.asarray(v) for k, v in g.items()}}
+
+
+def rewrite_npz(path, change):
+    """Rewrite a deqcore ``.npz`` (checkpoint or hypersolver weights) at ``path`` through
+    ``change(arrays, meta)``, which returns ``(arrays, meta)``; ``meta`` may be raw bytes (for
+    files whose metadata is not JSON)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    arrays, meta = change(arrays, meta)
+    raw = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays, __meta__=np.frombuffer(raw, np.uint8))

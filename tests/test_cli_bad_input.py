@@ -20,6 +20,7 @@ from conftest import SELECTED
 from deqcore_models.checkpoint import CheckpointError, load_checkpoint
 from deqcore_models.cli import main
 from deqcore_models.train import ConfigError, ConfigTypeError, TrainConfig, result_flags
+from models_helpers import rewrite_npz
 
 from deqcore._arrays_io import WriteError, dumps_json, load_arrays, save_arrays
 
@@ -237,18 +238,6 @@ def run_copy(trained, tmp_path):
     return dest
 
 
-def rewrite(path, change):
-    """Rewrite the checkpoint (or any deqcore .npz) at ``path`` through ``change(arrays, meta)``,
-    which returns ``(arrays, meta)``; meta may be raw bytes."""
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes())
-    arrays, meta = change(arrays, meta)
-    raw = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays, __meta__=np.frombuffer(raw, np.uint8))
-
-
 def _drop(name):
     def change(a, m):
         a.pop(name)
@@ -326,7 +315,7 @@ def test_eval_refuses_a_tampered_checkpoint(capsys, run_copy, fault):
         expected = ["not a readable .npz file"]
     else:
         change, expected = TAMPERED[fault]
-        rewrite(path, change)
+        rewrite_npz(path, change)
     rc, out, err = run_cli(capsys, ["eval", "--run", run_copy])
     line = one_error_line(err, "deqcore eval")
     assert rc == 2 and out == "", out
@@ -345,7 +334,7 @@ def test_resume_refuses_a_tampered_checkpoint_and_changes_nothing(capsys, run_co
         expected = ["not a readable .npz file"]
     else:
         change, expected = TAMPERED[fault]
-        rewrite(path, change)
+        rewrite_npz(path, change)
     before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
     rc, _, err = run_cli(capsys, ["train", "--backend", "torch", *MICRO, "--data", data_root,
                                   "--max-steps", "6", "--checkpoint-every", "2", "--out", run_copy,
@@ -429,7 +418,7 @@ def test_jax_engine_load_checks_the_schema(data_root):
 @pytest.mark.parametrize("fault", ["missing-param", "nan-weights", "model-config", "version"])
 def test_hypersolver_commands_refuse_a_tampered_checkpoint(capsys, run_copy, fault):
     change, expected = TAMPERED[fault]
-    rewrite(run_copy / "checkpoint.npz", change)
+    rewrite_npz(run_copy / "checkpoint.npz", change)
     for sub in ("train", "eval"):
         argv = ["hypersolver", sub, "--run", run_copy, "--no-progress"]
         if sub == "eval":
@@ -498,7 +487,7 @@ def test_weights_that_become_infinite_are_never_saved(capsys, run_copy, data_roo
     def overflowing(a, m):
         return {k: np.full_like(v, 3e38) if k.startswith("extra/opt.m/") else v for k, v in a.items()}, m
 
-    rewrite(run_copy / "checkpoint.npz", overflowing)
+    rewrite_npz(run_copy / "checkpoint.npz", overflowing)
     before = (run_copy / "checkpoint.npz").read_bytes()
     rc, _, err = run_cli(capsys, ["train", "--backend", "torch", *MICRO, "--data", data_root,
                                   "--max-steps", "6", "--checkpoint-every", "1", "--out", run_copy,
@@ -642,7 +631,7 @@ def test_eval_of_overflowing_weights_is_flagged_not_plausible(capsys, run_copy, 
     result = strict_json(out)
     assert rc == 0 and result["flags"] == [] and math.isfinite(result["test_loss"]) and result["step"] == 4
     assert "warning: the forward solves did not converge" in err and result["warnings"]
-    rewrite(run_copy / "checkpoint.npz", _set("params/head.classifier.weight",
+    rewrite_npz(run_copy / "checkpoint.npz", _set("params/head.classifier.weight",
                                               lambda v: np.full_like(v, 3e38)))
     rc, out, err = run_cli(capsys, ["eval", "--run", run_copy])
     result = strict_json(out)

@@ -26,6 +26,7 @@ from deqcore_models.transformer import (
     transformer_apply,
     transformer_parts,
 )
+from models_helpers import rewrite_npz
 
 import deqcore
 from deqcore.hypersolvers import HyperAnderson, train_hypersolver
@@ -352,16 +353,6 @@ def test_hyperdeq_experiment_writes_its_tables_and_plots(data_root, tmp_path):
     assert (out / "results.md").read_text() == table
 
 
-def _rewrite_npz(path, change):
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes())
-    arrays, meta = change(arrays, meta)
-    raw = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays, __meta__=np.frombuffer(raw, np.uint8))
-
-
 def test_hypersolver_files_are_checked_against_the_model(tmp_path):
     """load_hypersolver refuses weights that do not fit the model they are loaded for, whatever
     is wrong with the file, naming it: another model's compression, a weight's shape or dtype,
@@ -398,7 +389,7 @@ def test_hypersolver_files_are_checked_against_the_model(tmp_path):
         elif case == "truncated":
             target.write_bytes(path.read_bytes()[:200])
         else:
-            _rewrite_npz(target, change)
+            rewrite_npz(target, change)
         with pytest.raises(ValueError, match=str(target)) as info:
             load_hypersolver(target, *use)
         assert message in str(info.value), (case, str(info.value))

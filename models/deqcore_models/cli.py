@@ -16,7 +16,7 @@ import ast
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -275,15 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     line on stderr and status 2, before any data is loaded or file written where the check
     allows; a run that fails (a non-finite loss) or whose results are non-finite is status 1."""
     args = build_parser().parse_args(argv)
-    from deqcore import ConvergenceError
-
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .train import ConfigError
-
     prog = f"deqcore {args.command}" + (f" {args.hyper_command}" if args.command == "hypersolver" else "")
 
-    try:
+    def command() -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "eval":
@@ -293,6 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return hypersolver_train(args) if args.hyper_command == "train" else hypersolver_eval(args)
         return _bench(args)
+
+    return run_command(prog, command)
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """``command()``'s exit status, with the errors a user can cause turned into one ``error:``
+    line on stderr: status 2 for a user error (a bad setting or flag, a data, checkpoint or
+    framework problem, a file that cannot be written), 1 for a run that failed (a diverged loss,
+    a solve that did not converge with ``throw=True``). Other exceptions are bugs and keep their
+    traceback."""
+    from deqcore import ConvergenceError
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import ConfigError
+
+    try:
+        return command()
     except ConfigError as exc:
         print(f"{prog}: error: {_one_line(exc.for_cli())}", file=sys.stderr)
         return 2

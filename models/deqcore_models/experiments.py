@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from .cli import UsageError, _one_line, _Parser
+from .cli import UsageError, _one_line, _Parser, run_command
 from .docs_numbers import load, refresh_pages_of, renderer, write_page
 from .hyperdeq import _save_figure, save_json
-from .train import ConfigError, TrainConfig, Trainer
+from .train import TrainConfig, Trainer
 
 #: Each mode with the trainer's defaults (for implicit, its backward budget of 20 steps) except
 #: NPG's, which are the phantom-gradient paper's k = 5, lam = 0.5.
@@ -644,12 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run an experiment; a user error (a bad flag, data or checkpoint, an output folder that
     already holds results, a file that cannot be written) is one ``error:`` line and exit
     status 2, checked before any run starts where it can be."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
     args = build_parser().parse_args(argv)
-    prog = f"python -m deqcore_models.experiments {args.experiment}"
-    try:
+
+    def command() -> int:
         if args.experiment == "backends":
             try:
                 res = compare_backends(args.runs[0], args.runs[1], args.out, overwrite=args.overwrite)
@@ -671,15 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in result["flags"]:
             print(f"flagged: {_one_line(line)}", file=sys.stderr)
         return 1 if result["flags"] else 0
-    except ConfigError as exc:
-        print(f"{prog}: error: {_one_line(exc.for_cli())}", file=sys.stderr)
-        return 2
-    except (UsageError, DataError, CheckpointError, ImportError, OSError) as exc:
-        print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:
-        print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 1
+
+    return run_command(f"python -m deqcore_models.experiments {args.experiment}", command)
 
 
 if __name__ == "__main__":
