@@ -279,6 +279,38 @@ def test_jax_jit_and_vmap(solver):
     assert np.asarray(single.converged).shape == (5, 1) and np.asarray(single.converged).all()
 
 
+@pytest.mark.backend("jax")
+def test_eager_jax_solves_do_not_accumulate_compiled_code():
+    """Every eager solve traces a new loop body. JAX's cache of eagerly run loop primitives kept
+    one executable per body for the life of the process, about 170 memory mappings per solve on
+    this problem, until the process crashed inside the compiler at the kernel's limit of 65530
+    mappings. Solves with new closures and with the same one (each the common eager pattern)
+    must leave the count of mappings where it was, and give the jitted answer."""
+    import jax
+    from conftest import Harness
+
+    h = Harness("jax")
+    W, U, b, x = tanh_deq(seed=16, d=8, batch=3)
+    xa = h.asarray(x)
+    kw = dict(solver="anderson", tol=1e-10, max_iter=60)
+
+    def mappings() -> int:
+        with open("/proc/self/maps") as fh:
+            return sum(1 for _ in fh)
+
+    f = h.tanh_layer(W, U, b)
+    for grad in (None, "implicit", "unroll"):
+        deqcore.solve(f, xa, grad=grad, **kw)
+    before = mappings()
+    for i in range(12):
+        g = h.tanh_layer(W, U, b) if i % 2 else f
+        sol = deqcore.solve(g, xa, grad=(None, "implicit", "unroll")[i % 3], **kw)
+    grown = mappings() - before
+    assert grown < 12 * 20, f"{grown} new memory mappings after 12 eager solves"
+    jitted = jax.jit(lambda x: deqcore.solve(f, x, **kw))(xa)
+    np.testing.assert_allclose(np.asarray(sol.z), np.asarray(jitted.z), atol=1e-12)
+
+
 def test_solution_summary_and_result(h):
     W, U, b, x = tanh_deq(seed=16)
     sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), solver="anderson", tol=1e-12, max_iter=3)

@@ -86,7 +86,7 @@ class JaxBackend:
 
     def while_loop(self, cond, body, state, max_steps=None, check_every=1):
         if max_steps is None and check_every == 1:
-            return jax.lax.while_loop(cond, body, state)
+            return _loop(lambda s: jax.lax.while_loop(cond, body, s), state)
 
         def test(carry):
             i, s = carry
@@ -97,7 +97,7 @@ class JaxBackend:
             i, s = carry
             return i + 1, body(s)
 
-        return jax.lax.while_loop(test, step, (0, state))[1]
+        return _loop(lambda s: jax.lax.while_loop(test, step, (0, s))[1], state)
 
     def differentiable_loop(self, cond, body, state, max_steps, check_every=1):
         def step(i, carry):
@@ -105,10 +105,10 @@ class JaxBackend:
             running = running & ((i % check_every != 0) | cond(s))
             return running, jax.lax.cond(running, body, lambda s_: s_, s)
 
-        return jax.lax.fori_loop(0, max_steps, step, (True, state))[1]
+        return _loop(lambda s: jax.lax.fori_loop(0, max_steps, step, (True, s))[1], state)
 
     def fori_loop(self, length, body, state):
-        return jax.lax.fori_loop(0, length, body, state)
+        return _loop(lambda s: jax.lax.fori_loop(0, length, body, s), state)
 
     def jit(self, fn):
         return jax.jit(fn)
@@ -211,3 +211,17 @@ class JaxBackend:
             jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
         except ValueError:  # already registered (registry reset in tests)
             pass
+
+
+def _loop(run: Callable[[Any], Any], state: Any) -> Any:
+    """Run a lax loop; outside any trace, inside a ``jax.jit`` that lives only for this call.
+
+    An eager ``lax`` loop is compiled once per traced body and kept in JAX's primitive cache for
+    the life of the process (thousands of entries); every solve traces a new body, so a program
+    that solves eagerly in a loop would grow by one executable per solve until the process runs
+    out of memory mappings and crashes inside the compiler. A jitted function that is dropped
+    after the call takes its executable with it."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(state)):
+        return run(state)
+    return jax.jit(run)(state)
+
