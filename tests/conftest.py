@@ -48,6 +48,15 @@ if "jax" in SELECTED:
 
     jax.config.update("jax_enable_x64", True)
 
+    @pytest.fixture(autouse=True, scope="module")
+    def _release_jax_executables():
+        # Every compiled executable holds memory mappings; the JAX suite compiles thousands of
+        # test functions in one process, and the kernel's limit (65530 mappings) is a crash inside
+        # the compiler. The library's own eager solves are checked not to accumulate any
+        # (test_solvers.py); this keeps the tests' own jitted functions from adding up.
+        yield
+        jax.clear_caches()
+
 
 def _needs(item: pytest.Item) -> set[str]:
     need = {name for m in item.iter_markers("backend") for name in m.args}
