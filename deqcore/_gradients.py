@@ -121,8 +121,9 @@ class GradientMode:
     differentiates the forward iterations, which depend on the parameters. Every other built-in
     mode holds ``z*`` constant in its backward pass (an adjoint at ``z*``, or steps from
     ``stop_gradient(z*)``), so a derivative of its gradient would miss ``dz*/dtheta``; for those
-    (False, the default) ``deqcore.solve`` passes the result of :meth:`attach` through
-    :meth:`Backend.first_order_only`, and :meth:`Backend.attach_adjoint` checks its own backward:
+    (False, the default) :meth:`Backend.attach_adjoint` checks its own backward (every
+    :class:`AdjointMode`), and ``deqcore.solve`` passes the result of any other mode's
+    :meth:`attach` through :meth:`Backend.first_order_only`:
     the first derivative is unchanged, a second one raises :class:`HigherOrderError`.
     """
 

@@ -177,8 +177,9 @@ class Backend(Protocol):
         ``x`` passes unchanged, and differentiating it (a second derivative through ``x``, with
         respect to anything upstream of ``x`` or of the cotangent) raises ``make_error()``.
 
-        ``deqcore.solve`` applies it to the result of every gradient mode that does not declare
-        :attr:`deqcore.GradientMode.exact_higher_order`. torch: an identity ``autograd.Function``
+        ``deqcore.solve`` applies it to the result of every gradient mode that neither declares
+        :attr:`deqcore.GradientMode.exact_higher_order` nor is a :class:`deqcore.AdjointMode` (whose
+        :meth:`attach_adjoint` checks its own backward). torch: an identity ``autograd.Function``
         (nothing is attached when grad mode is off or ``x`` does not require grad) whose backward,
         when it is recorded (``create_graph=True``), returns the cotangent through a function whose
         own backward raises, tied to ``x``'s graph by a one-element anchor. JAX: a ``custom_vjp``

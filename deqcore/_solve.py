@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _options as opt
-from ._gradients import BackwardProblem, BackwardReport, higher_order_error
+from ._gradients import AdjointMode, BackwardProblem, BackwardReport, higher_order_error
 from ._loop import TRACE_STEPS, Problem, run, statistics_dtype
 from ._registry import registry
 from ._solution import ConvergenceError, Solution, Status
@@ -192,7 +192,8 @@ def solve(
 
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
-    if mode is not None and not mode.exact_higher_order:
+    if mode is not None and not mode.exact_higher_order and not isinstance(mode, AdjointMode):
+        # an adjoint mode's attach_adjoint already guards its backward
         z_flat = be.first_order_only(z_flat, higher_order_error(mode.name))
     its = state.iterations  # an empty batch's steps: a sum of nothing, as a max has no identity
     solution = Solution(
