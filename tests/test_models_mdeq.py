@@ -11,7 +11,9 @@ from deqcore_models._ops import ops_for
 from deqcore_models.checkpoint import (
     Checkpoint,
     CheckpointError,
-    check_schema,
+    Schema,
+    array_specs,
+    check_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -105,20 +107,24 @@ def test_checkpoint_round_trip_and_schema_errors(tmp_path):
     assert ck.meta["model"] == "mdeq" and ck.meta["step"] == 7 and ck.meta["format"] == "deqcore-checkpoint"
     for k in params:
         np.testing.assert_array_equal(ck.params[k], params[k])
-    check_schema(params, ck.params, "parameters")
+    def check(model, got):
+        check_checkpoint(Checkpoint({}, got), Schema({"params": array_specs(model)}))
+
+    check(params, ck.params)
     model = dict(params, **{"head.classifier.weight": np.zeros((3, 4), np.float32),
                             "head.classifier.bias": np.zeros(10, np.float64)})
-    with pytest.raises(CheckpointError, match=r"parameters do not match the model: mismatched: "
-                                              r"head.classifier.bias: \(10,\) float32 where the model has "
-                                              r"\(10,\) float64; head.classifier.weight: \(10, 16\) float32 "
+    with pytest.raises(CheckpointError, match=r"checkpoint does not match the model: parameters mismatched "
+                                              r"2: head.classifier.bias: \(10,\) float32 where the model has "
+                                              r"\(10,\) float64, head.classifier.weight: \(10, 16\) float32 "
                                               r"where the model has \(3, 4\) float32$"):
-        check_schema(model, ck.params, "parameters")
+        check(model, ck.params)
     partial = dict(params)
     partial.pop("head.classifier.bias")
     partial["extra.weight"] = np.zeros(2, np.float32)
     with pytest.raises(CheckpointError,
-                       match=r"missing 1: head.classifier.bias \| unexpected 1: extra.weight"):
-        check_schema(params, partial, "parameters")
+                       match=r"parameters missing 1: head.classifier.bias \| "
+                             r"parameters unexpected 1: extra.weight$"):
+        check(params, partial)
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz file"):
         load_checkpoint(tmp_path / "bad.npz")

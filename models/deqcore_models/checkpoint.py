@@ -166,19 +166,3 @@ def check_checkpoint(ck: Checkpoint, schema: Schema, source: str = "checkpoint")
             problems.append(f"{label} with NaN or Inf values: {_listing(bad)}")
     if problems:
         raise CheckpointError(f"{source} does not match the model: " + " | ".join(problems))
-
-
-def check_schema(expected: Mapping[str, Any], got: Mapping[str, np.ndarray], what: str,
-                 source: str = "checkpoint") -> None:
-    """One group of :func:`check_checkpoint`: raise :class:`CheckpointError` unless ``got`` has
-    exactly the names, shapes and dtypes of the arrays ``expected``; the message lists every
-    missing, unexpected and mismatched entry."""
-    diff = _array_differences(array_specs(expected), got)
-    if any(diff.values()):
-        parts = []
-        for label, items in ((f"missing {len(diff['missing'])}", diff["missing"]),
-                             (f"unexpected {len(diff['unexpected'])}", diff["unexpected"]),
-                             ("mismatched", diff["mismatched"])):
-            if items:
-                parts.append(f"{label}: " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-        raise CheckpointError(f"{source} {what} do not match the model: " + " | ".join(parts))
