@@ -2,68 +2,47 @@
 
 ``deqcore.solve(f, x)`` finds the fixed point ``z* = f(z*, x)`` with Anderson acceleration,
 Broyden's method, (damped) fixed-point iteration or a trained hypersolver (HyperDEQ), per
-sample of a batch. The array framework
-is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neither.
+sample of a batch. The array framework is a plugin (``deqcore_torch``, ``deqcore_jax``);
+importing deqcore imports neither.
+
+This namespace is the user's: solving, its results, errors and warnings, the solver classes
+(``solve(f, x, solver=deqcore.solvers.Anderson(memory=8))``), hypersolvers and the plugin
+registry's listing. What plugin and backend authors build on (the solver and gradient-mode
+bases, ``Option``, ``Backend``, ``hookimpl`` ...) is in :mod:`deqcore.extend`.
 """
 
-from . import hypersolvers, validators
-from ._gradients import (
-    AdjointContext,
-    AdjointMode,
-    BackwardProblem,
-    BackwardReport,
-    BackwardWarning,
-    GradientMode,
-    HigherOrderError,
-)
-from ._hookspecs import hookimpl, hookspec
-from ._loop import Problem, Solver, select_rows
-from ._options import Option
-from ._protocol import Backend
-from ._registry import KINDS, Entry, PluginError, PluginWarning, Register, Registry, available, registry
+from . import extend, gradients, hypersolvers, solvers
+from ._inputs import COMMON_OPTIONS
+from ._registry import PluginError, PluginWarning, available, registry
 from ._regularisers import jacobian_penalty
-from ._solution import CompileWarning, ConvergenceError, Result, Solution, Status
-from ._solve import COMMON_OPTIONS, solve
-from .hypersolvers import HyperAnderson, Hypersolver, load_hypersolver, train_hypersolver
+from ._results import CompileWarning, ConvergenceError, Solution, Status
+from ._solve import solve
+from .gradients._base import BackwardReport, BackwardWarning, HigherOrderError
+from .hypersolvers import HyperAnderson, load_hypersolver, train_hypersolver
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdjointContext",
-    "AdjointMode",
-    "BackwardProblem",
+    "COMMON_OPTIONS",
     "BackwardReport",
     "BackwardWarning",
-    "GradientMode",
+    "CompileWarning",
+    "ConvergenceError",
     "HigherOrderError",
     "HyperAnderson",
-    "Hypersolver",
-    "COMMON_OPTIONS",
-    "CompileWarning",
-    "KINDS",
-    "Backend",
-    "ConvergenceError",
-    "Entry",
-    "Option",
     "PluginError",
     "PluginWarning",
-    "Problem",
-    "Register",
-    "Registry",
-    "Result",
     "Solution",
-    "Solver",
     "Status",
     "__version__",
     "available",
-    "hookimpl",
-    "hookspec",
+    "extend",
+    "gradients",
     "hypersolvers",
     "jacobian_penalty",
     "load_hypersolver",
     "registry",
-    "select_rows",
     "solve",
+    "solvers",
     "train_hypersolver",
-    "validators",
 ]

@@ -99,3 +99,10 @@ def spd_solve_unrolled(xp: Any, a: Any, b: Any) -> Any:
             acc = acc - L[p][i] * x[p]
         x[i] = acc / L[i][i]
     return xp.stack(x, axis=-1) * scale
+
+
+def statistics_dtype(xp: Any, dtype: Any) -> Any:
+    """The dtype of residuals and mixing systems for a state of ``dtype``: float32 for
+    half-precision states (float16 overflows at 65504; bfloat16 keeps 8 significant bits), the
+    state's own dtype otherwise."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype

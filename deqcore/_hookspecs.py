@@ -1,12 +1,12 @@
 """Hook specifications for deqcore plugins (pluggy project name ``"deqcore"``).
 
-A plugin is a module or object with functions marked ``@deqcore.hookimpl`` whose names are the
+A plugin is a module or object with functions marked ``@deqcore.extend.hookimpl`` whose names are the
 hooks below. Third-party plugins are found through the entry-point group ``deqcore``::
 
     [project.entry-points.deqcore]
     my_plugin = "my_package.deqcore_plugin"
 
-Each hook receives a ``register`` callable bound to the plugin (see :class:`deqcore.Register`);
+Each hook receives a ``register`` callable bound to the plugin (see :class:`deqcore.extend.Register`);
 call it once per thing the plugin adds. deqcore's own backends and solvers register through
 these same hooks. Registration must be cheap and must not import heavy frameworks: backends
 register a factory that imports its framework when the backend is first used.
@@ -15,7 +15,7 @@ register a factory that imports its framework when the backend is first used.
 it must implement and their signatures, its ``options``) and raises ``TypeError`` naming the
 plugin and every problem; the registry then drops the whole plugin with a
 :class:`deqcore.PluginWarning`, and the other plugins keep working. A backend is checked against
-:class:`deqcore.Backend` when its factory first runs: a failure there is a
+:class:`deqcore.extend.Backend` when its factory first runs: a failure there is a
 :class:`deqcore.PluginError` for whoever asked for that backend.
 """
 
@@ -32,7 +32,7 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
     """Add array backends.
 
     Call ``register(name, factory, modules=(...), install="...")`` where ``factory()`` returns
-    an object implementing :class:`deqcore.Backend` (called once, on first use), ``modules``
+    an object implementing :class:`deqcore.extend.Backend` (called once, on first use), ``modules``
     names the top-level modules whose array types belong to this backend (used to infer the
     backend from an input, without importing anything), and ``install`` is the hint shown when
     the factory fails to import its framework. No other keywords are accepted.
@@ -40,7 +40,7 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
     At registration ``factory`` must be callable and ``modules`` a tuple of top-level module
     names. On first use (``deqcore.registry().backend(name)``, ``deqcore.solve``) an
     ``ImportError`` from ``factory()`` is re-raised with the install hint; any other exception,
-    a ``None`` result, or an object lacking a member of :class:`deqcore.Backend` (the attributes
+    a ``None`` result, or an object lacking a member of :class:`deqcore.extend.Backend` (the attributes
     ``name``, ``xp``, ``static_shapes`` and every method), with a member that is not callable or
     cannot be called as the protocol declares, a ``static_shapes`` that is not a bool, or a
     ``name`` other than the registered one, is a :class:`deqcore.PluginError` naming the plugin,
@@ -52,11 +52,12 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
 def deqcore_register_solvers(register):  # type: ignore[no-untyped-def]
     """Add forward fixed-point solvers.
 
-    Call ``register(name, solver_class)``. The class subclasses :class:`deqcore.Solver`: a class
-    attribute ``options`` mapping option names to :class:`deqcore.Option` (unknown options given
-    to ``deqcore.solve`` are rejected against it), a constructor taking ``max_iter=`` and those
-    options as keywords, and ``init``/``step``/``commit`` written over the backend protocol so
-    the solver runs on every backend.
+    Call ``register(name, solver_class)``. The class subclasses :class:`deqcore.extend.Solver`:
+    its options are :class:`deqcore.extend.Option` class attributes, collected into ``options``
+    (unknown options given to ``deqcore.solve`` are rejected against it; the base's constructor
+    takes ``max_iter=`` and those options as keywords and validates them), and
+    ``init``/``step``/``commit`` written over the backend protocol so the solver runs on every
+    backend.
 
     Checked at registration: the base class; ``init``, ``step`` and ``commit`` implemented, and
     every method it overrides callable with the base's arguments; ``options`` a dict whose
@@ -69,10 +70,10 @@ def deqcore_register_solvers(register):  # type: ignore[no-untyped-def]
 def deqcore_register_gradients(register):  # type: ignore[no-untyped-def]
     """Add gradient modes (backward estimators through the fixed point).
 
-    Call ``register(name, mode_class)``. The class subclasses :class:`deqcore.AdjointMode`
+    Call ``register(name, mode_class)``. The class subclasses :class:`deqcore.extend.AdjointMode`
     (implementing ``adjoint``: the incoming cotangent ``g`` becomes an adjoint
     ``u ~ g (I - J)^-1``, carried back through the backend's ``attach_adjoint`` hook) or
-    :class:`deqcore.GradientMode` (implementing ``attach``). Its class attribute
+    :class:`deqcore.extend.GradientMode` (implementing ``attach``). Its class attribute
     ``exact_higher_order`` (default False) declares whether its gradient may be differentiated
     again; when False, a second derivative raises :class:`deqcore.HigherOrderError`.
 
@@ -90,7 +91,7 @@ def deqcore_register_hypersolvers(register):  # type: ignore[no-untyped-def]
 
     Call ``register(name, hypersolver_class)``. The class subclasses
     :class:`deqcore.hypersolvers.Hypersolver`: an instance holds its weights as NumPy arrays,
-    ``bind(backend, structure, like, max_iter=, params=)`` returns a :class:`deqcore.Solver` for
+    ``bind(backend, structure, like, max_iter=, params=)`` returns a :class:`deqcore.extend.Solver` for
     one solve (written over the backend protocol), and ``initial_state(backend, x, like)`` its
     learned first guess (or None). Instances are passed as ``deqcore.solve(f, x, solver=hs)``.
     The registered name is stored in saved weights, and

@@ -14,102 +14,14 @@ ends at 65504, which a norm of moderate entries already exceeds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat
 
-from ._options import Option
-from ._protocol import Backend
-from ._solution import Status
-
-#: Steps a residual trace records by default (``trace=True``): rows for steps 0 .. min(max_iter, 1000).
-TRACE_STEPS = 1000
-
-
-class Problem(NamedTuple):
-    """A flattened fixed-point problem: ``fn`` maps (B, n) to (B, n).
-
-    ``differentiable`` is True while the loop is recorded for a gradient (``grad="unroll"``); a
-    solver's own inner loops must then be differentiable too (:meth:`Solver.inner_loop`).
-    """
-
-    backend: Backend
-    fn: Callable[[Any], Any]
-    batch: int
-    n: int
-    dtype: Any
-    differentiable: bool = False
-
-
-class Solver:
-    """Base of the built-in solvers. Subclasses are final and set ``name`` and ``options``.
-
-    The loop calls ``init`` once, then ``step`` and ``commit`` once per iteration. ``step``
-    must leave inactive samples where they are (``z_new == z`` for them); ``commit`` updates the
-    memory of the samples in ``keep`` and may write the others' too (Anderson does), since a
-    stopped sample's iterate never moves again.
-    """
-
-    name: ClassVar[str]
-    options: ClassVar[Mapping[str, Option]]
-
-    def __init__(self, *, max_iter: int, **options: Any) -> None:
-        self.max_iter = max_iter
-        for key, value in options.items():
-            setattr(self, key, value)
-
-    def init(self, problem: Problem, z0: Any, fz0: Any) -> Any:
-        raise NotImplementedError
-
-    def step(self, problem: Problem, state: Any, active: Any) -> tuple[Any, Any, Any, Any]:
-        """Return ``(z_new, fz_new, state, nfe)``; ``state`` may already hold ``z_new``."""
-        raise NotImplementedError
-
-    def commit(self, problem: Problem, state: Any, z_new: Any, fz_new: Any, g_new: Any,
-               active: Any, keep: Any) -> Any:
-        """Update the memory after a step; ``g_new = fz_new - z_new`` is passed in (computed once)."""
-        raise NotImplementedError
-
-    def capacities(self, backend: Backend) -> list[int]:
-        """Memory capacities for successive loop stages; empty for one stage (the default).
-
-        On backends with static shapes a memory that fills one slot per step would otherwise be
-        multiplied in full from the first step. With capacities ``[c1, c2, ..., m]`` the loop runs
-        at most ``c1`` steps with memory ``c1``, then calls :meth:`grow` and runs on up to step
-        ``c2``, and so on; the last stage runs to ``max_iter``. ``init`` allocates ``c1``. A stage
-        never runs more steps than its capacity, so a solver writing one slot per step never
-        wraps early.
-        """
-        return []
-
-    def grow(self, problem: Problem, state: Any, capacity: int) -> Any:
-        """Enlarge the solver's memory to ``capacity`` between loop stages."""
-        return state
-
-    @staticmethod
-    def inner_loop(problem: Problem) -> Callable[..., Any]:
-        """The loop for a solver's inner iterations (a line search): ``backend.while_loop``, or
-        ``backend.differentiable_loop`` while the solve is recorded for a gradient (a
-        ``while_loop`` would cut the gradient on torch and cannot be reverse-differentiated on
-        JAX). Both take ``(cond, body, state, max_steps)``."""
-        backend = problem.backend
-        return backend.differentiable_loop if problem.differentiable else backend.while_loop
-
-    def iterate(self, problem: Problem, state: Any) -> tuple[Any, Any] | None:
-        """The latest iterate and its f-value, (B, n) each (a frozen sample's final ones), or None.
-
-        Read once after the loop to tell a residual norm that overflowed the dtype from an ``f``
-        that produced NaN/Inf. The default returns ``state.z`` and ``state.fz`` when the state
-        has them; a solver without them returns None and such samples stay ``NONFINITE``.
-        """
-        z, fz = getattr(state, "z", None), getattr(state, "fz", None)
-        return None if z is None or fz is None else (z, fz)
-
-    def final_state(self, problem: Problem, state: Any) -> Any:
-        """The state reported as ``Solution.solver_state`` (for example memory trimmed to the
-        slots in use where shapes are dynamic); the default is the loop's final state."""
-        return state
+from ._batched_linalg import statistics_dtype
+from ._inputs import TRACE_STEPS
+from ._results import Status
+from .solvers._base import Problem, Solver, select_rows
 
 
 class LoopState(NamedTuple):
@@ -127,13 +39,6 @@ class LoopState(NamedTuple):
     best: Any
     last: Any
     trace: Any
-
-
-def statistics_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype of residuals and mixing systems for a state of ``dtype``: float32 for
-    half-precision states (float16 overflows at 65504; bfloat16 keeps 8 significant bits), the
-    state's own dtype otherwise."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
 
 def residuals(xp: Any, g: Any, fz: Any, dtype: Any = None) -> tuple[Any, Any]:
@@ -335,17 +240,3 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     if overflow is not None:
         status = xp.where(overflow & (status != int(Status.CONVERGED)), int(Status.OVERFLOW), status)
     return state._replace(solver=solver.final_state(problem, state.solver)), xp.astype(status, xp.int32)
-
-
-def select_rows(xp: Any, mask: Any, new: Any, old: Any) -> Any:
-    """``new`` for samples where ``mask`` (B,) holds, ``old`` elsewhere; any trailing shape.
-
-    A namespace may provide its own ``select_rows(mask, new, old)`` (deqcore's torch namespace
-    does: on the CPU it returns ``new`` or ``old`` itself when the mask is uniform, instead of a
-    select over the whole array), so the result may alias an input: never write to it in place.
-    """
-    fast = getattr(xp, "select_rows", None)
-    if fast is not None:
-        return fast(mask, new, old)
-    shape = (mask.shape[0],) + (1,) * (new.ndim - 1)
-    return xp.where(xp.reshape(mask, shape), new, old)

@@ -178,7 +178,8 @@ class Backend(Protocol):
         respect to anything upstream of ``x`` or of the cotangent) raises ``make_error()``.
 
         ``deqcore.solve`` applies it to the result of every gradient mode that neither declares
-        :attr:`deqcore.GradientMode.exact_higher_order` nor is a :class:`deqcore.AdjointMode` (whose
+        :attr:`deqcore.extend.GradientMode.exact_higher_order` nor is a
+        :class:`deqcore.extend.AdjointMode` (whose
         :meth:`attach_adjoint` checks its own backward). torch: an identity ``autograd.Function``
         (nothing is attached when grad mode is off or ``x`` does not require grad) whose backward,
         when it is recorded (``create_graph=True``), returns the cotangent through a function whose

@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from . import _hookspecs
+from ._inputs import SOLVE_PARAMETERS
 from ._options import Option
 from ._protocol import Backend
 
@@ -41,7 +42,7 @@ BACKEND_INFO = ("modules", "install")
 class PluginError(RuntimeError):
     """A plugin fault deqcore cannot work around: two plugins registering the same name, a hook
     misusing ``register`` or the registry, or a backend whose factory fails or builds an object
-    that does not implement :class:`deqcore.Backend` (raised when that backend is first used)."""
+    that does not implement :class:`deqcore.extend.Backend` (raised when that backend is first used)."""
 
 
 class PluginWarning(UserWarning):
@@ -93,8 +94,8 @@ class Registry:
     built-in ones included (a name that matches no plugin gives a :class:`PluginWarning`).
 
     Everything registered is checked against its contract when it is registered (a solver class
-    against :class:`deqcore.Solver`, ...); a plugin that breaks one is dropped with a
-    :class:`PluginWarning`. A backend is checked against :class:`deqcore.Backend` when its factory
+    against :class:`deqcore.extend.Solver`, ...); a plugin that breaks one is dropped with a
+    :class:`PluginWarning`. A backend is checked against :class:`deqcore.extend.Backend` when its factory
     first runs (:meth:`backend`), since building it imports its framework.
     """
 
@@ -221,7 +222,7 @@ class Registry:
 
         Raises ``ImportError`` (with the plugin's install hint) when the factory cannot import its
         framework, and :class:`PluginError` when the factory raises anything else or builds an
-        object that is not a :class:`deqcore.Backend` (missing or non-callable members, members
+        object that is not a :class:`deqcore.extend.Backend` (missing or non-callable members, members
         whose signature differs from the protocol's, a ``name`` other than ``name``). A failed
         build is not cached: the next call tries again.
         """
@@ -349,12 +350,12 @@ def _plain(params: list[inspect.Parameter]) -> str:
 
 
 def _check_backend(entry: Entry, backend: Any) -> None:
-    """Raise :class:`PluginError` unless ``backend`` implements :class:`deqcore.Backend`."""
+    """Raise :class:`PluginError` unless ``backend`` implements :class:`deqcore.extend.Backend`."""
     where = f"backend {entry.name!r} of plugin {entry.plugin!r}"
     made = f"its factory {_qualname(entry.obj)}()"
     if backend is None:
-        raise PluginError(f"{where} could not be built: {made} returned None instead of a deqcore.Backend. "
-                          + _fix(entry.plugin))
+        raise PluginError(f"{where} could not be built: {made} returned None instead of a "
+                          f"deqcore.extend.Backend. {_fix(entry.plugin)}")
     attributes, methods = _protocol_members(Backend)
     members: dict[str, Any] = {}
     broken = []
@@ -392,17 +393,17 @@ def _check_backend(entry: Entry, backend: Any) -> None:
             if problem is not None:
                 problems.append(problem)
     if problems:
-        raise PluginError(f"{where} is not a deqcore.Backend ({made} returned a "
+        raise PluginError(f"{where} is not a deqcore.extend.Backend ({made} returned a "
                           f"{_qualname(type(backend))}): {'; '.join(problems)}. {_fix(entry.plugin)}")
 
 
 def _contracts() -> dict[str, tuple[type, list[tuple[type, str]], bool]]:
     """Per kind: the base class, the (owner, method) pairs a subclass must override, and whether
     the class's ``name`` must equal the registered name (it is shown in reports, saved with
-    weights). Imported late: these modules import the registry."""
-    from ._gradients import AdjointMode, GradientMode
-    from ._loop import Solver
-    from .hypersolvers import Hypersolver
+    weights). Imported late: the registry loads the built-in gradient modes, whose package holds
+    the gradient-mode base."""
+    from .gradients._base import AdjointMode, GradientMode
+    from .solvers._base import Hypersolver, Solver
 
     return {
         "solvers": (Solver, [(Solver, "init"), (Solver, "step"), (Solver, "commit")], False),
@@ -423,7 +424,7 @@ def _check_entry(entry: Entry) -> None:
         return
     base, required, named = _contracts()[entry.kind]
     cls = entry.obj
-    contract = f"deqcore.{base.__name__}"
+    contract = f"deqcore.extend.{base.__name__}"
     if not (isinstance(cls, type) and issubclass(cls, base)):
         shown = f"class {_qualname(cls)}" if isinstance(cls, type) else f"a {type(cls).__name__} ({cls!r})"
         raise TypeError(f"{what} as {shown}, which is not a subclass of {contract}; register the class")
@@ -461,16 +462,15 @@ def _check_entry(entry: Entry) -> None:
 def _options_problems(cls: type, *, solver: bool) -> list[str]:
     options = getattr(cls, "options", None)
     if not isinstance(options, Mapping):
-        return ["it has no class attribute options (a dict of option name -> deqcore.Option; {} for none)"
-                if options is None else f"its options are a {type(options).__name__}, not a dict of "
-                "option name -> deqcore.Option"]
+        if options is None:
+            return ["it has no class attribute options (a dict of option name -> deqcore.extend.Option; {} "
+                    "for none)"]
+        return [f"its options are a {type(options).__name__}, not a dict of option name -> "
+                "deqcore.extend.Option"]
     problems = []
     reserved: set[str] = set()
     if solver:
-        from ._solve import solve
-
-        reserved = {p.name for p in inspect.signature(solve).parameters.values()
-                    if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        reserved = set(SOLVE_PARAMETERS)
     for key, option in options.items():
         if not isinstance(key, str) or not key.isidentifier():
             problems.append(f"option name {key!r} is not a Python identifier")
@@ -479,7 +479,7 @@ def _options_problems(cls: type, *, solver: bool) -> list[str]:
                             f"reach the solver; rename it")
         if not isinstance(option, Option):
             problems.append(f"option {key!r} is {option!r} (type {type(option).__name__}), not a "
-                            f"deqcore.Option(default, doc, check)")
+                            f"deqcore.extend.Option(default, doc, check)")
             continue
         if not callable(option.check):
             problems.append(f"option {key!r} has a check that is not callable")

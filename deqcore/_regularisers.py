@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._inputs import resolve_backend
 from ._registry import registry
-from ._solve import resolve_backend
 from ._structure import Structure
 
 

@@ -1,4 +1,5 @@
-"""The result of a fixed-point solve: :class:`Solution`, per-sample :class:`Status`, :class:`Result`."""
+"""The result of a fixed-point solve: :class:`Solution`, its :class:`Status` codes with their
+messages, and the error and warning a solve raises."""
 
 from __future__ import annotations
 
@@ -8,19 +9,9 @@ from typing import Any
 
 
 class Status(enum.IntEnum):
-    """Per-sample outcome; larger values are worse.
-
-    CONVERGED: the stop residual reached ``tol``.
-    MAX_ITER: ``max_iter`` steps ran without reaching ``tol``; the lowest-residual iterate is kept.
-    DIVERGED: the residual grew beyond ``divergence`` times the initial one; the sample was frozen.
-    OVERFLOW: the iterate and ``f(z)`` stayed finite but the residual norm overflowed the
-        dtype's range (the sum of squares of entries above about ``sqrt(finfo.max)``: 1.8e19
-        in float32 and in half precision, whose norms are taken in float32; 1.3e154 in float64).
-        The loop stopped the sample there; its residuals are measured again without overflow
-        (inf where the norm itself is not representable). Rescale the state or solve in a
-        wider dtype.
-    NONFINITE: ``f`` produced NaN or Inf for this sample (for example from a NaN in ``x``); the
-        sample was frozen at its last finite iterate, or at ``z0`` if ``f(z0)`` was not finite.
+    """The outcome of a solve, per sample (``Solution.status``) and for the whole batch
+    (``Solution.result``: the worst over the samples); larger values are worse. Each member
+    carries its ``message``.
     """
 
     CONVERGED = 0
@@ -29,16 +20,28 @@ class Status(enum.IntEnum):
     OVERFLOW = 3
     NONFINITE = 4
 
+    @property
+    def message(self) -> str:
+        """What the status means, in one or two sentences."""
+        return _MESSAGES[self]
 
-class Result(enum.IntEnum):
-    """Outcome of a whole solve: the worst :class:`Status` over the batch (``SUCCESS`` for an
-    empty batch)."""
 
-    SUCCESS = 0
-    MAX_ITER = 1
-    DIVERGED = 2
-    OVERFLOW = 3
-    NONFINITE = 4
+_MESSAGES = {
+    Status.CONVERGED: "the stop residual reached tol",
+    Status.MAX_ITER: "max_iter steps ran without reaching tol; the lowest-residual iterate is kept",
+    Status.DIVERGED: "the residual grew beyond divergence times the initial one; the sample was frozen",
+    Status.OVERFLOW: (
+        "the iterate and f(z) stayed finite but the residual norm overflowed the dtype's range (the "
+        "sum of squares of entries above about sqrt(finfo.max): 1.8e19 in float32 and in half "
+        "precision, whose norms are taken in float32; 1.3e154 in float64); the loop stopped the sample "
+        "there and measured its residuals again without overflow (inf where the norm itself is not "
+        "representable). Rescale the state or solve in a wider dtype"
+    ),
+    Status.NONFINITE: (
+        "f produced NaN or Inf for this sample (for example from a NaN in x); the sample was frozen "
+        "at its last finite iterate, or at z0 if f(z0) was not finite"
+    ),
+}
 
 
 class ConvergenceError(RuntimeError):
@@ -55,7 +58,7 @@ class Solution:
     """The outcome of :func:`deqcore.solve`.
 
     Per-sample arrays have the batch as their (last) axis and live on the input's device; for an
-    empty batch (B = 0) they have length 0, ``steps`` is 0 and ``result`` is ``SUCCESS``.
+    empty batch (B = 0) they have length 0, ``steps`` is 0 and ``result`` is ``CONVERGED``.
     Residuals and traces are in the state's dtype, or in float32 for half-precision states
     (float16, bfloat16), where they are computed.
 
@@ -103,12 +106,13 @@ class Solution:
     backward: Any = dataclasses.field(default=None, metadata={"static": True}, compare=False)
 
     @property
-    def result(self) -> Result:
-        """The worst per-sample status as a :class:`Result` (needs concrete arrays)."""
+    def result(self) -> Status:
+        """The worst per-sample :class:`Status` (``CONVERGED`` when every sample converged, and
+        for an empty batch); its ``message`` says what it means. Needs concrete arrays."""
         import numpy as np
 
         status = np.asarray(_to_numpy(self.status))
-        return Result(int(status.max())) if status.size else Result.SUCCESS
+        return Status(int(status.max())) if status.size else Status.CONVERGED
 
     @property
     def residual(self) -> Any:

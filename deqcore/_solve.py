@@ -3,38 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from . import _inputs
 from . import _options as opt
-from ._gradients import AdjointMode, BackwardProblem, BackwardReport, higher_order_error
-from ._loop import TRACE_STEPS, Problem, run, statistics_dtype
+from ._batched_linalg import statistics_dtype
+from ._inputs import COMMON_OPTIONS, default, first_floating, note_default_z0, resolve_backend, zeros_like
+from ._loop import run
 from ._registry import registry
-from ._solution import ConvergenceError, Solution, Status
+from ._results import ConvergenceError, Solution, Status
 from ._structure import Structure, leaves
-from .hypersolvers._hyperanderson import Hypersolver
-
-COMMON_OPTIONS = {
-    "tol": opt.Option(1e-4, "stop when the stop residual is <= tol", opt.positive_float),
-    "max_iter": opt.Option(50, "maximum solver steps (f-evaluations: 1 + steps, more with a line search)",
-                           opt.positive_int),
-    "stop_mode": opt.Option("rel", "'rel': ||f(z)-z||/||f(z)||, 'abs': ||f(z)-z||", opt.one_of("rel", "abs")),
-    "divergence": opt.Option(1e6, "flag a sample DIVERGED when its abs residual exceeds this factor times "
-                             "the initial one; None disables", opt.optional(opt.positive_float)),
-    "batched": opt.Option(True, "axis 0 of z is the batch axis (per-sample convergence); False: one state",
-                          opt.boolean),
-    "throw": opt.Option(False, "raise ConvergenceError unless every sample converged", opt.boolean),
-    "trace": opt.Option(True, f"per-step residual traces: True records steps 0 .. min(max_iter, "
-                        f"{TRACE_STEPS}), an int N steps 0 .. min(max_iter, N), False none",
-                        opt.bool_or_nonnegative_int),
-    "check_every": opt.Option(1, "read the stop test back to the host once per this many steps "
-                              "(samples still freeze every step)", opt.positive_int),
-    "compile": opt.Option(False, "compile the solver loop (torch: torch.compile, True or a mode name; "
-                          "JAX: always compiled)", opt.bool_or_nonempty_str),
-}
+from .gradients._base import AdjointMode, BackwardProblem, BackwardReport, higher_order_error
+from .solvers._base import BindableSolver, Problem
 
 
 def solve(
@@ -43,16 +26,16 @@ def solve(
     z0: Any = None,
     *,
     backend: str | None = None,
-    solver: str | Hypersolver = "anderson",
-    tol: float = 1e-4,
-    max_iter: int = 50,
-    stop_mode: str = "rel",
-    divergence: float | None = 1e6,
-    batched: bool = True,
-    throw: bool = False,
-    trace: bool | int = True,
-    check_every: int = 1,
-    compile: bool | str = False,
+    solver: str | BindableSolver = "anderson",
+    tol: float = default("tol"),
+    max_iter: int = default("max_iter"),
+    stop_mode: str = default("stop_mode"),
+    divergence: float | None = default("divergence"),
+    batched: bool = default("batched"),
+    throw: bool = default("throw"),
+    trace: bool | int = default("trace"),
+    check_every: int = default("check_every"),
+    compile: bool | str = default("compile"),
     grad: str | None = "implicit",
     grad_options: Mapping[str, Any] | None = None,
     **options: Any,
@@ -71,10 +54,12 @@ def solve(
         backend: ``"torch"``, ``"jax"`` or a plugin's backend; default inferred from the arrays.
             A backend that does not match the arrays' type is a ``TypeError`` naming both, and so
             are arrays of ``x`` and ``z0`` from different frameworks (NumPy included).
-        solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver;
-            or a trained hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then
-            also supplies ``z0`` from its initialiser when ``z0`` is None. A hypersolver takes no
-            solver options.
+        solver: ``"anderson"`` (default), ``"broyden"``, ``"fixed_point"`` or a plugin's solver,
+            configured by ``**options``; or a solver instance, configured when built
+            (``deqcore.solvers.Anderson(memory=8)``; ``max_iter`` is this call's), or a trained
+            hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then also supplies
+            ``z0`` from its initialiser when ``z0`` is None: any :class:`deqcore.extend.BindableSolver`.
+            An instance takes no ``**options``.
         tol, stop_mode: stop a sample when its ``rel`` (``||f(z)-z|| / ||f(z)||``) or ``abs``
             (``||f(z)-z||``) residual is ``<= tol``. Converged samples are frozen; the loop ends
             when all samples are frozen or after ``max_iter`` steps.
@@ -134,31 +119,19 @@ def solve(
             raise TypeError(f"deqcore.solve: backend {be.name!r} has no compiled mode (compile="
                             f"{common['compile']!r}); solve with compile=False")
         loop_be = be.compiled(None if common["compile"] is True else common["compile"])
-    hyper = solver if isinstance(solver, Hypersolver) else None
-    if hyper is not None:
-        if options:
-            raise TypeError(f"deqcore.solve: a hypersolver takes no solver options, got "
-                            f"{', '.join(sorted(options))}")
-        solver = hyper.name
-    elif not isinstance(solver, str):
-        raise TypeError(f"deqcore.solve: solver must be a solver name or a hypersolver, got "
-                        f"{type(solver).__name__}")
-    else:
-        solver_cls = reg.get("solvers", solver).obj
-        solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
-        solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
-    mode = _gradient_mode(reg, grad, grad_options, solver)
+    bindable = _bindable(reg, solver, options)
+    mode = _gradient_mode(reg, grad, grad_options, bindable.name)
 
-    if z0 is None and hyper is not None:
+    if z0 is None:
         with be.no_grad():
-            z0 = hyper.initial_state(be, x, first_floating(be, x, "deqcore.solve"))
+            z0 = _learned_z0(be, bindable, x)
     defaulted = z0 is None
     if defaulted:
-        z0 = _zeros_like(be, x)
+        z0 = zeros_like(be, x)
     structure = Structure.of(be, z0, common["batched"])
     ref = leaves(z0)[0]
-    if hyper is not None:
-        solver_obj = hyper.bind(be, structure, ref, max_iter=common["max_iter"])
+    solver_obj = bindable.bind(be, structure, ref, max_iter=common["max_iter"])
+    solver_name = bindable.name
 
     def fn(zf: Any) -> Any:
         out = f(structure.unflatten(be, zf), x)
@@ -170,12 +143,12 @@ def solve(
         z0f = be.stop_gradient(structure.flatten(be, z0))
         fz0 = None
         if defaulted:
-            with _note_default_z0(structure):
+            with note_default_z0(structure):
                 out0 = f(structure.unflatten(be, z0f), x)
             structure.check_output(be, out0, ref, defaulted)
             fz0 = structure.flatten(be, out0)
         problem = Problem(loop_be, fn, structure.batch, structure.n, structure.dtype)
-        trace_steps = TRACE_STEPS if common["trace"] is True else int(common["trace"])
+        trace_steps = _inputs.TRACE_STEPS if common["trace"] is True else int(common["trace"])
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
                             stop_mode=common["stop_mode"], divergence=common["divergence"],
                             differentiable=unrolled, trace=trace_steps,
@@ -191,7 +164,8 @@ def solve(
             return structure.flatten(be, f(structure.unflatten(be, zf), x_))
 
         assert report is not None
-        z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver, report, problem))
+        z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver_name, report,
+                                             problem))
     if mode is not None and not mode.exact_higher_order and not isinstance(mode, AdjointMode):
         # an adjoint mode's attach_adjoint already guards its backward
         z_flat = be.first_order_only(z_flat, higher_order_error(mode.name))
@@ -208,47 +182,42 @@ def solve(
         abs_trace=None if state.trace is None else state.trace[0],
         rel_trace=None if state.trace is None else state.trace[1],
         solver_state=state.solver,
-        solver=solver,
+        solver=solver_name,
         stop_mode=common["stop_mode"],
         tol=float(common["tol"]),
         grad=grad,
         backward=report,
     )
     if common["throw"]:
-        be.host_check(~solution.converged, _convergence_error(solver, common, x, be, structure.dtype),
+        be.host_check(~solution.converged, _convergence_error(solver_name, common, x, be, structure.dtype),
                       solution.status, solution.residual)
     return solution
 
 
-@contextlib.contextmanager
-def _note_default_z0(structure: Structure) -> Iterator[None]:
-    """Add a note to an error ``f`` raises on the default z0, which the user never saw."""
-    try:
-        yield
-    except Exception as error:
-        add_note(error, f"deqcore.solve: z0 was not given, so it defaulted to zeros shaped like x, "
-                        f"{structure.describe()}; if the state of f has another shape, pass z0= "
-                        "(for example zeros of shape (batch, state size))")
-        raise
+def _bindable(reg: Any, solver: Any, options: Mapping[str, Any]) -> BindableSolver:
+    """The solver of a call: a registered name configured by ``options``, or an instance."""
+    if isinstance(solver, str):
+        return reg.get("solvers", solver).obj(**options)
+    if isinstance(solver, type):
+        raise TypeError(f"deqcore.solve: solver={solver.__name__} is a class; pass an instance "
+                        f"({solver.__name__}(...)) or a registered name")
+    if not callable(getattr(solver, "bind", None)) or not isinstance(getattr(solver, "name", None), str):
+        raise TypeError(f"deqcore.solve: solver must be a solver name or a solver instance (an object "
+                        f"with a name and bind(), such as deqcore.solvers.Anderson(memory=8) or a "
+                        f"hypersolver), got {type(solver).__name__}")
+    if options:
+        raise TypeError(f"deqcore.solve: solver options {', '.join(sorted(options))} were given beside "
+                        f"a solver instance ({solver.name!r}); pass them when building it")
+    return solver
 
 
-def add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)`` (Python 3.11+); before 3.11 the note is appended to the message."""
-    if sys.version_info >= (3, 11):
-        error.add_note(note)
-    else:
-        append_note(error, note)
-
-
-def append_note(error: BaseException, note: str) -> None:
-    """Python 3.10's stand-in for ``add_note``: the note joins the message (its first argument
-    when that is a string, else a new last argument) and ``__notes__``, as 3.11 would show it."""
-    args = error.args
-    if args and isinstance(args[0], str):
-        error.args = (f"{args[0]}\n{note}",) + args[1:]
-    else:
-        error.args = args + (note,)
-    error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
+def _learned_z0(be: Any, bindable: Any, x: Any) -> Any:
+    """The bindable's first guess for ``x`` (a hypersolver's initialiser), or None."""
+    initial_state = getattr(bindable, "initial_state", None)
+    inherited = getattr(type(bindable), "initial_state", None) is BindableSolver.initial_state
+    if initial_state is None or inherited:
+        return None
+    return initial_state(be, x, first_floating(be, x, "deqcore.solve"))
 
 
 def _gradient_mode(reg: Any, grad: str | None, grad_options: Mapping[str, Any] | None,
@@ -259,8 +228,7 @@ def _gradient_mode(reg: Any, grad: str | None, grad_options: Mapping[str, Any] |
         return None
     if grad_options is not None and not isinstance(grad_options, Mapping):
         raise TypeError(f"deqcore.solve: grad_options must be a dict, got {type(grad_options).__name__}")
-    cls = reg.get("gradients", grad).obj
-    mode = cls(**opt.resolve(f"gradient mode {grad!r}", cls.options, dict(grad_options or {})))
+    mode = reg.get("gradients", grad).obj(**dict(grad_options or {}))
     mode.check(solver)
     return mode
 
@@ -303,85 +271,3 @@ def _convergence_error(solver: str, common: dict[str, Any], x: Any, be: Any,
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def first_floating(be: Any, x: Any, owner: str) -> Any:
-    """The first floating-point array of ``x``: a hypersolver's weights take its dtype and device."""
-    for a in leaves(x):
-        if be.is_array(a) and be.xp.isdtype(a.dtype, "real floating"):
-            return a
-    raise TypeError(f"{owner}: a hypersolver's initialiser needs x to hold a floating-point array (its "
-                    "dtype is the state's); pass z0 (solve) or start= (train_hypersolver) otherwise")
-
-
-def _zeros_like(be: Any, x: Any) -> Any:
-    if isinstance(x, (tuple, list)):
-        return tuple(be.xp.zeros_like(item) for item in x)
-    if not be.is_array(x):
-        raise TypeError(
-            f"deqcore.solve: cannot make a default z0 from x of type {type(x).__name__}; pass z0="
-        )
-    return be.xp.zeros_like(x)
-
-
-def resolve_backend(reg: Any, name: str | None, owner: str, arrays: Mapping[str, Any]) -> Any:
-    """The backend of a call's arrays: ``name``'s, else inferred from the first array of
-    ``arrays`` (argument name -> value, in the order to search).
-
-    Every array of every argument (nested tuples, lists and dict values included) must belong to
-    that backend: arrays of two frameworks, or a NumPy array beside framework arrays, are a
-    ``TypeError`` naming the arguments that hold each, raised before anything runs.
-    """
-    found = [(path, leaf) for arg, value in arrays.items() for path, leaf in _paths(value, arg)
-             if leaf is not None]
-    kinds = {path: reg.backend_for(leaf) for path, leaf in found}
-    if name is None:
-        inferred = next((kind for kind in kinds.values() if kind is not None), None)
-        if inferred is None:
-            types = sorted({type(leaf).__name__ for _, leaf in found}) or ["nothing"]
-            raise TypeError(
-                f"{owner}: cannot infer the backend from {', '.join(types)}; pass backend= "
-                f"(available: {', '.join(reg.names('backends'))})"
-            )
-        be = reg.backend(inferred)
-    else:
-        be = reg.backend(name)
-        for path, leaf in found:
-            other = kinds[path]
-            if other is not None and other != be.name and not be.is_array(leaf):
-                raise TypeError(
-                    f"{owner}: backend {name!r} was requested but {path} is a {_type_name(leaf)} "
-                    f"(backend {other!r}); convert the arrays or pass backend={other!r}"
-                )
-    home = next((path for path, leaf in found if be.is_array(leaf)), None)
-    if home is None:
-        if any(hasattr(leaf, "shape") for _, leaf in found):
-            raise TypeError(
-                f"{owner}: backend {be.name!r} cannot handle inputs of type "
-                f"{', '.join(sorted({type(leaf).__name__ for _, leaf in found}))}"
-            )
-        return be
-    for path, leaf in found:
-        kind = kinds[path]
-        if be.is_array(leaf) or not (isinstance(leaf, np.ndarray) or (kind is not None and kind != be.name)):
-            continue
-        framework = "NumPy" if kind is None else f"backend {kind!r}"
-        raise TypeError(
-            f"{owner}: the arrays mix frameworks: {home} holds {be.name} arrays (backend "
-            f"{be.name!r}) but {path} is a {_type_name(leaf)} ({framework}); convert every array "
-            f"of {' and '.join(arrays)} to {be.name} arrays (torch.as_tensor / jax.numpy.asarray)"
-        )
-    return be
-
-
-def _paths(obj: Any, path: str) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` per leaf of ``obj`` in :func:`leaves`' order: ``x``, ``x[1]``, ``x['key']``."""
-    if isinstance(obj, (tuple, list)):
-        return [pair for i, item in enumerate(obj) for pair in _paths(item, f"{path}[{i}]")]
-    if isinstance(obj, dict):
-        return [pair for key, item in obj.items() for pair in _paths(item, f"{path}[{key!r}]")]
-    return [(path, obj)]
-
-
-def _type_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__name__}"

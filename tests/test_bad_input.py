@@ -22,7 +22,7 @@ def test_nan_in_x_flags_only_that_sample(h, solver):
     status = h.numpy(sol.status)
     assert status[2] == Status.NONFINITE and not h.numpy(sol.converged)[2]
     assert (status[[0, 1, 3]] == Status.CONVERGED).all()
-    assert sol.result is deqcore.Result.NONFINITE
+    assert sol.result is deqcore.Status.NONFINITE
     good = [0, 1, 3]
     np.testing.assert_allclose(h.numpy(sol.z)[good], tanh_fixed_point(W, U, b, x[good]), atol=1e-9)
     assert not np.isfinite(h.numpy(sol.residual)[2])
@@ -275,7 +275,7 @@ def test_half_precision_solve_matches_the_float64_fixed_point(h, dtype, solver):
     # norm would be off by up to 2**-9 for bfloat16); the converging iterate is the last one
     for name in ("abs_residual", "rel_residual", "abs_trace", "rel_trace"):
         assert str(getattr(sol, name).dtype).endswith("float32"), name
-    assert h.numpy(sol.converged).all() and sol.result is deqcore.Result.SUCCESS
+    assert h.numpy(sol.converged).all() and sol.result is deqcore.Status.CONVERGED
     z = h.numpy(sol.z).astype(np.float64)
     np.testing.assert_array_equal(h.numpy(sol.solver_state.z), h.numpy(sol.z))
     fz = h.numpy(sol.solver_state.fz).astype(np.float64)
@@ -284,7 +284,7 @@ def test_half_precision_solve_matches_the_float64_fixed_point(h, dtype, solver):
     rtol = 1e-5 if h.name == "torch" else ROUNDOFF[dtype]
     np.testing.assert_allclose(h.numpy(sol.abs_residual), abs_res, rtol=rtol)
     np.testing.assert_allclose(h.numpy(sol.rel_residual), abs_res / np.linalg.norm(fz, axis=-1), rtol=rtol)
-    assert sol.summary().startswith(f"{solver}: SUCCESS, 6/6 converged")
+    assert sol.summary().startswith(f"{solver}: CONVERGED, 6/6 converged")
     # contraction rate <= 0.8: ||z - z*|| <= ||f(z) - z|| / (1 - 0.8), plus the rounding of z
     ref = tanh_fixed_point(W, U, b, x)
     err = np.linalg.norm(z - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
@@ -438,8 +438,8 @@ def _check_empty(h, sol, shapes, rows):
         assert h.numpy(getattr(sol, name)).shape == (0,), name
     assert h.numpy(sol.abs_trace).shape == (rows, 0) and h.numpy(sol.rel_trace).shape == (rows, 0)
     assert int(h.numpy(sol.steps)) == 0 and int(h.numpy(sol.nfe)) == 1  # f(z0) on the empty batch
-    assert sol.result is deqcore.Result.SUCCESS
-    assert sol.summary() == (f"{sol.solver}: SUCCESS, 0/0 converged, steps 0, nfe 1, max {sol.stop_mode} "
+    assert sol.result is deqcore.Status.CONVERGED
+    assert sol.summary() == (f"{sol.solver}: CONVERGED, 0/0 converged, steps 0, nfe 1, max {sol.stop_mode} "
                              "residual 0.000e+00")
 
 
@@ -480,7 +480,7 @@ def test_empty_batch_of_a_tuple_state_a_given_z0_and_a_hypersolver(h):
     sol = h.solve(lambda z, x: (0.5 * z[0] + x, 0.5 * z[1]), x, z0, trace=4)
     _check_empty(h, sol, [(0, 3), (0, 2, 2)], 5)
     sol = h.solve(lambda z, x: 0.5 * z, x, h.asarray(np.zeros((0, 4))), trace=False, jit=True)
-    assert tuple(sol.z.shape) == (0, 4) and sol.abs_trace is None and sol.result is deqcore.Result.SUCCESS
+    assert tuple(sol.z.shape) == (0, 4) and sol.abs_trace is None and sol.result is deqcore.Status.CONVERGED
     hs = deqcore.HyperAnderson(deqcore.hypersolvers.IdentityCompression(3))
     _check_empty(h, h.solve(lambda z, x: 0.5 * z + x, x, solver=hs, max_iter=4), [(0, 3)], 5)
 
@@ -560,7 +560,7 @@ def test_errors_of_f_on_the_default_z0_say_it_was_defaulted(h):
 
 
 def test_append_note_stands_in_for_add_note_before_python_3_11():
-    from deqcore._solve import append_note
+    from deqcore._inputs import append_note
 
     error = ValueError("shapes do not match")
     append_note(error, "z0 defaulted")
@@ -582,7 +582,7 @@ def test_a_residual_norm_beyond_the_dtype_is_overflow_not_nan(h, solver, dtype, 
     for jit in (False, True):
         sol = h.solve(f, h.asarray(x, dtype), solver=solver, tol=1e-6, max_iter=50, jit=jit)
         assert h.numpy(sol.status).tolist() == [Status.OVERFLOW, Status.CONVERGED, Status.CONVERGED]
-        assert sol.result is deqcore.Result.OVERFLOW
+        assert sol.result is deqcore.Status.OVERFLOW
         # stopped at z0 = 0, where ||f(z0) - z0|| = 8 big is representable: measured without overflow
         np.testing.assert_array_equal(h.numpy(sol.z)[0], 0.0)
         np.testing.assert_allclose(h.numpy(sol.abs_residual)[0], 8 * big, rtol=1e-6)
@@ -624,7 +624,7 @@ def test_overflow_and_nan_in_one_batch_are_told_apart(h):
     sol = h.solve(f, h.asarray(x, "float32"), tol=1e-6)
     assert h.numpy(sol.status).tolist() == [Status.OVERFLOW, Status.NONFINITE, Status.NONFINITE,
                                             Status.CONVERGED]
-    assert sol.result is deqcore.Result.NONFINITE  # the worst
+    assert sol.result is deqcore.Status.NONFINITE  # the worst
     with pytest.raises(ConvergenceError, match=r"3 of 4 samples did not converge \(1 OVERFLOW, 2 NONFINITE\)"
                                                r".*NONFINITE: f produced NaN/Inf; x itself contains "
                                                r"NaN/Inf\. OVERFLOW: the iterate and f\(z\) are finite"):
@@ -645,8 +645,9 @@ def test_iterates_growing_until_their_norm_overflows_are_overflow(h):
 def test_status_values_order_outcomes_from_best_to_worst():
     order = ["CONVERGED", "MAX_ITER", "DIVERGED", "OVERFLOW", "NONFINITE"]
     assert [s.name for s in sorted(Status)] == order
-    assert [r.name for r in sorted(deqcore.Result)] == ["SUCCESS"] + order[1:]
-    assert [int(s) for s in sorted(Status)] == [int(r) for r in sorted(deqcore.Result)]
+    assert [int(s) for s in sorted(Status)] == list(range(len(order)))
+    assert all(isinstance(s.message, str) and len(s.message) > 20 for s in Status)
+    assert Status(3) is Status.OVERFLOW and Status.OVERFLOW.message.startswith("the iterate and f(z) stayed")
 
 
 def test_unroll_differentiates_through_broydens_line_search(h):

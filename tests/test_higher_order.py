@@ -363,7 +363,7 @@ def test_hypersolver_forward_with_gradient_modes(h):
 def test_modes_declare_their_order():
     modes = {entry.name: entry.obj for entry in deqcore.registry().entries("gradients")}
     assert {name for name, cls in modes.items() if cls.exact_higher_order} == {"unroll"}
-    assert not deqcore.GradientMode.exact_higher_order
+    assert not deqcore.extend.GradientMode.exact_higher_order
 
 
 

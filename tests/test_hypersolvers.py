@@ -80,7 +80,7 @@ def test_first_step_is_z0_plus_beta_g0(h):
     z0 = hs.initial_state(be, x, x)
     structure = deqcore._structure.Structure.of(be, z0, True)
     solver = hs.bind(be, structure, z0, max_iter=3)
-    problem = deqcore.Problem(be, lambda z: f(z, x), 4, D, z0.dtype)
+    problem = deqcore.extend.Problem(be, lambda z: f(z, x), 4, D, z0.dtype)
     fz0 = f(z0, x)
     state = solver.init(problem, z0, fz0)
     z1, _, state, nfe = solver.step(problem, state, h.xp.ones((4,), dtype=h.xp.bool))

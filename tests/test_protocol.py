@@ -9,7 +9,7 @@ import deqcore
 
 
 def test_backends_implement_the_protocol(h):
-    assert isinstance(h.backend, deqcore.Backend)
+    assert isinstance(h.backend, deqcore.extend.Backend)
     assert h.backend.name == h.name
 
 
@@ -153,6 +153,6 @@ def test_select_rows_exact_with_non_finite_rows(h):
     new = h.asarray(np.array([[np.nan, 1.0], [2.0, np.inf], [3.0, 4.0]]).repeat(2048, axis=1))
     old = h.asarray(np.array([[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]).repeat(2048, axis=1))
     for mask in ([True, False, True], [True, True, True], [False, False, False]):
-        got = h.numpy(deqcore.select_rows(h.xp, h.asarray(np.array(mask), dtype=bool), new, old))
+        got = h.numpy(deqcore.extend.select_rows(h.xp, h.asarray(np.array(mask), dtype=bool), new, old))
         expect = np.where(np.array(mask)[:, None], h.numpy(new), h.numpy(old))
         np.testing.assert_array_equal(got, expect)

@@ -18,7 +18,7 @@ from problems import symmetric_spread, tanh_deq, tanh_fixed_point
 
 import deqcore
 from deqcore import Status
-from deqcore._loop import Problem
+from deqcore.extend import Problem
 from deqcore.solvers import Anderson, Broyden
 
 EPS = np.finfo(np.float64).eps

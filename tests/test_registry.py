@@ -110,7 +110,7 @@ SOLVER_PLUGIN = """
             return super().init(problem, z0, fz0)
 
 
-    @deqcore.hookimpl
+    @deqcore.extend.hookimpl
     def deqcore_register_solvers(register):
         CALLS.append("solvers")
         register("picard_test", Picard, doc="plain iteration, from a plugin")
@@ -205,7 +205,7 @@ def test_registry_lists_plugins_and_who_registered_each_entry(plugins):
     keys = [(_registry.KINDS.index(e.kind), e.name) for e in reg.entries()]
     assert keys == sorted(keys)
     assert [e.name for e in reg.entries("solvers")] == sorted([*BUILTIN_SOLVERS, "picard_test"])
-    assert deqcore.available() == {kind: reg.names(kind) for kind in deqcore.KINDS}
+    assert deqcore.available() == {kind: reg.names(kind) for kind in deqcore.extend.KINDS}
 
 
 def test_loading_is_lazy_happens_once_and_reset_reloads(plugins):
@@ -289,7 +289,7 @@ BACKEND_PLUGIN = """
         return state
 
 
-    @deqcore.hookimpl
+    @deqcore.extend.hookimpl
     def deqcore_register_backends(register):
         register("proxy", delegate("proxy"), modules=("deqcore_proxy_arrays",), install="pip install proxy")
         for member in {members!r}:
@@ -306,11 +306,11 @@ BACKEND_PLUGIN = """
         register("needs_framework", make_needing_a_framework, install="pip install no-such-framework")
 """
 
-# The members of deqcore.Backend, read off the Protocol independently of the registry's own
+# The members of deqcore.extend.Backend, read off the Protocol independently of the registry's own
 # reading; the known ones guard against this list coming out empty.
 PROTOCOL_MEMBERS = sorted(
-    set(deqcore.Backend.__annotations__)
-    | {n for n, v in vars(deqcore.Backend).items() if not n.startswith("_") and callable(v)})
+    set(deqcore.extend.Backend.__annotations__)
+    | {n for n, v in vars(deqcore.extend.Backend).items() if not n.startswith("_") and callable(v)})
 assert {"name", "xp", "static_shapes", "while_loop", "vjp", "attach_adjoint", "compiled"} <= set(
     PROTOCOL_MEMBERS)
 
@@ -333,7 +333,7 @@ def test_a_plugin_backend_is_built_once_on_first_use_and_solves(backend_plugin):
     backend = reg.backend("proxy")
     assert reg.backend("proxy") is backend
     assert mod.MADE == ["proxy"]  # built once, on first use
-    assert isinstance(backend, deqcore.Backend) and backend.name == "proxy"
+    assert isinstance(backend, deqcore.extend.Backend) and backend.name == "proxy"
 
     f, x = _problem()
     sol = deqcore.solve(f, x, backend="proxy", tol=1e-10, max_iter=200)
@@ -353,7 +353,8 @@ def test_a_backend_lacking_a_protocol_member_is_a_plugin_error_at_first_use(back
         with pytest.raises(deqcore.PluginError) as info:
             attempt()
         message = str(info.value)
-        assert message.startswith(f"backend {name!r} of plugin 'backend_plugin' is not a deqcore.Backend")
+        assert message.startswith(f"backend {name!r} of plugin 'backend_plugin' is not a "
+                                  "deqcore.extend.Backend")
         assert f"): missing {member}. " in message
         assert message.endswith(f"{_registry.BLOCK_ENV}=backend_plugin")
     # nothing broken is cached: each use builds and checks again
@@ -378,8 +379,8 @@ def test_a_backend_with_a_wrong_member_is_a_plugin_error_naming_it(backend_plugi
     with pytest.raises(deqcore.PluginError) as info:
         deqcore.registry().backend(name)
     message = str(info.value)
-    assert message.startswith(f"backend {name!r} of plugin 'backend_plugin' is not a deqcore.Backend (its "
-                              f"factory {backend_plugin}.delegate.<locals>.make() returned a "
+    assert message.startswith(f"backend {name!r} of plugin 'backend_plugin' is not a deqcore.extend.Backend "
+                              f"(its factory {backend_plugin}.delegate.<locals>.make() returned a "
                               f"{backend_plugin}.Delegate): ")
     assert f"): {problem}. Fix" in message
 
@@ -388,7 +389,7 @@ def test_a_backend_factory_that_fails_is_a_plugin_error(backend_plugin):
     reg = deqcore.registry()
     with pytest.raises(deqcore.PluginError, match=(
             rf"^backend 'returns_none' of plugin 'backend_plugin' could not be built: its factory "
-            rf"{backend_plugin}.make_none\(\) returned None instead of a deqcore.Backend")):
+            rf"{backend_plugin}.make_none\(\) returned None instead of a deqcore.extend.Backend")):
         reg.backend("returns_none")
     with pytest.raises(deqcore.PluginError, match=(
             r"^backend 'raises' of plugin 'backend_plugin' could not be built: its factory "
@@ -413,7 +414,7 @@ def test_duplicate_of_a_builtin_name_is_a_plugin_error_naming_both(plugins):
         from deqcore.solvers import Anderson
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("anderson", Anderson)
     """)
@@ -443,7 +444,7 @@ def test_duplicate_between_two_plugins_names_both(plugins):
         from deqcore.solvers import FixedPoint
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("shared_name", FixedPoint)
     """
@@ -487,12 +488,12 @@ def test_a_hook_raising_during_registration_warns_and_the_plugin_is_dropped(plug
         from deqcore.solvers import FixedPoint
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_backends(register):
             register("halfway_backend", object)
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("halfway_solver", FixedPoint)
             raise KeyError("registration went wrong")
@@ -516,7 +517,7 @@ def test_a_bad_entry_name_is_a_warning(plugins):
         import deqcore
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("", object)
     """)
@@ -530,7 +531,7 @@ def test_a_misspelt_hook_warns(plugins):
         import deqcore
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solver(register):  # missing "s": not a deqcore hook
             register("never", object)
     """)
@@ -543,7 +544,7 @@ def test_a_plugin_named_like_a_builtin_is_ignored_with_a_warning(plugins):
         import deqcore
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_backends(register):
             register("impostor", object)
     """)
@@ -559,7 +560,7 @@ def test_register_only_works_inside_the_hook(plugins):
         KEPT = []
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             KEPT.append(register)
     """)
@@ -575,7 +576,7 @@ def test_a_hook_using_the_registry_is_a_plugin_error(plugins):
         import deqcore
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             deqcore.available()
     """)
@@ -612,29 +613,30 @@ BROKEN_REGISTRATIONS = {
     "solver_not_a_class": (
         "solvers", "register('bad_entry', lambda problem: None)",
         r"registered solver 'bad_entry' as a function \(<function .*<lambda> at 0x\w+>\), "
-        r"which is not a subclass of deqcore.Solver; register the class$"),
+        r"which is not a subclass of deqcore.extend.Solver; register the class$"),
     "solver_instance": (
         "solvers", "register('bad_entry', FixedPoint(max_iter=5, damping=1.0))",
-        r"as a FixedPoint \(<.*>\), which is not a subclass of deqcore.Solver"),
+        r"as a FixedPoint \(<.*>\), which is not a subclass of deqcore.extend.Solver"),
     "solver_not_a_solver": (
         "solvers", "register('bad_entry', dict)",
-        r"as class dict, which is not a subclass of deqcore.Solver"),
+        r"as class dict, which is not a subclass of deqcore.extend.Solver"),
     "solver_missing_step": (
         "solvers", _solver("options = {}", step=None),
         r"as class deqplug_bad_plugin_\d+\.deqcore_register_solvers\.<locals>\.Bad, "
-        r"which breaks the deqcore.Solver contract: it does not implement step$"),
+        r"which breaks the deqcore.extend.Solver contract: it does not implement step$"),
     "solver_missing_everything": (
         "solvers", _solver("pass", init=None, step=None, commit=None),
-        r"contract: it does not implement init, step, commit; it has no class attribute options "
-        r"\(a dict of option name -> deqcore.Option; \{\} for none\)$"),
-    "solver_without_options": (
-        "solvers", _solver(), r"contract: it has no class attribute options \("),
+        r"contract: it does not implement init, step, commit$"),
+    "solver_options_none": (
+        "solvers", _solver("options = None"),
+        r"contract: it has no class attribute options \(a dict of option name -> deqcore.extend.Option; "
+        r"\{\} for none\)$"),
     "solver_options_list": (
         "solvers", _solver("options = ['k']"),
-        r"contract: its options are a list, not a dict of option name -> deqcore.Option$"),
+        r"contract: its options are a list, not a dict of option name -> deqcore.extend.Option$"),
     "solver_option_not_an_option": (
         "solvers", _solver("options = {'k': 3}"),
-        r"option 'k' is 3 \(type int\), not a deqcore.Option\(default, doc, check\)$"),
+        r"option 'k' is 3 \(type int\), not a deqcore.extend.Option\(default, doc, check\)$"),
     "solver_option_bad_default": (
         "solvers", _solver("options = {'k': Option(0, 'steps', validators.positive_int)}"),
         r"option 'k' has default 0, which its own check rejects \(must be an int >= 1\)$"),
@@ -659,10 +661,10 @@ BROKEN_REGISTRATIONS = {
     "gradient_a_function": (
         "gradients", "register('bad_entry', lambda bp: bp.z_star)",
         r"registered gradient 'bad_entry' as a function .*, which is not a subclass of "
-        r"deqcore.GradientMode; register the class$"),
+        r"deqcore.extend.GradientMode; register the class$"),
     "gradient_without_attach": (
         "gradients", _mode(*_NAMED, base="GradientMode"),
-        r"breaks the deqcore.GradientMode contract: it does not implement attach$"),
+        r"breaks the deqcore.extend.GradientMode contract: it does not implement attach$"),
     "adjoint_without_adjoint": (
         "gradients", _mode(*_NAMED), r"contract: it does not implement adjoint$"),
     "gradient_without_name": (
@@ -679,7 +681,7 @@ BROKEN_REGISTRATIONS = {
         r"contract: it has no class attribute options"),
     "gradient_option_not_an_option": (
         "gradients", _mode(*_NAMED, "options = {'k': 1}", base="JFB"),
-        r"option 'k' is 1 \(type int\), not a deqcore.Option"),
+        r"option 'k' is 1 \(type int\), not a deqcore.extend.Option"),
     "gradient_unrolled_not_bool": (
         "gradients", _mode(*_NAMED, "unrolled = 'yes'", base="JFB"),
         r"its class attribute unrolled is 'yes', not True or False$"),
@@ -689,7 +691,7 @@ BROKEN_REGISTRATIONS = {
     "hypersolver_not_a_hypersolver": (
         "hypersolvers", "register('bad_entry', FixedPoint)",
         r"registered hypersolver 'bad_entry' as class deqcore.solvers.*FixedPoint, "
-        r"which is not a subclass of deqcore.Hypersolver; register the class$"),
+        r"which is not a subclass of deqcore.extend.Hypersolver; register the class$"),
     "hypersolver_other_name": (
         "hypersolvers", _mode(base="HyperAnderson"),
         r"its class attribute name is 'hyperanderson'; it must be the registered name 'bad_entry'$"),
@@ -716,14 +718,15 @@ BROKEN_REGISTRATIONS = {
 
 _BROKEN_PLUGIN = """
 import deqcore
-from deqcore import AdjointMode, GradientMode, Hypersolver, HyperAnderson, Option, Solver, validators
+from deqcore import HyperAnderson
+from deqcore.extend import AdjointMode, GradientMode, Hypersolver, Option, Solver, validators
 from deqcore.gradients import JFB
 from deqcore.solvers import FixedPoint
 
 REGISTERED = []
 
 
-@deqcore.hookimpl
+@deqcore.extend.hookimpl
 def deqcore_register_{kind}(register):
     register("fine_first", {fine})  # registered before the bad one: must be dropped too
     REGISTERED.append("fine_first")
@@ -760,7 +763,7 @@ def test_registrations_that_follow_their_contracts_pass(plugins):
     with the problem fixed register without a warning."""
     plugins.install("good_plugin", """
         import deqcore
-        from deqcore import AdjointMode, Option, Solver, validators
+        from deqcore.extend import AdjointMode, Option, Solver, validators
         from deqcore.hypersolvers import HyperAnderson
 
 
@@ -789,22 +792,22 @@ def test_registrations_that_follow_their_contracts_pass(plugins):
             name = "good_hyper"
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("good_solver", Good)
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_gradients(register):
             register("good_mode", GoodMode)
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_hypersolvers(register):
             register("good_hyper", GoodHyper)
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_backends(register):
             register("good_backend", object, modules=["good_arrays"], install="pip install good")
     """)
@@ -855,7 +858,7 @@ def test_an_installed_distribution_with_broken_plugins_fails_clearly_in_a_fresh_
                 return x
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_backends(register):
             register("partial", Partial, modules=("deqplug_partial_arrays",))
     """))
@@ -863,14 +866,14 @@ def test_an_installed_distribution_with_broken_plugins_fails_clearly_in_a_fresh_
         import deqcore
 
 
-        class Relaxed(deqcore.Solver):
+        class Relaxed(deqcore.extend.Solver):
             options = {}
 
             def init(self, problem, z0, fz0):
                 return (z0, fz0)
 
 
-        @deqcore.hookimpl
+        @deqcore.extend.hookimpl
         def deqcore_register_solvers(register):
             register("relaxed", Relaxed)
     """))
@@ -907,8 +910,8 @@ def test_an_installed_distribution_with_broken_plugins_fails_clearly_in_a_fresh_
     assert dropped == (
         "PluginWarning: deqcore: plugin 'broken_solvers' failed while registering solvers and is ignored: "
         "TypeError: plugin 'broken_solvers' registered solver 'relaxed' as class "
-        "deqplug_broken_solvers.Relaxed, which breaks the deqcore.Solver contract: it does not implement "
-        "step, commit")
+        "deqplug_broken_solvers.Relaxed, which breaks the deqcore.extend.Solver contract: it does not "
+        "implement step, commit")
     match = re.fullmatch(r"PluginWarning: deqcore: DEQCORE_BLOCK_PLUGINS names 'partial_backnd', which "
                          r"matches no installed plugin \((.*)\), so it blocks nothing; did you mean "
                          r"'partial_backend'\?", blocked)
@@ -919,8 +922,8 @@ def test_an_installed_distribution_with_broken_plugins_fails_clearly_in_a_fresh_
     implemented = ("name", "xp", "static_shapes", "is_array", "to_numpy")
     missing = [m for m in PROTOCOL_MEMBERS if m not in implemented]
     assert out["error"].startswith(
-        "PluginError: backend 'partial' of plugin 'partial_backend' is not a deqcore.Backend (its factory "
-        "deqplug_partial_backend.Partial() returned a deqplug_partial_backend.Partial): missing ")
+        "PluginError: backend 'partial' of plugin 'partial_backend' is not a deqcore.extend.Backend (its "
+        "factory deqplug_partial_backend.Partial() returned a deqplug_partial_backend.Partial): missing ")
     listed = out["error"].split("): missing ")[1].split("; xp is None")[0].split(", ")
     assert sorted(listed) == missing
     assert out["error"].endswith("; xp is None. Fix or update the plugin, or block it with "
@@ -1109,7 +1112,7 @@ def test_backend_for_judges_by_module_and_bases_without_importing():
 
 def test_available_lists_every_kind():
     available = deqcore.available()
-    assert list(available) == list(deqcore.KINDS)
+    assert list(available) == list(deqcore.extend.KINDS)
     assert set(BUILTIN_SOLVERS) <= set(available["solvers"])
     assert available["solvers"] == sorted(available["solvers"])
     assert available["backends"] == ["jax", "torch"]

@@ -7,7 +7,7 @@ import pytest
 from problems import scaled_gaussian, tanh_deq, tanh_fixed_point
 
 import deqcore
-from deqcore._loop import Problem
+from deqcore.extend import Problem
 from deqcore.solvers import Broyden
 from deqcore.solvers._anderson import mixing_weights
 from deqcore.solvers._broyden import apply_inverse, apply_inverse_transpose
@@ -31,7 +31,7 @@ def test_tanh_deq_reaches_reference_fixed_point(h, solver):
     sol = h.solve(f, h.asarray(x), solver=solver, tol=1e-11, max_iter=300, jit=True)
     ref = tanh_fixed_point(W, U, b, x)
     assert h.numpy(sol.converged).all()
-    assert sol.result is deqcore.Result.SUCCESS
+    assert sol.result is deqcore.Status.CONVERGED
     np.testing.assert_allclose(h.numpy(sol.z), ref, atol=1e-9)
     # the reported residual is the residual of the returned z
     z = h.numpy(sol.z)
@@ -314,7 +314,84 @@ def test_eager_jax_solves_do_not_accumulate_compiled_code():
 def test_solution_summary_and_result(h):
     W, U, b, x = tanh_deq(seed=16)
     sol = h.solve(h.tanh_layer(W, U, b), h.asarray(x), solver="anderson", tol=1e-12, max_iter=3)
-    assert sol.result is deqcore.Result.MAX_ITER
+    assert sol.result is deqcore.Status.MAX_ITER
     assert (h.numpy(sol.status) == int(deqcore.Status.MAX_ITER)).all()
     text = sol.summary()
     assert "anderson" in text and "MAX_ITER" in text and "0/4 converged" in text
+
+
+@pytest.mark.parametrize("name, cls, options", [
+    ("anderson", deqcore.solvers.Anderson, {"memory": 3, "beta": 0.8}),
+    ("broyden", deqcore.solvers.Broyden, {"memory": 4}),
+    ("fixed_point", deqcore.solvers.FixedPoint, {"damping": 0.7}),
+])
+def test_a_solver_instance_solves_exactly_as_its_name_and_options(h, name, cls, options):
+    f, x, exact = affine_problem(h, 12, batch=3, seed=4)
+    instance = cls(**options)
+    by_name = h.solve(f, x, solver=name, tol=1e-10, max_iter=80, **options)
+    for max_iter in (80, 7):  # one instance, many solves: each gets its own budget
+        sol = h.solve(f, x, solver=instance, tol=1e-10, max_iter=max_iter, jit=True)
+        assert sol.solver == name and int(h.numpy(sol.steps)) <= max_iter
+    assert instance.max_iter is None  # solve configured a copy
+    sol = h.solve(f, x, solver=instance, tol=1e-10, max_iter=80)
+    np.testing.assert_array_equal(h.numpy(sol.z), h.numpy(by_name.z))
+    np.testing.assert_allclose(h.numpy(sol.z), exact, atol=1e-8)
+    assert int(h.numpy(sol.nfe)) == int(h.numpy(by_name.nfe))
+
+
+def test_solver_options_are_declared_once_and_checked_when_the_solver_is_built():
+    from deqcore.extend import Option
+
+    assert list(deqcore.solvers.Anderson.options) == ["memory", "beta", "lam"]
+    assert isinstance(deqcore.solvers.Anderson.memory, Option)  # on the class: the declaration
+    assert deqcore.solvers.Anderson().memory == 5 and deqcore.solvers.Anderson(memory=8).memory == 8
+    assert list(deqcore.gradients.NPG.options) == list(deqcore.gradients.UPG.options) == ["k", "lam"]
+    with pytest.raises(ValueError, match=r"^solver 'anderson': option 'memory' must be an int >= 1, got 0$"):
+        deqcore.solvers.Anderson(memory=0)
+    with pytest.raises(TypeError, match=r"^solver 'broyden': unknown option 'tol'\. Valid options: "
+                                        r"line_search, ls_max_trials, memory; and for every solver: "
+                                        r"batched, .* tol, trace$"):
+        deqcore.solvers.Broyden(tol=1e-3)
+    with pytest.raises(ValueError, match=r"^gradient mode 'npg': option 'lam' must be a float in \(0, 1\]"):
+        deqcore.gradients.NPG(lam=2.0)
+
+
+def test_a_solver_instance_with_solver_options_or_a_non_solver_is_a_type_error(h):
+    f, x, _ = affine_problem(h, 4)
+    with pytest.raises(TypeError, match=r"solver options memory were given beside a solver instance "
+                                        r"\('anderson'\); pass them when building it"):
+        h.solve(f, x, solver=deqcore.solvers.Anderson(), memory=3)
+    with pytest.raises(TypeError, match=r"solver=Anderson is a class; pass an instance "
+                                        r"\(Anderson\(\.\.\.\)\)"):
+        h.solve(f, x, solver=deqcore.solvers.Anderson)
+    with pytest.raises(TypeError, match=r"got int$"):
+        h.solve(f, x, solver=3)
+
+
+def test_any_bindable_object_is_a_solver(h):
+    """The protocol, not the base class: an object with a name and bind() that returns a Solver."""
+    f, x, exact = affine_problem(h, 6, seed=2)
+    calls = []
+
+    class Relaxed:
+        name = "relaxed"
+
+        def bind(self, backend, structure, like, *, max_iter):
+            calls.append((backend.name, structure.n, str(like.dtype), max_iter))
+            return deqcore.solvers.FixedPoint(damping=0.9).bind(backend, structure, like, max_iter=max_iter)
+
+    sol = h.solve(f, x, solver=Relaxed(), tol=1e-10, max_iter=400)
+    assert sol.solver == "relaxed" and h.numpy(sol.converged).all()
+    np.testing.assert_allclose(h.numpy(sol.z), exact, atol=1e-8)
+    assert calls == [(h.name, 6, str(x.dtype), 400)]
+
+
+def test_solve_parameters_list_the_signature_of_solve():
+    import inspect
+
+    from deqcore._inputs import COMMON_OPTIONS, SOLVE_PARAMETERS
+
+    params = inspect.signature(deqcore.solve).parameters
+    assert SOLVE_PARAMETERS == tuple(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD)
+    # the defaults of the signature are the declared ones
+    assert {n: params[n].default for n in COMMON_OPTIONS} == {n: o.default for n, o in COMMON_OPTIONS.items()}

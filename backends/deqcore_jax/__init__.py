@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deqcore import hookimpl
+from deqcore.extend import hookimpl
 
 
 def _make_backend() -> Any:

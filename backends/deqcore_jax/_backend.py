@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from deqcore import Solution
 from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
-from deqcore._gradients import higher_order_error as _higher_order_error
-from deqcore._solution import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Solution
+from deqcore.extend import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS
+from deqcore.extend import higher_order_error as _higher_order_error
 
 
 def _ring_dots(ring, y, /):

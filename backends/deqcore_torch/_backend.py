@@ -9,7 +9,7 @@ import array_api_compat.torch as compat
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from deqcore._gradients import higher_order_error as _higher_order_error
+from deqcore.extend import higher_order_error as _higher_order_error
 
 
 def _matmul(x1, x2, /):
@@ -63,7 +63,7 @@ def _pair_combine(pairs, wa, wb, /):
 
 
 #: array_api_compat's torch namespace with faster same-dtype ``matmul`` and ``where``, a
-#: ``select_rows`` (see :func:`deqcore.select_rows`) and ``bmm`` ring products (see
+#: ``select_rows`` (see :func:`deqcore.extend.select_rows`) and ``bmm`` ring products (see
 #: :mod:`deqcore._batched_linalg`).
 xp = types.SimpleNamespace(**{k: getattr(compat, k) for k in dir(compat) if not k.startswith("__")})
 xp.matmul, xp.where, xp.select_rows = _matmul, _where, _select_rows

@@ -15,14 +15,14 @@ path, so it fires only when a second derivative is actually taken).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from ._loop import Problem
-from ._options import Option
-from ._protocol import Backend
+from .._options import Configurable
+from .._protocol import Backend
+from ..solvers._base import Problem
 
 
 class HigherOrderError(NotImplementedError):
@@ -110,10 +110,11 @@ class BackwardProblem(NamedTuple):
     problem: Problem
 
 
-class GradientMode:
-    """Base of gradient modes. Subclasses set ``name`` and ``options`` and implement :meth:`attach`.
+class GradientMode(Configurable):
+    """Base of gradient modes. Subclasses set ``name``, declare their options as
+    :class:`deqcore.extend.Option` class attributes and implement :meth:`attach`.
 
-    The constructor takes the (validated) options as keywords. :meth:`check` rejects forward
+    The constructor takes the options as keywords and validates them. :meth:`check` rejects forward
     solvers the mode cannot work with, before anything is solved.
 
     ``exact_higher_order`` declares whether the gradient path this mode attaches can itself be
@@ -128,17 +129,13 @@ class GradientMode:
     """
 
     name: ClassVar[str]
-    options: ClassVar[Mapping[str, Option]] = {}
+    kind = "gradient mode"
     #: True for modes that differentiate through the forward solve itself (``unroll``): the
     #: forward then runs with gradient recording and :meth:`attach` is not called.
     unrolled: ClassVar[bool] = False
     #: True for modes whose gradient is exact to every order (``unroll``); False: first
     #: derivatives only, a second derivative raises :class:`HigherOrderError`.
     exact_higher_order: ClassVar[bool] = False
-
-    def __init__(self, **options: Any) -> None:
-        for key, value in options.items():
-            setattr(self, key, value)
 
     def check(self, solver: str) -> None:
         """Raise ``ValueError`` if this mode cannot follow a forward solve by ``solver``."""

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._gradients import AdjointContext, AdjointMode, BackwardProblem
 from ..solvers._broyden import apply_inverse_transpose
+from ._base import AdjointContext, AdjointMode, BackwardProblem
 
 
 class GDEQ(AdjointMode):

@@ -5,10 +5,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import _options as opt
-from .._gradients import AdjointContext, AdjointMode, BackwardWarning
-from .._loop import Problem, run
+from .._loop import run
 from .._options import Option
-from .._solution import ConvergenceError, Status
+from .._results import ConvergenceError, Status
+from ..solvers._base import Problem
+from ._base import AdjointContext, AdjointMode, BackwardWarning
 
 
 def _mapping(v: Any) -> str | None:
@@ -28,33 +29,26 @@ class Implicit(AdjointMode):
     """
 
     name = "implicit"
-    options = {
-        "solver": Option("anderson", "backward solver (any registered solver)", lambda v: None
-                         if isinstance(v, str) else "a solver name"),
-        "tol": Option(1e-6, "stop tolerance of the backward solve", opt.positive_float),
-        "max_iter": Option(100, "maximum backward solver steps", opt.positive_int),
-        "stop_mode": Option("rel", "'rel' (||r|| / ||g + uJ||) or 'abs' residual",
-                            opt.one_of("rel", "abs")),
-        "solver_options": Option({}, "options of the backward solver (memory, beta, ...)", _mapping),
-        "on_fail": Option("warn", "when the backward solve does not converge: 'warn', 'raise', "
-                          "'ignore'", opt.one_of("warn", "raise", "ignore")),
-    }
-    solver: str
-    tol: float
-    max_iter: int
-    stop_mode: str
-    solver_options: Mapping[str, Any]
-    on_fail: str
+    solver = Option("anderson", "backward solver (any registered solver)", lambda v: None
+                    if isinstance(v, str) else "a solver name")
+    tol = Option(1e-6, "stop tolerance of the backward solve", opt.positive_float)
+    max_iter = Option(100, "maximum backward solver steps", opt.positive_int)
+    stop_mode = Option("rel", "'rel' (||r|| / ||g + uJ||) or 'abs' residual",
+                       opt.one_of("rel", "abs"))
+    solver_options: Option[Mapping[str, Any]] = Option({}, "options of the backward solver (memory, "
+                                                       "beta, ...)", _mapping)
+    on_fail = Option("warn", "when the backward solve does not converge: 'warn', 'raise', "
+                     "'ignore'", opt.one_of("warn", "raise", "ignore"))
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        from .._registry import registry
-        from .._solve import COMMON_OPTIONS
+        from .._registry import registry  # the registry imports the gradient modes' base
 
         cls = registry().get("solvers", self.solver).obj
-        resolved = opt.resolve(f"implicit backward solver {self.solver!r}", cls.options,
-                               dict(self.solver_options), COMMON_OPTIONS)
-        self._solver = cls(max_iter=self.max_iter, **resolved)
+        try:
+            self._solver = cls(max_iter=self.max_iter, **self.solver_options)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"implicit backward {error}") from None
 
     def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
         be = ctx.backend

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._gradients import AdjointContext, AdjointMode
+from ._base import AdjointContext, AdjointMode
 
 
 class JFB(AdjointMode):

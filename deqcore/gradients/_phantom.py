@@ -2,16 +2,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._gradients import AdjointContext, AdjointMode, BackwardProblem, GradientMode
 from .._options import Option, positive_int, unit_interval
-
-PHANTOM_OPTIONS = {
-    "k": Option(5, "number of damped steps (k=1, lam=1 is JFB)", positive_int),
-    "lam": Option(0.5, "damping lambda in (0, 1]", unit_interval),
-}
+from ._base import AdjointContext, AdjointMode, BackwardProblem, GradientMode
 
 
-class NPG(AdjointMode):
+class PhantomOptions:
+    """The options both phantom gradients take."""
+
+    k = Option(5, "number of damped steps (k=1, lam=1 is JFB)", positive_int)
+    lam = Option(0.5, "damping lambda in (0, 1]", unit_interval)
+
+
+class NPG(PhantomOptions, AdjointMode):
     """Neumann phantom gradient: ``u = lam * sum_{t<k} g M^t`` with ``M = lam J + (1 - lam) I``.
 
     The first ``k`` terms of the damped Neumann series of ``g (I - J)^-1``; ``k - 1`` VJPs with
@@ -20,9 +22,6 @@ class NPG(AdjointMode):
     """
 
     name = "npg"
-    options = PHANTOM_OPTIONS
-    k: int
-    lam: float
 
     def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
         term, total = g, g
@@ -32,7 +31,7 @@ class NPG(AdjointMode):
         return self.lam * total
 
 
-class UPG(GradientMode):
+class UPG(PhantomOptions, GradientMode):
     """Unrolled phantom gradient: differentiate through ``k`` damped steps from ``stop_gradient(z*)``.
 
     ``z_{t+1} = z_t + lam (f(z_t) - z_t)``; the returned value stays ``z*``, its gradient is that of
@@ -40,9 +39,6 @@ class UPG(GradientMode):
     """
 
     name = "upg"
-    options = PHANTOM_OPTIONS
-    k: int
-    lam: float
 
     def attach(self, bp: BackwardProblem) -> Any:
         be = bp.backend

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._gradients import BackwardProblem, GradientMode
+from ._base import BackwardProblem, GradientMode
 
 
 class Unroll(GradientMode):

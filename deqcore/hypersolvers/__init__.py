@@ -2,13 +2,8 @@
 over the backend protocol, trained against a frozen layer and used as
 ``deqcore.solve(f, x, solver=hs)``."""
 
-from ._hyperanderson import (
-    HyperAnderson,
-    HyperAndersonSolver,
-    HyperAndersonState,
-    Hypersolver,
-    load_hypersolver,
-)
+from ..solvers._base import Hypersolver
+from ._hyperanderson import HyperAnderson, HyperAndersonIteration, HyperAndersonState, load_hypersolver
 from ._mixers import NORMALISATIONS, AndersonMixer, TemporalConvMixer, project_weights
 from ._pieces import DenseInitialiser, IdentityCompression
 from ._training import TRAIN_OPTIONS, hypersolver_losses, train_hypersolver
@@ -19,7 +14,7 @@ __all__ = [
     "AndersonMixer",
     "DenseInitialiser",
     "HyperAnderson",
-    "HyperAndersonSolver",
+    "HyperAndersonIteration",
     "HyperAndersonState",
     "Hypersolver",
     "IdentityCompression",

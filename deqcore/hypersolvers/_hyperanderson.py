@@ -7,42 +7,30 @@ import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
 
 from .._arrays_io import load_arrays, save_arrays
-from .._loop import Problem, Solver, select_rows
+from .._options import Option, one_of, positive_int, resolve
 from .._structure import Structure
+from ..solvers._base import Hypersolver, Problem, Solver, select_rows
 from ._mixers import NORMALISATIONS, AndersonMixer, TemporalConvMixer, project_weights
 
 FORMAT = "deqcore-hypersolver"
 UPDATES = ("weighted", "sum")
 
-
-class Hypersolver:
-    """Base of learned solvers: pass an instance as ``deqcore.solve(f, x, solver=hs)``.
-
-    A hypersolver holds its trained weights (NumPy, framework-neutral) and turns them into a
-    :class:`deqcore.Solver` for one solve with :meth:`bind`; ``deqcore.solve`` then runs it in the
-    same loop as the classic solvers, so the :class:`deqcore.Solution`, the stop tests and every
-    gradient mode but GDEQ (which needs Broyden's inverse-Jacobian estimate) work unchanged.
-    Subclasses register through the ``deqcore_register_hypersolvers`` hook.
-    """
-
-    name: ClassVar[str]
-    params: dict[str, np.ndarray]
-
-    def bind(self, backend: Any, structure: Structure, like: Any, *, max_iter: int,
-             params: Mapping[str, Any] | None = None) -> Solver:
-        """A solver for states of ``structure`` on ``backend`` (arrays like the flat ``like``);
-        ``params`` (framework arrays, for training) replace the stored weights."""
-        raise NotImplementedError
-
-    def initial_state(self, backend: Any, x: Any, like: Any, params: Mapping[str, Any] | None = None) -> Any:
-        """The learned first guess ``h_phi(x)`` with the state's structure, or None (zeros)."""
-        raise NotImplementedError
+#: HyperAnderson's settings besides its pieces and weights: validated when it is built, saved
+#: with the weights (:meth:`HyperAnderson.config`) and required when they are loaded.
+SETTINGS: dict[str, Option[Any]] = {
+    "iterations": Option(10, "K, the step budget training targets", positive_int),
+    "memory": Option(5, "m; the window holds m + 1 iterates", positive_int),
+    "normalisation": Option("shift", "projection of the predicted weights onto sum 1",
+                            one_of(*NORMALISATIONS)),
+    "update": Option("weighted", "step term: beta G^T alpha ('weighted') or beta sum_i g_i ('sum')",
+                     one_of(*UPDATES)),
+}
 
 
 class HyperAndersonState(NamedTuple):
@@ -65,7 +53,7 @@ class HyperAndersonState(NamedTuple):
     mix_g: Any
 
 
-class HyperAndersonSolver(Solver):
+class HyperAndersonIteration(Solver):
     """One solve's HyperAnderson iteration: ``z = sum_i a_i z_i + beta * sum_i a_i g_i``.
 
     The weights come from the mixer on the compressed window, oldest first, then
@@ -74,7 +62,6 @@ class HyperAndersonSolver(Solver):
     """
 
     name = "hyperanderson"
-    options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, *, max_iter: int, mixer: Any, params: Mapping[str, Any], compress: Any,
                  window: int, normalisation: str, update: str) -> None:
@@ -169,25 +156,21 @@ class HyperAnderson(Hypersolver):
     name = "hyperanderson"
 
     def __init__(self, compression: Any, initialiser: Any = None, mixer: Any = None, *,
-                 iterations: int = 10, memory: int = 5, normalisation: str = "shift",
-                 update: str = "weighted", width: int = 64, beta_max: float = 1.0,
+                 iterations: int = SETTINGS["iterations"].default,
+                 memory: int = SETTINGS["memory"].default,
+                 normalisation: str = SETTINGS["normalisation"].default,
+                 update: str = SETTINGS["update"].default, width: int = 64, beta_max: float = 1.0,
                  beta_init: float = 0.9, prior: str = "anderson",
                  params: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> None:
-        for label, value in (("iterations", iterations), ("memory", memory)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HyperAnderson: {label} must be an int >= 1, got {value!r}")
-        if normalisation not in NORMALISATIONS:
-            raise ValueError(f"HyperAnderson: normalisation must be one of {', '.join(NORMALISATIONS)}, "
-                             f"got {normalisation!r}")
-        if update not in UPDATES:
-            raise ValueError(f"HyperAnderson: update must be one of {', '.join(UPDATES)}, got {update!r}")
+        settings = resolve("HyperAnderson", SETTINGS, {"iterations": iterations, "memory": memory,
+                                                      "normalisation": normalisation, "update": update})
         if not isinstance(getattr(compression, "features", None), int) or compression.features < 1:
             raise TypeError("HyperAnderson: compression must have an int attribute 'features' >= 1")
         self.compression, self.initialiser = compression, initialiser
         self.mixer = mixer if mixer is not None else TemporalConvMixer(compression.features, width,
                                                                        beta_max, beta_init, prior)
-        self.iterations, self.memory = iterations, memory
-        self.normalisation, self.update = normalisation, update
+        self.iterations, self.memory = settings["iterations"], settings["memory"]
+        self.normalisation, self.update = settings["normalisation"], settings["update"]
         fresh = self._fresh_params(seed)
         self.params = fresh if params is None else _checked(dict(params), fresh)
         self._cache: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -202,8 +185,7 @@ class HyperAnderson(Hypersolver):
 
     def config(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-able data (saved with them)."""
-        return {"algorithm": self.name, "iterations": self.iterations, "memory": self.memory,
-                "normalisation": self.normalisation, "update": self.update,
+        return {"algorithm": self.name, **{key: getattr(self, key) for key in SETTINGS},
                 "mixer": self.mixer.config(), "compression": self.compression.config(),
                 "initialiser": None if self.initialiser is None else self.initialiser.config()}
 
@@ -230,7 +212,7 @@ class HyperAnderson(Hypersolver):
         return arrays
 
     def bind(self, backend: Any, structure: Structure, like: Any, *, max_iter: int,
-             params: Mapping[str, Any] | None = None) -> HyperAndersonSolver:
+             params: Mapping[str, Any] | None = None) -> HyperAndersonIteration:
         p = self.arrays(backend, like) if params is None else params
         mixer_params = {k[len("mixer."):]: v for k, v in p.items() if k.startswith("mixer.")}
         compression = self.compression
@@ -238,7 +220,7 @@ class HyperAnderson(Hypersolver):
         def compress(g_flat: Any) -> Any:
             return compression(backend, structure.unflatten(backend, g_flat))
 
-        return HyperAndersonSolver(max_iter=max_iter, mixer=self.mixer, params=mixer_params,
+        return HyperAndersonIteration(max_iter=max_iter, mixer=self.mixer, params=mixer_params,
                                    compress=compress, window=self.memory + 1,
                                    normalisation=self.normalisation, update=self.update)
 
@@ -277,7 +259,7 @@ def load_hypersolver(path: str | os.PathLike[str], compression: Any,
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a deqcore hypersolver file (format {meta.get('format')!r})")
     cfg = meta.get("config")
-    keys = ("algorithm", "iterations", "memory", "normalisation", "update", "mixer")
+    keys = ("algorithm", *SETTINGS, "mixer")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: its metadata has no settings ('config'); not a complete hypersolver file")
     missing = [k for k in keys if k not in cfg]
@@ -300,8 +282,7 @@ def load_hypersolver(path: str | os.PathLike[str], compression: Any,
     kind = mixer_cfg.pop("kind")
     try:
         mixer = TemporalConvMixer(**mixer_cfg) if kind == "temporal_conv" else AndersonMixer(**mixer_cfg)
-        return cls(compression, initialiser, mixer, iterations=cfg["iterations"], memory=cfg["memory"],
-                   normalisation=cfg["normalisation"], update=cfg["update"], params=arrays)
+        return cls(compression, initialiser, mixer, params=arrays, **{key: cfg[key] for key in SETTINGS})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
 

@@ -15,13 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from .._loop import Problem
-from .._options import Option, nonnegative_float, positive_float, positive_int, resolve
+from .._inputs import first_floating, resolve_backend, zeros_like
+from .._options import (
+    Option,
+    nonempty_str,
+    nonnegative_float,
+    one_of,
+    optional,
+    positive_float,
+    positive_int,
+    resolve,
+)
+from .._registry import registry
+from .._solve import solve
 from .._structure import Structure, leaves
+from ..solvers._base import Problem
 from ._hyperanderson import HyperAnderson
 from ._mixers import safe_norm
 
-TRAIN_OPTIONS = {
+TRAIN_OPTIONS: dict[str, Option[Any]] = {
     "lr": Option(1e-3, "Adam learning rate", positive_float),
     "conv_weight": Option(0.1, "lambda_1, the weight of L_conv", nonnegative_float),
     "init_weight": Option(0.05, "lambda_2, the weight of L_init", nonnegative_float),
@@ -29,17 +41,13 @@ TRAIN_OPTIONS = {
     "alpha_final": Option(5e-8, "lambda_3 after the decay", nonnegative_float),
     "alpha_decay_steps": Option(1500, "steps over which lambda_3 decays linearly to alpha_final",
                                 positive_int),
-    "target_solver": Option("broyden", "classic solver that computes the targets z*", lambda v: None
-                            if isinstance(v, str) and v else "a solver name"),
+    "target_solver": Option("broyden", "classic solver that computes the targets z*", nonempty_str),
     "target_tol": Option(1e-6, "stop tolerance (relative) of the target solve", positive_float),
     "target_max_iter": Option(100, "step budget of the target solve", positive_int),
     "conv_loss": Option("log", "L_conv's per-iterate error: 'norm' ||z_k - z*|| (HyperDEQ's) or 'log' "
-                        "log ||z_k - z*|| (every order of magnitude counts alike)", lambda v: None
-                        if v in ("norm", "log") else "'norm' or 'log'"),
+                        "log ||z_k - z*|| (every order of magnitude counts alike)", one_of("norm", "log")),
     "unroll": Option(None, "iterations L_conv unrolls (default 2K, twice the hypersolver's budget): "
-                     "unrolling only K leaves it free to stall after K steps", lambda v: None
-                     if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-                     else "None or an int >= 1"),
+                     "unrolling only K leaves it free to stall after K steps", optional(positive_int)),
     "log_every": Option(10, "call progress every this many steps", positive_int),
 }
 
@@ -146,12 +154,9 @@ def train_hypersolver(
         ``target_residual``: the worst relative residual of the targets, ``target_unconverged``:
         how many targets missed ``target_tol``, ``seconds``: wall time since the start).
     """
-    from .._registry import registry
-    from .._solve import resolve_backend
-
     opts = resolve("train_hypersolver", TRAIN_OPTIONS, options)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"train_hypersolver: steps must be an int >= 1, got {steps!r}")
+    if positive_int(steps) is not None:
+        raise ValueError(f"train_hypersolver: steps must be {positive_int(steps)}, got {steps!r}")
     it = iter(batches)
     x = _next_batch(it, 0, steps)
     be = resolve_backend(registry(), backend, "train_hypersolver", {"x": x})
@@ -201,8 +206,6 @@ def _next_batch(it: Any, done: int, steps: int) -> Any:
 def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, opts: dict[str, Any],
                     start: Callable[[Any], Any] | None) -> tuple[Any, Any]:
     """The (compiled) target solve and training step."""
-    from .._solve import _zeros_like, first_floating, solve
-
     xp = be.xp
     names = sorted(hs.params)
     w1, w2 = opts["conv_weight"], opts["init_weight"]
@@ -212,7 +215,7 @@ def _step_functions(hs: HyperAnderson, f: Callable[[Any, Any], Any], be: Any, op
             z0 = start(x)
         else:
             guess = hs.initial_state(be, x, first_floating(be, x, "train_hypersolver"))
-            z0 = None if guess is None else _zeros_like(be, guess)
+            z0 = None if guess is None else zeros_like(be, guess, "train_hypersolver")
         sol = solve(f, x, z0, backend=be.name, solver=opts["target_solver"], tol=opts["target_tol"],
                     max_iter=opts["target_max_iter"], grad=None)
         return sol.z, sol.rel_residual

@@ -4,9 +4,9 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .._batched_linalg import ring_combine, ring_dots
-from .._loop import Problem, Solver, select_rows, statistics_dtype
+from .._batched_linalg import ring_combine, ring_dots, statistics_dtype
 from .._options import Option, nonnegative_float, positive_float, positive_int
+from ._base import Problem, Solver, select_rows
 
 
 class AndersonState(NamedTuple):
@@ -77,15 +77,10 @@ class Anderson(Solver):
     """
 
     name = "anderson"
-    options = {
-        "memory": Option(5, "number of past iterates mixed (m)", positive_int),
-        "beta": Option(1.0, "mixing (damping) parameter beta", positive_float),
-        "lam": Option(1e-4, "Tikhonov regularisation, relative to the mean squared residual",
-                      nonnegative_float),
-    }
-    memory: int
-    beta: float
-    lam: float
+    memory = Option(5, "number of past iterates mixed (m)", positive_int)
+    beta = Option(1.0, "mixing (damping) parameter beta", positive_float)
+    lam = Option(1e-4, "Tikhonov regularisation, relative to the mean squared residual",
+                 nonnegative_float)
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> AndersonState:
         backend = problem.backend

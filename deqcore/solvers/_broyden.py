@@ -4,9 +4,9 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from .._batched_linalg import pair_combine, pair_dots, ring_combine, ring_dots
-from .._loop import Problem, Solver, select_rows, statistics_dtype
+from .._batched_linalg import pair_combine, pair_dots, ring_combine, ring_dots, statistics_dtype
 from .._options import Option, boolean, nonnegative_int, optional, positive_int
+from ._base import Problem, Solver, select_rows
 
 
 class BroydenState(NamedTuple):
@@ -66,21 +66,16 @@ class Broyden(Solver):
     """
 
     name = "broyden"
-    options = {
-        "memory": Option(None, "stored rank-one pairs m; None keeps all (m = max_iter)",
-                         optional(nonnegative_int)),
-        "line_search": Option(False, "backtracking Armijo line search on ||f(z) - z||^2", boolean),
-        "ls_max_trials": Option(3, "extra f-evaluations the line search may spend per step",
-                                positive_int),
-    }
-    memory: int | None
-    line_search: bool
-    ls_max_trials: int
+    memory: Option[int | None] = Option(None, "stored rank-one pairs m; None keeps all (m = max_iter)",
+                                        optional(nonnegative_int))
+    line_search = Option(False, "backtracking Armijo line search on ||f(z) - z||^2", boolean)
+    ls_max_trials = Option(3, "extra f-evaluations the line search may spend per step",
+                           positive_int)
 
-    def __init__(self, *, max_iter: int, **options: Any) -> None:
-        super().__init__(max_iter=max_iter, **options)
-        # at most max_iter pairs are ever stored: a larger ring would only hold zeros
-        self.m = max_iter if self.memory is None else min(self.memory, max_iter)
+    @property
+    def m(self) -> int:
+        """The ring's size: at most ``max_iter`` pairs are ever stored (more would hold zeros)."""
+        return self.budget if self.memory is None else min(self.memory, self.budget)
 
     def capacities(self, backend: Any) -> list[int]:
         # Static shapes: a step multiplies the whole ring, so it starts at 8 pairs and doubles
@@ -131,7 +126,7 @@ class Broyden(Solver):
         # older pair must not be read: XLA then copied the whole ring twice per step.
         if not backend.static_shapes:
             return count >= self.m
-        return self.m < self.max_iter and state.UV.shape[2] == self.m
+        return self.m < self.budget and state.UV.shape[2] == self.m
 
     def final_state(self, problem: Problem, state: BroydenState) -> BroydenState:
         used = problem.backend.active_prefix(state.UV, state.count, axis=2)

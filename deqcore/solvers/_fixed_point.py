@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._loop import Problem, Solver, select_rows
 from .._options import Option, unit_interval
+from ._base import Problem, Solver, select_rows
 
 
 class FixedPointState(NamedTuple):
@@ -15,10 +15,7 @@ class FixedPoint(Solver):
     """Damped fixed-point iteration ``z <- z + damping * (f(z) - z)``; one f-evaluation a step."""
 
     name = "fixed_point"
-    options = {
-        "damping": Option(1.0, "step fraction in (0, 1]; 1 is plain iteration z <- f(z)", unit_interval),
-    }
-    damping: float
+    damping = Option(1.0, "step fraction in (0, 1]; 1 is plain iteration z <- f(z)", unit_interval)
 
     def init(self, problem: Problem, z0: Any, fz0: Any) -> FixedPointState:
         return FixedPointState(z0, fz0)

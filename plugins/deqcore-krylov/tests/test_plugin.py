@@ -29,7 +29,7 @@ def test_registered_by_the_krylov_entry_point(fresh):
     solver, mode = reg.get("solvers", "newton_krylov"), reg.get("gradients", "implicit_gmres")
     assert solver.plugin == mode.plugin == "krylov"
     assert solver.obj.__module__.startswith("deqcore_krylov.")
-    assert issubclass(solver.obj, deqcore.Solver) and issubclass(mode.obj, deqcore.AdjointMode)
+    assert issubclass(solver.obj, deqcore.extend.Solver) and issubclass(mode.obj, deqcore.extend.AdjointMode)
 
 
 @pytest.mark.parametrize("env", [{"DEQCORE_BLOCK_PLUGINS": "krylov"},

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import deqcore
-from deqcore import validators
+from deqcore.extend import AdjointContext, AdjointMode, Option, validators
 
 from ._gmres import gmres
 
 
-class ImplicitGMRES(deqcore.AdjointMode):
+class ImplicitGMRES(AdjointMode):
     """Implicit differentiation with the adjoint equation solved by GMRES.
 
     The adjoint ``u`` solves ``u (I - J) = g`` (``J = df/dz`` at ``z*``), that is
@@ -33,21 +33,15 @@ class ImplicitGMRES(deqcore.AdjointMode):
     """
 
     name = "implicit_gmres"
-    options = {
-        "tol": deqcore.Option(1e-6, "relative residual ||g - u(I - J)|| / ||g|| to reach",
-                              validators.positive_float),
-        "restart": deqcore.Option(20, "Krylov basis size r of GMRES(r)", validators.positive_int),
-        "max_iter": deqcore.Option(100, "maximum Krylov iterations (VJPs) over all restarts",
-                                   validators.positive_int),
-        "on_fail": deqcore.Option("warn", "when a sample does not converge: 'warn', 'raise', 'ignore'",
-                                  validators.one_of("warn", "raise", "ignore")),
-    }
-    tol: float
-    restart: int
-    max_iter: int
-    on_fail: str
+    tol = Option(1e-6, "relative residual ||g - u(I - J)|| / ||g|| to reach",
+                 validators.positive_float)
+    restart = Option(20, "Krylov basis size r of GMRES(r)", validators.positive_int)
+    max_iter = Option(100, "maximum Krylov iterations (VJPs) over all restarts",
+                      validators.positive_int)
+    on_fail = Option("warn", "when a sample does not converge: 'warn', 'raise', 'ignore'",
+                     validators.one_of("warn", "raise", "ignore"))
 
-    def adjoint(self, ctx: deqcore.AdjointContext, g: Any, vjp_z: Callable[[Any], Any],
+    def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Callable[[Any], Any],
                 saved: tuple[Any, ...]) -> Any:
         be = ctx.backend
         xp = be.xp
@@ -67,7 +61,7 @@ class ImplicitGMRES(deqcore.AdjointMode):
             be.host_check(~converged, self._error, residual)
         return sol.x
 
-    def _report(self, ctx: deqcore.AdjointContext) -> Callable[..., None]:
+    def _report(self, ctx: AdjointContext) -> Callable[..., None]:
         def report(converged: Any, residual: Any, iterations: Any, vjps: Any) -> None:
             ctx.report.record(converged, residual, iterations, vjps)
             if self.on_fail == "warn" and not converged.all():

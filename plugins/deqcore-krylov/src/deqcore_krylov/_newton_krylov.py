@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import deqcore
-from deqcore import validators
+from deqcore.extend import Option, Problem, Solver, select_rows, validators
 
 from ._gmres import gmres
 
@@ -31,7 +30,7 @@ def _safe(xp: Any, d: Any) -> Any:
     return xp.where(d > 0, d, xp.ones_like(d))
 
 
-class NewtonKrylov(deqcore.Solver):
+class NewtonKrylov(Solver):
     """Inexact Newton-Krylov on ``g(z) = f(z) - z``, per sample.
 
     A step solves the Newton system ``(I - J) p = g`` (``J = df/dz`` at ``z``) by GMRES(``restart``)
@@ -49,32 +48,24 @@ class NewtonKrylov(deqcore.Solver):
     """
 
     name = "newton_krylov"
-    options = {
-        "restart": deqcore.Option(10, "Krylov basis size r of the inner GMRES(r)", validators.positive_int),
-        "inner_max_iter": deqcore.Option(20, "inner GMRES iterations (f-evaluations) per Newton step, "
-                                         "over restarts", validators.positive_int),
-        "forcing": deqcore.Option(1e-3, "relative tolerance eta of the inner solve: ||g - (I-J)p|| <= "
-                                  "eta ||g||", validators.open_unit_interval),
-        "fd_eps": deqcore.Option(None, "finite-difference step factor; None: sqrt(machine epsilon)",
-                                 validators.optional(validators.positive_float)),
-        "line_search": deqcore.Option(False, "backtrack on ||f(z) - z|| when a step does not decrease it",
-                                      validators.boolean),
-        "ls_max_trials": deqcore.Option(3, "extra f-evaluations the line search may spend per step",
-                                        validators.positive_int),
-    }
-    restart: int
-    inner_max_iter: int
-    forcing: float
-    fd_eps: float | None
-    line_search: bool
-    ls_max_trials: int
+    restart = Option(10, "Krylov basis size r of the inner GMRES(r)", validators.positive_int)
+    inner_max_iter = Option(20, "inner GMRES iterations (f-evaluations) per Newton step, "
+                            "over restarts", validators.positive_int)
+    forcing = Option(1e-3, "relative tolerance eta of the inner solve: ||g - (I-J)p|| <= "
+                     "eta ||g||", validators.open_unit_interval)
+    fd_eps: Option[float | None] = Option(None, "finite-difference step factor; None: sqrt(machine epsilon)",
+                                          validators.optional(validators.positive_float))
+    line_search = Option(False, "backtrack on ||f(z) - z|| when a step does not decrease it",
+                         validators.boolean)
+    ls_max_trials = Option(3, "extra f-evaluations the line search may spend per step",
+                           validators.positive_int)
 
-    def init(self, problem: deqcore.Problem, z0: Any, fz0: Any) -> NewtonKrylovState:
+    def init(self, problem: Problem, z0: Any, fz0: Any) -> NewtonKrylovState:
         xp = problem.backend.xp
         count = xp.astype(xp.zeros_like(z0[:, 0]), xp.int32)
         return NewtonKrylovState(z0, fz0, count, xp.zeros_like(z0[:, 0]), count)
 
-    def step(self, problem: deqcore.Problem, state: NewtonKrylovState, active: Any):
+    def step(self, problem: Problem, state: NewtonKrylovState, active: Any):
         backend = problem.backend
         xp = backend.xp
         z, fz = state.z, state.fz
@@ -87,7 +78,7 @@ class NewtonKrylov(deqcore.Solver):
 
         inner = gmres(backend, matvec, g, restart=self.restart, max_iter=self.inner_max_iter,
                       rtol=self.forcing, active=active)
-        z1 = deqcore.select_rows(xp, active, z + inner.x, z)
+        z1 = select_rows(xp, active, z + inner.x, z)
         fz1 = problem.fn(z1)
         nfe = inner.matvecs + 1
         backtracks = state.backtracks
@@ -103,7 +94,7 @@ class NewtonKrylov(deqcore.Solver):
         )
         return z1, fz1, state, nfe
 
-    def _backtrack(self, problem: deqcore.Problem, z: Any, p: Any, g: Any, z1: Any, fz1: Any,
+    def _backtrack(self, problem: Problem, z: Any, p: Any, g: Any, z1: Any, fz1: Any,
                    active: Any) -> tuple[Any, Any, Any, Any]:
         backend = problem.backend
         xp = backend.xp
@@ -126,12 +117,12 @@ class NewtonKrylov(deqcore.Solver):
             denom = phi_s * phi_s - q0 + 2.0 * q0 * s
             s_q = xp.where(denom > 0, q0 * s * s / _safe(xp, denom), 0.5 * s)
             s_new = xp.minimum(xp.maximum(s_q, 0.1 * s), 0.5 * s)
-            z_try = deqcore.select_rows(xp, pending, z + s_new[:, None] * p, z)
+            z_try = select_rows(xp, pending, z + s_new[:, None] * p, z)
             fz_try = problem.fn(z_try)
             phi = xp.linalg.vector_norm(fz_try - z_try, axis=-1)
             better = pending & (phi < phi_best)
-            z_best = deqcore.select_rows(xp, better, z_try, z_best)
-            fz_best = deqcore.select_rows(xp, better, fz_try, fz_best)
+            z_best = select_rows(xp, better, z_try, z_best)
+            fz_best = select_rows(xp, better, fz_try, fz_best)
             phi_best = xp.where(better, phi, phi_best)
             ok = phi <= (1.0 - slope * s_new) * phi0
             s = xp.where(pending, s_new, s)
@@ -143,7 +134,7 @@ class NewtonKrylov(deqcore.Solver):
         z_out, fz_out, _, _, _, _, trials, count = backend.while_loop(cond, body, start)
         return z_out, fz_out, trials, count
 
-    def commit(self, problem: deqcore.Problem, state: NewtonKrylovState, z_new: Any, fz_new: Any,
+    def commit(self, problem: Problem, state: NewtonKrylovState, z_new: Any, fz_new: Any,
                g_new: Any, active: Any, keep: Any) -> NewtonKrylovState:
         # step left the inactive samples where they were, so z_new is the iterate of every sample
         return state._replace(z=z_new, fz=fz_new)

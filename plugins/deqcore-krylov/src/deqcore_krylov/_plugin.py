@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import deqcore
+from deqcore.extend import hookimpl
 
 from ._implicit_gmres import ImplicitGMRES
 from ._newton_krylov import NewtonKrylov
 
 
-@deqcore.hookimpl
+@hookimpl
 def deqcore_register_solvers(register: Any) -> None:
     register(NewtonKrylov.name, NewtonKrylov)
 
 
-@deqcore.hookimpl
+@hookimpl
 def deqcore_register_gradients(register: Any) -> None:
     register(ImplicitGMRES.name, ImplicitGMRES)
