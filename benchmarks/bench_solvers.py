@@ -111,7 +111,7 @@ def conv_operator_norm(K: np.ndarray, h: int, w: int, iters: int = 200) -> float
 
 
 @dataclass
-class Problem:
+class BenchLayer:
     kind: str
     label: str  # e.g. "d=1024 B=64" or "C=16 14x14 B=64"
     batch: int
@@ -158,7 +158,7 @@ class Problem:
         return z
 
 
-def make_problem(kind: str, shape: tuple[int, ...], dtype: str, injection: float) -> Problem:
+def make_problem(kind: str, shape: tuple[int, ...], dtype: str, injection: float) -> BenchLayer:
     rnd = lambda a: np.ascontiguousarray(np.asarray(a).astype(dtype).astype(np.float64))  # noqa: E731
     if kind == "conv":
         B, C, H, W_ = shape
@@ -167,7 +167,7 @@ def make_problem(kind: str, shape: tuple[int, ...], dtype: str, injection: float
         K *= RHO / conv_operator_norm(K, H, W_)
         arrays = {"K": rnd(K), "x": rnd(injection * rng.standard_normal((B, C, H, W_))),
                   "b": rnd(0.1 * injection * rng.standard_normal(C))}
-        return Problem(kind, f"C={C} {H}x{W_} B={B}", B, C * H * W_, arrays, injection)
+        return BenchLayer(kind, f"C={C} {H}x{W_} B={B}", B, C * H * W_, arrays, injection)
     d, B = shape
     rng = np.random.default_rng([SEED, d, PROBLEMS.index(kind)])
     if kind == "gaussian":
@@ -179,7 +179,7 @@ def make_problem(kind: str, shape: tuple[int, ...], dtype: str, injection: float
     arrays = {"W": rnd(W), "U": rnd(rng.standard_normal((d, d)) / np.sqrt(d)),
               "b": rnd(0.1 * injection * rng.standard_normal(d)),
               "x": rnd(injection * rng.standard_normal((B, d)))}
-    return Problem(kind, f"d={d} B={B}", B, d, arrays, injection, {"d": d})
+    return BenchLayer(kind, f"d={d} B={B}", B, d, arrays, injection, {"d": d})
 
 
 #: The anchor libraries per framework, by import name (also the name pip installs).
@@ -279,7 +279,7 @@ def row(case: Case) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def torch_cases(p: Problem, dtype: str, compiled: bool) -> list[Case]:
+def torch_cases(p: BenchLayer, dtype: str, compiled: bool) -> list[Case]:
     import torch
 
     import deqcore
@@ -364,7 +364,7 @@ def torchdeq_runs(f, x, sync=lambda: None):
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_cases(p: Problem, dtype: str) -> list[Case]:
+def jax_cases(p: BenchLayer, dtype: str) -> list[Case]:
     import jax
     import jax.numpy as jnp
     import jaxopt

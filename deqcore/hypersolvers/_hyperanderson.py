@@ -61,8 +61,6 @@ class HyperAndersonIteration(Solver):
     f-evaluation a step. Built by :meth:`HyperAnderson.bind`.
     """
 
-    name = "hyperanderson"
-
     def __init__(self, *, max_iter: int, mixer: Any, params: Mapping[str, Any], compress: Any,
                  window: int, normalisation: str, update: str) -> None:
         self.max_iter, self.mixer, self.params, self.compress = max_iter, mixer, params, compress

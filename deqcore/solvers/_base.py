@@ -82,7 +82,8 @@ class Solver(Configurable, BindableSolver):
     def budget(self) -> int:
         """``max_iter``, which sizing decisions need (``ValueError`` while it is unset)."""
         if self.max_iter is None:
-            raise ValueError(f"solver {self.name!r}: max_iter is not set; pass the solver to "
+            raise ValueError(f"solver {getattr(self, 'name', type(self).__name__)!r}: max_iter is not set; "
+                             "pass the solver to "
                              "deqcore.solve, or construct it with max_iter=")
         return self.max_iter
 
