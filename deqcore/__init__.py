@@ -7,6 +7,7 @@ is a plugin (``deqcore_torch``, ``deqcore_jax``); importing deqcore imports neit
 """
 
 from . import hypersolvers, validators
+from ._capabilities import CapabilityError
 from ._gradients import (
     AdjointContext,
     AdjointMode,
@@ -39,6 +40,7 @@ __all__ = [
     "HyperAnderson",
     "Hypersolver",
     "COMMON_OPTIONS",
+    "CapabilityError",
     "CompileWarning",
     "KINDS",
     "Backend",

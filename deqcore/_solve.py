@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _options as opt
+from ._capabilities import check_gradient_mode
 from ._gradients import AdjointMode, BackwardProblem, BackwardReport, higher_order_error
 from ._loop import TRACE_STEPS, Problem, run, statistics_dtype
 from ._registry import registry
@@ -148,6 +149,7 @@ def solve(
         solver_opts = opt.resolve(f"solver {solver!r}", solver_cls.options, options, COMMON_OPTIONS)
         solver_obj = solver_cls(max_iter=common["max_iter"], **solver_opts)
     mode = _gradient_mode(reg, grad, grad_options, solver)
+    check_gradient_mode(be, grad)
 
     if z0 is None and hyper is not None:
         with be.no_grad():

@@ -11,6 +11,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from deqcore._capabilities import Capabilities
 from deqcore._gradients import higher_order_error as _higher_order_error
 from deqcore._solution import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Solution
 
@@ -74,6 +75,7 @@ class JaxBackend:
     name = "jax"
     xp = xp
     static_shapes = True
+    capabilities = Capabilities(autodiff=True, jit=True, vmap=True, devices=("cpu", "gpu", "tpu"))
 
     def __init__(self) -> None:
         self.register_pytree(Solution, SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS)

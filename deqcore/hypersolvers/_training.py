@@ -146,6 +146,7 @@ def train_hypersolver(
         ``target_residual``: the worst relative residual of the targets, ``target_unconverged``:
         how many targets missed ``target_tol``, ``seconds``: wall time since the start).
     """
+    from .._capabilities import require_autodiff
     from .._registry import registry
     from .._solve import resolve_backend
 
@@ -155,6 +156,8 @@ def train_hypersolver(
     it = iter(batches)
     x = _next_batch(it, 0, steps)
     be = resolve_backend(registry(), backend, "train_hypersolver", {"x": x})
+    require_autodiff(be, "train_hypersolver", "train on a backend with autodiff (torch, jax) and solve "
+                     "with the trained hypersolver on this one")
     xp = be.xp
     target_fn, step_fn = _step_functions(hs, f, be, opts, start)
     history: list[dict[str, float]] = []
