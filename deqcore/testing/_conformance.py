@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .._capabilities import Capabilities, CapabilityError
-from .._registry import registry
-from .._solve import solve
+from .. import CapabilityError, registry, solve
+from .._capabilities import Capabilities
+from ..hypersolvers import HyperAnderson, IdentityCompression, train_hypersolver
 
 #: The built-in solvers every backend must run, and the problems they are checked on.
 SOLVERS = ("anderson", "broyden", "fixed_point")
@@ -411,8 +411,6 @@ def gradient_check(mode: str) -> Callable[[Kit], None]:
 
 def check_gradients_refused(kit: Kit) -> None:
     """Without autodiff a gradient mode and hypersolver training are errors naming the backend."""
-    from ..hypersolvers import HyperAnderson, IdentityCompression, train_hypersolver
-
     f, x, z0 = _problem(kit, "tanh")
     for mode in ("implicit", "jfb", "unroll"):
         try:
