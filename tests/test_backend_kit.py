@@ -7,8 +7,10 @@ Each selected backend (DEQCORE_TEST_BACKENDS) runs every check of
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from deqcore.testing import (
     conformance_checks,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 CHECKS = [(name, label) for name in SELECTED for label in conformance_checks(name)]
 
 
@@ -117,6 +120,25 @@ def test_an_unknown_backend_or_reference_is_an_error_before_any_check():
         conformance_checks("nonesuch")
     with pytest.raises(ValueError, match="unknown backend 'nonesuch'"):
         conformance_checks(SELECTED[0], reference="nonesuch")
+
+
+def test_the_kit_compares_a_backend_with_a_reference(both):
+    checks = conformance_checks("jax", reference="torch")
+    compared = [label for label in checks if label.endswith("-equals-torch")]
+    assert len(compared) == 9  # three solvers, three problems
+    for label in compared:
+        checks[label]()
+
+
+def test_the_harness_rejects_a_backend_no_plugin_registers():
+    """DEQCORE_TEST_BACKENDS may name any registered backend; another name stops the run at once."""
+    env = {**os.environ, "DEQCORE_TEST_BACKENDS": "nonesuch"}
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+               str(ROOT / "tests" / "test_import.py")]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
+    assert ("DEQCORE_TEST_BACKENDS selects ['nonesuch'], which no installed plugin registers (registered "
+            "backends: ") in run.stderr
 
 
 # ------------------------------------------------------------------------------------------------
