@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import CapabilityError, registry, solve
+from .. import CapabilityError, jacobian_penalty, registry, solve
 from .._capabilities import Capabilities
 from ..hypersolvers import HyperAnderson, IdentityCompression, train_hypersolver
 
@@ -410,7 +410,8 @@ def gradient_check(mode: str) -> Callable[[Kit], None]:
 
 
 def check_gradients_refused(kit: Kit) -> None:
-    """Without autodiff a gradient mode and hypersolver training are errors naming the backend."""
+    """Without autodiff a gradient mode, hypersolver training and the Jacobian penalty are errors
+    naming the backend."""
     f, x, z0 = _problem(kit, "tanh")
     for mode in ("implicit", "jfb", "unroll"):
         try:
@@ -422,13 +423,19 @@ def check_gradients_refused(kit: Kit) -> None:
             raise AssertionError(f"solve(grad={mode!r}) on a backend without autodiff did not raise "
                                  "deqcore.CapabilityError")
     hs = HyperAnderson(IdentityCompression(TANH[0].shape[0]))
-    try:
-        train_hypersolver(hs, f, [x], steps=1, backend=kit.name, start=lambda x_: z0)
-    except CapabilityError as error:
-        _expect(repr(kit.name) in str(error), f"the training error does not name the backend: {error}")
-    else:
-        raise AssertionError("train_hypersolver on a backend without autodiff did not raise "
-                             "deqcore.CapabilityError")
+    requests: dict[str, Callable[[], Any]] = {
+        "train_hypersolver": lambda: train_hypersolver(hs, f, [x], steps=1, backend=kit.name,
+                                                       start=lambda x_: z0),
+        "jacobian_penalty": lambda: jacobian_penalty(f, z0, x, z0 + 1.0, backend=kit.name),
+    }
+    for request, call in requests.items():
+        try:
+            call()
+        except CapabilityError as error:
+            _expect(repr(kit.name) in str(error), f"the {request} error does not name the backend: {error}")
+        else:
+            raise AssertionError(f"{request} on a backend without autodiff did not raise "
+                                 "deqcore.CapabilityError")
 
 
 # ------------------------------------------------------------------------------------------------
