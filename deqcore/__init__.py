@@ -12,6 +12,7 @@ bases, ``Option``, ``Backend``, ``hookimpl`` ...) is in :mod:`deqcore.extend`.
 """
 
 from . import extend, gradients, hypersolvers, solvers
+from ._capabilities import CapabilityError
 from ._inputs import COMMON_OPTIONS
 from ._registry import PluginError, PluginWarning, available, registry
 from ._regularisers import jacobian_penalty
@@ -30,6 +31,7 @@ __all__ = [
     "ConvergenceError",
     "HigherOrderError",
     "HyperAnderson",
+    "CapabilityError",
     "PluginError",
     "PluginWarning",
     "Solution",

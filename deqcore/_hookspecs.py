@@ -41,10 +41,11 @@ def deqcore_register_backends(register):  # type: ignore[no-untyped-def]
     names. On first use (``deqcore.registry().backend(name)``, ``deqcore.solve``) an
     ``ImportError`` from ``factory()`` is re-raised with the install hint; any other exception,
     a ``None`` result, or an object lacking a member of :class:`deqcore.extend.Backend` (the attributes
-    ``name``, ``xp``, ``static_shapes`` and every method), with a member that is not callable or
-    cannot be called as the protocol declares, a ``static_shapes`` that is not a bool, or a
-    ``name`` other than the registered one, is a :class:`deqcore.PluginError` naming the plugin,
-    the backend and each problem.
+    ``name``, ``xp``, ``static_shapes``, ``capabilities`` and every method), with a member that is
+    not callable or cannot be called as the protocol declares, a ``static_shapes`` that is not a
+    bool, ``capabilities`` that are not a :class:`deqcore.extend.Capabilities`, or a ``name``
+    other than the registered one, is a :class:`deqcore.PluginError` naming the plugin, the
+    backend and each problem. :func:`deqcore.testing.check_backend` checks that it computes right.
     """
 
 

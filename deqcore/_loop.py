@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import array_api_compat
+import numpy as np
 
 from ._batched_linalg import statistics_dtype
 from ._inputs import TRACE_STEPS
@@ -135,6 +136,10 @@ def _capped(xp: Any, index: Any, cap: int) -> Any:
     return min(index, cap) if isinstance(index, int) else xp.where(index < cap, index, cap)
 
 
+# The algorithms compute with inf and NaN on purpose (an overflowed norm, a diverged sample, the
+# rel/abs ratio of an exact fixed point) and read the outcome from the values; NumPy arrays would
+# warn at each such operation, which torch and JAX do not.
+@np.errstate(all="ignore")
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
         divergence: float | None, differentiable: bool = False, trace: int = TRACE_STEPS,
         check_every: int = 1, fz0: Any = None) -> tuple[LoopState, Any]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from ._capabilities import Capabilities
+
 State = TypeVar("State")
 Array = Any
 
@@ -31,11 +33,15 @@ class Backend(Protocol):
         xp: an Array-API namespace for this framework's arrays.
         static_shapes: True when every array shape in a loop must be fixed at trace time (JAX);
             solvers with growing memories then run the loop in stages of growing capacity.
+        capabilities: what the backend supports beyond the eager operations (autodiff, jit,
+            vmap, devices); a backend without ``autodiff`` refuses gradient modes with a
+            :class:`deqcore.CapabilityError` instead of returning an undifferentiable ``z``.
     """
 
     name: str
     xp: Any
     static_shapes: bool
+    capabilities: Capabilities
 
     def is_array(self, obj: object) -> bool:
         """True if ``obj`` is an array of this framework (including tracers)."""
@@ -119,7 +125,13 @@ class Backend(Protocol):
     ) -> tuple[Array, Callable[..., Any]]:
         """Return ``(fn(*primals), pullback)`` where ``pullback(ct)`` gives one cotangent per primal.
 
-        The pullback may be called many times (backward solvers do). With
+        Used by hypersolver training (the gradient of its loss with respect to the hypersolver's
+        weights, through unrolled solver steps) and :func:`deqcore.jacobian_penalty`; the
+        gradient modes' backward solves get ``v @ df/dz`` from :meth:`attach_adjoint`, built on
+        the same reverse mode.
+        Only called on backends whose ``capabilities.autodiff`` is True; a backend without
+        autodiff may raise ``NotImplementedError``. The pullback may be called many times
+        (backward solvers do). With
         ``create_graph=True`` the cotangents are themselves differentiable with respect to the
         arrays ``fn`` closes over (a penalty on them can be trained, as Jacobian
         regularisation does); JAX's are always, PyTorch needs ``create_graph`` in

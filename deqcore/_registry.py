@@ -17,6 +17,7 @@ from typing import Any
 import pluggy
 
 from . import _hookspecs
+from ._capabilities import Capabilities
 from ._inputs import SOLVE_PARAMETERS
 from ._options import Option
 from ._protocol import Backend
@@ -311,7 +312,8 @@ def _protocol_members(protocol: type) -> tuple[dict[str, str], list[str]]:
     return attributes, methods
 
 
-_ANNOTATED_TYPES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
+_ANNOTATED_TYPES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float,
+                                     "Capabilities": Capabilities}
 
 
 def _call_problem(name: str, impl: Any, spec: Any, *, bound: bool) -> str | None:

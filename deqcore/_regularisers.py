@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._capabilities import require_autodiff
 from ._inputs import resolve_backend
 from ._registry import registry
 from ._structure import Structure
@@ -37,6 +38,7 @@ def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *
         ValueError / TypeError: ``noise`` does not match ``z``, or ``f``'s output does not.
     """
     be = resolve_backend(registry(), backend, "jacobian_penalty", {"z": z, "x": x, "noise": noise})
+    require_autodiff(be, "jacobian_penalty", "train with the penalty on a backend with autodiff (torch, jax)")
     structure = Structure.of(be, z, batched, what="z")
     probe = Structure.of(be, noise, batched, what="noise")
     if (probe.is_tuple, probe.shapes, probe.dtype) != (structure.is_tuple, structure.shapes, structure.dtype):

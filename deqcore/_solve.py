@@ -11,6 +11,7 @@ import numpy as np
 from . import _inputs
 from . import _options as opt
 from ._batched_linalg import statistics_dtype
+from ._capabilities import check_gradient_mode
 from ._inputs import COMMON_OPTIONS, default, first_floating, note_default_z0, resolve_backend, zeros_like
 from ._loop import run
 from ._registry import registry
@@ -121,6 +122,7 @@ def solve(
         loop_be = be.compiled(None if common["compile"] is True else common["compile"])
     bindable = _bindable(reg, solver, options)
     mode = _gradient_mode(reg, grad, grad_options, bindable.name)
+    check_gradient_mode(be, grad)
 
     if z0 is None:
         with be.no_grad():

@@ -4,8 +4,9 @@ A solver subclasses :class:`Solver` (its options are :class:`Option` class attri
 :mod:`validators`); a gradient mode subclasses :class:`GradientMode`, or :class:`AdjointMode`
 when it is an adjoint; a learned solver subclasses :class:`Hypersolver`; anything with a ``name``
 and ``bind`` (a :class:`BindableSolver`) can be passed to ``deqcore.solve(..., solver=...)``. A
-backend implements :class:`Backend`. Each registers through a :data:`hookimpl` of the hooks in
-``deqcore._hookspecs`` (see the plugin-author guide). The loop hands solvers a :class:`Problem`;
+backend implements :class:`Backend` (:class:`EagerBackend` gives eager defaults) and declares
+its :class:`Capabilities`; ``deqcore.testing.check_backend`` proves it. Each registers through
+a :data:`hookimpl` of the hooks in ``deqcore._hookspecs`` (see the plugin-author guide). The loop hands solvers a :class:`Problem`;
 :func:`select_rows` is the per-sample select they use; :class:`Structure` flattens states.
 A backend that registers :class:`deqcore.Solution` with its framework (as a pytree) finds the
 array and static fields in ``SOLUTION_DATA_FIELDS`` / ``SOLUTION_META_FIELDS``, and gives
@@ -13,6 +14,8 @@ array and static fields in ``SOLUTION_DATA_FIELDS`` / ``SOLUTION_META_FIELDS``, 
 """
 
 from . import validators
+from ._capabilities import Capabilities
+from ._eager_backend import EagerBackend
 from ._hookspecs import hookimpl, hookspec
 from ._options import Option
 from ._protocol import Backend
@@ -37,6 +40,8 @@ __all__ = [
     "Backend",
     "BackwardProblem",
     "BindableSolver",
+    "Capabilities",
+    "EagerBackend",
     "Entry",
     "GradientMode",
     "Hypersolver",

@@ -2,7 +2,9 @@
 
 ``DEQCORE_TEST_BACKENDS=torch`` (or ``jax``, or ``torch,jax``) selects backends; by default every
 backend whose framework imports. A selected backend whose framework is missing is an error, not a
-skip, so a misconfigured tox env cannot pass silently.
+skip, so a misconfigured tox env cannot pass silently. Any other registered backend (a plugin's,
+such as ``numpy`` from plugins/deqcore-numpy) may be selected too: the harness builds its arrays
+with the backend's own ``xp``; a name no plugin registers is an error.
 
 Tests that need a backend that is not selected are *deselected* at collection (and counted in
 pytest's summary), never skipped: ``@pytest.mark.backend("jax")`` needs JAX (jit, vmap),
@@ -34,9 +36,15 @@ def _selected() -> tuple[str, ...]:
     raw = os.environ.get("DEQCORE_TEST_BACKENDS", "").strip()
     if raw:
         names = tuple(n.strip() for n in raw.split(",") if n.strip())
-        missing = [n for n in names if importlib.util.find_spec(n) is None]
+        missing = [n for n in names if n in ALL_BACKENDS and importlib.util.find_spec(n) is None]
         if missing:
             raise pytest.UsageError(f"DEQCORE_TEST_BACKENDS selects {missing} but they are not installed")
+        others = [n for n in names if n not in ALL_BACKENDS]
+        registered = deqcore.available()["backends"] if others else []
+        unknown = [n for n in others if n not in registered]
+        if unknown:
+            raise pytest.UsageError(f"DEQCORE_TEST_BACKENDS selects {unknown}, which no installed plugin "
+                                    f"registers (registered backends: {', '.join(registered)})")
         return names
     return tuple(n for n in ALL_BACKENDS if importlib.util.find_spec(n) is not None)
 
@@ -92,14 +100,12 @@ class Harness:
         self.xp = self.backend.xp
 
     def asarray(self, a, dtype="float64"):
-        a = np.asarray(a, dtype=dtype)
+        a = np.array(a, dtype=dtype)  # a copy: a backend writing in place never changes the caller's
         if self.name == "torch":
             import torch
 
-            return torch.from_numpy(a.copy())
-        import jax.numpy as jnp
-
-        return jnp.asarray(a)
+            return torch.from_numpy(a)
+        return self.xp.asarray(a)
 
     def numpy(self, a):
         return np.asarray(self.backend.to_numpy(a))
@@ -115,13 +121,7 @@ class Harness:
     def tanh_layer(self, W, U, b):
         """f(z, x) = tanh(z W^T + x U^T + b) with numpy weights converted to this backend."""
         Wb, Ub, bb = (self.asarray(a, dtype=W.dtype) for a in (W, U, b))
-        if self.name == "torch":
-            import torch
-
-            return lambda z, x: torch.tanh(z @ Wb.T + x @ Ub.T + bb)
-        import jax.numpy as jnp
-
-        return lambda z, x: jnp.tanh(z @ Wb.T + x @ Ub.T + bb)
+        return lambda z, x: self.xp.tanh(z @ Wb.T + x @ Ub.T + bb)
 
     def affine_layer(self, A, c):
         """f(z, x) = z A^T + x + c."""

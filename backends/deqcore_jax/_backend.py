@@ -12,6 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from deqcore import Solution
 from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from deqcore._capabilities import Capabilities
 from deqcore.extend import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS
 from deqcore.extend import higher_order_error as _higher_order_error
 
@@ -75,6 +76,7 @@ class JaxBackend:
     name = "jax"
     xp = xp
     static_shapes = True
+    capabilities = Capabilities(autodiff=True, jit=True, vmap=True, devices=("cpu", "gpu", "tpu"))
 
     def __init__(self) -> None:
         self.register_pytree(Solution, SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS)

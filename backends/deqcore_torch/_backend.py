@@ -9,6 +9,8 @@ import array_api_compat.torch as compat
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from deqcore._capabilities import Capabilities
+from deqcore._eager_backend import EagerBackend
 from deqcore.extend import higher_order_error as _higher_order_error
 
 
@@ -190,16 +192,20 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise ctx.make_error()
 
 
-class TorchBackend:
+class TorchBackend(EagerBackend):
     """The protocol on PyTorch: eager loops, in-place buffer writes, autograd hooks.
 
     Works for any floating dtype and device; arrays are created on the input's device. The only
-    host round-trip in a solver iteration is the loop's stop check.
+    host round-trip in a solver iteration is the loop's stop check. The loops, ``jit``, host
+    checks and callbacks are :class:`deqcore.extend.EagerBackend`'s.
     """
 
     name = "torch"
     xp = xp
     static_shapes = False
+    # eager loops read the stop test on the host, so neither torch.func.vmap nor a whole-solve
+    # torch.compile can trace a solve (compile= compiles the loop bodies instead)
+    capabilities = Capabilities(autodiff=True, jit=False, vmap=False, devices=("cpu", "cuda", "mps"))
 
     def __init__(self, make_compiled: Callable[..., Any] | None = None) -> None:
         # the compiled variant (a subclass, in _compiled.py) is handed in by the package's factory
@@ -211,27 +217,6 @@ class TorchBackend:
 
     def no_grad(self) -> contextlib.AbstractContextManager[Any]:
         return torch.no_grad()
-
-    def while_loop(self, cond, body, state, max_steps=None, check_every=1):
-        with torch.no_grad():
-            return self.differentiable_loop(cond, body, state, max_steps, check_every)
-
-    def differentiable_loop(self, cond, body, state, max_steps, check_every=1):
-        i = 0
-        while max_steps is None or i < max_steps:
-            if i % check_every == 0 and not bool(cond(state)):
-                break
-            state = body(state)
-            i += 1
-        return state
-
-    def fori_loop(self, length, body, state):
-        for i in range(length):
-            state = body(i, state)
-        return state
-
-    def jit(self, fn):
-        return fn
 
     def set_index(self, buffer, index, value, axis=0):
         if (torch.is_grad_enabled() and (buffer.requires_grad or value.requires_grad)) or _dual(value):
@@ -297,27 +282,14 @@ class TorchBackend:
         anchor = x.reshape(-1)[:1] * 0
         return _FirstOrderOnly.apply(x, anchor, make_error)
 
-    def host_callback(self, fn, *arrays):
-        fn(*(self.to_numpy(a) for a in arrays))
-
     def to_numpy(self, x):
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every value
             x = x.float()
         return x.numpy()
 
-    def is_concrete(self, x):
-        return True
-
     def device(self, x):
         return x.device
-
-    def host_check(self, failed, make_error: Callable[..., Exception], *payload):
-        if bool(torch.any(failed)):
-            raise make_error(self.to_numpy(failed), *(self.to_numpy(p) for p in payload))
-
-    def register_pytree(self, cls, data_fields, meta_fields):
-        return None
 
     def compiled(self, mode=None):
         if self.make_compiled is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._capabilities import require_autodiff
 from .._inputs import first_floating, resolve_backend, zeros_like
 from .._options import (
     Option,
@@ -160,6 +161,8 @@ def train_hypersolver(
     it = iter(batches)
     x = _next_batch(it, 0, steps)
     be = resolve_backend(registry(), backend, "train_hypersolver", {"x": x})
+    require_autodiff(be, "train_hypersolver", "train on a backend with autodiff (torch, jax) and solve "
+                     "with the trained hypersolver on this one")
     xp = be.xp
     target_fn, step_fn = _step_functions(hs, f, be, opts, start)
     history: list[dict[str, float]] = []
