@@ -6,11 +6,12 @@ when it is an adjoint; a learned solver subclasses :class:`Hypersolver`; anythin
 and ``bind`` (a :class:`BindableSolver`) can be passed to ``deqcore.solve(..., solver=...)``. A
 backend implements :class:`Backend` (:class:`EagerBackend` gives eager defaults) and declares
 its :class:`Capabilities`; ``deqcore.testing.check_backend`` proves it. Each registers through
-a :data:`hookimpl` of the hooks in ``deqcore._hookspecs`` (see the plugin-author guide). The loop hands solvers a :class:`Problem`;
-:func:`select_rows` is the per-sample select they use; :class:`Structure` flattens states.
-A backend that registers :class:`deqcore.Solution` with its framework (as a pytree) finds the
-array and static fields in ``SOLUTION_DATA_FIELDS`` / ``SOLUTION_META_FIELDS``, and gives
-:meth:`Backend.first_order_only` the error of :func:`higher_order_error`.
+a :data:`hookimpl` of the hooks in ``deqcore._hookspecs`` (see the plugin-author guide). The
+loop hands solvers a :class:`Problem`; :func:`select_rows` is the per-sample select they use;
+:class:`Structure` flattens states. A backend that registers :class:`deqcore.Solution` with its
+framework (as a pytree) finds the array and static fields in ``SOLUTION_DATA_FIELDS`` /
+``SOLUTION_META_FIELDS``, and gives :meth:`Backend.first_order_only` the error of
+:func:`higher_order_error`.
 """
 
 from . import validators
