@@ -75,9 +75,10 @@ def solve(
             or a trained hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then
             also supplies ``z0`` from its initialiser when ``z0`` is None. A hypersolver takes no
             solver options.
-        tol, stop_mode: stop a sample when its ``rel`` (``||f(z)-z|| / ||f(z)||``) or ``abs``
-            (``||f(z)-z||``) residual is ``<= tol``. Converged samples are frozen; the loop ends
-            when all samples are frozen or after ``max_iter`` steps.
+        tol: stop a sample when its ``stop_mode`` residual is ``<= tol``. Converged samples are
+            frozen; the loop ends when all samples are frozen or after ``max_iter`` steps.
+        stop_mode: the residual ``tol`` applies to: ``"rel"`` (``||f(z)-z|| / ||f(z)||``) or
+            ``"abs"`` (``||f(z)-z||``).
         divergence: a sample whose abs residual exceeds ``divergence`` times its initial one is
             flagged ``DIVERGED`` and frozen; ``None`` disables the test.
         batched: axis 0 of every array of ``z`` is the batch axis (default). ``False`` treats the

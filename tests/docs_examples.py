@@ -24,6 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {"python": "exec", "py": "exec", "pycon": "doctest"}
 FRAMEWORKS = ("torch", "jax")
+#: Pages whose examples need a plugin distribution installed, and the test (in the plugin's own
+#: suite, run where it is installed) that runs them.
+PLUGIN_PAGES = {
+    "docs/plugins/krylov.md": "plugins/deqcore-krylov/tests/test_plugin_docs.py",
+    "plugins/deqcore-krylov/README.md": "plugins/deqcore-krylov/tests/test_plugin_docs.py",
+}
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _NO_RUN = re.compile(r"^\s*<!--\s*no-run\b(?P<rest>.*?)-->\s*$")

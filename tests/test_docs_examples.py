@@ -3,7 +3,7 @@
 Each page's runnable blocks run in order in one namespace (tests/docs_examples.py), in a fresh
 working directory, on the frameworks the page uses: a page that imports (or names) only torch
 runs in the torch env, only JAX in the jax env, both in the ``both`` env, neither in torch and jax.
-Pages that need a plugin distribution run in that plugin's own tests (:data:`PLUGIN_PAGES`).
+Pages that need a plugin distribution run in that plugin's own tests (``PLUGIN_PAGES``).
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from docs_examples import ROOT, Block, blocks, frameworks, pages, run_page
+from docs_examples import PLUGIN_PAGES, ROOT, Block, blocks, frameworks, pages, run_page
 
 import deqcore
 
-#: Pages whose examples need a plugin distribution installed, and the tests that run them.
-PLUGIN_PAGES = {
-    "docs/plugins/krylov.md": "plugins/deqcore-krylov/tests/test_docs_examples.py",
-    "plugins/deqcore-krylov/README.md": "plugins/deqcore-krylov/tests/test_docs_examples.py",
-}
 #: How many Python blocks each page deliberately does not run (each carries a ``no-run`` marker
 #: with its reason). A new marker must be counted here, so skipping cannot grow unnoticed.
 NOT_RUN = {

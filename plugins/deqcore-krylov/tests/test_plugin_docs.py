@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from docs_examples import blocks, frameworks, run_page  # noqa: E402
+from docs_examples import PLUGIN_PAGES, blocks, frameworks, run_page  # noqa: E402
 from krylov_testing import SELECTED  # noqa: E402
 
-PAGES = ["plugins/deqcore-krylov/README.md", "docs/plugins/krylov.md"]
+PAGES = [page for page, test in PLUGIN_PAGES.items() if ROOT / test == Path(__file__).resolve()]
 
 
 @pytest.mark.parametrize("page", PAGES)
