@@ -1,7 +1,7 @@
 """The code blocks of the documentation, read from Markdown and run like a reader would run them.
 
 A page is a tutorial: its Python blocks (fence ``python`` or ``py``) run in order in one
-namespace, in a fresh working directory; ``pycon`` blocks (``>>>`` sessions) run as doctests in
+namespace, in a fresh working directory; ``pycon`` blocks (``>>>`` examples) run as doctests in
 the same namespace. Other fences (shell commands, TOML, output, diagrams) are text.
 
 A block that is deliberately not run carries a marker on the line before its fence, with a
