@@ -1,7 +1,8 @@
 """The code blocks of the documentation, read from Markdown and run like a reader would run them.
 
 A page is a tutorial: its Python blocks (fence ``python`` or ``py``) run in order in one
-namespace, in a fresh working directory; ``pycon`` blocks (``>>>`` examples) run as doctests in
+namespace, in a fresh Python process (nothing left over from other tests, JAX's default
+precision) and a fresh working directory; ``pycon`` blocks (``>>>`` examples) run as doctests in
 the same namespace. Other fences (shell commands, TOML, output, diagrams) are text.
 
 A block that is deliberately not run carries a marker on the line before its fence, with a
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import ast
 import doctest
+import os
 import re
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +149,18 @@ def run_page(code_blocks: list[Block]) -> dict[str, object]:
             raise AssertionError(
                 f"the Python block at {block} raises {type(exc).__name__}:\n{trace}") from None
     return namespace
+
+
+def run_page_in_fresh_python(page: Path, cwd: Path) -> None:
+    """:func:`run_page` on ``page`` in a new interpreter started in ``cwd``, as a reader would
+    run the examples; any warning they raise is an error. A failure raises AssertionError with
+    the process's output."""
+    env = dict(os.environ, PYTHONWARNINGS="error")
+    run = subprocess.run([sys.executable, __file__, str(page)], cwd=cwd, env=env, capture_output=True,
+                         text=True)
+    if run.returncode != 0:
+        raise AssertionError(f"{page.relative_to(ROOT)}: the examples fail\n{run.stdout}{run.stderr}")
+
+
+if __name__ == "__main__":
+    run_page(blocks(Path(sys.argv[1]).resolve()))

@@ -1,9 +1,10 @@
 """Every Python example in README.md, docs/ and the plugins' READMEs runs as written.
 
 Each page's runnable blocks run in order in one namespace (tests/docs_examples.py), in a fresh
-working directory, on the frameworks the page uses: a page that imports (or names) only torch
-runs in the torch env, only JAX in the jax env, both in the ``both`` env, neither in torch and jax.
-Pages that need a plugin distribution run in that plugin's own tests (``PLUGIN_PAGES``).
+Python process and working directory, on the frameworks the page uses: a page that imports (or
+names) only torch runs in the torch env, only JAX in the jax env, both in the ``both`` env,
+neither in torch and jax. Pages that need a plugin distribution run in that plugin's own tests
+(``PLUGIN_PAGES``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from docs_examples import PLUGIN_PAGES, ROOT, Block, blocks, frameworks, pages, run_page
+from docs_examples import (
+    PLUGIN_PAGES,
+    ROOT,
+    Block,
+    blocks,
+    frameworks,
+    pages,
+    run_page,
+    run_page_in_fresh_python,
+)
 
 import deqcore
 
@@ -34,9 +44,8 @@ def _param(name: str):
 
 @pytest.mark.parametrize("page", [_param(name) for name, found in PAGES.items()
                                   if name not in PLUGIN_PAGES and any(b.runs for b in found)])
-def test_page_examples_run(page, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    run_page(PAGES[page])
+def test_page_examples_run(page, tmp_path):
+    run_page_in_fresh_python(ROOT / page, tmp_path)
 
 
 def test_unrun_blocks_are_the_committed_ones():
