@@ -1,6 +1,7 @@
 """The documentation site (mkdocs.yml) without building it: the API reference covers the public
-names, and the link hook (scripts/docs_links.py) keeps repository links honest. The build itself,
-with warnings as errors, is the ``docs`` tox env."""
+names, and the site's hooks (scripts/docs_site_hooks.py) keep repository links honest and
+docstring roles out of the pages. The build itself, with warnings as errors, is the ``docs`` tox
+env."""
 
 from __future__ import annotations
 
@@ -57,11 +58,11 @@ def test_api_reference_covers_every_public_name_of_deqcore():
     assert {"deqcore.solve", "deqcore.Solution", "deqcore.Solver", "deqcore.Backend"} <= targets
 
 
-def _hook():
-    spec = importlib.util.spec_from_file_location("docs_links", ROOT / "scripts" / "docs_links.py")
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_site_hooks", ROOT / "scripts" / "docs_site_hooks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.on_page_markdown
+    return module
 
 
 def _render(tmp_path: Path, markdown: str, repo_url: str | None = None) -> str:
@@ -74,7 +75,7 @@ def _render(tmp_path: Path, markdown: str, repo_url: str | None = None) -> str:
     config = {"docs_dir": str(docs), "config_file_path": str(tmp_path / "mkdocs.yml"), "repo_url": repo_url}
     page = SimpleNamespace(file=SimpleNamespace(abs_src_path=str(docs / "sub" / "page.md"),
                                                 src_uri="sub/page.md"))
-    return _hook()(markdown, page, config, None)
+    return _hooks().on_page_markdown(markdown, page, config, None)
 
 
 def test_links_outside_docs_become_repository_paths(tmp_path, caplog):
@@ -99,3 +100,10 @@ def test_a_missing_repository_file_is_a_warning(tmp_path, caplog, target):
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert target in caplog.records[0].getMessage()
     assert caplog.records[0].name.startswith("mkdocs.")  # counted by mkdocs --strict
+
+
+def test_docstring_roles_are_dropped_and_the_code_kept():
+    html = ("<p>raise :class:<code>ConvergenceError</code>; see :meth:<code>Solver.step</code>, "
+            "a:b:<code>c</code></p>")
+    assert _hooks().on_page_content(html, None, None, None) == (
+        "<p>raise <code>ConvergenceError</code>; see <code>Solver.step</code>, a:b:<code>c</code></p>")

@@ -1,11 +1,16 @@
-"""mkdocs hook: links from the documentation to repository files outside docs/.
+"""mkdocs hooks of the documentation site (mkdocs.yml).
 
-A few pages link to files that live beside docs/ (the repository's README, a plugin's README).
-Those links are right where the pages are written to be read, in the repository, but the site
-cannot hold the files. For each such link this hook checks that the file exists in the
-repository (a missing one is a warning, so ``mkdocs build --strict`` fails as on any broken link)
-and shows it in the site as the repository path, or as a link into ``repo_url`` when mkdocs.yml
-sets one. Links between pages of the site are left to mkdocs's own validation.
+Links to repository files outside docs/ (``on_page_markdown``). A few pages link to files that
+live beside docs/ (the repository's README, a plugin's README). Those links are right where the
+pages are written to be read, in the repository, but the site cannot hold the files. For each such
+link this hook checks that the file exists in the repository (a missing one is a warning, so
+``mkdocs build --strict`` fails as on any broken link) and shows it in the site as the repository
+path, or as a link into ``repo_url`` when mkdocs.yml sets one. Links between pages of the site are
+left to mkdocs's own validation.
+
+Docstring roles (``on_page_content``). The docstrings are written for ``help()`` and Sphinx-style
+readers (``:class:`Solution```); the API pages render them as Markdown, where the role would show
+as text before the code. The role is dropped, the code stays.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mkdocs.hooks.docs_links")
+log = logging.getLogger("mkdocs.hooks.docs_site")
 
 _CODE = re.compile(r"^(`{3,}|~{3,}).*?^\1[ \t]*$|`[^`\n]*`", re.M | re.S)
+_ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc|obj):(?=<code>)")
 _LINK = re.compile(r"(?<!!)\[(?P<text>[^\]\n]*)\]\((?P<target>[^)\s]+)\)")
 
 
@@ -52,3 +58,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         pieces += [markdown[last:link.start()], outside(link.start(), link.end())]
         last = link.end()
     return "".join(pieces) + markdown[last:]
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    return _ROLE.sub("", html)
