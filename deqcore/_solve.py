@@ -59,11 +59,12 @@ def solve(
             configured by ``**options``; or a solver instance, configured when built
             (``deqcore.solvers.Anderson(memory=8)``; ``max_iter`` is this call's), or a trained
             hypersolver (:class:`deqcore.hypersolvers.HyperAnderson`), which then also supplies
-            ``z0`` from its initialiser when ``z0`` is None: any :class:`deqcore.extend.BindableSolver`.
-            An instance takes no ``**options``.
-        tol, stop_mode: stop a sample when its ``rel`` (``||f(z)-z|| / ||f(z)||``) or ``abs``
-            (``||f(z)-z||``) residual is ``<= tol``. Converged samples are frozen; the loop ends
-            when all samples are frozen or after ``max_iter`` steps.
+            ``z0`` from its initialiser when ``z0`` is None: any
+            :class:`deqcore.extend.BindableSolver`. An instance takes no ``**options``.
+        tol: stop a sample when its ``stop_mode`` residual is ``<= tol``. Converged samples are
+            frozen; the loop ends when all samples are frozen or after ``max_iter`` steps.
+        stop_mode: the residual ``tol`` applies to: ``"rel"`` (``||f(z)-z|| / ||f(z)||``) or
+            ``"abs"`` (``||f(z)-z||``).
         divergence: a sample whose abs residual exceeds ``divergence`` times its initial one is
             flagged ``DIVERGED`` and frozen; ``None`` disables the test.
         batched: axis 0 of every array of ``z`` is the batch axis (default). ``False`` treats the

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import InvalidRequirement, Requirement
+from repository_files import source_files
 
 try:
     import tomllib
@@ -35,25 +36,10 @@ PACKAGE_SOURCES = {
     "deqcore_models": ROOT / "models" / "deqcore_models",
 }
 TORCH_PIN = "==2.13.0"
-IGNORED = {".git", ".venv", ".tox", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache",
-           ".mypy_cache", ".hypothesis"}
-
-
-def _source_files() -> list[str]:
-    """The working tree as a fresh clone would have it: tracked plus untracked, not ignored."""
-    if shutil.which("git") and (ROOT / ".git").exists():
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                             capture_output=True, check=True).stdout
-        return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
-    return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-            if p.is_file() and not IGNORED & set(p.relative_to(ROOT).parts)
-            and not any(part.endswith(".egg-info") for part in p.parts)]
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    for rel in _source_files():
+    for rel in source_files():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
     out = tmp_path_factory.mktemp("dist")
@@ -103,7 +89,7 @@ def test_wheel_has_every_source_module(wheel):
         assert must in names
     # every module of the source tree ships, subpackages included (a new subpackage left out of
     # pyproject's package list would import in the repo but not after `pip install`)
-    sources = set(_source_files())
+    sources = set(source_files())
     missing = []
     for prefix, directory in PACKAGE_SOURCES.items():
         for path in directory.rglob("*.py"):

@@ -144,9 +144,11 @@ class HyperAnderson(Hypersolver):
         normalisation: ``"shift"`` (default), ``"softmax"`` or ``"none"`` (ablations).
         update: ``"weighted"`` (default, ``beta * G^T alpha``) or ``"sum"`` (``beta * sum_i g_i``,
             the review text's literal form).
-        width, beta_max, beta_init, prior: the default mixer's width, ``beta = beta_max *
-            sigmoid(.)``, its initial value, and the weights its output corrects
-            (``"anderson"``, default, or ``"newest"``; see :class:`TemporalConvMixer`).
+        width: the default mixer's width.
+        beta_max: the default mixer's largest step: ``beta = beta_max * sigmoid(.)``.
+        beta_init: the default mixer's initial ``beta``.
+        prior: the weights the default mixer's output corrects (``"anderson"``, default, or
+            ``"newest"``; see :class:`TemporalConvMixer`).
         params: trained weights (``mixer.*``, ``init.*``); default a fresh initialisation from
             ``seed``. Names and shapes are checked.
     """
