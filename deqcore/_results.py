@@ -135,7 +135,9 @@ class Solution:
 SOLUTION_DATA_FIELDS = [
     f.name for f in dataclasses.fields(Solution) if not f.metadata.get("static", False)
 ]
+"""The fields of :class:`Solution` that hold arrays (a pytree's children)."""
 SOLUTION_META_FIELDS = [f.name for f in dataclasses.fields(Solution) if f.metadata.get("static")]
+"""The static fields of :class:`Solution` (a pytree's auxiliary data: solver name, tol, ...)."""
 
 
 def _to_numpy(x: Any) -> Any:
