@@ -424,6 +424,9 @@ def _check_entry(entry: Entry) -> None:
         if problems:
             raise TypeError(f"{what}: {'; '.join(problems)}")
         return
+    if entry.kind == "gradients" and entry.name == "auto":
+        raise TypeError(f"{what}: 'auto' is deqcore.solve's default (implicit where the backend has "
+                        "autodiff), not a registrable name; register the mode under another name")
     base, required, named = _contracts()[entry.kind]
     cls = entry.obj
     contract = f"deqcore.extend.{base.__name__}"

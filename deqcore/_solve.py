@@ -37,7 +37,7 @@ def solve(
     trace: bool | int = default("trace"),
     check_every: int = default("check_every"),
     compile: bool | str = default("compile"),
-    grad: str | None = "implicit",
+    grad: str | None = "auto",
     grad_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Solution:
@@ -90,9 +90,11 @@ def solve(
             eagerly with a :class:`deqcore.CompileWarning`. JAX: no effect (its loops are
             always compiled).
         grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
-            (default, exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``,
-            ``"gdeq"`` (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None``
-            returns ``z`` with no gradient path. On torch nothing is attached (and no extra
+            (exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``, ``"gdeq"``
+            (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None`` returns ``z``
+            with no gradient path. The default ``"auto"`` is ``"implicit"`` on backends with
+            autodiff (torch, JAX) and ``None`` on others (NumPy); naming a mode on a backend
+            without autodiff is a :class:`deqcore.CapabilityError`. On torch nothing is attached (and no extra
             evaluation of ``f`` runs) when grad mode is off or nothing ``f`` uses requires grad.
         grad_options: the gradient mode's options, for example ``{"k": 5, "lam": 0.5}`` for
             ``npg``, or ``{"solver": "broyden", "tol": 1e-8}`` for ``implicit``. Unknown names are a
@@ -122,8 +124,13 @@ def solve(
                             f"{common['compile']!r}); solve with compile=False")
         loop_be = be.compiled(None if common["compile"] is True else common["compile"])
     bindable = _bindable(reg, solver, options)
-    mode = _gradient_mode(reg, grad, grad_options, bindable.name)
+    if grad == "auto":
+        grad = "implicit" if be.capabilities.autodiff else None
+        if grad is None and grad_options:
+            raise TypeError(f"deqcore.solve: grad_options were given but backend {be.name!r} has no "
+                            "autodiff, so no gradient mode applies (grad='auto' is None there)")
     check_gradient_mode(be, grad)
+    mode = _gradient_mode(reg, grad, grad_options, bindable.name)
 
     if z0 is None:
         with be.no_grad():

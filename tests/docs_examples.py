@@ -33,6 +33,7 @@ FRAMEWORKS = ("torch", "jax")
 PLUGIN_PAGES = {
     "docs/plugins/krylov.md": "plugins/deqcore-krylov/tests/test_plugin_docs.py",
     "plugins/deqcore-krylov/README.md": "plugins/deqcore-krylov/tests/test_plugin_docs.py",
+    "plugins/deqcore-numpy/README.md": "plugins/deqcore-numpy/tests/test_plugin_docs.py",
 }
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")

@@ -413,6 +413,9 @@ def check_gradients_refused(kit: Kit) -> None:
     """Without autodiff a gradient mode, hypersolver training and the Jacobian penalty are errors
     naming the backend."""
     f, x, z0 = _problem(kit, "tanh")
+    sol = solve(f, x, z0, backend=kit.name)  # the default, grad="auto", is no gradient mode here
+    _expect(sol.grad is None, f"the default gradient mode on a backend without autodiff is {sol.grad!r}, "
+            "not None")
     for mode in ("implicit", "jfb", "unroll"):
         try:
             solve(f, x, z0, backend=kit.name, grad=mode)

@@ -39,13 +39,16 @@ def _layer(rho, n=6, m=4, seed=0):
     return W, U, rng.standard_normal((5, m))
 
 
-def test_a_solve_is_inferred_from_numpy_arrays_and_needs_grad_none():
+def test_a_solve_is_inferred_from_numpy_arrays_and_has_no_gradient_mode():
     W, U, x = _layer(0.5)
     f = lambda z, x: np.tanh(z @ W.T + x @ U.T)  # noqa: E731
     z0 = np.zeros((len(x), len(W)))
     with pytest.raises(deqcore.CapabilityError, match=r"grad='implicit'.*backend 'numpy'.*grad=None"):
-        deqcore.solve(f, x, z0)
-    sol = deqcore.solve(f, x, z0, grad=None, tol=1e-12)
+        deqcore.solve(f, x, z0, grad="implicit")
+    with pytest.raises(TypeError, match=r"grad_options were given but backend 'numpy' has no autodiff"):
+        deqcore.solve(f, x, z0, grad_options={"tol": 1e-8})
+    sol = deqcore.solve(f, x, z0, tol=1e-12)  # the default gradient mode, "auto", is None here
+    assert sol.grad is None
     assert isinstance(sol.z, np.ndarray) and sol.z.dtype == np.float64 and bool(np.all(sol.converged))
     np.testing.assert_allclose(sol.z, f(sol.z, x), atol=1e-11)
 

@@ -2,7 +2,7 @@
 
 Installed, it registers the backend ``"numpy"`` (``[project.entry-points.deqcore]``); NumPy
 arrays passed to :func:`deqcore.solve` then solve on it. Gradient modes need autodiff, which
-NumPy has not: solve with ``grad=None``.
+NumPy has not: a solve's default (``grad="auto"``) attaches none, and naming one is an error.
 """
 
 from ._backend import NumpyBackend
