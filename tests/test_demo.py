@@ -4,6 +4,7 @@ frameworks, reports consistent numbers, writes its files and refuses to overwrit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -93,8 +94,9 @@ def test_demo_agrees_across_frameworks(both, tmp_path, data_root, capsys):
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--backend", "numpy"], "argument --backend: invalid choice"),
 ])
-def test_demo_bad_flags_are_one_line_errors(argv, message, tmp_path, data_root, capsys):
-    status, stdout, err = _run(capsys, "--data", str(data_root), "--out", str(tmp_path / "demo"), *argv)
+def test_demo_bad_flags_are_one_line_errors(argv, message, h, tmp_path, data_root, capsys):
+    status, stdout, err = _run(capsys, "--data", str(data_root), "--out", str(tmp_path / "demo"),
+                               "--backend", h.name, "--backends", h.name, *argv)
     assert status == 2 and stdout == ""
     assert err.startswith("python -m deqcore_models.demo: error: ") and err.count("\n") == 1
     assert message in err
@@ -107,4 +109,15 @@ def test_demo_needs_a_data_folder(tmp_path, monkeypatch, capsys):
     assert status == 2 and "no data folder given" in err and err.count("\n") == 1
     status, _, err = _run(capsys, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "demo"))
     assert status == 2 and "does not exist" in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_names_a_missing_framework_before_training(tmp_path, data_root, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax" else find_spec(name, *a))
+    status, stdout, err = _run(capsys, "--data", str(data_root), "--out", str(tmp_path / "demo"),
+                               "--backend", "torch", "--backends", "torch,jax")
+    assert status == 2 and stdout == "" and err.count("\n") == 1
+    assert "jax not installed" in err and "--backends" in err
     assert not (tmp_path / "demo").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if not 0 < args.tol < 1:
         raise UsageError(f"--tol must be in (0, 1), got {args.tol}")
     backends = _names(args.backends, "--backends", BACKENDS)
+    missing = [b for b in dict.fromkeys([args.backend, *backends]) if importlib.util.find_spec(b) is None]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} not installed: install it (pip install 'torch==2.13.0' "
+                         f"-e '.[jax,demo]' installs both) or leave it out of --backend/--backends")
     registered = deqcore.available()["solvers"]
     if args.solvers:
         return backends, _names(args.solvers, "--solvers", registered)
