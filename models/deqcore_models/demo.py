@@ -59,32 +59,45 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except for switches and None defaults, whose help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The demo's flags."""
+    ap = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     g = ap.add_argument_group("training (the loop of deqcore train)")
-    g.add_argument("--data", default=None,
+    g.add_argument("--data", default=None, metavar="DIR",
                    help="data folder holding fashion-mnist/ (default: $DEQCORE_DATA); never downloaded")
     g.add_argument("--backend", choices=BACKENDS, default="jax", help="framework to train on")
     g.add_argument("--config", choices=sorted(MDEQ_CONFIGS), default="cpu", help="MDEQ size")
-    g.add_argument("--epochs", type=int, default=1, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    g.add_argument("--epochs", type=int, metavar="N", default=1, help="training epochs")
+    g.add_argument("--batch-size", type=int, metavar="N", default=64, help="training batch size")
     g.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate, cosine-annealed to 1e-6")
-    g.add_argument("--max-steps", type=int, default=None, help="stop training after N steps (default: all)")
-    g.add_argument("--pretrain-steps", type=int, default=300,
+    g.add_argument("--max-steps", type=int, metavar="N", default=None,
+                   help="stop training after N steps (default: all)")
+    g.add_argument("--pretrain-steps", type=int, metavar="N", default=300,
                    help="first N steps run the layer unrolled (pre-training)")
-    g.add_argument("--train-limit", type=int, default=None, help="first N training images (default: all)")
-    g.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all)")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout")
+    g.add_argument("--train-limit", type=int, metavar="N", default=None,
+                   help="first N training images (default: all)")
+    g.add_argument("--test-limit", type=int, metavar="N", default=None,
+                   help="first N test images (default: all)")
+    g.add_argument("--seed", type=int, metavar="N", default=0, help="seed of weights, data order and dropout")
     s = ap.add_argument_group("solving the trained layer")
     s.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated frameworks to solve on")
     s.add_argument("--solvers", default=None,
                    help="comma-separated solvers, also a plugin's (default: every solver deqcore ships)")
-    s.add_argument("--images", type=int, default=256, help="test images solved at once")
+    s.add_argument("--images", type=int, metavar="N", default=256, help="test images solved at once")
     s.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance")
-    s.add_argument("--max-iter", type=int, default=40, help="solver steps at most")
+    s.add_argument("--max-iter", type=int, metavar="N", default=40, help="solver steps at most")
     o = ap.add_argument_group("output")
-    o.add_argument("--out", default="demo-output", help="output folder, empty or missing unless --overwrite")
+    o.add_argument("--out", default="demo-output", metavar="DIR",
+                   help="output folder, empty or missing unless --overwrite")
     o.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
     o.add_argument("--resume", action="store_true", help="continue the training run in --out")
     o.add_argument("--no-plot", action="store_true", help="do not write demo.png")
