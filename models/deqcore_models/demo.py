@@ -6,7 +6,7 @@ Run ``python -m deqcore_models.demo --help``. The demo
    loop of ``deqcore train`` (:class:`deqcore_models.train.Trainer`: progress on stderr, the run's
    files in ``--out``) and evaluates it on the full test set;
 2. loads the checkpoint it wrote (checkpoints are framework-neutral) on PyTorch and on JAX and
-   solves the trained equilibrium layer on test images with every registered solver, printing a
+   solves the trained equilibrium layer on test images with every solver deqcore ships, printing a
    convergence table (converged samples, steps, NFE, worst relative residual, accuracy, time) and
    the cross-backend agreement (largest ``|z_torch - z_jax|``, agreeing predictions);
 3. writes ``demo.json`` (every number printed) and, with matplotlib, ``demo.png`` (the training
