@@ -92,6 +92,7 @@ def test_demo_agrees_across_frameworks(both, tmp_path, data_root, capsys):
     (["--solvers", "newton"], "--solvers must list some of"),
     (["--batch-size", "0"], "--batch-size must be"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--resume", "--overwrite"], "pass one of them"),
     (["--backend", "numpy"], "argument --backend: invalid choice"),
 ])
 def test_demo_bad_flags_are_one_line_errors(argv, message, h, tmp_path, data_root, capsys):

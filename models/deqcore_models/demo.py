@@ -121,6 +121,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise UsageError(f"--max-iter must be >= 1, got {args.max_iter}")
     if not 0 < args.tol < 1:
         raise UsageError(f"--tol must be in (0, 1), got {args.tol}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     backends = _names(args.backends, "--backends", BACKENDS)
     missing = [b for b in dict.fromkeys([args.backend, *backends]) if importlib.util.find_spec(b) is None]
     if missing:
