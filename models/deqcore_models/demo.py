@@ -291,9 +291,10 @@ def save_plot(out: Path, runs: Sequence[Run], tol: float, title: str) -> Path | 
     acc = left.twinx()
     acc.plot([int(r["step"]) for r in epochs], [100 * float(r["test_acc"]) for r in epochs], "o",
              color="tab:red", label="test accuracy")
-    for r in epochs:
-        acc.annotate(f"{100 * float(r['test_acc']):.2f} %", (int(r["step"]), 100 * float(r["test_acc"])),
-                     textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=8, color="tab:red")
+    for row in epochs:
+        percent = 100 * float(row["test_acc"])
+        acc.annotate(f"{percent:.2f} %", (int(row["step"]), percent), textcoords="offset points",
+                     xytext=(-8, 6), ha="right", fontsize=8, color="tab:red")
     acc.set_ylabel("test accuracy %")
     left.legend(loc="upper right", fontsize=8)
     acc.legend(loc="upper center", fontsize=8)
