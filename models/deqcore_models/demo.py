@@ -35,7 +35,7 @@ from deqcore._arrays_io import dumps_json, write_atomic, write_text
 
 from ._ops import ops_for
 from .checkpoint import load_checkpoint
-from .cli import UsageError, run_command
+from .cli import UsageError, report_flags, run_command
 from .data import data_dir
 from .mdeq import MDEQ_CONFIGS, equilibrium_shapes, mdeq_parts
 from .train import TrainConfig, Trainer, check_out_dir
@@ -336,6 +336,8 @@ def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     summary = trainer.run(resume=args.resume, overwrite=args.overwrite)
     wall = time.perf_counter() - t0
+    if report_flags({"flags": summary.get("flags", [])}):  # non-finite test metrics: nothing to solve
+        return 1
     test_acc = summary["final"]["test_acc"]
     train_seconds = sum(e["train_seconds"] for e in summary["epochs"])
     x, y, total = first_test_images(trainer.work, args.images)
