@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deq import DEQSettings, collect_backward_reports, worst_backward_residual
+from ._equilibrium_layer import DEQSettings, collect_backward_reports, worst_backward_residual
 from ._ops import ops_for
 from .checkpoint import Checkpoint, Schema, array_specs, check_checkpoint
 
