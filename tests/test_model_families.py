@@ -17,7 +17,7 @@ from deqcore_models._equilibrium_layer import run_layer
 from deqcore_models._layers import cross_entropy
 from deqcore_models._losses import ClassifierTask
 from deqcore_models.cli import build_parser, main
-from deqcore_models.families import ACCURACY, FAMILIES, Batch, Family, FrozenPieces, family, jacobian_probe
+from deqcore_models.families import ACCURACY, FAMILIES, Batch, Family, family, jacobian_probe
 from deqcore_models.train import ConfigError, TrainConfig
 
 BACKEND = SELECTED[0] if SELECTED else "torch"
@@ -130,15 +130,10 @@ class Parts:
     head: Any
 
 
-def pieces(ops: Any, mc: BlobsConfig) -> FrozenPieces:
+def parts(ops: Any, mc: BlobsConfig, P: dict[str, Any], S: dict[str, Any]) -> Parts:
     xp = ops.xp
-
-    def rebuild(P, S):
-        return Parts(lambda x: xp.matmul(x, P["inject.weight"]), layer(xp, P),
-                     lambda z: xp.matmul(z, P["head.weight"]) + P["head.bias"])
-
-    return FrozenPieces(rebuild, xp.zeros_like, Compression(mc.width),
-                        lambda hidden: Initialiser(mc.features, mc.width, hidden))
+    return Parts(lambda x: xp.matmul(x, P["inject.weight"]), layer(xp, P),
+                 lambda z: xp.matmul(z, P["head.weight"]) + P["head.bias"])
 
 
 def score(xp: Any, logits: Any, y: Any) -> tuple[Any, Any]:
@@ -148,7 +143,9 @@ def score(xp: Any, logits: Any, y: Any) -> tuple[Any, Any]:
 
 BLOBS = Family(name="blobs", summary="a test family", configs=CONFIGS, config_help="blob-micro = for tests",
                datasets=DATASETS, dataset_help="blobs", metric=ACCURACY, items="points",
-               workload=BlobsWorkload, pieces=pieces, score=score,
+               workload=BlobsWorkload, parts=parts, start=lambda xp, mc, inj: xp.zeros_like(inj),
+               compression=lambda mc: Compression(mc.width),
+               initialiser=lambda mc, hidden: Initialiser(mc.features, mc.width, hidden), score=score,
                comparison_batch=lambda work, x, y: (np.asarray(y, np.float32), len(y)),
                hypersolver_sizes={"iterations": 2, "hidden": 4, "width": 4})
 

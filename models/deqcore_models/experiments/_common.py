@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 from .._command_line import UsageError
@@ -34,3 +35,20 @@ def int_list(text: str) -> list[int]:
 
 def names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def check_names(flag: str, given: list[str], known: Iterable[str]) -> None:
+    """A :class:`UsageError` unless ``given`` is a non-empty list of ``known`` names."""
+    known = list(known)
+    unknown = [v for v in given if v not in known]
+    if unknown or not given:
+        raise UsageError(f"{flag}: unknown {', '.join(unknown) or '(none given)'}; available: "
+                         f"{', '.join(known)}")
+
+
+def add_output_flags(p: argparse.ArgumentParser, out: str | None = None) -> None:
+    """``--out`` (required unless it has a default), ``--overwrite`` and ``--no-progress``."""
+    p.add_argument("--out", default=out, required=out is None,
+                   help="output folder" + ("" if out is None else f" (default {out})"))
+    p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from .._command_line import UsageError, report_flags
+from .._command_line import report_flags
 from .._results_files import pyplot, read_csv, save_figure, save_json
 from ..doc_blocks import load, refresh_pages_of, renderer, write_page
 from ..families.mdeq import MDEQ
 from ..train import TrainConfig, Trainer
-from ._common import int_list, names, refuse_existing
+from ._common import add_output_flags, check_names, int_list, names, refuse_existing
 
 #: Each mode with the trainer's defaults (for implicit, its backward budget of 20 steps) except
 #: NPG's, which are the phantom-gradient paper's k = 5, lam = 0.5.
@@ -201,16 +201,11 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     g.add_argument("--cosine-every", type=int, default=50,
                    help="gradient-cosine probe every N steps (default 50)")
-    g.add_argument("--out", default="docs/experiments/gdeq-fmnist", help="output folder")
-    g.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_flags(g, "docs/experiments/gdeq-fmnist")
 
 
 def run(args: argparse.Namespace) -> int:
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown or not args.modes:
-        raise UsageError(f"--modes: unknown {', '.join(unknown) or '(none given)'}; available: "
-                         f"{', '.join(MODES)}")
+    check_names("--modes", args.modes, MODES)
     result = run_gdeq(args)
     print(f"wrote {Path(args.out) / 'README.md'} and results.json", file=sys.stderr)
     return report_flags(result)

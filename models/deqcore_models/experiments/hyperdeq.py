@@ -30,7 +30,7 @@ from ..hyperdeq import (
     training_cost,
     write_plots,
 )
-from ._common import int_list, names, refuse_existing
+from ._common import add_output_flags, check_names, int_list, names, refuse_existing
 
 #: ablation name -> make_hypersolver overrides
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -257,16 +257,11 @@ def add_parser(sub: Any) -> None:
     hd.add_argument("--repeats", type=int, default=3,
                     help="timed passes per method and budget; the fastest counts (default 3)")
     hd.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    hd.add_argument("--out", required=True, help="output folder")
-    hd.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
-    hd.add_argument("--no-progress", action="store_true", help="no progress lines")
+    add_output_flags(hd)
 
 
 def _check(args: argparse.Namespace) -> None:
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.variants:
-        raise UsageError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; available: "
-                         f"{', '.join(VARIANTS)}")
+    check_names("--variants", args.variants, VARIANTS)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--repeats", args.repeats), ("--iterations", args.iterations),
                         ("--width", args.width), ("--hidden", args.hidden), ("--test-limit", args.test_limit),

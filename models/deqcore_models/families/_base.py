@@ -118,13 +118,16 @@ class FrozenPieces:
 class Family:
     """A model family (see the module docstring). ``configs`` maps names to architectures;
     ``datasets`` names to loaders of a data folder; ``workload(cfg)`` makes the workload of a
-    :class:`~deqcore_models.train.TrainConfig`; ``pieces(ops, model_cfg)`` the
-    :class:`FrozenPieces`; ``score(xp, logits, y)`` the summed cross-entropy and correct
-    predictions of a test batch; ``comparison_batch(work, x, y)`` a test batch as the solver
-    comparison takes it (targets and item count; None to leave it out). ``settings`` are the
-    TrainConfig settings only this family reads; ``hypersolver_sizes`` and ``fit_defaults`` the
-    defaults of :func:`~deqcore_models.hyperdeq.make_hypersolver` and
-    :func:`~deqcore_models.hyperdeq.fit`; ``items`` what a test item is (images, tokens)."""
+    :class:`~deqcore_models.train.TrainConfig`; ``parts(ops, model_cfg, params, state)`` splits a
+    model around its equilibrium layer (``inject``, ``layer``, ``head``, evaluation mode),
+    ``start(xp, model_cfg, inj)`` is the classic start, ``compression(model_cfg)`` and
+    ``initialiser(model_cfg, hidden)`` the hypersolver pieces (together: :meth:`pieces`);
+    ``score(xp, logits, y)`` the summed cross-entropy and correct predictions of a test batch;
+    ``comparison_batch(work, x, y)`` a test batch as the solver comparison takes it (targets and
+    item count; None to leave it out). ``settings`` are the TrainConfig settings only this
+    family reads; ``hypersolver_sizes`` and ``fit_defaults`` the defaults of
+    :func:`~deqcore_models.hyperdeq.make_hypersolver` and :func:`~deqcore_models.hyperdeq.fit`;
+    ``items`` what a test item is (images, tokens)."""
 
     name: str
     summary: str
@@ -135,12 +138,21 @@ class Family:
     metric: Metric
     items: str
     workload: Callable[[Any], Workload]
-    pieces: Callable[[Any, Any], FrozenPieces]
+    parts: Callable[[Any, Any, dict[str, Any], dict[str, Any]], Any]
+    start: Callable[[Any, Any, Any], Any]
+    compression: Callable[[Any], Any]
+    initialiser: Callable[[Any, int], Any]
     score: Callable[[Any, Any, Any], tuple[Any, Any]]
     comparison_batch: Callable[[Any, np.ndarray, np.ndarray], tuple[np.ndarray, int] | None]
     hypersolver_sizes: Mapping[str, int]
     fit_defaults: Mapping[str, Any] = field(default_factory=dict)
     settings: tuple[str, ...] = ()
+
+    def pieces(self, ops: Any, model_cfg: Any) -> FrozenPieces:
+        """The :class:`FrozenPieces` of a model of configuration ``model_cfg`` on ``ops``."""
+        return FrozenPieces(lambda params, state: self.parts(ops, model_cfg, params, state),
+                            lambda inj: self.start(ops.xp, model_cfg, inj), self.compression(model_cfg),
+                            lambda hidden: self.initialiser(model_cfg, hidden))
 
 
 def jacobian_probe(cfg: Any, step: int, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray] | None:

@@ -32,7 +32,7 @@ from ..mdeq import (
     mdeq_apply,
     mdeq_parts,
 )
-from ._base import ACCURACY, Batch, Family, FrozenPieces, jacobian_probe, limited
+from ._base import ACCURACY, Batch, Family, jacobian_probe, limited
 
 
 def mdeq_task(cfg: MDEQConfig) -> ClassifierTask:
@@ -157,21 +157,11 @@ class MDEQInitialiser:
         return tuple(out)
 
 
-def frozen_pieces(ops: Any, mc: MDEQConfig) -> FrozenPieces:
-    xp = ops.xp
-
-    def zeros(inj: Any) -> Any:
-        scale = 2 ** mc.downsample
-        shape = (inj.shape[0], 1, inj.shape[2] * scale, inj.shape[3] * scale)
-        return tuple(xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(mc, shape))
-
-    def initialiser(hidden: int) -> MDEQInitialiser:
-        return MDEQInitialiser(mc.channels[0], mc.channels, hidden)
-
-    def rebuild(P: dict[str, Any], S: dict[str, Any]) -> Any:
-        return mdeq_parts(ops, mc, P, S)
-
-    return FrozenPieces(rebuild, zeros, MDEQCompression(mc.channels), initialiser)
+def zeros(xp: Any, mc: MDEQConfig, inj: Any) -> tuple[Any, ...]:
+    """The classic start: zeros of every branch, for the injection ``inj`` of a batch."""
+    scale = 2 ** mc.downsample
+    shape = (inj.shape[0], 1, inj.shape[2] * scale, inj.shape[3] * scale)
+    return tuple(xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(mc, shape))
 
 
 def score(xp: Any, logits: Any, y: Any) -> tuple[Any, Any]:
@@ -196,6 +186,9 @@ MDEQ = Family(
                 "runs (53K), micro = for tests",
     datasets=DATASETS, dataset_help="fashion-mnist or cifar10",
     metric=ACCURACY, items="images",
-    workload=MDEQWorkload, pieces=frozen_pieces, score=score, comparison_batch=comparison_batch,
+    workload=MDEQWorkload, parts=mdeq_parts, start=zeros,
+    compression=lambda mc: MDEQCompression(mc.channels),
+    initialiser=lambda mc, hidden: MDEQInitialiser(mc.channels[0], mc.channels, hidden),
+    score=score, comparison_batch=comparison_batch,
     hypersolver_sizes={"iterations": 3, "hidden": 8, "width": 8},
 )

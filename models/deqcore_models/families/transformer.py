@@ -32,7 +32,7 @@ from ..transformer import (
     transformer_masks,
     transformer_parts,
 )
-from ._base import PERPLEXITY, Batch, Family, FrozenPieces, jacobian_probe, limited
+from ._base import PERPLEXITY, Batch, Family, jacobian_probe, limited
 
 
 def transformer_task(cfg: TransformerConfig, chunk: int | None = DEFAULT_SOFTMAX_CHUNK) -> LanguageModelTask:
@@ -153,19 +153,14 @@ class TransformerInitialiser:
         return xp.matmul(relu(xp, h), params["out.weight"]) + params["out.bias"]
 
 
-def frozen_pieces(ops: Any, mc: TransformerConfig) -> FrozenPieces:
-    xp = ops.xp
+def zeros(xp: Any, mc: TransformerConfig, u: Any) -> Any:
+    """The classic start: zeros (B, L, d_model) for the injection ``u`` of a batch."""
+    return xp.zeros((*u.shape[:2], mc.d_model), dtype=u.dtype)
 
-    def zeros(u: Any) -> Any:
-        return xp.zeros((*u.shape[:2], mc.d_model), dtype=u.dtype)
 
-    def initialiser(hidden: int) -> TransformerInitialiser:
-        return TransformerInitialiser(3 * mc.d_model, mc.d_model, hidden)
-
-    def rebuild(P: dict[str, Any], S: dict[str, Any]) -> Any:
-        return transformer_parts(ops, mc, P, mc.tgt_len)
-
-    return FrozenPieces(rebuild, zeros, TransformerCompression(mc.d_model), initialiser)
+def parts(ops: Any, mc: TransformerConfig, params: dict[str, Any], state: dict[str, Any]) -> Any:
+    """The model split around its layer, for segments of the configuration's length."""
+    return transformer_parts(ops, mc, params, mc.tgt_len)
 
 
 def score(xp: Any, logits: Any, y: Any) -> tuple[Any, Any]:
@@ -193,7 +188,10 @@ TRANSFORMER = Family(
                 "64-token memory of the previous segment; micro = for tests",
     datasets=DATASETS, dataset_help="wikitext2 (words) or tiny-shakespeare (characters)",
     metric=PERPLEXITY, items="tokens",
-    workload=TransformerWorkload, pieces=frozen_pieces, score=score, comparison_batch=comparison_batch,
+    workload=TransformerWorkload, parts=parts, start=zeros,
+    compression=lambda mc: TransformerCompression(mc.d_model),
+    initialiser=lambda mc, hidden: TransformerInitialiser(3 * mc.d_model, mc.d_model, hidden),
+    score=score, comparison_batch=comparison_batch,
     hypersolver_sizes={"iterations": 3, "hidden": 16, "width": 16},
     fit_defaults={"target_max_iter": 30},
     settings=("softmax_chunk",),
