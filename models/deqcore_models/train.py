@@ -632,7 +632,7 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
                     shown = {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}"}
-                    if self.metric.key != "test_acc":
+                    if self.metric.beside_accuracy:
                         shown[self.metric.short] = f"{self.metric.value(r['loss'], math.nan):.1f}"
                     shown.update({"acc": f"{100 * r['correct'] / batch.count:.1f}%", "nfe": str(r["nfe"]),
                                   "res": f"{r['residual']:.1e}"})

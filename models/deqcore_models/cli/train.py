@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"epoch {final['epoch']}: train loss {final['train_loss']:.4f} "
               f"acc {100 * final['train_acc']:.2f}%"
               f" | test loss {final['test_loss']:.4f} acc {100 * final['test_acc']:.2f}%"
-              + (f" {metric.short} {final[metric.key]:.2f}" if metric.key != "test_acc" else "")
+              + (f" {metric.short} {final[metric.key]:.2f}" if metric.beside_accuracy else "")
               + f" | NFE {final['test_nfe']:.1f}, worst residual {final['test_residual']:.2e}"
               f" | {final['train_seconds']:.1f} s/epoch")
     print("wrote " + ", ".join(summary["written"]))

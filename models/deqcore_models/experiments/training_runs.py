@@ -15,7 +15,7 @@ def render_run_epochs(source: Path) -> str:
     per epoch."""
     rows = load(source)
     metric = metric_in(rows[0] if rows else {})
-    by_accuracy = metric.key == "test_acc"
+    by_accuracy = not metric.beside_accuracy
     second = "train accuracy" if by_accuracy else "train loss"
     lines = [f"| epoch | test {metric.name} | {second} | seconds (training steps) |", "|---|---|---|---|"]
     for r in rows:

@@ -28,7 +28,7 @@ def metric_in(results: Mapping[str, Any]) -> Metric:
     """The metric test ``results`` (a row of ``epochs.csv``, a summary's ``final``) are judged
     by: every run records its accuracy, and a family judged by another metric adds its key."""
     held = [f.metric for f in FAMILIES.values() if f.metric.key in results]
-    return next((m for m in held if m.key != ACCURACY.key), ACCURACY)
+    return next((m for m in held if m.beside_accuracy), ACCURACY)
 
 
 def hypersolver_defaults(size: str) -> str:

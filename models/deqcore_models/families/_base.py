@@ -24,7 +24,9 @@ class Metric:
     run's ``epochs.csv`` and ``summary.json`` that holds it on the test set), ``short`` (in a
     progress line), ``higher_is_better``, ``percent`` (shown times 100 with a ``%``) and
     ``slack``, the tolerance of "equal quality" when costs are compared: absolute for a metric
-    where higher is better (accuracy points), relative where lower is (a share of perplexity)."""
+    where higher is better (accuracy points), relative where lower is (a share of perplexity);
+    ``of_pass(mean_loss, accuracy)`` its value for a pass with this mean cross-entropy and
+    accuracy."""
 
     name: str
     key: str
@@ -32,10 +34,16 @@ class Metric:
     higher_is_better: bool
     percent: bool
     slack: float
+    of_pass: Callable[[float, float], float]
 
     def value(self, mean_loss: float, accuracy: float) -> float:
         """The metric of a pass with this mean cross-entropy and accuracy."""
-        return accuracy if self.key == "test_acc" else math.exp(min(mean_loss, 700.0))
+        return self.of_pass(mean_loss, accuracy)
+
+    @property
+    def beside_accuracy(self) -> bool:
+        """Whether it is a number of its own beside the accuracy every run records (and shows)."""
+        return self.key != ACCURACY_KEY
 
     def shown(self, value: float) -> float:
         """``value`` as tables print it (percent or as is)."""
@@ -57,8 +65,11 @@ class Metric:
         return best - slack if self.higher_is_better else best * (1 + slack)
 
 
-ACCURACY = Metric("accuracy", "test_acc", "acc", higher_is_better=True, percent=True, slack=0.005)
-PERPLEXITY = Metric("perplexity", "test_ppl", "ppl", higher_is_better=False, percent=False, slack=0.02)
+ACCURACY_KEY = "test_acc"
+ACCURACY = Metric("accuracy", ACCURACY_KEY, "acc", higher_is_better=True, percent=True, slack=0.005,
+                  of_pass=lambda mean_loss, accuracy: accuracy)
+PERPLEXITY = Metric("perplexity", "test_ppl", "ppl", higher_is_better=False, percent=False, slack=0.02,
+                    of_pass=lambda mean_loss, accuracy: math.exp(min(mean_loss, 700.0)))
 
 
 @dataclass
