@@ -43,9 +43,8 @@ GOAL = 1.5
 
 def worker(name: str, backend: str, data: str | None, steps: int, warmup: int) -> dict:
     """Time ``steps`` training steps and forward passes of one backend (run in a subprocess)."""
-    from deqcore_models._engines import make_engine
-    from deqcore_models._workloads import make_workload
-    from deqcore_models.train import TrainConfig
+    from deqcore_models._training_engines import make_engine
+    from deqcore_models.train import TrainConfig, make_workload
 
     cfg = TrainConfig(data=data, **WORKLOADS[name])
     work = make_workload(cfg)

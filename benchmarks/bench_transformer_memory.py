@@ -56,9 +56,9 @@ from deqcore._arrays_io import dumps_json, write_text
 def _setup(args, mode: str, depth: int, output: str):
     import torch  # noqa: F401  (the process's baseline includes the framework)
     from deqcore_models import data as D
-    from deqcore_models._deq import DEQSettings
-    from deqcore_models._engines import make_engine
-    from deqcore_models._workloads import transformer_task
+    from deqcore_models._equilibrium_layer import DEQSettings
+    from deqcore_models._training_engines import make_engine
+    from deqcore_models.families.transformer import transformer_task
     from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer
 
     cfg = TRANSFORMER_CONFIGS[args.config]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from deqcore_models._deq import DEQSettings
+from deqcore_models._equilibrium_layer import DEQSettings
 from deqcore_models._layers import cross_entropy
 from deqcore_models._ops import ops_for
 from deqcore_models.mdeq import mdeq_apply

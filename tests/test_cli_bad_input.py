@@ -91,7 +91,7 @@ BAD_TRAIN_FLAGS = [
     (["--cosine-every", "-1"], "--cosine-every must be an int >= 0"),
     (["--pretrain-steps", "-1"], "--pretrain-steps must be an int >= 0"),
     (["--unrolled-layers", "0"], "--unrolled-layers must be an int >= 1"),
-    (["--softmax-chunk", "4"], "--softmax-chunk is an option of the transformer"),
+    (["--softmax-chunk", "4"], "--softmax-chunk is an option of model transformer"),
     (["--grad", "gdeq", "--solver", "anderson"], "--grad gdeq does not work with --solver anderson"),
     (["--solver", "bogus"], "--solver 'bogus' is not a solver"),
     (["--grad", "bogus"], "--grad 'bogus' is not a gradient mode"),
@@ -374,7 +374,7 @@ def test_resume_without_a_checkpoint_is_refused_before_the_data(capsys, tmp_path
 def test_engine_load_never_broadcasts_nor_keeps_initial_values(trained, data_root):
     """TorchEngine.load used to copy_ a (1,) array into a (C,) parameter (broadcast) and keep
     the initial value of a parameter left out; both are refused and nothing is changed."""
-    from deqcore_models._engines import make_engine
+    from deqcore_models._training_engines import make_engine
     from deqcore_models.train import Trainer
 
     ck = load_checkpoint(trained / "checkpoint.npz")
@@ -397,7 +397,7 @@ def test_engine_load_never_broadcasts_nor_keeps_initial_values(trained, data_roo
 
 @pytest.mark.backend("jax")
 def test_jax_engine_load_checks_the_schema(data_root):
-    from deqcore_models._engines import make_engine
+    from deqcore_models._training_engines import make_engine
     from deqcore_models.train import Trainer
 
     cfg = TrainConfig(backend="jax", config="micro", data=str(data_root), train_limit=64, test_limit=32,

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import render_docs  # noqa: E402  (registers the benchmark pages' renderers)
 from deqcore_models import docs_numbers as dn  # noqa: E402
+from deqcore_models.doc_blocks import _fixed  # noqa: E402
 
 
 def _strip(text: str) -> str:
@@ -243,7 +244,7 @@ def _check_examples(framework: str) -> None:
         for got, want in zip(printed, quoted, strict=True):
             assert _NUMBER.sub("#", got) == _NUMBER.sub("#", want), (page, got, want)
             for g, w in zip(_NUMBER.findall(got), _NUMBER.findall(want), strict=True):
-                assert dn._fixed(float(g), w) == dn._fixed(float(w), w), f"{page}: {got!r} vs {want!r}"
+                assert _fixed(float(g), w) == _fixed(float(w), w), f"{page}: {got!r} vs {want!r}"
 
 
 @pytest.mark.backend("torch")

@@ -11,14 +11,11 @@ import sys
 import numpy as np
 import pytest
 from conftest import SELECTED
-from deqcore_models._deq import DEQSettings
-from deqcore_models._hyper import (
-    MDEQCompression,
-    MDEQInitialiser,
-    TransformerCompression,
-    TransformerInitialiser,
-)
+from deqcore_models._equilibrium_layer import DEQSettings
 from deqcore_models._ops import ops_for
+from deqcore_models.families import ACCURACY, PERPLEXITY
+from deqcore_models.families.mdeq import MDEQCompression, MDEQInitialiser
+from deqcore_models.families.transformer import TransformerCompression, TransformerInitialiser
 from deqcore_models.mdeq import MDEQ_CONFIGS, equilibrium_shapes, init_mdeq, mdeq_parts
 from deqcore_models.transformer import (
     TRANSFORMER_CONFIGS,
@@ -296,32 +293,33 @@ def test_speedups_by_hand():
     rows = [row("classic", 2, 0.80, 3.0), row("classic", 4, 0.905, 5.0), row("classic", 8, 0.91, 9.0),
             row("hyper", 1, 0.85, 2.5), row("hyper", 2, 0.906, 3.5), row("hyper", 4, 0.92, 5.5),
             row("slow", 8, 0.70, 9.0)]
-    got = speedups(rows, "hyper", ["classic"], text=False)["classic"]
+    got = speedups(rows, "hyper", ["classic"], metric=ACCURACY)["classic"]
     # target 0.91 - 0.005: classic first reaches it at 4 steps (5 s), hyper at 2 (3.5 s)
     assert got == {"target": pytest.approx(0.905), "baseline_cost": 5.0, "method_cost": 3.5,
                    "speedup": pytest.approx(5.0 / 3.5)}
-    assert speedups(rows, "hyper", ["classic"], text=False, cost="nfe")["classic"]["speedup"] == 5 / 3
-    assert speedups(rows, "hyper", ["classic"], text=False, cost="solve_seconds")["classic"][
+    assert speedups(rows, "hyper", ["classic"], metric=ACCURACY, cost="nfe")["classic"]["speedup"] == 5 / 3
+    assert speedups(rows, "hyper", ["classic"], metric=ACCURACY, cost="solve_seconds")["classic"][
         "speedup"] == pytest.approx(4.0 / 2.5)
-    assert speedups(rows, "slow", ["classic"], text=False)["classic"]["speedup"] is None
-    assert speedups(rows, "hyper", ["missing"], text=False) == {}
+    assert speedups(rows, "slow", ["classic"], metric=ACCURACY)["classic"]["speedup"] is None
+    assert speedups(rows, "hyper", ["missing"], metric=ACCURACY) == {}
     ppl = [dict(r, metric=1.0 / r["metric"]) for r in rows]  # lower is better for text
     target = (1 / 0.91) * 1.02
-    assert speedups(ppl, "hyper", ["classic"], text=True)["classic"]["target"] == pytest.approx(target)
+    got = speedups(ppl, "hyper", ["classic"], metric=PERPLEXITY)["classic"]["target"]
+    assert got == pytest.approx(target)
     with pytest.raises(ValueError, match="cost must be one of"):
-        speedups(rows, "hyper", ["classic"], text=False, cost="wall")
-    table = all_speedups(rows, ["hyper", "slow"], ["classic"], text=False)
-    lines = speedup_table(table, text=False)
+        speedups(rows, "hyper", ["classic"], metric=ACCURACY, cost="wall")
+    table = all_speedups(rows, ["hyper", "slow"], ["classic"], metric=ACCURACY)
+    lines = speedup_table(table, metric=ACCURACY)
     assert lines[2] == ("| hyper | classic | 90.50 % | 1.67× (5 → 3) | 1.60× (4.00 → 2.50 s) "
                         "| 1.43× (5.00 → 3.50 s) |")
     assert lines[3] == "| slow | classic | 90.50 % | — | — | — |"
-    points = operating_points(rows, "hyper", "classic", text=False)
+    points = operating_points(rows, "hyper", "classic", metric=ACCURACY)
     assert [(p["budget"], p["method_budget"]) for p in points] == [(2, 1), (4, 2), (8, 4)]
     assert [p["speedup"] for p in points] == pytest.approx([2.0 / 1.5, 4.0 / 2.5, 8.0 / 4.5])
-    assert operating_points(rows, "hyper", "classic", text=False, cost="nfe")[2]["speedup"] == 9 / 5
-    assert operating_points(ppl, "hyper", "classic", text=True)[1]["method_budget"] == 2
-    assert all(p["speedup"] is None for p in operating_points(rows, "slow", "classic", text=False))
-    assert operating_points_table(rows, ["hyper", "slow"], ["classic"], text=False)[2:] == [
+    assert operating_points(rows, "hyper", "classic", metric=ACCURACY, cost="nfe")[2]["speedup"] == 9 / 5
+    assert operating_points(ppl, "hyper", "classic", metric=PERPLEXITY)[1]["method_budget"] == 2
+    assert all(p["speedup"] is None for p in operating_points(rows, "slow", "classic", metric=ACCURACY))
+    assert operating_points_table(rows, ["hyper", "slow"], ["classic"], metric=ACCURACY)[2:] == [
         "| hyper | classic |  | 1.33× (@1) | 1.60× (@2) | 1.78× (@4) |",
         "| slow | classic |  | — | — | — |"]
 

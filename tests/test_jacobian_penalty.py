@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from conftest import SELECTED
 from deqcore_models import data as D
-from deqcore_models._deq import DEQSettings
-from deqcore_models._engines import make_engine
-from deqcore_models._workloads import jacobian_probe, mdeq_task, transformer_task
+from deqcore_models._equilibrium_layer import DEQSettings
+from deqcore_models._training_engines import make_engine
+from deqcore_models.families import jacobian_probe
+from deqcore_models.families.mdeq import mdeq_task
+from deqcore_models.families.transformer import transformer_task
 from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, equilibrium_shapes, init_mdeq
 from deqcore_models.train import TrainConfig
 from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer, transformer_masks

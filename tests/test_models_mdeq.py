@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import SELECTED
 from deqcore_models import data as D
-from deqcore_models._deq import DEQSettings
+from deqcore_models._equilibrium_layer import DEQSettings
 from deqcore_models._ops import ops_for
 from deqcore_models.checkpoint import (
     Checkpoint,

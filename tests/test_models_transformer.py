@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import SELECTED
 from deqcore_models import data as D
-from deqcore_models._deq import DEQSettings
-from deqcore_models._engines import make_engine
+from deqcore_models._equilibrium_layer import DEQSettings
 from deqcore_models._layers import token_cross_entropy
 from deqcore_models._ops import ops_for
-from deqcore_models._workloads import transformer_task
+from deqcore_models._training_engines import make_engine
+from deqcore_models.families.transformer import transformer_task
 from deqcore_models.transformer import (
     TRANSFORMER_CONFIGS,
     TransformerConfig,

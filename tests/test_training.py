@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from conftest import SELECTED
 from deqcore_models import data as D
-from deqcore_models._deq import DEQSettings
-from deqcore_models._engines import make_engine
-from deqcore_models._workloads import jacobian_probe, mdeq_task
+from deqcore_models._equilibrium_layer import DEQSettings
+from deqcore_models._training_engines import make_engine
 from deqcore_models.checkpoint import load_checkpoint
 from deqcore_models.cli import build_parser
+from deqcore_models.families import jacobian_probe
+from deqcore_models.families.mdeq import mdeq_task
 from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq
 from deqcore_models.train import KILL_ENV, TrainConfig, cosine_lr
 from models_helpers import grad_rel_diff
@@ -300,7 +301,7 @@ def test_cli_errors_are_clear(data_root, tmp_path):
     proc = _cli(["train", "--data", str(data_root), "--epochs", "0"], check=False)
     assert proc.returncode == 2 and "--epochs must be an int >= 1, got 0" in proc.stderr
     proc = _cli(_train_args(data_root, tmp_path / "r4") + ["--softmax-chunk", "16"], check=False)
-    assert proc.returncode == 2 and "--softmax-chunk is an option of the transformer" in proc.stderr
+    assert proc.returncode == 2 and "--softmax-chunk is an option of model transformer" in proc.stderr
     proc = _cli(["eval", "--run", str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
     for backend in [b for b in ("torch", "jax") if importlib.util.find_spec(b) is None]:  # tox torch/jax envs
@@ -310,7 +311,8 @@ def test_cli_errors_are_clear(data_root, tmp_path):
 
 
 def test_softmax_chunk_option(data_root):
-    from deqcore_models._workloads import DEFAULT_SOFTMAX_CHUNK, make_workload
+    from deqcore_models._losses import DEFAULT_SOFTMAX_CHUNK
+    from deqcore_models.train import make_workload
 
     def task(**kw):
         cfg = TrainConfig(model="transformer", config="micro", dataset="tiny-shakespeare",

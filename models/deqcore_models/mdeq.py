@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deq import DEQSettings, LayerStats, run_layer
+from ._equilibrium_layer import DEQSettings, LayerStats, run_layer
 from ._layers import (
     ParamBuilder,
     batch_norm,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import math
 import numbers
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import deqcore
-from deqcore._arrays_io import dumps_json, write_atomic, write_error, write_text
+from deqcore._arrays_io import dumps_json, write_error, write_text
 from deqcore._options import (
     nonnegative_float,
     nonnegative_int,
@@ -43,10 +42,10 @@ from deqcore._options import (
     unit_interval,
 )
 
-from ._deq import DEQSettings
-from ._engines import make_engine, optimizer_specs
+from ._equilibrium_layer import DEQSettings
 from ._progress import Progress
-from ._workloads import MODELS, make_workload
+from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
+from ._training_engines import make_engine, optimizer_specs
 from .checkpoint import (
     GROUPS,
     Checkpoint,
@@ -58,8 +57,8 @@ from .checkpoint import (
     nonfinite_arrays,
     save_checkpoint,
 )
+from .families import FAMILIES, Family, Workload, family
 
-DATASETS = tuple(name for _, sets in MODELS.values() for name in sets)
 #: The implicit backward's default: the MDEQ papers' budget of 20 backward steps (b_thres of the
 #: LARGE configurations), not a tolerance. On these models the adjoint equation is not solved to
 #: a small tolerance in any affordable budget (the Fashion-MNIST MDEQ's 20-step backward missed
@@ -127,6 +126,10 @@ def _options_dict(v: Any) -> str | None:
         "a dict of option names to values"
 
 
+def _family_name(v: Any) -> str | None:
+    return None if v in FAMILIES else "one of " + ", ".join(repr(name) for name in FAMILIES)
+
+
 def _setting(default: Any = None, check: Callable[[Any], str | None] = _nonempty,
              kind: tuple[type, ...] = _STR, hint: str = "", *, none_ok: bool = False,
              factory: Callable[[], Any] | None = None, flag: str | None = "") -> Any:
@@ -157,7 +160,7 @@ class TrainConfig:
     """
 
     backend: str = _setting("torch", one_of("torch", "jax"))
-    model: str = _setting("mdeq", one_of(*MODELS))
+    model: str = _setting("mdeq", _family_name)
     config: str = _setting("cpu")
     dataset: str = _setting("fashion-mnist")
     data: str | None = _setting(None, _nonempty, _PATH, none_ok=True)
@@ -201,24 +204,37 @@ class TrainConfig:
         for name in ("data", "out"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
-        configs, datasets = MODELS[self.model]
-        other = [m for m, (c, _) in MODELS.items() if m != self.model and self.config in c]
-        if self.config not in configs:
+        fam = self.family
+        others = [f for f in FAMILIES.values() if f is not fam]
+        if self.config not in fam.configs:
+            other = [f.name for f in others if self.config in f.configs]
             hint = f" ({self.config!r} is a {other[0]} config: add --model {other[0]})" if other else ""
-            raise ConfigError("config", f"must be one of {', '.join(sorted(configs))} for model "
+            raise ConfigError("config", f"must be one of {', '.join(sorted(fam.configs))} for model "
                                         f"{self.model}, got {self.config!r}{hint}")
-        if self.dataset not in datasets:
-            other = [m for m, (_, d) in MODELS.items() if m != self.model and self.dataset in d]
+        if self.dataset not in fam.datasets:
+            other = [f.name for f in others if self.dataset in f.datasets]
             hint = f" ({self.dataset!r} is for model {other[0]}: add --model {other[0]})" if other else ""
-            raise ConfigError("dataset", f"must be one of {', '.join(datasets)} for model {self.model}, "
+            raise ConfigError("dataset", f"must be one of {', '.join(fam.datasets)} for model {self.model}, "
                                          f"got {self.dataset!r}{hint}")
-        if self.softmax_chunk is not None and self.model != "transformer":
-            raise ConfigError("softmax_chunk", f"is an option of the transformer's output layer; model "
-                                               f"{self.model} has none: leave it out")
+        for other_family in others:
+            for name in set(other_family.settings) - set(fam.settings):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, f"is an option of model {other_family.name}; model "
+                                            f"{self.model} has none: leave it out")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
         self._check_solve()
+
+    @property
+    def family(self) -> Family:
+        """The :class:`~deqcore_models.families.Family` of :attr:`model`."""
+        return family(self.model)
+
+    def error(self, setting: str, problem: str) -> ConfigError:
+        """The :class:`ConfigError` of ``setting`` (for the checks that need the data: a
+        workload raises it)."""
+        return ConfigError(setting, problem)
 
     def _check_solve(self) -> None:
         """The forward solve and gradient mode against deqcore's registry, as ``deqcore.solve``
@@ -457,6 +473,7 @@ class Trainer:
         self.progress = progress
         self.out = Path(cfg.out)
         self.work = make_workload(cfg) if work is None else work
+        self.metric = cfg.family.metric
         self.model_cfg = self.work.model_cfg
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
@@ -539,8 +556,7 @@ class Trainer:
             nb += 1
         out = {"test_loss": loss / count, "test_acc": correct / count, "test_nfe": nfe / nb,
                "test_residual": worst}
-        if self.work.text:
-            out["test_ppl"] = math.exp(min(out["test_loss"], 700.0))
+        out[self.metric.key] = self.metric.value(out["test_loss"], out["test_acc"])
         return out
 
     # ------------------------------------------------------------------ training
@@ -616,8 +632,8 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
                     shown = {"ep": f"{epoch + 1}/{cfg.epochs}", "loss": f"{r['loss']:.3f}"}
-                    if self.work.text:
-                        shown["ppl"] = f"{math.exp(min(r['loss'], 700.0)):.1f}"
+                    if self.metric.beside_accuracy:
+                        shown[self.metric.short] = f"{self.metric.value(r['loss'], math.nan):.1f}"
                     shown.update({"acc": f"{100 * r['correct'] / batch.count:.1f}%", "nfe": str(r["nfe"]),
                                   "res": f"{r['residual']:.1e}"})
                     if batch.probe is not None:
@@ -631,7 +647,7 @@ class Trainer:
                            "train_nfe": epoch_acc["nfe"] / max(pos + 1, 1),
                            "train_seconds": epoch_acc["seconds"], **self.evaluate()}
                     history.append(row)
-                    _write_epochs(self.out / "epochs.csv", history)
+                    write_csv(self.out / "epochs.csv", history)
                 if end_of_epoch or step % cfg.checkpoint_every == 0:
                     self.save(step, epoch_acc, history)
                     if bar is None:  # --no-progress: one line per checkpoint, so a long run shows life
@@ -697,7 +713,7 @@ def checkpoint_step(ck: Checkpoint, source: str) -> int:
 def model_schema(cfg: TrainConfig, work: Any) -> Schema:
     """What a checkpoint must hold to load into the model of ``cfg`` and its workload ``work``:
     its parameters and buffers as initialised, the optimizer state of both engines
-    (:func:`~deqcore_models._engines.optimizer_specs`), the code's ``model_config`` of
+    (:func:`~deqcore_models._training_engines.optimizer_specs`), the code's ``model_config`` of
     ``cfg.config``, and the settings that define the model (:data:`MODEL_SETTINGS`)."""
     mine = asdict(cfg)
     meta = {"model": cfg.model, "config": cfg.config, "model_config": asdict(work.model_cfg),
@@ -751,18 +767,7 @@ def _truncate_csv(path: Path, step: int) -> None:
             return False
 
     kept = [rows[0]] + [r for r in rows[1:] if keep(r)]
-    write_text(path, _csv_text(kept))
-
-
-def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
-
-
-def _write_epochs(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    names = list(history[0])
-    write_text(path, _csv_text([names, *([row.get(k) for k in names] for row in history)]))
+    write_text(path, csv_text(kept))
 
 
 def _num(v: Any) -> float:
@@ -775,17 +780,11 @@ def _num(v: Any) -> float:
 def write_plots(out: Path) -> list[str]:
     """curves.png (loss/accuracy per step and per epoch, NFE and residual per step) from the
     CSVs in ``out``; returns the files written ([] without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no plots written (pip install 'deqcore[demo]'); "
-                      "the CSV files hold the same data", stacklevel=2)
+    plt = pyplot(warn="no plots written; the CSV files hold the same data")
+    if plt is None:
         return []
-    steps = _read_csv(out / "steps.csv")
-    epochs = _read_csv(out / "epochs.csv")
+    steps = read_csv(out / "steps.csv")
+    epochs = read_csv(out / "epochs.csv")
     if not steps:
         return []
     s = np.array([_num(r["step"]) for r in steps])
@@ -814,15 +813,12 @@ def write_plots(out: Path) -> list[str]:
         ax[1, 1].legend()
     ax[1, 1].set(title="worst relative residual (DEQ steps)", xlabel="step")
     fig.tight_layout()
-    try:
-        write_atomic(out / "curves.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, out / "curves.png")
     return [str(out / "curves.png")]
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+def make_workload(cfg: TrainConfig) -> Workload:
+    """The workload of ``cfg`` (its family's): its data loaded and checked against the settings
+    that depend on its size (a limit beyond the data, a batch larger than it: the
+    :class:`ConfigError` of the flag at fault)."""
+    return cfg.family.workload(cfg)

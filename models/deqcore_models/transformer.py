@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deq import DEQSettings, LayerStats, run_layer
+from ._equilibrium_layer import DEQSettings, LayerStats, run_layer
 from ._layers import ParamBuilder, conv_weight, layer_norm, linear, relu, softmax
 
 

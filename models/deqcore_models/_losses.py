@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._deq import DEQSettings
+from ._equilibrium_layer import DEQSettings
 from ._layers import cross_entropy, output_cross_entropy, token_cross_entropy
 
 #: Positions per chunk of a language model's softmax (``--softmax-chunk``): at 32, a 33K-word

@@ -1,0 +1,5 @@
+import sys
+
+from deqcore_models.experiments import main
+
+sys.exit(main())
