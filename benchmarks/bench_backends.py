@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from deqcore._arrays_io import dumps_json, write_text
+from deqcore.internal import dumps_json, write_text
 
 WORKLOADS = {
     "mdeq": dict(model="mdeq", config="cpu", dataset="fashion-mnist", batch_size=64, solver="broyden",

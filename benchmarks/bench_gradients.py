@@ -111,7 +111,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deqcore._arrays_io import dumps_json, write_text
+from deqcore.internal import dumps_json, write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_solvers as fwd  # noqa: E402  (problems, judge, reference, idle wait, versions)

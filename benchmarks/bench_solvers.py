@@ -76,7 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deqcore._arrays_io import dumps_json, write_text
+from deqcore.internal import dumps_json, write_text
 
 TOL = 1e-4
 MAX_ITER = 50

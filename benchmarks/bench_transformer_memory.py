@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deqcore._arrays_io import dumps_json, write_text
+from deqcore.internal import dumps_json, write_text
 
 
 def _setup(args, mode: str, depth: int, output: str):

@@ -92,6 +92,19 @@ def test_no_module_imports_a_layer_above_its_own(package):
     assert not upward, f"{package} ({LAYER_NAMES[layer]}) imports sideways or upward:\n" + "\n".join(upward)
 
 
+def test_only_the_core_imports_its_private_modules():
+    """Sister packages use the core's namespaces (deqcore, .extend, .internal, .testing, ...)."""
+    private = []
+    for name, path in MODULES.items():
+        if name.split(".")[0] == "deqcore":
+            continue
+        for target, line in _imports(name, path):
+            parts = target.split(".")
+            if parts[0] == "deqcore" and any(p.startswith("_") for p in parts[1:]):
+                private.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not private, "imports of deqcore's private modules:\n" + "\n".join(private)
+
+
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
     state: dict[str, int] = {}  # 1: on the current path, 2: done

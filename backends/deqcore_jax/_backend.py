@@ -11,10 +11,9 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from deqcore import Solution
-from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
-from deqcore._capabilities import Capabilities
-from deqcore.extend import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS
+from deqcore.extend import SOLUTION_DATA_FIELDS, SOLUTION_META_FIELDS, Capabilities
 from deqcore.extend import higher_order_error as _higher_order_error
+from deqcore.internal import UNROLLED_SPD_MAX, spd_solve_unrolled
 
 
 def _ring_dots(ring, y, /):

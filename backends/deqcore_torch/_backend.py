@@ -9,8 +9,7 @@ import array_api_compat.torch as compat
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from deqcore._capabilities import Capabilities
-from deqcore._eager_backend import EagerBackend
+from deqcore.extend import Capabilities, EagerBackend
 from deqcore.extend import higher_order_error as _higher_order_error
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from deqcore import CompileWarning
-from deqcore._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from deqcore.internal import UNROLLED_SPD_MAX, spd_solve_unrolled
 
 from ._backend import TorchBackend
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deqcore._arrays_io import dumps_json, write_atomic, write_text
+from deqcore.internal import dumps_json, write_atomic, write_text
 
 #: What to install for the plots.
 PLOTS_EXTRA = "pip install 'deqcore[demo]'"

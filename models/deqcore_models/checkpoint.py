@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from deqcore._arrays_io import json_safe, load_arrays, save_arrays
+from deqcore.internal import json_safe, load_arrays, save_arrays
 
 FORMAT = "deqcore-checkpoint"
 VERSION = 1
@@ -73,7 +73,7 @@ class Schema:
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` (``.npz`` appended if missing) atomically; returns the path. A
-    failed write is a :class:`deqcore._arrays_io.WriteError` (an ``OSError``) naming the file
+    failed write is a :class:`deqcore.internal.WriteError` (an ``OSError``) naming the file
     and the free space; the file written before, if any, is unchanged."""
     arrays = {f"{group}/{name}": value for group in GROUPS for name, value in getattr(ckpt, group).items()}
     return save_arrays(path, arrays, {"format": FORMAT, "version": VERSION, **ckpt.meta})

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 import deqcore
-from deqcore._arrays_io import dumps_json, write_atomic, write_text
+from deqcore.internal import dumps_json, write_atomic, write_text
 
 from ._ops import ops_for
 from .checkpoint import load_checkpoint

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deqcore._arrays_io import write_text
+from deqcore.internal import write_text
 
 COMMAND = "python -m deqcore_models.docs_numbers"
 

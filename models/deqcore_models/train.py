@@ -31,14 +31,13 @@ from typing import Any
 import numpy as np
 
 import deqcore
-from deqcore._arrays_io import dumps_json, write_error, write_text
-from deqcore._options import (
+from deqcore.internal import dumps_json, resolve, write_error, write_text
+from deqcore.validators import (
     nonnegative_float,
     nonnegative_int,
     one_of,
     positive_float,
     positive_int,
-    resolve,
     unit_interval,
 )
 
@@ -133,7 +132,7 @@ def _family_name(v: Any) -> str | None:
 def _setting(default: Any = None, check: Callable[[Any], str | None] = _nonempty,
              kind: tuple[type, ...] = _STR, hint: str = "", *, none_ok: bool = False,
              factory: Callable[[], Any] | None = None, flag: str | None = "") -> Any:
-    """A :class:`TrainConfig` field with its validator (a ``deqcore._options`` check), the Python
+    """A :class:`TrainConfig` field with its validator (a ``deqcore.validators`` check), the Python
     types it takes, a hint appended to its error, whether None is valid (the hint should say
     what None means), and its ``deqcore`` flag ("" for the default ``--name-with-dashes``, None
     for none)."""

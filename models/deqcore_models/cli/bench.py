@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from deqcore._arrays_io import dumps_json
+from deqcore.internal import dumps_json
 
 from .._command_line import UsageError, report_flags
 from .._training_engines import require_framework

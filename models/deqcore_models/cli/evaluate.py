@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from deqcore._arrays_io import dumps_json
+from deqcore.internal import dumps_json
 
 from .._command_line import report_flags
 from .._training_engines import require_framework

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import deqcore
-from deqcore._options import resolve
 from deqcore.hypersolvers import TRAIN_OPTIONS
+from deqcore.internal import resolve
 
 from .._command_line import UsageError, check_ints, key_values, report_flags
 from .._progress import Progress

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deqcore._options import positive_float
+from deqcore.validators import positive_float
 
 from .._command_line import UsageError
 from .._results_files import pyplot, read_csv, save_figure, save_json

@@ -141,7 +141,7 @@ def load_for(model: FrozenModel, path: str | Path) -> HyperAnderson:
     file that is unreadable, not a hypersolver's, or made for another model (its compression or
     initialiser differs, a weight's name, shape or dtype does not match, a weight is NaN) is a
     ``ValueError`` naming the file (:func:`deqcore.hypersolvers.load_hypersolver` checks them)."""
-    from deqcore._arrays_io import load_arrays
+    from deqcore.internal import load_arrays
 
     _, meta = load_arrays(path)
     cfg = meta.get("config")
