@@ -59,8 +59,8 @@ def test_demo_trains_and_solves_with_every_solver(h, tmp_path, data_root, capsys
     assert results["agreement"] == []
 
     before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
-    status, stdout, err = _run(capsys, *TINY, "--data", str(data_root), "--backends", h.name,
-                               "--out", str(out_dir))
+    status, stdout, err = _run(capsys, *TINY, "--data", str(data_root), "--backend", h.name,
+                               "--backends", h.name, "--out", str(out_dir))
     assert status == 2 and stdout == ""
     assert err.count("\n") == 1 and "already holds" in err and "--overwrite" in err
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
@@ -104,11 +104,13 @@ def test_demo_bad_flags_are_one_line_errors(argv, message, h, tmp_path, data_roo
     assert not (tmp_path / "demo").exists()
 
 
-def test_demo_needs_a_data_folder(tmp_path, monkeypatch, capsys):
+def test_demo_needs_a_data_folder(h, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DEQCORE_DATA", raising=False)
-    status, _, err = _run(capsys, "--out", str(tmp_path / "demo"))
+    frameworks = ("--backend", h.name, "--backends", h.name)  # only the selected one is installed
+    status, _, err = _run(capsys, "--out", str(tmp_path / "demo"), *frameworks)
     assert status == 2 and "no data folder given" in err and err.count("\n") == 1
-    status, _, err = _run(capsys, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "demo"))
+    status, _, err = _run(capsys, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "demo"),
+                          *frameworks)
     assert status == 2 and "does not exist" in err
     assert not (tmp_path / "demo").exists()
 
