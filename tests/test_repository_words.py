@@ -9,18 +9,22 @@ stay, and "issue" as an English word is fine.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from repository_files import ROOT, source_files
 
+# The patterns are spelled with character classes ([e], [o], ...) so that this file passes its
+# own scan: it is read like every other file.
 DENIED = {
     "an issue number": re.compile(r"(?<![/\w])issues?\s*(?:#\s*)?\d+", re.I),
-    "a task tracker": re.compile(r"\b(?:steering|tickets?|workflows?)\b", re.I),
-    "a working session": re.compile(r"\bsessions?\b(?!\"\))", re.I),
-    "a task marker": re.compile(r"\b(?:TODO|FIXME|XXX)\b"),
+    "a task tracker": re.compile(r"\b(?:st[e]ering|tick[e]ts?|workfl[o]ws?)\b", re.I),
+    "a work period": re.compile(r"\bsess[i]ons?\b(?!\"\))", re.I),
+    "a task marker": re.compile(r"\b(?:T[O]DO|F[I]XME|X[X]X)\b"),
 }
-#: This file names the patterns it looks for.
-SELF = Path(__file__).resolve().relative_to(ROOT).as_posix()
+
+
+def _spell(*parts: str) -> str:
+    """Join ``parts``: the examples below name the denied words without writing them."""
+    return "".join(parts)
 
 
 def _hits(text: str) -> list[tuple[int, str, str]]:
@@ -32,12 +36,10 @@ def _hits(text: str) -> list[tuple[int, str, str]]:
     return found
 
 
-def test_no_workflow_words_in_the_repository():
+def test_every_file_speaks_to_users():
     wrong = []
     scanned = 0
     for rel in source_files():
-        if rel == SELF:
-            continue
         try:
             text = (ROOT / rel).read_text(encoding="utf-8")
         except UnicodeDecodeError:  # images, checkpoints
@@ -50,8 +52,8 @@ def test_no_workflow_words_in_the_repository():
 
 def test_the_patterns_catch_what_they_are_for():
     caught = {what for _, what, _ in _hits(
-        "Done in issue #4, in progress (Issue 4's goal), issues 12, the steering repo, a ticket, "
-        "this session, TODO: later, see workflow")}
+        _spell("Done in iss", "ue #4, in progress (Iss", "ue 4's goal), iss", "ues 12, ",
+               "the st", "eering repo, a tic", "ket, this sess", "ion, TO", "DO: later, see work", "flow"))}
     assert caught == set(DENIED)
     assert not _hits('An issue users meet; @pytest.fixture(scope="session"); todo = []; '
                      "https://github.com/google/jax/issues/1234; the issue is the 2 statements")
