@@ -1,0 +1,131 @@
+"""deqcore under PyTorch DistributedDataParallel: 2 gloo processes (one thread each) against one
+process on the concatenated batch, float64.
+
+The network (tests/ddp_equilibrium.py) has parameters before, inside and after the solve; rank
+0's samples contract fast and rank 1's slowly, so the ranks' solves take different numbers of
+iterations. Guarantees: the all-reduced gradients of every gradient mode, with and without the
+Jacobian penalty, equal the one-process gradients of the mean loss; training steps keep the ranks
+identical and equal to one process; no solve or backward pass calls a collective; which
+``find_unused_parameters`` / ``static_graph`` settings work (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ddp_equilibrium import batch, gradients_worker, training_worker
+from process_group import run_ranks
+
+pytestmark = pytest.mark.backend("torch")
+
+N_PER_RANK = 3
+TOL = dict(tol=1e-11, max_iter=300)
+ANDERSON = dict(solver="anderson", **TOL)
+BROYDEN = dict(solver="broyden", **TOL)
+FIXED_POINT = dict(solver="fixed_point", **TOL)
+
+#: (case id, case): every gradient mode registered on torch, under the solvers it makes sense
+#: with, with the three DDP settings spread over them; the tuple state and the penalty on several.
+GRADIENT_CASES = [
+    ("implicit-anderson", dict(solve=dict(ANDERSON, grad="implicit"))),
+    ("implicit-broyden-tuple", dict(solve=dict(BROYDEN, grad="implicit"), tuple_state=True)),
+    ("implicit-fixed_point-static", dict(solve=dict(FIXED_POINT, grad="implicit"), ddp=dict(static_graph=True))),
+    ("jfb-anderson-unused", dict(solve=dict(ANDERSON, grad="jfb"), ddp=dict(find_unused_parameters=True))),
+    ("jfb-fixed_point", dict(solve=dict(FIXED_POINT, grad="jfb"))),
+    ("npg-anderson-tuple", dict(solve=dict(ANDERSON, grad="npg"), tuple_state=True)),
+    ("npg-broyden-static", dict(solve=dict(BROYDEN, grad="npg", grad_options=dict(k=8)), ddp=dict(static_graph=True))),
+    ("upg-anderson", dict(solve=dict(ANDERSON, grad="upg"))),
+    ("upg-fixed_point-tuple-unused", dict(solve=dict(FIXED_POINT, grad="upg"), tuple_state=True,
+                                          ddp=dict(find_unused_parameters=True))),
+    ("gdeq-broyden", dict(solve=dict(BROYDEN, grad="gdeq"))),
+    ("gdeq-broyden-tuple-static", dict(solve=dict(BROYDEN, grad="gdeq"), tuple_state=True, ddp=dict(static_graph=True))),
+    ("unroll-anderson", dict(solve=dict(ANDERSON, grad="unroll"))),
+    ("unroll-broyden-unused", dict(solve=dict(BROYDEN, grad="unroll"), ddp=dict(find_unused_parameters=True))),
+    ("unroll-fixed_point-tuple", dict(solve=dict(FIXED_POINT, grad="unroll"), tuple_state=True)),
+    # the Jacobian penalty differentiates f's VJP (create_graph) inside the forward
+    ("penalty-implicit-anderson", dict(solve=dict(ANDERSON, grad="implicit"), penalty=0.7)),
+    ("penalty-implicit-anderson-tuple-static", dict(solve=dict(ANDERSON, grad="implicit"), tuple_state=True,
+                                                    penalty=0.7, ddp=dict(static_graph=True))),
+    ("penalty-gdeq-broyden-unused", dict(solve=dict(BROYDEN, grad="gdeq"), penalty=0.7,
+                                         ddp=dict(find_unused_parameters=True))),
+    ("penalty-npg-fixed_point", dict(solve=dict(FIXED_POINT, grad="npg"), penalty=0.7)),
+    ("penalty-unroll-anderson-tuple", dict(solve=dict(ANDERSON, grad="unroll"), tuple_state=True, penalty=0.7)),
+    # the pitfall the documentation warns of: the penalty's gradient in a second backward pass
+    ("penalty-separate-backward", dict(solve=dict(ANDERSON, grad="implicit"), penalty=0.7, separate_backward=True)),
+]
+IDS = [name for name, _ in GRADIENT_CASES]
+
+
+@pytest.fixture(scope="module")
+def gradients():
+    """Per case: (rank 0's DDP gradients, rank 1's, the one-process gradients, the parameter names)."""
+    ranks = run_ranks(gradients_worker, 2, [case for _, case in GRADIENT_CASES], batch(N_PER_RANK, 2))
+    return {name: (ranks[0][i]["ddp"], ranks[1][i]["ddp"], ranks[0][i]["reference"], ranks[0][i]["names"])
+            for i, name in enumerate(IDS)}
+
+
+def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rtol: float = 1e-10) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = np.abs(want[name]).max()
+        assert scale > 1e-6, f"{name}: a vanishing gradient compares nothing"
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("case", [name for name in IDS if name != "penalty-separate-backward"])
+def test_all_reduced_gradients_equal_one_process_on_the_whole_batch(gradients, case):
+    rank0, rank1, reference, names = gradients[case]
+    assert sorted(reference) == sorted(names)  # encoder, f (W; A and C with the tuple state), head
+    _assert_close(rank0, reference)
+    _assert_close(rank1, reference)
+
+
+def test_a_separate_backward_for_the_penalty_is_not_all_reduced(gradients):
+    """DDP all-reduces once per forward, when the first backward pass has produced every
+    gradient; a second backward pass (here the penalty's) only adds each rank's own gradient, so
+    the ranks silently differ. The recipe is one loss, one backward (the penalty cases above)."""
+    rank0, rank1, reference, _ = gradients["penalty-separate-backward"]
+    assert not np.allclose(rank0["W"], rank1["W"], rtol=1e-6, atol=0)
+    assert not np.allclose(rank0["W"], reference["W"], rtol=1e-6, atol=0)
+    # the head does not enter the penalty: its first, all-reduced gradient is the whole one
+    head = ("head.weight", "head.bias")
+    _assert_close({k: rank0[k] for k in head}, {k: reference[k] for k in head})
+
+
+TRAINING_CASES = [
+    ("adam-implicit-anderson", dict(optimizer="adam", solve=dict(ANDERSON, grad="implicit"))),
+    ("sgd-unroll-broyden-tuple-static", dict(optimizer="sgd", solve=dict(BROYDEN, grad="unroll"), tuple_state=True,
+                                             ddp=dict(static_graph=True))),
+    # GDEQ with a looser forward tolerance: Broyden's last pairs come from differences of nearly
+    # equal iterates, so GDEQ's gradient amplifies the rounding-level difference between the
+    # all-reduced and the one-process parameters after a step: 2e-8 after three Adam steps with
+    # tol=1e-11, 4e-13 with tol=1e-6
+    ("adam-gdeq-broyden-penalty", dict(optimizer="adam", solve=dict(BROYDEN, grad="gdeq", tol=1e-6), penalty=0.7)),
+    ("sgd-npg-anderson-penalty", dict(optimizer="sgd", solve=dict(ANDERSON, grad="npg"), penalty=0.7)),
+    # two pretraining steps that leave f's parameters out, then the solve: find_unused_parameters
+    ("adam-implicit-pretrain-unused", dict(optimizer="adam", solve=dict(ANDERSON, grad="implicit"),
+                                           skip_solve_steps=2, ddp=dict(find_unused_parameters=True))),
+]
+STEPS = 3
+
+
+@pytest.mark.parametrize("case", [c for _, c in TRAINING_CASES], ids=[n for n, _ in TRAINING_CASES])
+def test_ranks_with_different_iteration_counts_train_like_one_process(case):
+    """Rank 1's samples need many more solver iterations than rank 0's; after every step both
+    ranks hold the same parameters, those of one process on the whole batch (1e-10), and no
+    forward or backward pass made a collective of its own (DDP's gradient all-reduce is its
+    reducer's)."""
+    steps = STEPS + case.get("skip_solve_steps", 0)
+    rank0, rank1 = run_ranks(training_worker, 2, case, batch(N_PER_RANK, 2), steps)
+    reference = rank0["reference"]
+    solved = slice(case.get("skip_solve_steps", 0), None)
+    for mine, other in zip(rank0["ddp"]["solver_steps"][solved], rank1["ddp"]["solver_steps"][solved], strict=True):
+        assert 0 < mine < other  # the easy rank stops before the hard one
+    assert rank0["ddp"]["calls"] == rank1["ddp"]["calls"] == reference["calls"] == []
+    first, last = reference["params"][0], reference["params"][-1]
+    assert all(not np.allclose(first[name], last[name], rtol=1e-6, atol=0) for name in first)  # all trained
+    for step in range(steps):
+        for name, want in reference["params"][step].items():
+            np.testing.assert_array_equal(rank0["ddp"]["params"][step][name], rank1["ddp"]["params"][step][name])
+            np.testing.assert_allclose(rank0["ddp"]["params"][step][name], want, rtol=0,
+                                       atol=1e-10 * np.abs(want).max(), err_msg=f"step {step}: {name}")
