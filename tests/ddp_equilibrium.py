@@ -80,12 +80,15 @@ class EquilibriumNet(nn.Module):
         return (torch.tanh(s[:, None] * rowwise(z1, self.W) + u),
                 torch.tanh(s[:, None] * rowwise(z2, self.A) + rowwise(z1, self.C)))
 
-    def forward(self, features: torch.Tensor, scale: torch.Tensor, probe: Any = None, skip_solve: bool = False):
+    def forward(self, features: torch.Tensor, scale: torch.Tensor, probe: Any = None,
+                skip_solve: bool = False) -> Any:
         x = (self.encoder(features), scale)
         if skip_solve:  # a pretraining step: the head on the encoder, f's parameters unused
             return self.head(x[0])
         b = features.shape[0]
-        z0 = (features.new_zeros(b, D), features.new_zeros(b, D2)) if self.tuple_state else features.new_zeros(b, D)
+        z0 = features.new_zeros(b, D)
+        if self.tuple_state:
+            z0 = (z0, features.new_zeros(b, D2))
         self.last = deqcore.solve(self.f, x, z0, **self.solve_options)
         z = torch.cat(self.last.z, dim=1) if self.tuple_state else self.last.z
         out = self.head(z)
@@ -150,7 +153,8 @@ def gradients_worker(rank: int, world_size: int, cases: list[dict[str, Any]],
             loss_of(ddp, rows, case.get("penalty", 0.0), model.tuple_state).backward()
         result: dict[str, Any] = {"ddp": _grads(model)}
         if rank == 0:
-            loss_of(reference, _rows(data, None, world_size), case.get("penalty", 0.0), model.tuple_state).backward()
+            whole = _rows(data, None, world_size)
+            loss_of(reference, whole, case.get("penalty", 0.0), model.tuple_state).backward()
             result["reference"] = _grads(reference)
             result["names"] = [n for n, _ in model.named_parameters()]
         results[i] = result
@@ -191,8 +195,9 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
     """``steps`` optimizer steps (``case["optimizer"]``: ``"sgd"`` or ``"adam"``) under DDP on
     this rank's rows, the first ``case["skip_solve_steps"]`` of them without the solve: the
     parameters after each step, the solver steps each forward took on this rank (0: no solve),
-    the ``torch.distributed`` calls made in the forward and backward passes; on rank 0 also the
-    parameters of the same steps in one process on the whole batch."""
+    the ``torch.distributed`` calls made in the forward and backward passes (and, as ``counted``,
+    those the count saw around one barrier); on rank 0 also the parameters of the same steps in one
+    process on the whole batch."""
     def run(model: nn.Module, trained: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
         make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.2), "adam": lambda p: torch.optim.Adam(p, lr=0.05)}
         opt = make[case["optimizer"]](model.parameters())
@@ -213,6 +218,9 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
     reference = copy.deepcopy(model)
     ddp = nn.parallel.DistributedDataParallel(model, **case.get("ddp", {}))
     result = {"ddp": run(ddp, model, _rows(data, rank, world_size))}
+    with counting_collectives() as seen:  # the count sees a collective when there is one
+        dist.barrier()
+    result["counted"] = seen
     if rank == 0:
         result["reference"] = run(reference, reference, _rows(data, None, world_size))
     return result

@@ -19,39 +19,43 @@ from process_group import run_ranks
 pytestmark = pytest.mark.backend("torch")
 
 N_PER_RANK = 3
-TOL = dict(tol=1e-11, max_iter=300)
-ANDERSON = dict(solver="anderson", **TOL)
-BROYDEN = dict(solver="broyden", **TOL)
-FIXED_POINT = dict(solver="fixed_point", **TOL)
+SOLVERS = {name: dict(solver=name, tol=1e-11, max_iter=300)
+           for name in ("anderson", "broyden", "fixed_point")}
+STATIC, UNUSED = dict(static_graph=True), dict(find_unused_parameters=True)
+
+
+def case(solver: str, grad: str, grad_options: dict | None = None, tol: float | None = None, **kw):
+    """A worker's case: deqcore.solve's options and the rest (see tests/ddp_equilibrium.py)."""
+    solve = dict(SOLVERS[solver], grad=grad, grad_options=grad_options)
+    return dict(solve=solve if tol is None else dict(solve, tol=tol), **kw)
+
 
 #: (case id, case): every gradient mode registered on torch, under the solvers it makes sense
 #: with, with the three DDP settings spread over them; the tuple state and the penalty on several.
 GRADIENT_CASES = [
-    ("implicit-anderson", dict(solve=dict(ANDERSON, grad="implicit"))),
-    ("implicit-broyden-tuple", dict(solve=dict(BROYDEN, grad="implicit"), tuple_state=True)),
-    ("implicit-fixed_point-static", dict(solve=dict(FIXED_POINT, grad="implicit"), ddp=dict(static_graph=True))),
-    ("jfb-anderson-unused", dict(solve=dict(ANDERSON, grad="jfb"), ddp=dict(find_unused_parameters=True))),
-    ("jfb-fixed_point", dict(solve=dict(FIXED_POINT, grad="jfb"))),
-    ("npg-anderson-tuple", dict(solve=dict(ANDERSON, grad="npg"), tuple_state=True)),
-    ("npg-broyden-static", dict(solve=dict(BROYDEN, grad="npg", grad_options=dict(k=8)), ddp=dict(static_graph=True))),
-    ("upg-anderson", dict(solve=dict(ANDERSON, grad="upg"))),
-    ("upg-fixed_point-tuple-unused", dict(solve=dict(FIXED_POINT, grad="upg"), tuple_state=True,
-                                          ddp=dict(find_unused_parameters=True))),
-    ("gdeq-broyden", dict(solve=dict(BROYDEN, grad="gdeq"))),
-    ("gdeq-broyden-tuple-static", dict(solve=dict(BROYDEN, grad="gdeq"), tuple_state=True, ddp=dict(static_graph=True))),
-    ("unroll-anderson", dict(solve=dict(ANDERSON, grad="unroll"))),
-    ("unroll-broyden-unused", dict(solve=dict(BROYDEN, grad="unroll"), ddp=dict(find_unused_parameters=True))),
-    ("unroll-fixed_point-tuple", dict(solve=dict(FIXED_POINT, grad="unroll"), tuple_state=True)),
+    ("implicit-anderson", case("anderson", "implicit")),
+    ("implicit-broyden-tuple", case("broyden", "implicit", tuple_state=True)),
+    ("implicit-fixed_point-static", case("fixed_point", "implicit", ddp=STATIC)),
+    ("jfb-anderson-unused", case("anderson", "jfb", ddp=UNUSED)),
+    ("jfb-fixed_point", case("fixed_point", "jfb")),
+    ("npg-anderson-tuple", case("anderson", "npg", tuple_state=True)),
+    ("npg-broyden-static", case("broyden", "npg", dict(k=8), ddp=STATIC)),
+    ("upg-anderson", case("anderson", "upg")),
+    ("upg-fixed_point-tuple-unused", case("fixed_point", "upg", tuple_state=True, ddp=UNUSED)),
+    ("gdeq-broyden", case("broyden", "gdeq")),
+    ("gdeq-broyden-tuple-static", case("broyden", "gdeq", tuple_state=True, ddp=STATIC)),
+    ("unroll-anderson", case("anderson", "unroll")),
+    ("unroll-broyden-unused", case("broyden", "unroll", ddp=UNUSED)),
+    ("unroll-fixed_point-tuple", case("fixed_point", "unroll", tuple_state=True)),
     # the Jacobian penalty differentiates f's VJP (create_graph) inside the forward
-    ("penalty-implicit-anderson", dict(solve=dict(ANDERSON, grad="implicit"), penalty=0.7)),
-    ("penalty-implicit-anderson-tuple-static", dict(solve=dict(ANDERSON, grad="implicit"), tuple_state=True,
-                                                    penalty=0.7, ddp=dict(static_graph=True))),
-    ("penalty-gdeq-broyden-unused", dict(solve=dict(BROYDEN, grad="gdeq"), penalty=0.7,
-                                         ddp=dict(find_unused_parameters=True))),
-    ("penalty-npg-fixed_point", dict(solve=dict(FIXED_POINT, grad="npg"), penalty=0.7)),
-    ("penalty-unroll-anderson-tuple", dict(solve=dict(ANDERSON, grad="unroll"), tuple_state=True, penalty=0.7)),
+    ("penalty-implicit-anderson", case("anderson", "implicit", penalty=0.7)),
+    ("penalty-implicit-anderson-tuple-static", case("anderson", "implicit", tuple_state=True, penalty=0.7,
+                                                    ddp=STATIC)),
+    ("penalty-gdeq-broyden-unused", case("broyden", "gdeq", penalty=0.7, ddp=UNUSED)),
+    ("penalty-npg-fixed_point", case("fixed_point", "npg", penalty=0.7)),
+    ("penalty-unroll-anderson-tuple", case("anderson", "unroll", tuple_state=True, penalty=0.7)),
     # the pitfall the documentation warns of: the penalty's gradient in a second backward pass
-    ("penalty-separate-backward", dict(solve=dict(ANDERSON, grad="implicit"), penalty=0.7, separate_backward=True)),
+    ("penalty-separate-backward", case("anderson", "implicit", penalty=0.7, separate_backward=True)),
 ]
 IDS = [name for name, _ in GRADIENT_CASES]
 
@@ -93,18 +97,17 @@ def test_a_separate_backward_for_the_penalty_is_not_all_reduced(gradients):
 
 
 TRAINING_CASES = [
-    ("adam-implicit-anderson", dict(optimizer="adam", solve=dict(ANDERSON, grad="implicit"))),
-    ("sgd-unroll-broyden-tuple-static", dict(optimizer="sgd", solve=dict(BROYDEN, grad="unroll"), tuple_state=True,
-                                             ddp=dict(static_graph=True))),
+    ("sgd-unroll-broyden-tuple-static", case("broyden", "unroll", optimizer="sgd", tuple_state=True,
+                                             ddp=STATIC)),
     # GDEQ with a looser forward tolerance: Broyden's last pairs come from differences of nearly
     # equal iterates, so GDEQ's gradient amplifies the rounding-level difference between the
     # all-reduced and the one-process parameters after a step: 2e-8 after three Adam steps with
     # tol=1e-11, 4e-13 with tol=1e-6
-    ("adam-gdeq-broyden-penalty", dict(optimizer="adam", solve=dict(BROYDEN, grad="gdeq", tol=1e-6), penalty=0.7)),
-    ("sgd-npg-anderson-penalty", dict(optimizer="sgd", solve=dict(ANDERSON, grad="npg"), penalty=0.7)),
+    ("adam-gdeq-broyden-penalty", case("broyden", "gdeq", tol=1e-6, optimizer="adam", penalty=0.7)),
+    ("sgd-npg-anderson-penalty", case("anderson", "npg", optimizer="sgd", penalty=0.7)),
     # two pretraining steps that leave f's parameters out, then the solve: find_unused_parameters
-    ("adam-implicit-pretrain-unused", dict(optimizer="adam", solve=dict(ANDERSON, grad="implicit"),
-                                           skip_solve_steps=2, ddp=dict(find_unused_parameters=True))),
+    ("adam-implicit-pretrain-unused", case("anderson", "implicit", optimizer="adam", skip_solve_steps=2,
+                                           ddp=UNUSED)),
 ]
 STEPS = 3
 
@@ -119,13 +122,15 @@ def test_ranks_with_different_iteration_counts_train_like_one_process(case):
     rank0, rank1 = run_ranks(training_worker, 2, case, batch(N_PER_RANK, 2), steps)
     reference = rank0["reference"]
     solved = slice(case.get("skip_solve_steps", 0), None)
-    for mine, other in zip(rank0["ddp"]["solver_steps"][solved], rank1["ddp"]["solver_steps"][solved], strict=True):
-        assert 0 < mine < other  # the easy rank stops before the hard one
+    easy, hard = rank0["ddp"]["solver_steps"][solved], rank1["ddp"]["solver_steps"][solved]
+    assert all(0 < mine < other for mine, other in zip(easy, hard, strict=True))  # the easy rank stops first
     assert rank0["ddp"]["calls"] == rank1["ddp"]["calls"] == reference["calls"] == []
+    assert rank0["counted"] == rank1["counted"] == ["barrier"]
     first, last = reference["params"][0], reference["params"][-1]
     assert all(not np.allclose(first[name], last[name], rtol=1e-6, atol=0) for name in first)  # all trained
     for step in range(steps):
         for name, want in reference["params"][step].items():
-            np.testing.assert_array_equal(rank0["ddp"]["params"][step][name], rank1["ddp"]["params"][step][name])
-            np.testing.assert_allclose(rank0["ddp"]["params"][step][name], want, rtol=0,
+            got = rank0["ddp"]["params"][step][name]
+            np.testing.assert_array_equal(got, rank1["ddp"]["params"][step][name])
+            np.testing.assert_allclose(got, want, rtol=0,
                                        atol=1e-10 * np.abs(want).max(), err_msg=f"step {step}: {name}")
