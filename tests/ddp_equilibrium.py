@@ -137,7 +137,8 @@ def gradients_worker(rank: int, world_size: int, cases: list[dict[str, Any]],
                      data: dict[str, np.ndarray]) -> dict[str, Any]:
     """For each case (``solve``: options of deqcore.solve, ``tuple_state``, ``penalty``,
     ``ddp``: keyword arguments of DistributedDataParallel), one backward pass under DDP on this
-    rank's rows (two with ``separate_backward``: the loss's, then the penalty's): the gradients
+    rank's rows (two with ``separate_backward``: the loss's, then the penalty's; the penalty
+    computed after DDP's forward with ``penalty_after_forward``): the gradients
     DDP leaves, and on rank 0 the one-process gradients of the whole loss on the whole batch."""
     results = {}
     for i, case in enumerate(cases):
@@ -149,6 +150,11 @@ def gradients_worker(rank: int, world_size: int, cases: list[dict[str, Any]],
             out, pen = ddp(rows["features"], rows["scale"], rows["probe"])
             ((out - rows["target"]) ** 2).mean().backward(retain_graph=True)
             (case["penalty"] * pen).backward()
+        elif case.get("penalty_after_forward"):  # on the wrapped module's f, outside DDP's forward
+            out = ddp(rows["features"], rows["scale"])
+            x = (model.encoder(rows["features"]), rows["scale"])
+            pen = deqcore.jacobian_penalty(model.f, model.last.z, x, rows["probe"])
+            (((out - rows["target"]) ** 2).mean() + case["penalty"] * pen).backward()
         else:
             loss_of(ddp, rows, case.get("penalty", 0.0), model.tuple_state).backward()
         result: dict[str, Any] = {"ddp": _grads(model)}

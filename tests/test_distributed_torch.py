@@ -54,6 +54,9 @@ GRADIENT_CASES = [
     ("penalty-gdeq-broyden-unused", case("broyden", "gdeq", penalty=0.7, ddp=UNUSED)),
     ("penalty-npg-fixed_point", case("fixed_point", "npg", penalty=0.7)),
     ("penalty-unroll-anderson-tuple", case("anderson", "unroll", tuple_state=True, penalty=0.7)),
+    ("penalty-after-forward", case("anderson", "implicit", penalty=0.7, penalty_after_forward=True)),
+    ("penalty-after-forward-unused", case("broyden", "npg", penalty=0.7, penalty_after_forward=True,
+                                          ddp=UNUSED)),
     # the pitfall the documentation warns of: the penalty's gradient in a second backward pass
     ("penalty-separate-backward", case("anderson", "implicit", penalty=0.7, separate_backward=True)),
 ]
