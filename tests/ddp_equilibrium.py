@@ -202,8 +202,8 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
     this rank's rows, the first ``case["skip_solve_steps"]`` of them without the solve: the
     parameters after each step, the solver steps each forward took on this rank (0: no solve),
     the ``torch.distributed`` calls made in the forward and backward passes (and, as ``counted``,
-    those the count saw around one barrier); on rank 0 also the parameters of the same steps in one
-    process on the whole batch."""
+    those the count saw around one barrier), the rank and its thread count; on rank 0 also the
+    parameters of the same steps in one process on the whole batch."""
     def run(model: nn.Module, trained: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
         make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.2), "adam": lambda p: torch.optim.Adam(p, lr=0.05)}
         opt = make[case["optimizer"]](model.parameters())
@@ -226,7 +226,7 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
     result = {"ddp": run(ddp, model, _rows(data, rank, world_size))}
     with counting_collectives() as seen:  # the count sees a collective when there is one
         dist.barrier()
-    result["counted"] = seen
+    result.update(counted=seen, rank=rank, threads=torch.get_num_threads())
     if rank == 0:
         result["reference"] = run(reference, reference, _rows(data, None, world_size))
     return result

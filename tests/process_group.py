@@ -13,6 +13,7 @@ killed, so a bug fails the test instead of hanging it. Collectives time out afte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -51,16 +52,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     worker_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="ranks-") as tmp:
-        procs, logs = [], []
+    with tempfile.TemporaryDirectory(prefix="ranks-") as tmp, contextlib.ExitStack() as logs:
+        procs = []
         for rank in range(world_size):
             job = Path(tmp) / f"rank{rank}.pkl"
             job.write_bytes(pickle.dumps({
                 "module": fn.__module__, "name": fn.__qualname__, "args": args, "rank": rank,
                 "world_size": world_size, "port": port, "collective_timeout": collective_timeout,
                 "result": str(Path(tmp) / f"result{rank}.pkl")}))
-            log = open(Path(tmp) / f"rank{rank}.log", "w+")  # noqa: SIM115 (closed below)
-            logs.append(log)
+            log = logs.enter_context(open(Path(tmp) / f"rank{rank}.log", "w+"))
             procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(job)], env=worker_env,
                                           stdout=log, stderr=subprocess.STDOUT))
         try:
@@ -72,14 +72,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                     p.wait(timeout=30)
         if failed:
             report = []
-            for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-                log.seek(0)
-                report.append(f"--- rank {rank}: exit status {p.returncode}\n{log.read()[-6000:]}")
-            for log in logs:
-                log.close()
+            for rank, p in enumerate(procs):
+                output = (Path(tmp) / f"rank{rank}.log").read_text()
+                report.append(f"--- rank {rank}: exit status {p.returncode}\n{output[-6000:]}")
             raise RanksFailed(f"{failed}\n" + "\n".join(report))
-        for log in logs:
-            log.close()
         return [pickle.loads((Path(tmp) / f"result{rank}.pkl").read_bytes()) for rank in range(world_size)]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ddp_equilibrium import batch, gradients_worker, training_worker
-from process_group import run_ranks
+from process_group import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.backend("torch")
 
@@ -123,6 +123,7 @@ def test_ranks_with_different_iteration_counts_train_like_one_process(case):
     reducer's)."""
     steps = STEPS + case.get("skip_solve_steps", 0)
     rank0, rank1 = run_ranks(training_worker, 2, case, batch(N_PER_RANK, 2), steps)
+    assert (rank0["rank"], rank0["threads"], rank1["rank"], rank1["threads"]) == (0, 1, 1, 1)
     reference = rank0["reference"]
     solved = slice(case.get("skip_solve_steps", 0), None)
     easy, hard = rank0["ddp"]["solver_steps"][solved], rank1["ddp"]["solver_steps"][solved]
@@ -137,3 +138,26 @@ def test_ranks_with_different_iteration_counts_train_like_one_process(case):
             np.testing.assert_array_equal(got, rank1["ddp"]["params"][step][name])
             np.testing.assert_allclose(got, want, rtol=0,
                                        atol=1e-10 * np.abs(want).max(), err_msg=f"step {step}: {name}")
+
+
+def failing_worker(rank: int, world_size: int, mode: str) -> None:
+    """Rank 0 waits in a collective; rank 1 raises (``mode="raise"``) or never joins it."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if rank == 1 and mode == "raise":
+        raise ValueError("rank 1 fails on purpose")
+    if rank == 1:
+        time.sleep(300)
+    dist.all_reduce(torch.zeros(1))
+
+
+def test_run_ranks_fails_instead_of_hanging():
+    """The helper itself: a worker that raises, or a collective one rank never joins, fails the
+    call with the ranks' output (the other tests check the results come back in rank order)."""
+    with pytest.raises(RanksFailed, match="(?s)a worker failed.*rank 1 fails on purpose"):
+        run_ranks(failing_worker, 2, "raise")
+    with pytest.raises(RanksFailed, match="(?s)a worker failed.*rank 0.*Timed out waiting 3000ms"):
+        run_ranks(failing_worker, 2, "hang", collective_timeout=3)
