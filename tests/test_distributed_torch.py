@@ -155,7 +155,7 @@ def failing_worker(rank: int, world_size: int, mode: str) -> None:
 
 
 def test_run_ranks_fails_instead_of_hanging():
-    """The helper itself: a worker that raises, or a collective one rank never joins, fails the
+    """run_ranks itself: a worker that raises, or a collective one rank never joins, fails the
     call with the ranks' output (the other tests check the results come back in rank order)."""
     with pytest.raises(RanksFailed, match="(?s)a worker failed.*rank 1 fails on purpose"):
         run_ranks(failing_worker, 2, "raise")
