@@ -199,7 +199,8 @@ def counting_collectives() -> Iterator[list[str]]:
 def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict[str, np.ndarray],
                     steps: int) -> dict[str, Any]:
     """``steps`` optimizer steps (``case["optimizer"]``: ``"sgd"`` or ``"adam"``) under DDP on
-    this rank's rows, the first ``case["skip_solve_steps"]`` of them without the solve: the
+    this rank's rows, the first ``case["skip_solve_steps"]`` of them without the solve, the
+    penalty (``case["penalty"]``) in the loss of every other step (0, 2, ...): the
     parameters after each step, the solver steps each forward took on this rank (0: no solve),
     the ``torch.distributed`` calls made in the forward and backward passes (and, as ``counted``,
     those the count saw around one barrier), the rank and its thread count; on rank 0 also the
@@ -212,8 +213,9 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
             opt.zero_grad()
             trained.last = None
             skip = step < case.get("skip_solve_steps", 0)
+            penalty = case.get("penalty", 0.0) if step % 2 == 0 else 0.0
             with counting_collectives() as seen:
-                loss_of(model, rows, case.get("penalty", 0.0), trained.tuple_state, skip).backward()
+                loss_of(model, rows, penalty, trained.tuple_state, skip).backward()
             calls += seen
             opt.step()
             solver_steps.append(0 if trained.last is None else int(trained.last.steps))
