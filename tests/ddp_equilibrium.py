@@ -196,20 +196,20 @@ def counting_collectives() -> Iterator[list[str]]:
             setattr(m, name, fn)
 
 
-def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict[str, np.ndarray],
+def training_worker(rank: int, world_size: int, cases: list[dict[str, Any]], data: dict[str, np.ndarray],
                     steps: int) -> dict[str, Any]:
-    """``steps`` optimizer steps (``case["optimizer"]``: ``"sgd"`` or ``"adam"``) under DDP on
-    this rank's rows, the first ``case["skip_solve_steps"]`` of them without the solve, the
-    penalty (``case["penalty"]``) in the loss of every other step (0, 2, ...): the
-    parameters after each step, the solver steps each forward took on this rank (0: no solve),
-    the ``torch.distributed`` calls made in the forward and backward passes (and, as ``counted``,
-    those the count saw around one barrier), the rank and its thread count; on rank 0 also the
-    parameters of the same steps in one process on the whole batch."""
-    def run(model: nn.Module, trained: nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """For each case, ``steps`` optimizer steps (``case["optimizer"]``: ``"sgd"`` or ``"adam"``)
+    under DDP on this rank's rows, after ``case["skip_solve_steps"]`` steps without the solve, the
+    penalty (``case["penalty"]``) in the loss of every other step (0, 2, ...): the parameters
+    after each step, the solver steps each forward took on this rank (0: no solve), the
+    ``torch.distributed`` calls made in the forward and backward passes; on rank 0 also the
+    parameters of the same steps in one process on the whole batch. And, as ``counted``, the
+    calls the count saw around one barrier, the rank and its thread count."""
+    def run(case: dict[str, Any], model: nn.Module, trained: nn.Module, rows: dict[str, torch.Tensor]):
         make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.2), "adam": lambda p: torch.optim.Adam(p, lr=0.05)}
         opt = make[case["optimizer"]](model.parameters())
         params, solver_steps, calls = [], [], []
-        for step in range(steps):
+        for step in range(case.get("skip_solve_steps", 0) + steps):
             opt.zero_grad()
             trained.last = None
             skip = step < case.get("skip_solve_steps", 0)
@@ -222,13 +222,15 @@ def training_worker(rank: int, world_size: int, case: dict[str, Any], data: dict
             params.append({n: p.detach().numpy().copy() for n, p in trained.named_parameters()})
         return {"params": params, "solver_steps": solver_steps, "calls": calls}
 
-    model = EquilibriumNet(case["solve"], case.get("tuple_state", False))
-    reference = copy.deepcopy(model)
-    ddp = nn.parallel.DistributedDataParallel(model, **case.get("ddp", {}))
-    result = {"ddp": run(ddp, model, _rows(data, rank, world_size))}
+    results = []
+    for case in cases:
+        model = EquilibriumNet(case["solve"], case.get("tuple_state", False))
+        reference = copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(model, **case.get("ddp", {}))
+        result = {"ddp": run(case, ddp, model, _rows(data, rank, world_size))}
+        if rank == 0:
+            result["reference"] = run(case, reference, reference, _rows(data, None, world_size))
+        results.append(result)
     with counting_collectives() as seen:  # the count sees a collective when there is one
         dist.barrier()
-    result.update(counted=seen, rank=rank, threads=torch.get_num_threads())
-    if rank == 0:
-        result["reference"] = run(reference, reference, _rows(data, None, world_size))
-    return result
+    return {"cases": results, "counted": seen, "rank": rank, "threads": torch.get_num_threads()}

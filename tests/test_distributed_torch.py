@@ -114,31 +114,39 @@ TRAINING_CASES = [
                                            skip_solve_steps=2, ddp=UNUSED)),
 ]
 STEPS = 3
+TRAINING_IDS = [name for name, _ in TRAINING_CASES]
 
 
-@pytest.mark.parametrize("case", [c for _, c in TRAINING_CASES], ids=[n for n, _ in TRAINING_CASES])
-def test_ranks_with_different_iteration_counts_train_like_one_process(case):
+@pytest.fixture(scope="module")
+def training():
+    """Per case: (rank 0's DDP run, rank 1's, the one-process run); see ``training_worker``."""
+    rank0, rank1 = run_ranks(training_worker, 2, [c for _, c in TRAINING_CASES], batch(N_PER_RANK, 2), STEPS)
+    assert (rank0["rank"], rank0["threads"], rank1["rank"], rank1["threads"]) == (0, 1, 1, 1)
+    assert rank0["counted"] == rank1["counted"] == ["barrier"]  # the count sees a collective
+    return {name: (rank0["cases"][i]["ddp"], rank1["cases"][i]["ddp"], rank0["cases"][i]["reference"])
+            for i, name in enumerate(TRAINING_IDS)}
+
+
+@pytest.mark.parametrize("case", TRAINING_IDS)
+def test_ranks_with_different_iteration_counts_train_like_one_process(training, case):
     """Rank 1's samples need more solver iterations than rank 0's; after every step both
     ranks hold the same parameters, those of one process on the whole batch (1e-10), and no
     forward or backward pass made a collective of its own (DDP's gradient all-reduce is its
     reducer's)."""
-    steps = STEPS + case.get("skip_solve_steps", 0)
-    rank0, rank1 = run_ranks(training_worker, 2, case, batch(N_PER_RANK, 2), steps)
-    assert (rank0["rank"], rank0["threads"], rank1["rank"], rank1["threads"]) == (0, 1, 1, 1)
-    reference = rank0["reference"]
-    solved = slice(case.get("skip_solve_steps", 0), None)
-    easy, hard = rank0["ddp"]["solver_steps"][solved], rank1["ddp"]["solver_steps"][solved]
+    rank0, rank1, reference = training[case]
+    solved = slice(dict(TRAINING_CASES)[case].get("skip_solve_steps", 0), None)
+    easy, hard = rank0["solver_steps"][solved], rank1["solver_steps"][solved]
+    assert len(easy) == STEPS
     assert all(0 < mine < other for mine, other in zip(easy, hard, strict=True))  # the easy rank stops first
-    assert rank0["ddp"]["calls"] == rank1["ddp"]["calls"] == reference["calls"] == []
-    assert rank0["counted"] == rank1["counted"] == ["barrier"]
+    assert rank0["calls"] == rank1["calls"] == reference["calls"] == []
     first, last = reference["params"][0], reference["params"][-1]
     assert all(not np.allclose(first[name], last[name], rtol=1e-6, atol=0) for name in first)  # all trained
-    for step in range(steps):
-        for name, want in reference["params"][step].items():
-            got = rank0["ddp"]["params"][step][name]
-            np.testing.assert_array_equal(got, rank1["ddp"]["params"][step][name])
-            np.testing.assert_allclose(got, want, rtol=0,
-                                       atol=1e-10 * np.abs(want).max(), err_msg=f"step {step}: {name}")
+    for step, want_step in enumerate(reference["params"]):
+        for name, want in want_step.items():
+            got = rank0["params"][step][name]
+            np.testing.assert_array_equal(got, rank1["params"][step][name])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max(),
+                                       err_msg=f"step {step}: {name}")
 
 
 def failing_worker(rank: int, world_size: int, mode: str) -> None:
