@@ -203,7 +203,8 @@ def training_worker(rank: int, world_size: int, cases: list[dict[str, Any]], dat
     penalty (``case["penalty"]``) in the loss of every other step (0, 2, ...): the parameters
     after each step, the solver steps each forward took on this rank (0: no solve), the
     ``torch.distributed`` calls made in the forward and backward passes; on rank 0 also the
-    parameters of the same steps in one process on the whole batch. And, as ``counted``, the
+    parameters of the same steps in one process on the whole batch; with ``case["expect_error"]``
+    only the message of the RuntimeError the DDP run raised (None: none). And, as ``counted``, the
     calls the count saw around one barrier, the rank and its thread count."""
     def run(case: dict[str, Any], model: nn.Module, trained: nn.Module, rows: dict[str, torch.Tensor]):
         make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.2), "adam": lambda p: torch.optim.Adam(p, lr=0.05)}
@@ -222,11 +223,19 @@ def training_worker(rank: int, world_size: int, cases: list[dict[str, Any]], dat
             params.append({n: p.detach().numpy().copy() for n, p in trained.named_parameters()})
         return {"params": params, "solver_steps": solver_steps, "calls": calls}
 
-    results = []
+    results: list[dict[str, Any]] = []
     for case in cases:
         model = EquilibriumNet(case["solve"], case.get("tuple_state", False))
         reference = copy.deepcopy(model)
         ddp = nn.parallel.DistributedDataParallel(model, **case.get("ddp", {}))
+        if case.get("expect_error"):
+            try:
+                run(case, ddp, model, _rows(data, rank, world_size))
+            except RuntimeError as e:
+                results.append({"error": str(e)})
+                continue
+            results.append({"error": None})
+            continue
         result = {"ddp": run(case, ddp, model, _rows(data, rank, world_size))}
         if rank == 0:
             result["reference"] = run(case, reference, reference, _rows(data, None, world_size))

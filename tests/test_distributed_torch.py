@@ -113,18 +113,31 @@ TRAINING_CASES = [
     ("adam-implicit-pretrain-unused", case("anderson", "implicit", optimizer="adam", penalty=0.7,
                                            skip_solve_steps=2, ddp=UNUSED)),
 ]
+#: the same pretraining steps under the two other settings: DDP refuses them (a clear error, no
+#: silently wrong step), the message of the error each raises
+PRETRAIN_ERRORS = [
+    (case("anderson", "implicit", optimizer="adam", skip_solve_steps=2, expect_error=True),
+     "Expected to have finished reduction in the prior iteration"),
+    (case("anderson", "implicit", optimizer="adam", skip_solve_steps=2, expect_error=True, ddp=STATIC),
+     "Your training graph has changed in this iteration"),
+]
 STEPS = 3
 TRAINING_IDS = [name for name, _ in TRAINING_CASES]
 
 
 @pytest.fixture(scope="module")
 def training():
-    """Per case: (rank 0's DDP run, rank 1's, the one-process run); see ``training_worker``."""
-    rank0, rank1 = run_ranks(training_worker, 2, [c for _, c in TRAINING_CASES], batch(N_PER_RANK, 2), STEPS)
+    """Per case, (rank 0's DDP run, rank 1's, the one-process run); per PRETRAIN_ERRORS case,
+    the two ranks' error messages. See ``training_worker``."""
+    cases = [c for _, c in TRAINING_CASES] + [c for c, _ in PRETRAIN_ERRORS]
+    rank0, rank1 = run_ranks(training_worker, 2, cases, batch(N_PER_RANK, 2), STEPS)
     assert (rank0["rank"], rank0["threads"], rank1["rank"], rank1["threads"]) == (0, 1, 1, 1)
     assert rank0["counted"] == rank1["counted"] == ["barrier"]  # the count sees a collective
-    return {name: (rank0["cases"][i]["ddp"], rank1["cases"][i]["ddp"], rank0["cases"][i]["reference"])
+    runs = {name: (rank0["cases"][i]["ddp"], rank1["cases"][i]["ddp"], rank0["cases"][i]["reference"])
             for i, name in enumerate(TRAINING_IDS)}
+    errors = [(rank0["cases"][i]["error"], rank1["cases"][i]["error"])
+              for i in range(len(TRAINING_IDS), len(cases))]
+    return runs, errors
 
 
 @pytest.mark.parametrize("case", TRAINING_IDS)
@@ -133,7 +146,7 @@ def test_ranks_with_different_iteration_counts_train_like_one_process(training, 
     ranks hold the same parameters, those of one process on the whole batch (1e-10), and no
     forward or backward pass made a collective of its own (DDP's gradient all-reduce is its
     reducer's)."""
-    rank0, rank1, reference = training[case]
+    rank0, rank1, reference = training[0][case]
     solved = slice(dict(TRAINING_CASES)[case].get("skip_solve_steps", 0), None)
     easy, hard = rank0["solver_steps"][solved], rank1["solver_steps"][solved]
     assert len(easy) == STEPS
@@ -147,6 +160,14 @@ def test_ranks_with_different_iteration_counts_train_like_one_process(training, 
             np.testing.assert_array_equal(got, rank1["params"][step][name])
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max(),
                                        err_msg=f"step {step}: {name}")
+
+
+def test_steps_that_leave_parameters_out_need_find_unused_parameters(training):
+    """Pretraining steps without the solve leave f's parameters without gradient: with the
+    default setting or static_graph=True, DDP stops the run with its error on both ranks."""
+    for (_, message), errors in zip(PRETRAIN_ERRORS, training[1], strict=True):
+        assert errors[0] is not None and errors[1] is not None
+        assert message in errors[0] and message in errors[1]
 
 
 def failing_worker(rank: int, world_size: int, mode: str) -> None:
