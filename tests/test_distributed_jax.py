@@ -206,6 +206,7 @@ def _bad_input_errors(mesh, f, x) -> dict[str, str]:
                                                        batched=False),
         "backend": lambda: deqcore_jax.solve_per_shard(f, x, jnp.zeros((BATCH, N)), mesh=mesh,
                                                        backend="torch"),
+        "no arrays": lambda: deqcore_jax.solve_per_shard(f, None, None, mesh=mesh),
         "option": lambda: deqcore_jax.solve_per_shard(f, x, jnp.zeros((BATCH, N)), mesh=mesh,
                                                       memmory=3),
     }
@@ -331,6 +332,7 @@ def test_per_shard_bad_input_is_a_clear_error(uneven):
     assert errors["mesh"].startswith("TypeError: deqcore_jax.solve_per_shard: mesh must be")
     assert "batched=False" in errors["batched"] and "backend='torch'" in errors["backend"]
     assert errors["option"].startswith("TypeError") and "memmory" in errors["option"]
+    assert "no batch to split" in errors["no arrays"]
 
 
 def _free_port() -> int:

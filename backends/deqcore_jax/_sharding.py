@@ -104,7 +104,10 @@ def solve_per_shard(
     options = {**options, "backend": "jax"}
     shards = math.prod(mesh.shape[a] for a in names)
     sizes = {int(jnp.shape(a)[0]) if jnp.ndim(a) else None for a in jax.tree.leaves((x, z0))}
-    if None in sizes or len(sizes) > 1 or (sizes and sizes.pop() % shards):
+    if not sizes:
+        raise ValueError("deqcore_jax.solve_per_shard: x and z0 hold no array, so there is no batch "
+                         "to split; pass z0 (or x) with the batch on axis 0")
+    if None in sizes or len(sizes) > 1 or sizes.pop() % shards:
         shapes = [tuple(jnp.shape(a)) for a in jax.tree.leaves((x, z0))]
         raise ValueError(f"deqcore_jax.solve_per_shard: every array of x and z0 needs the same batch "
                          f"size on axis 0, a multiple of the {shards} shards of mesh axis {axis!r}; "
