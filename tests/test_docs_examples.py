@@ -31,7 +31,7 @@ import deqcore
 #: How many Python blocks each page deliberately does not run (each carries a ``no-run`` marker
 #: with its reason). A new marker must be counted here, so skipping cannot grow unnoticed.
 NOT_RUN = {
-    "docs/distributed.md": 1,
+    "docs/distributed.md": 2,
     "docs/plugin-authors.md": 3,
 }
 

@@ -1,10 +1,25 @@
-"""deqcore's JAX backend, registered as a plugin. Importing this package does not import jax."""
+"""deqcore's JAX backend, registered as a plugin, and solves over device meshes
+(:func:`solve_per_shard`). Importing this package does not import jax; its public names import
+it when first used."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deqcore.extend import hookimpl
+
+if TYPE_CHECKING:
+    from ._sharding import ShardedSolution, solve_per_shard
+
+__all__ = ["ShardedSolution", "solve_per_shard"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import _sharding
+
+        return getattr(_sharding, name)
+    raise AttributeError(f"module 'deqcore_jax' has no attribute {name!r}")
 
 
 def _make_backend() -> Any:
