@@ -180,6 +180,8 @@ class TrainConfig:
     softmax_chunk: int | None = _setting(None, nonnegative_int, _INT,
                                          "0: the whole softmax at once; None: the default chunk",
                                          none_ok=True)
+    bn_groups: int | None = _setting(None, positive_int, _INT, "None: 1, statistics over the whole batch",
+                                     none_ok=True)
     epochs: int = _setting(1, positive_int, _INT)
     max_steps: int | None = _setting(None, positive_int, _INT, "leave it out (None) to run every epoch",
                                      none_ok=True)
@@ -220,6 +222,9 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ConfigError(name, f"is an option of model {other_family.name}; model "
                                             f"{self.model} has none: leave it out")
+        if self.bn_groups is not None and self.batch_size % self.bn_groups:
+            raise ConfigError("bn_groups", f"must divide --batch-size {self.batch_size} (groups of equal "
+                                           f"size), got {self.bn_groups}")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
