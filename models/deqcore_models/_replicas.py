@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -76,9 +77,6 @@ class Replicas:
     def writes(self) -> bool:
         """Whether this process writes the run's files and shows its progress."""
         return self.rank == 0
-
-    def describe(self) -> str:
-        return f"{self.size} processes (torchrun), batch split in {self.size}" if self.distributed else ""
 
     # ------------------------------------------------------------------ sharding
     def rows(self, n: int) -> slice:
@@ -179,10 +177,13 @@ class Replicas:
         (torch.distributed.nn's all-reduce), as synchronised BatchNorm needs."""
         from torch.distributed.nn.functional import all_reduce
 
-        try:
-            return all_reduce(t)
-        except RuntimeError as exc:
-            raise self.lost(exc) from exc
+        # torch 2.13 marks it deprecated for a private module's all-reduce, which has no autograd
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            try:
+                return all_reduce(t)
+            except RuntimeError as exc:
+                raise self.lost(exc) from exc
 
     def _collective(self, fn: Any, *args: Any) -> None:
         try:
