@@ -497,7 +497,7 @@ class Trainer:
         self.model_cfg = self.work.model_cfg
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
-        self.batch_state = self.work.batch_state
+        self.batch_state = tuple(getattr(self.work, "batch_state", ()))
         self.engine = make_engine(cfg.backend, self.task, self.params0,
                                   self.replicas.shard_state(self.state0, self.batch_state), cfg.weight_decay,
                                   cfg.clip_norm, replicas=self.replicas, batch_state=self.batch_state)

@@ -91,7 +91,8 @@ class Workload(Protocol):
     and per step a :class:`Batch`. Batches and masks are NumPy, drawn from seeds derived from
     ``(seed, epoch)`` and ``(seed, step)``, so both backends and a resumed run see the same ones.
     ``batch_state`` names the state arrays with one row per batch row (axis 0): data-parallel
-    processes each hold their rows of them, and a checkpoint the whole batch's."""
+    processes each hold their rows of them, and a checkpoint the whole batch's (a workload
+    without the attribute has none)."""
 
     cfg: Any
     model_cfg: Any
