@@ -13,10 +13,9 @@ from typing import Any, NoReturn
 
 from deqcore import ConvergenceError
 
-from ._replicas import WorkerLost
 from .checkpoint import CheckpointError
 from .data import DataError
-from .train import ConfigError
+from .train import ConfigError, WorkerLost
 
 
 class UsageError(Exception):

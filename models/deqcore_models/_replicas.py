@@ -193,8 +193,6 @@ class Replicas:
 
     def lost(self, exc: BaseException) -> WorkerLost:
         """The :class:`WorkerLost` of a failed collective ``exc``."""
-        if isinstance(exc, WorkerLost):
-            return exc
         cause = " ".join(str(exc).split())[:300]
         return WorkerLost(f"process {self.rank} of {self.size}: another training process stopped or did not "
                           f"answer within {TIMEOUT.total_seconds():.0f} s ({cause}); the run stops here: "

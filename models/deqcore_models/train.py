@@ -45,7 +45,7 @@ from deqcore.validators import (
 
 from ._equilibrium_layer import DEQSettings, collect_forward_solves, unconverged_samples
 from ._progress import Progress
-from ._replicas import Replicas
+from ._replicas import Replicas, WorkerLost
 from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
 from ._training_engines import make_engine, optimizer_specs
 from .checkpoint import (
@@ -721,7 +721,7 @@ class Trainer:
                 self._write_summary(step, history, "failed", [str(exc)])
             raise
         except RuntimeError as exc:
-            if self.replicas.distributed:  # a collective failed: a peer is gone
+            if self.replicas.distributed and not isinstance(exc, WorkerLost):  # a collective failed
                 raise self.replicas.lost(exc) from exc
             raise
         finally:
