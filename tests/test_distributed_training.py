@@ -102,6 +102,9 @@ def train_cases(replicas: Replicas) -> dict[str, np.ndarray]:
         for batch, settings in batches:
             mine = replicas.shard_batch(batch)
             engine.train_step(mine.x, mine.y, mine.masks, settings, 1e-2, mine.probe)
+        # the cosine probe's gradient (outside DistributedDataParallel): the workers' mean
+        grads = replicas.mean(engine.gradients(mine.x, mine.y, mine.masks, settings))
+        out.update({f"{case}/grad/{k}": v for k, v in grads.items()})
         params, state, _ = engine.export()
         out.update({f"{case}/params/{k}": v for k, v in params.items()})
         out.update({f"{case}/state/{k}": v for k, v in replicas.gather_state(state, batch_state).items()})
@@ -124,7 +127,8 @@ def worker_env(rank: int, size: int, port: int) -> dict[str, str]:
 
 def test_two_processes_train_the_one_process_weights(tmp_path):
     """float64, global batch 8 (4 per process), a pre-training step then two DEQ steps: the
-    parameters (and the gathered state) after 3 steps equal one process's to 1e-10, for three
+    parameters (and the gathered state, and the mean of the processes' gradients of the last
+    batch, as the cosine probe takes them) after 3 steps equal one process's to 1e-10, for three
     gradient modes with and without the Jacobian penalty, synchronised BatchNorm (every case)
     and BatchNorm in 2 groups, and the transformer whose memory rows are sharded."""
     port = free_port()
@@ -191,7 +195,7 @@ def _args(data_root, out):
     flags = {"config": "micro", "data": data_root, "train-limit": 64, "test-limit": 40, "batch-size": 16,
              "epochs": 2, "max-iter": 5, "pretrain-steps": 1, "unrolled-layers": 2, "grad": "implicit",
              "grad-option": "max_iter=5", "jac-weight": 0.5, "jac-freq": 0.5, "checkpoint-every": 3,
-             "out": out}
+             "cosine-every": 3, "out": out}
     return ["train", "--backend", "torch", *(x for k, v in flags.items() for x in (f"--{k}", str(v))),
             "--no-progress"]
 
@@ -219,10 +223,10 @@ def _same_weights(a, b):
 
 def test_torchrun_gives_the_one_worker_run_and_resumes_on_one_worker(data_root, tmp_path):
     """The same command (MDEQ micro, pre-training, implicit gradient, Jacobian penalty on half the
-    steps) on 2 workers and on 1: the same steps.csv and epochs.csv, ranks.csv with each worker's
-    share; a worker killed mid-run stops its peer (a clear error, no hang) after the rank-0
-    checkpoint, and that 2-worker checkpoint resumed on 1 worker ends on the uninterrupted run's
-    weights."""
+    steps, the cosine probe) on 2 workers and on 1: the same steps.csv, epochs.csv and cosine.csv,
+    ranks.csv with each worker's share; a worker killed mid-run stops its peer (a clear error, no
+    hang) after the rank-0 checkpoint, and that 2-worker checkpoint resumed on 1 worker ends on
+    the uninterrupted run's weights."""
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _cli(_args(data_root, one))
     out = _cli(_args(data_root, two), workers=2)
@@ -246,6 +250,12 @@ def test_torchrun_gives_the_one_worker_run_and_resumes_on_one_worker(data_root, 
         assert [a[k] for k in same] == [b[k] for k in same]
         assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-5)
         assert float(b["test_loss"]) == pytest.approx(float(a["test_loss"]), rel=1e-4)
+    # the probe of the workers' mean gradients; compared at the first probe only: the 5-step
+    # backward it measures is far from converged, and later the float32 weights' rounding
+    # differences move it by more (the float64 engine test checks the mean gradient to 1e-10)
+    cos1, cos2 = _rows(one / "cosine.csv"), _rows(two / "cosine.csv")
+    assert [r["step"] for r in cos1] == [r["step"] for r in cos2] == ["3", "6"]
+    assert float(cos2[0]["cosine"]) == pytest.approx(float(cos1[0]["cosine"]), abs=1e-4)
     assert json.loads((two / "summary.json").read_text())["workers"] == 2
     _same_weights(load_checkpoint(one / "checkpoint.npz"), load_checkpoint(two / "checkpoint.npz"))
 
