@@ -53,6 +53,13 @@ def mdeq_run(backend, cfg, params, state, x, y, settings: DEQSettings, masks=Non
             "state": {k: np.asarray(v) for k, v in new_state.items()}, "nfe": int(nfe)}
 
 
+#: Biases of MDEQ convs followed by BatchNorm have an exactly zero gradient (BN removes any
+#: constant shift); Adam turns their float32 rounding noise into steps of +-lr that differ from one
+#: way of computing the same gradient to another (frameworks, numbers of processes).
+BN_FED_BIASES = {"head.down0.conv.bias", "head.final.conv.bias"}
+#: BatchNorm running means that follow those biases (and so their noise).
+BN_AFTER_FED_BIASES = {"head.down0.bn.running_mean", "head.final.bn.running_mean"}
+
 #: (solver, gradient mode, options) of the cross-backend gradient checks: every built-in mode
 GRAD_MODES = [
     ("broyden", "implicit", {"max_iter": 8}),

@@ -22,7 +22,7 @@ from deqcore_models.families import jacobian_probe
 from deqcore_models.families.mdeq import mdeq_task
 from deqcore_models.mdeq import MDEQ_CONFIGS, dropout_masks, init_mdeq
 from deqcore_models.train import KILL_ENV, TrainConfig, cosine_lr
-from models_helpers import grad_rel_diff
+from models_helpers import BN_FED_BIASES, grad_rel_diff
 
 MICRO = MDEQ_CONFIGS["micro"]
 CPU = MDEQ_CONFIGS["cpu"]
@@ -94,9 +94,6 @@ def test_cosine_schedule():
     assert cosine_lr(150, 100, 1e-3, 1e-6) == pytest.approx(1e-6)
 
 
-# Biases of convs followed by BatchNorm have an exactly zero gradient (BN removes any constant
-# shift); Adam's first step turns their rounding noise into +-lr, different on each framework.
-BN_FED_BIASES = {"head.down0.conv.bias", "head.final.conv.bias"}
 
 
 @pytest.mark.equivalence

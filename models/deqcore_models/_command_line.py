@@ -15,7 +15,7 @@ from deqcore import ConvergenceError
 
 from .checkpoint import CheckpointError
 from .data import DataError
-from .train import ConfigError
+from .train import ConfigError, WorkerLost
 
 
 class UsageError(Exception):
@@ -65,8 +65,8 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """``command()``'s exit status, with the errors a user can cause turned into one ``error:``
     line on stderr: status 2 for a user error (a bad setting or flag, a data, checkpoint or
     framework problem, a file that cannot be written), 1 for a run that failed (a diverged loss,
-    a solve that did not converge with ``throw=True``). Other exceptions are bugs and keep their
-    traceback."""
+    a solve that did not converge with ``throw=True``, a data-parallel peer that stopped). Other
+    exceptions are bugs and keep their traceback."""
     try:
         return command()
     except ConfigError as exc:
@@ -75,7 +75,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except (UsageError, DataError, CheckpointError, ImportError, OSError) as exc:
         print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    except (FloatingPointError, ConvergenceError) as exc:
+    except (FloatingPointError, ConvergenceError, WorkerLost) as exc:
         print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
 

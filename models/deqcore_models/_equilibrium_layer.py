@@ -10,19 +10,35 @@ from typing import Any
 import deqcore
 
 _COLLECTORS: list[list[deqcore.BackwardReport]] = []
+_SOLVES: list[list[deqcore.Solution]] = []
 
 
 @contextlib.contextmanager
-def collect_backward_reports() -> Iterator[list[deqcore.BackwardReport]]:
+def _collecting(stack: list[list[Any]]) -> Iterator[list[Any]]:
+    items: list[Any] = []
+    stack.append(items)
+    try:
+        yield items
+    finally:
+        stack.remove(items)
+
+
+def collect_backward_reports() -> contextlib.AbstractContextManager[list[deqcore.BackwardReport]]:
     """The :class:`deqcore.BackwardReport` of every equilibrium solve :func:`run_layer` runs in
     the block (under ``jax.jit``: while tracing; the reports fill in when the compiled step
     runs its backward pass)."""
-    reports: list[deqcore.BackwardReport] = []
-    _COLLECTORS.append(reports)
-    try:
-        yield reports
-    finally:
-        _COLLECTORS.remove(reports)
+    return _collecting(_COLLECTORS)
+
+
+def collect_forward_solves() -> contextlib.AbstractContextManager[list[deqcore.Solution]]:
+    """The :class:`deqcore.Solution` of every equilibrium solve :func:`run_layer` runs in the
+    block (eager frameworks: under ``jax.jit`` they hold tracers)."""
+    return _collecting(_SOLVES)
+
+
+def unconverged_samples(solves: list[deqcore.Solution]) -> int:
+    """How many samples of ``solves`` (eager arrays) did not reach their tolerance."""
+    return sum(int((~s.converged).sum()) for s in solves)
 
 
 def worst_backward_residual(reports: list[deqcore.BackwardReport]) -> float:
@@ -91,6 +107,8 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
         if _COLLECTORS and sol.backward is not None:
             _COLLECTORS[-1].append(sol.backward)
+        if _SOLVES:
+            _SOLVES[-1].append(sol)
     if probe is not None:
         multi = isinstance(z, (tuple, list))
         noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))

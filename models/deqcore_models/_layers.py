@@ -3,6 +3,8 @@ parameter dicts, identical on PyTorch and JAX (only ``ops.conv2d`` is framework 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,23 +51,50 @@ def group_norm(xp: Any, x: Any, groups: int, weight: Any = None, bias: Any = Non
     return out
 
 
+@dataclass(frozen=True)
+class BatchStatistics:
+    """Which samples BatchNorm takes its training statistics over: ``groups`` groups of
+    consecutive samples of the batch, each normalised by its own statistics (1: the whole batch);
+    with ``replica_sum`` (a differentiable sum over ``replicas`` data-parallel processes) the one
+    group spans every process's batch, as torch's ``SyncBatchNorm``."""
+
+    groups: int = 1
+    replicas: int = 1
+    replica_sum: Callable[[Any], Any] | None = None
+
+
 def batch_norm(xp: Any, x: Any, params: Params, state: Params, name: str, train: bool,
-               new_state: Params, momentum: float = 0.1, eps: float = 1e-5) -> Any:
-    """BatchNorm2d with torch's semantics. In training it normalises by the batch statistics and
-    writes the updated running mean/var (unbiased variance) to ``new_state``; in evaluation it
-    uses the running statistics from ``state``."""
+               new_state: Params, momentum: float = 0.1, eps: float = 1e-5,
+               over: BatchStatistics = BatchStatistics()) -> Any:
+    """BatchNorm2d with torch's semantics. In training it normalises by the batch statistics of
+    ``over`` and writes the running mean/var updated with the groups' mean statistics (unbiased
+    variance, with the count of a group) to ``new_state``; in evaluation it uses the running
+    statistics from ``state``."""
+    b, c, h, w = x.shape
+    g = over.groups
     if train:
-        mean = xp.mean(x, axis=(0, 2, 3))
-        var = xp.mean((x - xp.reshape(mean, (1, -1, 1, 1))) ** 2, axis=(0, 2, 3))
-        n = x.shape[0] * x.shape[2] * x.shape[3]
-        new_state[f"{name}.running_mean"] = (1 - momentum) * state[f"{name}.running_mean"] + momentum * mean
-        new_state[f"{name}.running_var"] = ((1 - momentum) * state[f"{name}.running_var"]
-                                            + momentum * var * (n / max(n - 1, 1)))
+        if b % g:
+            raise ValueError(f"BatchNorm {name}: a batch of {b} does not split into {g} groups")
+        xg = xp.reshape(x, (g, b // g, c, h, w))
+        n = (b // g) * h * w * over.replicas
+        if over.replica_sum is None:
+            mean = xp.mean(xg, axis=(1, 3, 4))
+            var = xp.mean((xg - xp.reshape(mean, (g, 1, c, 1, 1))) ** 2, axis=(1, 3, 4))
+        else:
+            mean = over.replica_sum(xp.sum(xg, axis=(1, 3, 4))) / n
+            centred = xg - xp.reshape(mean, (g, 1, c, 1, 1))
+            var = over.replica_sum(xp.sum(centred * centred, axis=(1, 3, 4))) / n
+        batch_stats = {"running_mean": xp.mean(mean, axis=0),
+                       "running_var": xp.mean(var, axis=0) * (n / max(n - 1, 1))}
+        for key, value in batch_stats.items():
+            new_state[f"{name}.{key}"] = (1 - momentum) * state[f"{name}.{key}"] + momentum * value
     else:
-        mean, var = state[f"{name}.running_mean"], state[f"{name}.running_var"]
+        mean, var = state[f"{name}.running_mean"][None], state[f"{name}.running_var"][None]
+        g, xg = 1, x[None]
     scale = params[f"{name}.weight"] / xp.sqrt(var + eps)
     shift = params[f"{name}.bias"] - mean * scale
-    return x * xp.reshape(scale, (1, -1, 1, 1)) + xp.reshape(shift, (1, -1, 1, 1))
+    out = xg * xp.reshape(scale, (g, 1, c, 1, 1)) + xp.reshape(shift, (g, 1, c, 1, 1))
+    return xp.reshape(out, (b, c, h, w))
 
 
 def upsample_nearest(xp: Any, x: Any, factor: int) -> Any:

@@ -14,10 +14,15 @@ import numpy as np
 
 
 class Ops(Protocol):
-    """The framework glue of deqcore_models. ``name`` is the deqcore backend name."""
+    """The framework glue of deqcore_models. ``name`` is the deqcore backend name; ``replicas``
+    the data-parallel processes that each hold an equal share of a training batch (1 in one
+    process, and under JAX, where a function jitted over a device mesh sees the global batch),
+    and ``replica_sum(a)`` the sum of ``a`` over them, differentiable (``a`` itself for one)."""
 
     name: str
     xp: Any
+    replicas: int
+    replica_sum: Callable[[Any], Any]
 
     def conv2d(self, x: Any, w: Any, stride: int = 1, padding: int = 0) -> Any:
         """2-D cross-correlation, NCHW input, OIHW weight, symmetric zero padding, no bias."""
@@ -51,8 +56,17 @@ class Ops(Protocol):
         ...
 
 
+def _same(a: Any) -> Any:
+    return a
+
+
 class TorchOps:
+    """PyTorch. A data-parallel engine sets :attr:`replicas` and :attr:`replica_sum` (an
+    all-reduce whose backward all-reduces the cotangent)."""
+
     name = "torch"
+    replicas = 1
+    replica_sum: Callable[[Any], Any] = staticmethod(_same)
 
     def __init__(self) -> None:
         import torch
@@ -92,6 +106,8 @@ class TorchOps:
 
 class JaxOps:
     name = "jax"
+    replicas = 1
+    replica_sum: Callable[[Any], Any] = staticmethod(_same)
 
     def __init__(self) -> None:
         import jax.numpy as jnp

@@ -147,14 +147,28 @@ class _Engine:
 
 
 class TorchEngine(_Engine):
+    """PyTorch. With ``replicas`` of several processes (:mod:`deqcore_models._replicas`) each
+    process steps on its equal share of the batch: the loss runs inside
+    ``DistributedDataParallel``, whose gradient all-reduce averages the shares' gradients, i.e.
+    the gradient of the whole batch's mean loss; BatchNorm sums its statistics over the
+    processes (``ops.replica_sum``), and after a step the state not in ``batch_state`` (rows of
+    the batch, each process its own) is averaged over them."""
+
     backend = "torch"
 
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                 weight_decay: float, clip_norm: float | None = None) -> None:
+                 weight_decay: float, clip_norm: float | None = None, replicas: Any = None,
+                 batch_state: tuple[str, ...] = ()) -> None:
         import torch
 
         self._torch = torch
         super().__init__(task, params, state, weight_decay, clip_norm)
+        self.replicas, self.batch_state = replicas, batch_state
+        self._loss = task.loss
+        if replicas is not None and replicas.distributed:
+            self.params = {k: torch.nn.Parameter(v) for k, v in self.params.items()}
+            self.ops.replicas, self.ops.replica_sum = replicas.size, replicas.replica_sum
+            self._loss = _data_parallel(task, self.ops, self.params)
         for p in self.params.values():
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(list(self.params.values()), lr=1e-3, weight_decay=weight_decay)
@@ -165,13 +179,15 @@ class TorchEngine(_Engine):
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         with collect_backward_reports() as reports:
-            loss, (new_state, correct, nfe, res, jac, _) = self.task.loss(
+            loss, (new_state, correct, nfe, res, jac, _) = self._loss(
                 self.ops, self.params, self.state, x, y, masks, settings, True, probe)
         loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
         self.opt.step()
         self.state = {k: v.detach() for k, v in new_state.items()}
+        if self.replicas is not None:
+            self.state = self.replicas.average(self.state, skip=self.batch_state)
         return loss.detach(), correct, nfe, res, jac.detach(), reports
 
     def _evaluate(self, state, x, y, settings: DEQSettings) -> tuple[Any, ...]:
@@ -204,6 +220,38 @@ class TorchEngine(_Engine):
         for k, (m, v) in moments.items():
             self.opt.state[self.params[k]] = {"step": self._torch.tensor(float(step)), "exp_avg": m,
                                               "exp_avg_sq": v}
+
+
+def _data_parallel(task: Any, ops: Any, params: dict[str, Any]) -> Any:
+    """``task.loss`` run inside ``DistributedDataParallel`` over ``params`` (nn.Parameters, the
+    engine's own): the backward pass that follows all-reduces their gradients (the mean over the
+    processes). ``find_unused_parameters=False``: every parameter is used in every step of both
+    families (pre-training, DEQ and Jacobian-penalty steps alike), which the reducer checks at
+    the next step. ``static_graph=False``: the graph changes between pre-training and DEQ steps
+    and between steps with and without the penalty. The penalty's double backward needs nothing
+    more: its ``create_graph`` vector-Jacobian products differentiate with respect to the
+    equilibrium state, not the parameters, so each parameter's gradient is accumulated, and
+    all-reduced, once per backward pass."""
+    import torch
+
+    names = list(params)
+
+    class TaskLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = torch.nn.ParameterList([params[k] for k in names])
+
+        def forward(self, state, x, y, masks, settings, probe):
+            return task.loss(ops, dict(zip(names, self.weights, strict=True)), state, x, y, masks, settings,
+                             True, probe)
+
+    module = torch.nn.parallel.DistributedDataParallel(TaskLoss(), find_unused_parameters=False,
+                                                       static_graph=False)
+
+    def loss(ops_, params_, state, x, y, masks, settings, train, probe=None):
+        return module(state, x, y, masks, settings, probe)
+
+    return loss
 
 
 class JaxEngine(_Engine):
@@ -321,15 +369,25 @@ def require_framework(backend: str) -> None:
                           f"{', '.join(missing)}); install it with pip install {extra}")
 
 
-def make_engine(backend: str, task: Any, params, state, weight_decay: float, clip_norm: float | None = None):
+def make_engine(backend: str, task: Any, params, state, weight_decay: float, clip_norm: float | None = None,
+                *, replicas: Any = None, batch_state: tuple[str, ...] = ()):
     """The training engine of ``backend`` (``"torch"`` or ``"jax"``): Adam with L2
     ``weight_decay``, after clipping the gradient's global norm to ``clip_norm`` (None: no
-    clipping). A missing framework is an ``ImportError`` saying what to install."""
+    clipping). ``replicas`` (:class:`~deqcore_models._replicas.Replicas` of several processes,
+    torch only) makes it data-parallel; ``params`` are global, ``state`` this process's share
+    (``batch_state``: the names of its arrays with one row per batch row). A missing framework
+    is an ``ImportError`` saying what to install."""
     require_framework(backend)
     cls = {"torch": TorchEngine, "jax": JaxEngine}[backend]
     _, extra, what = _ENGINES[backend]
+    parallel: dict[str, Any] = {}
+    if replicas is not None and replicas.distributed:
+        if backend != "torch":
+            raise ValueError(f"backend {backend!r} trains in one process; only 'torch' runs data-parallel "
+                             f"over processes")
+        parallel = {"replicas": replicas, "batch_state": tuple(batch_state)}
     try:
-        return cls(task, params, state, weight_decay, clip_norm)
+        return cls(task, params, state, weight_decay, clip_norm, **parallel)
     except ModuleNotFoundError as exc:
         raise ImportError(f"backend {backend!r} needs {what}, which is not installed ({exc}); "
                           f"install it with pip install {extra}") from exc

@@ -10,6 +10,7 @@ style classification head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ._equilibrium_layer import DEQSettings, LayerStats, run_layer
 from ._layers import (
+    BatchStatistics,
     ParamBuilder,
     batch_norm,
     conv,
@@ -182,17 +184,38 @@ def _layer(ops: Any, cfg: MDEQConfig, params: dict[str, Any], masks: list[Any] |
     return f
 
 
-def _bottleneck(ops, params, state, new_state, p, x, train):
+def _bottleneck(ops, params, norm, p, x):
     xp = ops.xp
-    out = relu(xp, batch_norm(xp, conv(ops, x, params[f"{p}.conv1.weight"]), params, state, f"{p}.bn1",
-                              train, new_state))
-    out = relu(xp, batch_norm(xp, conv(ops, out, params[f"{p}.conv2.weight"]), params, state, f"{p}.bn2",
-                              train, new_state))
-    out = batch_norm(xp, conv(ops, out, params[f"{p}.conv3.weight"]), params, state, f"{p}.bn3", train,
-                     new_state)
-    skip = batch_norm(xp, conv(ops, x, params[f"{p}.down.conv.weight"]), params, state, f"{p}.down.bn",
-                      train, new_state)
+    out = relu(xp, norm(conv(ops, x, params[f"{p}.conv1.weight"]), f"{p}.bn1"))
+    out = relu(xp, norm(conv(ops, out, params[f"{p}.conv2.weight"]), f"{p}.bn2"))
+    out = norm(conv(ops, out, params[f"{p}.conv3.weight"]), f"{p}.bn3")
+    skip = norm(conv(ops, x, params[f"{p}.down.conv.weight"]), f"{p}.down.bn")
     return relu(xp, out + skip)
+
+
+def _norms(ops: Any, params: dict[str, Any], state: dict[str, Any], new_state: dict[str, Any], train: bool,
+           bn_groups: int = 1) -> Callable[[Any, str], Any]:
+    """``norm(x, name)``: BatchNorm ``name`` of the model, its training statistics over
+    ``bn_groups`` groups of the global batch (:func:`batch_statistics`)."""
+    over = batch_statistics(ops, bn_groups) if train else BatchStatistics()
+
+    def norm(x: Any, name: str) -> Any:
+        return batch_norm(ops.xp, x, params, state, name, train, new_state, over=over)
+
+    return norm
+
+
+def batch_statistics(ops: Any, bn_groups: int) -> BatchStatistics:
+    """What ``bn_groups`` groups of the global batch are on this process, whose share of the
+    batch is one of ``ops.replicas`` equal ones: one group synchronised over every replica
+    (``ops.replica_sum``), or ``bn_groups / replicas`` groups of its own (no communication).
+    ``bn_groups`` must be 1 or a multiple of the replicas (a ``ValueError``)."""
+    replicas = ops.replicas
+    if bn_groups == 1 and replicas > 1:
+        return BatchStatistics(1, replicas, ops.replica_sum)
+    if bn_groups % replicas:
+        raise ValueError(f"BatchNorm groups {bn_groups} must be 1 or a multiple of the {replicas} replicas")
+    return BatchStatistics(bn_groups // replicas)
 
 
 def equilibrium_shapes(cfg: MDEQConfig, image_shape: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
@@ -204,27 +227,29 @@ def equilibrium_shapes(cfg: MDEQConfig, image_shape: tuple[int, ...]) -> list[tu
 
 
 def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any], x: Any, *,
-               train: bool, settings: DEQSettings, masks: list[Any] | None = None, probe: Any = None
-               ) -> tuple[Any, dict[str, Any], LayerStats]:
+               train: bool, settings: DEQSettings, masks: list[Any] | None = None, probe: Any = None,
+               bn_groups: int = 1) -> tuple[Any, dict[str, Any], LayerStats]:
     """Logits (B, classes) of images ``x`` (B, C, H, W); returns (logits, new_state, stats).
 
     ``train`` selects batch statistics for BatchNorm (and returns updated running stats in
     ``new_state``); ``masks`` are the dropout masks of :func:`dropout_masks` (as framework arrays)
     or None for no dropout (evaluation). ``settings`` chooses DEQ or unrolled mode, the solver
     and the gradient mode. ``probe``: Hutchinson noise, one array per branch with the shapes of
-    :func:`equilibrium_shapes`, for the Jacobian penalty in the stats (or None).
+    :func:`equilibrium_shapes`, for the Jacobian penalty in the stats (or None). ``bn_groups``:
+    BatchNorm's training statistics over that many groups of consecutive samples of the global
+    batch (:func:`batch_statistics`).
     """
     new_state = dict(state)
-    inj = _stem(ops, cfg, params, state, new_state, x, train)
+    norm = _norms(ops, params, state, new_state, train, bn_groups)
+    inj = _stem(ops, cfg, params, norm, x)
     f = _layer(ops, cfg, params, masks)
     z0 = tuple(ops.xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(cfg, x.shape))
     z, stats = run_layer(ops.name, f, inj, z0, settings, ops.xp, probe)
-    logits = _head(ops, cfg, params, state, new_state, z, train)
+    logits = _head(ops, cfg, params, norm, z)
     return logits, new_state, stats
 
 
-def _stem(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any],
-          new_state: dict[str, Any], x: Any, train: bool) -> Any:
+def _stem(ops: Any, cfg: MDEQConfig, params: dict[str, Any], norm: Callable[[Any, str], Any], x: Any) -> Any:
     """The input injection (B, channels[0], H', W') of images ``x``."""
     xp = ops.xp
     _, _, h, w = x.shape
@@ -233,27 +258,26 @@ def _stem(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, An
         raise ValueError(f"image size {h}x{w} must be divisible by 2^{levels} for {cfg.branches} "
                          f"branches and downsample={cfg.downsample}")
     out = conv(ops, x, params["stem.conv1.weight"], stride=2 if cfg.downsample >= 1 else 1)
-    out = relu(xp, batch_norm(xp, out, params, state, "stem.bn1", train, new_state))
+    out = relu(xp, norm(out, "stem.bn1"))
     inj = conv(ops, out, params["stem.conv2.weight"], stride=2 if cfg.downsample >= 2 else 1)
-    inj = relu(xp, batch_norm(xp, inj, params, state, "stem.bn2", train, new_state))
+    inj = relu(xp, norm(inj, "stem.bn2"))
     if "stem.stage0.conv.weight" in params:
         inj = conv(ops, inj, params["stem.stage0.conv.weight"])
-        inj = relu(xp, batch_norm(xp, inj, params, state, "stem.stage0.bn", train, new_state))
+        inj = relu(xp, norm(inj, "stem.stage0.bn"))
     return inj
 
 
-def _head(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any],
-          new_state: dict[str, Any], z: tuple[Any, ...], train: bool) -> Any:
+def _head(ops: Any, cfg: MDEQConfig, params: dict[str, Any], norm: Callable[[Any, str], Any],
+          z: tuple[Any, ...]) -> Any:
     """Class logits (B, classes) from the equilibrium state ``z``."""
     xp = ops.xp
-    y = _bottleneck(ops, params, state, new_state, "head.incre0", z[0], train)
+    y = _bottleneck(ops, params, norm, "head.incre0", z[0])
     for i in range(cfg.branches - 1):
-        down = relu(xp, batch_norm(xp, conv(ops, y, params[f"head.down{i}.conv.weight"],
-                                            params[f"head.down{i}.conv.bias"], stride=2),
-                                   params, state, f"head.down{i}.bn", train, new_state))
-        y = _bottleneck(ops, params, state, new_state, f"head.incre{i + 1}", z[i + 1], train) + down
+        down = conv(ops, y, params[f"head.down{i}.conv.weight"], params[f"head.down{i}.conv.bias"], stride=2)
+        down = relu(xp, norm(down, f"head.down{i}.bn"))
+        y = _bottleneck(ops, params, norm, f"head.incre{i + 1}", z[i + 1]) + down
     y = conv(ops, y, params["head.final.conv.weight"], params["head.final.conv.bias"])
-    y = relu(xp, batch_norm(xp, y, params, state, "head.final.bn", train, new_state))
+    y = relu(xp, norm(y, "head.final.bn"))
     pooled = xp.mean(y, axis=(2, 3))
     return (xp.matmul(pooled, xp.matrix_transpose(params["head.classifier.weight"]))
             + params["head.classifier.bias"])
@@ -273,10 +297,12 @@ class MDEQParts:
 
 def mdeq_parts(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[str, Any]) -> MDEQParts:
     """The evaluation-mode pieces of an MDEQ with these parameters (see :class:`MDEQParts`)."""
+    norm = _norms(ops, params, state, {}, False)
+
     def inject(x: Any) -> Any:
-        return _stem(ops, cfg, params, state, {}, x, False)
+        return _stem(ops, cfg, params, norm, x)
 
     def head(z: tuple[Any, ...]) -> Any:
-        return _head(ops, cfg, params, state, {}, z, False)
+        return _head(ops, cfg, params, norm, z)
 
     return MDEQParts(inject, _layer(ops, cfg, params, None), head)

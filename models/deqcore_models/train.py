@@ -6,10 +6,12 @@ NumPy with seeds derived from ``(seed, epoch)`` and ``(seed, step)``, so the sam
 PyTorch and JAX sees the same data in the same order, and a run resumed from a checkpoint
 continues exactly where the killed one stopped. Outputs in ``out_dir``: ``steps.csv`` (one row per
 step), ``epochs.csv``, ``summary.json``, ``checkpoint.npz`` (latest; ``--resume`` continues from
-it) and ``curves.png`` when matplotlib is installed. Nothing in an existing folder is replaced
-unless asked (``overwrite``), and nothing is written before the first step succeeded; every file
-is written atomically or appended to, and JSON is strict (non-finite numbers are ``null``, and
-flagged).
+it), ``ranks.csv`` (per-process solver statistics of a data-parallel run) and ``curves.png`` when
+matplotlib is installed. Under ``torchrun`` every process trains on its equal share of each
+batch (:mod:`deqcore_models._replicas`) and the first one writes the files. Nothing in an
+existing folder is replaced unless asked (``overwrite``), and nothing is written before the first
+step succeeded; every file is written atomically or appended to, and JSON is strict (non-finite
+numbers are ``null``, and flagged).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from deqcore.validators import (
     unit_interval,
 )
 
-from ._equilibrium_layer import DEQSettings
+from ._equilibrium_layer import DEQSettings, collect_forward_solves, unconverged_samples
 from ._progress import Progress
+from ._replicas import Replicas, WorkerLost
 from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
 from ._training_engines import make_engine, optimizer_specs
 from .checkpoint import (
@@ -65,7 +68,8 @@ from .families import FAMILIES, Family, Workload, family
 #: not warned about every step: steps.csv records the residual the backward reached
 #: (``bwd_residual``). Options given with ``--grad-option`` override these.
 IMPLICIT_BACKWARD: dict[str, Any] = {"max_iter": 20, "on_fail": "ignore"}
-#: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged.
+#: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged
+#: (``"10"``); ``"10@1"``: only the data-parallel process of rank 1 does.
 KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
 
 
@@ -180,6 +184,8 @@ class TrainConfig:
     softmax_chunk: int | None = _setting(None, nonnegative_int, _INT,
                                          "0: the whole softmax at once; None: the default chunk",
                                          none_ok=True)
+    bn_groups: int | None = _setting(None, positive_int, _INT, "None: 1, statistics over the whole batch",
+                                     none_ok=True)
     epochs: int = _setting(1, positive_int, _INT)
     max_steps: int | None = _setting(None, positive_int, _INT, "leave it out (None) to run every epoch",
                                      none_ok=True)
@@ -220,6 +226,9 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     raise ConfigError(name, f"is an option of model {other_family.name}; model "
                                             f"{self.model} has none: leave it out")
+        if self.bn_groups is not None and self.batch_size % self.bn_groups:
+            raise ConfigError("bn_groups", f"must divide --batch-size {self.batch_size} (groups of equal "
+                                           f"size), got {self.bn_groups}")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
@@ -370,7 +379,16 @@ def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
 STEP_COLUMNS = ("step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_residual",
                 "bwd_unconverged", "lr", "seconds")
 #: The files a run writes in its folder; ``--overwrite`` replaces exactly these.
-RUN_FILES = ("steps.csv", "epochs.csv", "cosine.csv", "summary.json", "checkpoint.npz", "curves.png")
+RUN_FILES = ("steps.csv", "epochs.csv", "cosine.csv", "ranks.csv", "summary.json", "checkpoint.npz",
+             "curves.png")
+#: The columns of ranks.csv: each data-parallel process's share of a step (``unconverged``: its
+#: samples whose forward solve did not reach --tol).
+RANK_COLUMNS = ("step", "rank", "loss", "acc", "nfe", "residual", "unconverged", "seconds")
+#: How a step's per-process results combine into the step's (means of equal shares, sums of
+#: counts, the slowest solve): ``(key, NumPy reduction over the processes)``.
+_STEP_REDUCTIONS: tuple[tuple[str, Callable[[np.ndarray], Any]], ...] = (
+    ("loss", np.mean), ("correct", np.sum), ("nfe", np.max), ("residual", np.max), ("jac", np.mean),
+    ("bwd_residual", np.max), ("unconverged", np.sum), ("bwd_unconverged", np.max), ("seconds", np.max))
 
 
 class RunFolderError(FileExistsError):
@@ -467,22 +485,38 @@ class Trainer:
     problems (a batch larger than the data, a limit beyond it) are :class:`ConfigError` s of the
     flag at fault, raised before anything is written."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True, work: Any = None) -> None:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, work: Any = None,
+                 replicas: Replicas | None = None) -> None:
         self.cfg = cfg
-        self.progress = progress
+        self.replicas = replicas or Replicas()
+        self.progress = progress and self.replicas.writes
         self.out = Path(cfg.out)
+        self._check_replicas()
         self.work = make_workload(cfg) if work is None else work
         self.metric = cfg.family.metric
         self.model_cfg = self.work.model_cfg
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
-        self.engine = make_engine(cfg.backend, self.task, self.params0, self.state0, cfg.weight_decay,
-                                  cfg.clip_norm)
+        self.batch_state = tuple(getattr(self.work, "batch_state", ()))
+        self.engine = make_engine(cfg.backend, self.task, self.params0,
+                                  self.replicas.shard_state(self.state0, self.batch_state), cfg.weight_decay,
+                                  cfg.clip_norm, replicas=self.replicas, batch_state=self.batch_state)
         self.steps_per_epoch = self.work.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._saved_step: int | None = None
+
+    def _check_replicas(self) -> None:
+        """The settings a data-parallel run of ``replicas.size`` processes needs."""
+        n, cfg = self.replicas.size, self.cfg
+        if cfg.batch_size % n:
+            raise ConfigError("batch_size", f"is the global batch, split equally among the {n} workers: it "
+                                            f"must be divisible by {n}, got {cfg.batch_size}")
+        if cfg.bn_groups is not None and cfg.bn_groups != 1 and cfg.bn_groups % n:
+            raise ConfigError("bn_groups", f"must be 1 (statistics over the whole batch) or a multiple of "
+                                           f"the {n} workers (each worker's groups are its own), got "
+                                           f"{cfg.bn_groups}")
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> dict[str, Any]:
@@ -497,17 +531,21 @@ class Trainer:
     def load(self, ck: Checkpoint, source: str) -> None:
         """Load ``ck`` into the engine after :func:`check_checkpoint` against :meth:`schema`."""
         check_checkpoint(ck, self.schema(), source)
-        self.engine.load(ck.params, ck.state, ck.extra)
+        self.engine.load(ck.params, self.replicas.shard_state(ck.state, self.batch_state), ck.extra)
 
     def save(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> Path:
+        """checkpoint.npz of the run at ``step`` (the whole batch's state, whatever the number of
+        processes; written by the first)."""
         params, state, extra = self.engine.export()
+        state = self.replicas.gather_state(state, self.batch_state)
         bad = [f"{label} {item}" for group, label in zip((params, state, extra), GROUPS.values(), strict=True)
                for item in nonfinite_arrays(group)]
         if bad:
             shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
             raise FloatingPointError(self._failure(step - 1, f"the weights became NaN or Inf ({shown})"))
-        path = save_checkpoint(self.out / "checkpoint.npz",
-                               Checkpoint(self._meta(step, epoch_acc, history), params, state, extra))
+        path = self.out / "checkpoint.npz"
+        if self.replicas.writes:
+            save_checkpoint(path, Checkpoint(self._meta(step, epoch_acc, history), params, state, extra))
         self._saved_step = step
         return path
 
@@ -541,20 +579,29 @@ class Trainer:
         :func:`result_flags`)."""
         settings = settings or self.cfg.eval_settings()
         state = self.work.eval_state(self.engine.state)
-        loss = correct = count = nfe = 0.0
-        worst, nb = 0.0, 0
+        loss = correct = count = 0.0
+        worst, nfes = 0.0, list[float]()
         for x, y, n in self.work.eval_batches():
-            r = self.engine.evaluate(x, y, settings, state=state)
+            rows = self.replicas.eval_rows(len(x))  # data-parallel: this process's share
+            if state is not None and not nfes:
+                state = self.replicas.shard_state(state, self.batch_state, rows)
+            if not len(rows):
+                nfes.append(0.0)
+                continue
+            r = self.engine.evaluate(x[rows], y[rows], settings, state=state)
             if state is not None:
                 state = r["state"]
-            loss += r["loss"] * n
+            items = n * len(rows) // len(x)
+            loss += r["loss"] * items
             correct += r["correct"]
-            count += n
-            nfe += r["nfe"]
+            count += items
+            nfes.append(r["nfe"])
             worst = max(worst, r["residual"]) if math.isfinite(r["residual"]) else r["residual"]
-            nb += 1
-        out = {"test_loss": loss / count, "test_acc": correct / count, "test_nfe": nfe / nb,
-               "test_residual": worst}
+        # one collective: the sums, the worst residual and each batch's NFE (its slowest share's)
+        every = self.replicas.gather([loss, correct, count, worst, *nfes])
+        loss, correct, count = (float(every[:, i].sum()) for i in range(3))
+        out = {"test_loss": loss / count, "test_acc": correct / count,
+               "test_nfe": float(every[:, 4:].max(axis=0).mean()), "test_residual": float(every[:, 3].max())}
         out[self.metric.key] = self.metric.value(out["test_loss"], out["test_acc"])
         return out
 
@@ -582,8 +629,10 @@ class Trainer:
                             f"train (raise --epochs or --max-steps to continue it)"}
         steps_log = _CsvLog(self.out / "steps.csv", list(STEP_COLUMNS))
         cosine_log = _CsvLog(self.out / "cosine.csv", ["step", "cosine"])
-        kill_at = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+        ranks_log = _CsvLog(self.out / "ranks.csv", list(RANK_COLUMNS))
+        kill_at = _kill_step(self.replicas.rank)
         bar = Progress(self.total_steps, f"{cfg.backend}/{cfg.grad}") if self.progress else None
+        writes = self.replicas.writes
         step, started = start_step, False
         try:
             while step < self.total_steps:
@@ -592,41 +641,54 @@ class Trainer:
                     epoch_acc = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, "nfe": 0.0}
                 fresh = self.work.fresh_state(step)
                 if fresh is not None:
-                    self.engine.set_state(fresh)
+                    self.engine.set_state(self.replicas.shard_state(fresh, self.batch_state))
                 batch = self.work.train_batch(step)
+                mine = self.replicas.shard_batch(batch)
                 pre = step < cfg.pretrain_steps
                 settings = cfg.pretrain_settings() if pre else cfg.deq_settings()
                 lr = cosine_lr(step, self.total_steps, cfg.lr, cfg.min_lr)
                 cosine = None
                 if cfg.cosine_every and not pre and step % cfg.cosine_every == 0:
-                    cosine = self._cosine(batch.x, batch.y, batch.masks)
+                    cosine = self._cosine(mine.x, mine.y, mine.masks)
                 t0 = time.perf_counter()
                 # an unconverged implicit backward warns every step: count it in the CSV instead
-                with warnings.catch_warnings(record=True) as caught:
+                with warnings.catch_warnings(record=True) as caught, collect_forward_solves() as solves:
                     warnings.simplefilter("always", deqcore.BackwardWarning)
-                    r = self.engine.train_step(batch.x, batch.y, batch.masks, settings, lr, batch.probe)
+                    r = self.engine.train_step(mine.x, mine.y, mine.masks, settings, lr, mine.probe)
                 dt = time.perf_counter() - t0
                 for w in caught:
                     if not issubclass(w.category, deqcore.BackwardWarning):
                         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                bwd_bad = sum(issubclass(w.category, deqcore.BackwardWarning) for w in caught)
+                r["bwd_unconverged"] = sum(issubclass(w.category, deqcore.BackwardWarning) for w in caught)
+                r["seconds"] = dt
+                # per-sample convergence of a data-parallel step (under jax.jit the solves are traced)
+                r["unconverged"] = unconverged_samples(solves) if self.replicas.distributed else 0
+                r, shares = self._combine(r)
+                dt, bwd_bad = r["seconds"], int(r["bwd_unconverged"])
                 if not math.isfinite(r["loss"]):
                     raise FloatingPointError(self._failure(step, f"the training loss is {r['loss']}"))
-                if not started:  # the first step succeeded: only now touch the folder
-                    self._start_files(resume, start_step, steps_log, cosine_log)
-                    started = True
-                if cosine is not None:
+                if not started and writes:  # the first step succeeded: only now touch the folder
+                    self._start_files(resume, start_step, steps_log, cosine_log, ranks_log)
+                started = True
+                if cosine is not None and writes:
                     cosine_log.write({"step": step, "cosine": f"{cosine:.6f}"})
                 step += 1
                 for key, val in (("loss", r["loss"] * batch.count), ("correct", r["correct"]),
                                  ("count", batch.count), ("seconds", dt), ("nfe", r["nfe"])):
                     epoch_acc[key] = epoch_acc.get(key, 0.0) + val
-                steps_log.write({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
-                                 "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / batch.count:.4f}",
-                                 "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
-                                 "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
-                                 "bwd_residual": _blank_nan(r.get("bwd_residual", float("nan"))),
-                                 "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
+                if writes:
+                    for rank, share in enumerate(shares if self.replicas.distributed else []):
+                        ranks_log.write({"step": step, "rank": rank, "loss": f"{share['loss']:.6f}",
+                                         "acc": f"{share['correct'] / len(mine.x):.4f}",
+                                         "nfe": int(share["nfe"]), "residual": f"{share['residual']:.4e}",
+                                         "unconverged": int(share["unconverged"]),
+                                         "seconds": f"{share['seconds']:.4f}"})
+                    steps_log.write({"step": step, "epoch": epoch + 1, "phase": "pretrain" if pre else "deq",
+                                     "loss": f"{r['loss']:.6f}", "acc": f"{r['correct'] / batch.count:.4f}",
+                                     "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
+                                     "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
+                                     "bwd_residual": _blank_nan(r.get("bwd_residual", float("nan"))),
+                                     "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
                 if kill_at is not None and step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
@@ -646,10 +708,11 @@ class Trainer:
                            "train_nfe": epoch_acc["nfe"] / max(pos + 1, 1),
                            "train_seconds": epoch_acc["seconds"], **self.evaluate()}
                     history.append(row)
-                    write_csv(self.out / "epochs.csv", history)
+                    if writes:
+                        write_csv(self.out / "epochs.csv", history)
                 if end_of_epoch or step % cfg.checkpoint_every == 0:
                     self.save(step, epoch_acc, history)
-                    if bar is None:  # --no-progress: one line per checkpoint, so a long run shows life
+                    if bar is None and writes:  # --no-progress: a line per checkpoint shows life
                         print(f"step {step}/{self.total_steps} epoch {epoch + 1}: loss {r['loss']:.4f}, "
                               f"nfe {r['nfe']}, {dt:.3f} s/step; checkpoint saved", file=sys.stderr,
                               flush=True)
@@ -657,17 +720,22 @@ class Trainer:
             if started:
                 self._write_summary(step, history, "failed", [str(exc)])
             raise
+        except RuntimeError as exc:
+            if self.replicas.distributed and not isinstance(exc, WorkerLost):  # a collective failed
+                raise self.replicas.lost(exc) from exc
+            raise
         finally:
-            steps_log.close()
-            cosine_log.close()
+            for log in (steps_log, cosine_log, ranks_log):
+                log.close()
             if bar:
                 bar.close()
         summary = self._write_summary(step, history, "complete", [])
-        summary["plots"] = write_plots(self.out)
+        summary["plots"] = write_plots(self.out) if writes else []
         summary["written"] = [str(self.out / n) for n in RUN_FILES if (self.out / n).exists()]
         return summary
 
-    def _start_files(self, resume: bool, start_step: int, steps_log: _CsvLog, cosine_log: _CsvLog) -> None:
+    def _start_files(self, resume: bool, start_step: int, steps_log: _CsvLog, cosine_log: _CsvLog,
+                     ranks_log: _CsvLog) -> None:
         """Make the folder this run's: a new run removes the files of the run it replaces
         (:data:`RUN_FILES`, nothing else), a resumed one drops log rows written after its
         checkpoint; then the logs open."""
@@ -679,6 +747,20 @@ class Trainer:
         steps_log.open(start_step if resume else None)
         if self.cfg.cosine_every:  # its rows carry the 0-based step probed: after s steps keep < s
             cosine_log.open(start_step - 1 if resume else None)
+        if self.replicas.distributed:
+            ranks_log.open(start_step if resume else None)
+        elif resume:  # of a data-parallel run resumed in one process
+            _truncate_csv(ranks_log.path, start_step)
+
+    def _combine(self, r: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """The step's results from every process's share (``r``, this process's): one
+        collective; returns them and each process's (:data:`_STEP_REDUCTIONS`)."""
+        every = self.replicas.gather([float(r[key]) for key, _ in _STEP_REDUCTIONS])
+        shares = [{key: float(v) for (key, _), v in zip(_STEP_REDUCTIONS, row, strict=True)} for row in every]
+        combined = {key: float(reduce(every[:, i])) for i, (key, reduce) in enumerate(_STEP_REDUCTIONS)}
+        for key in ("correct", "nfe", "unconverged", "bwd_unconverged"):
+            combined[key] = int(combined[key])
+        return {**r, **combined}, shares
 
     def _write_summary(self, step: int, history: list[dict[str, Any]], status: str,
                        failures: list[str]) -> dict[str, Any]:
@@ -687,7 +769,10 @@ class Trainer:
                    "final": history[-1] if history else None,
                    "parameters": int(sum(v.size for v in self.params0.values())),
                    "flags": failures + flags, "warnings": warns}
-        write_text(self.out / "summary.json", dumps_json(summary, indent=2))
+        if self.replicas.distributed:
+            summary["workers"] = self.replicas.size
+        if self.replicas.writes:
+            write_text(self.out / "summary.json", dumps_json(summary, indent=2))
         return summary
 
     def _cosine(self, x: np.ndarray, y: np.ndarray, masks: Any) -> float:
@@ -697,7 +782,8 @@ class Trainer:
             warnings.simplefilter("ignore", deqcore.BackwardWarning)
             mine = self.engine.gradients(x, y, masks, self.cfg.deq_settings())
             ref = self.engine.gradients(x, y, masks, self.cfg.reference_settings())
-        return _cosine(mine, ref)
+        # data-parallel: each process has its share's gradient; the batch's is their mean
+        return _cosine(self.replicas.mean(mine), self.replicas.mean(ref))
 
 
 def checkpoint_step(ck: Checkpoint, source: str) -> int:
@@ -736,6 +822,15 @@ def check_resumable(cfg: TrainConfig, ck: Checkpoint) -> None:
         raise CheckpointError(f"--resume: {exc} (the checkpoint was written by a run with other "
                               f"settings; only {', '.join(flag_of(k) or k for k in RESUME_FREE)} may "
                               f"change)") from None
+
+
+def _kill_step(rank: int) -> int | None:
+    """The step after which :data:`KILL_ENV` asks this process (of ``rank``) to kill itself."""
+    raw = os.environ.get(KILL_ENV, "")
+    if not raw:
+        return None
+    step, _, only = raw.partition("@")
+    return int(step) if not only or int(only) == rank else None
 
 
 def _blank_nan(v: float) -> str:

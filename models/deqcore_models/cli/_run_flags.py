@@ -76,13 +76,19 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
                    help="transformer only: compute the output softmax over N positions at a time, in the "
                         "forward pass and again in backward, so no vocabulary-sized tensor is kept for "
                         "backward (default 32); 0: the whole softmax at once, all logits kept")
+    s.add_argument("--bn-groups", type=int, metavar="K",
+                   help="mdeq only: BatchNorm's training statistics over K groups of batch/K consecutive "
+                        "samples of the global batch, K dividing --batch-size (default 1: the whole batch, "
+                        "synchronised over the workers of a torchrun launch; K = the number of workers: "
+                        "per-worker statistics, no communication; K must be 1 or a multiple of it)")
     t = p.add_argument_group("optimisation and output")
     if output:
         t.add_argument("--epochs", type=int, help=f"epochs (default {d('epochs')})")
         t.add_argument("--max-steps", type=int, help="stop after N >= 1 optimiser steps in total")
     t.add_argument("--batch-size", type=int,
                    help="training batch size: images, or rows of the token stream for text (default "
-                        f"{d('batch_size')})")
+                        f"{d('batch_size')}); under torchrun the global batch, split equally among the "
+                        "workers")
     t.add_argument("--lr", type=float,
                    help=f"Adam learning rate, cosine-annealed per step to --min-lr (default {d('lr'):g})")
     t.add_argument("--min-lr", type=float, help=f"final learning rate, <= --lr (default {d('min_lr'):g})")

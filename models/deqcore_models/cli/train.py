@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._command_line import report_flags
+from .._command_line import UsageError, report_flags
+from .._replicas import Replicas
 from .._training_engines import require_framework
 from ..checkpoint import check_checkpoint, load_checkpoint
 from ..families import FAMILIES
@@ -29,20 +30,37 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; under ``torchrun --nproc-per-node N`` (its environment) as N data-parallel
+    processes of which the first writes and reports, every one checking the same."""
     cfg = train_config(args)
+    try:
+        replicas = Replicas.from_environment(cfg.backend)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     require_framework(cfg.backend)
+    try:
+        return _train(args, cfg, replicas)
+    finally:
+        replicas.close()
+
+
+def _train(args: argparse.Namespace, cfg: Any, replicas: Replicas) -> int:
     check_out_dir(cfg.out, resume=args.resume, overwrite=args.overwrite)
     ck = None
     if args.resume:
         ck = load_checkpoint(Path(cfg.out) / "checkpoint.npz")
         check_resumable(cfg, ck)  # the settings, before the data is loaded
-    trainer = Trainer(cfg, progress=not args.no_progress)
+    trainer = Trainer(cfg, progress=not args.no_progress, replicas=replicas)
     if ck is not None:  # the arrays, now that the model is built (run() checks them again)
         check_checkpoint(ck, trainer.schema(), str(Path(cfg.out) / "checkpoint.npz"))
-    print(f"deqcore train: {cfg.model}/{cfg.config} on {cfg.dataset} ({trainer.work.describe()}), backend "
-          f"{cfg.backend}, solver {cfg.solver}, grad {cfg.grad}, {trainer.total_steps} steps -> {cfg.out}",
-          file=sys.stderr)
+    workers = f", {replicas.size} workers" if replicas.distributed else ""
+    if replicas.writes:
+        print(f"deqcore train: {cfg.model}/{cfg.config} on {cfg.dataset} ({trainer.work.describe()}), "
+              f"backend {cfg.backend}{workers}, solver {cfg.solver}, grad {cfg.grad}, {trainer.total_steps} "
+              f"steps -> {cfg.out}", file=sys.stderr)
     summary = trainer.run(resume=args.resume, overwrite=args.overwrite)
+    if not replicas.writes:  # the first process reports
+        return 1 if summary.get("flags") else 0
     if "note" in summary:
         print(summary["note"], file=sys.stderr)
         return 0

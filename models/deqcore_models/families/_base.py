@@ -89,12 +89,16 @@ class Workload(Protocol):
     """What the training loop trains on (one per run): the model's initial ``params0`` and
     ``state0``, its ``task`` (:mod:`deqcore_models._losses`), ``model_cfg``, ``steps_per_epoch``,
     and per step a :class:`Batch`. Batches and masks are NumPy, drawn from seeds derived from
-    ``(seed, epoch)`` and ``(seed, step)``, so both backends and a resumed run see the same ones."""
+    ``(seed, epoch)`` and ``(seed, step)``, so both backends and a resumed run see the same ones.
+    ``batch_state`` names the state arrays with one row per batch row (axis 0): data-parallel
+    processes each hold their rows of them, and a checkpoint the whole batch's (a workload
+    without the attribute has none)."""
 
     cfg: Any
     model_cfg: Any
     params0: dict[str, np.ndarray]
     state0: dict[str, np.ndarray]
+    batch_state: tuple[str, ...]
     task: Any
     steps_per_epoch: int
 

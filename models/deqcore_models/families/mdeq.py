@@ -35,18 +35,23 @@ from ..mdeq import (
 from ._base import ACCURACY, Batch, Family, jacobian_probe, limited
 
 
-def mdeq_task(cfg: MDEQConfig) -> ClassifierTask:
-    """The classification task of an MDEQ of configuration ``cfg``."""
+def mdeq_task(cfg: MDEQConfig, bn_groups: int = 1) -> ClassifierTask:
+    """The classification task of an MDEQ of configuration ``cfg``; BatchNorm's training
+    statistics over ``bn_groups`` groups of the global batch
+    (:func:`~deqcore_models.mdeq.batch_statistics`)."""
 
     def apply(ops, params, state, x, *, train, settings, masks, probe=None):
         return mdeq_apply(ops, cfg, params, state, x, train=train, settings=settings, masks=masks,
-                          probe=probe)
+                          probe=probe, bn_groups=bn_groups)
 
     return ClassifierTask(apply)
 
 
 class MDEQWorkload:
-    """MDEQ classification. Targets are one-hot; the metric is accuracy."""
+    """MDEQ classification. Targets are one-hot; the metric is accuracy. The state (BatchNorm
+    running statistics) has no batch rows."""
+
+    batch_state: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -67,7 +72,7 @@ class MDEQWorkload:
         self.classes = ds.classes
         self.model_cfg = MDEQ_CONFIGS[cfg.config]
         self.params0, self.state0 = init_mdeq(self.model_cfg, self.x_train.shape[1], cfg.seed)
-        self.task = mdeq_task(self.model_cfg)
+        self.task = mdeq_task(self.model_cfg, cfg.bn_groups or 1)
         self.steps_per_epoch = len(self.x_train) // cfg.batch_size
         self.eval_batch_size = cfg.eval_batch_size or 500
 
@@ -191,4 +196,5 @@ MDEQ = Family(
     initialiser=lambda mc, hidden: MDEQInitialiser(mc.channels[0], mc.channels, hidden),
     score=score, comparison_batch=comparison_batch,
     hypersolver_sizes={"iterations": 3, "hidden": 8, "width": 8},
+    settings=("bn_groups",),
 )

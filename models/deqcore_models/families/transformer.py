@@ -54,7 +54,8 @@ class TransformerWorkload:
     """DEQ-Transformer language modelling. The training stream is cut into ``batch_size``
     contiguous rows and read in order, ``tgt_len`` tokens per step (the segment memory needs the
     order; it is emptied at the start of every epoch). Targets are token ids; the accuracy is
-    next-token accuracy, and perplexity is ``exp(loss)``."""
+    next-token accuracy, and perplexity is ``exp(loss)``. The segment memory holds a row per
+    stream (:attr:`batch_state`)."""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -82,6 +83,7 @@ class TransformerWorkload:
         chunk = DEFAULT_SOFTMAX_CHUNK if cfg.softmax_chunk is None else cfg.softmax_chunk or None
         self.task = transformer_task(self.model_cfg, chunk=chunk)
         self.steps_per_epoch = (self.rows.shape[1] - 1) // self.length
+        self.batch_state: tuple[str, ...] = ("mem.z", "mem.u") if self.model_cfg.mem_len else ()
 
     def describe(self) -> str:
         return (f"{self.rows.size} train, {self.test_rows.size} test tokens, vocabulary "
