@@ -126,7 +126,7 @@ def _options_dict(v: Any) -> str | None:
 
 
 def _device_count(v: Any) -> str | None:
-    ok = v == "all" or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)
+    ok = v == "all" or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1)
     return None if ok else "an int >= 1 or 'all'"
 
 
