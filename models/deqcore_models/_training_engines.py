@@ -279,8 +279,8 @@ class JaxEngine(_Engine):
         mesh every result is replicated."""
         key = (kind, repr(settings))
         if key not in self._compiled:
-            jit = self._jax.jit
-            self._compiled[key] = jit(make()) if self._mesh is None else jit(make(), out_shardings=self._whole)
+            jit, fn = self._jax.jit, make()
+            self._compiled[key] = jit(fn) if self._mesh is None else jit(fn, out_shardings=self._whole)
         return self._compiled[key]
 
     def _replicated(self, tree: Any) -> Any:

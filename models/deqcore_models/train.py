@@ -240,7 +240,7 @@ class TrainConfig:
             raise ConfigError("devices", f"is a JAX setting (got {self.devices!r} with --backend "
                                          f"{self.backend}): on PyTorch launch one process per device with "
                                          f"torchrun --nproc-per-node N, or add --backend jax")
-        if isinstance(self.devices, int) and self.batch_size % self.devices:
+        if isinstance(self.devices, numbers.Integral) and self.batch_size % int(self.devices):
             raise ConfigError("devices", f"must divide --batch-size {self.batch_size} (each device takes an "
                                          f"equal share of every batch), got {self.devices}")
 
