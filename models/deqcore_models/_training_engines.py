@@ -10,6 +10,12 @@ moments export to the same names on both (``opt.m/<param>``, ``opt.v/<param>``, 
 a checkpoint resumes on either backend. ``load`` accepts only arrays of exactly the engine's
 names, shapes and dtypes (:func:`~deqcore_models.checkpoint.check_checkpoint` against
 :meth:`schema`): nothing is broadcast, and no parameter silently keeps its initial value.
+
+The JAX engine runs on one device, or data-parallel on a 1-D mesh of several local devices
+(axis ``"batch"``): parameters, optimizer state and model state replicated, each step's inputs,
+targets, dropout masks and Jacobian probe split along axis 0. The compiled step is the
+one-device step (loss and BatchNorm statistics over the global batch), so any device count
+computes the same step; XLA adds the collectives.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class _Engine:
     ``_gradients``, and the optimizer state's export and load."""
 
     backend: str
+    #: How many devices share each batch.
+    device_count = 1
 
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                  weight_decay: float, clip_norm: float | None = None) -> None:
@@ -254,15 +262,59 @@ def _data_parallel(task: Any, ops: Any, params: dict[str, Any]) -> Any:
     return loss
 
 
+class DeviceCountError(ValueError):
+    """The JAX engine was asked for more devices than exist, or for a batch they cannot share."""
+
+
+#: The mesh axis the JAX engine splits batches along.
+BATCH_AXIS = "batch"
+_HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def local_devices(devices: int | str) -> list[Any]:
+    """The first ``devices`` local JAX devices (``"all"``: every one). More than exist is a
+    :class:`DeviceCountError` saying how many there are, and on CPU which ``XLA_FLAGS`` setting
+    makes more (it must be set before JAX starts)."""
+    import jax
+
+    have = jax.local_devices()
+    if devices == "all":
+        return list(have)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise DeviceCountError(f"must be an int >= 1 or 'all', got {devices!r}")
+    if devices > len(have):
+        platform = have[0].platform
+        hint = (f": on CPU, {devices} host devices need XLA_FLAGS={_HOST_DEVICES_FLAG}={devices} in the "
+                f"environment before JAX starts" if platform == "cpu" else "")
+        raise DeviceCountError(f"asks for {devices} devices but JAX sees {len(have)} {platform} "
+                               f"device{'s' if len(have) != 1 else ''}{hint}")
+    return list(have[:devices])
+
+
 class JaxEngine(_Engine):
+    """The JAX engine; ``devices`` (an int >= 1 or ``"all"``, see :func:`local_devices`) local
+    devices train data-parallel (module docstring). With one device nothing is placed: arrays
+    live on JAX's default device, as without a mesh. Evaluation batches are split the same way
+    when their size divides the device count, and replicated (every device computes the whole
+    batch) otherwise."""
+
     backend = "jax"
 
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
-                 weight_decay: float, clip_norm: float | None = None) -> None:
+                 weight_decay: float, clip_norm: float | None = None, devices: int | str = 1) -> None:
         import jax
         import optax
 
         self._jax, self._optax = jax, optax
+        self.devices = local_devices(devices)
+        self.device_count = len(self.devices)
+        self._mesh = None
+        if len(self.devices) > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            self._mesh = Mesh(np.array(self.devices), (BATCH_AXIS,))
+            self._whole = NamedSharding(self._mesh, PartitionSpec())
+            self._rows = NamedSharding(self._mesh, PartitionSpec(BATCH_AXIS))
         super().__init__(task, params, state, weight_decay, clip_norm)
         clip = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
         self.tx = optax.chain(*clip, optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
@@ -271,11 +323,32 @@ class JaxEngine(_Engine):
         self._reports: dict[tuple[str, bool], list[Any]] = {}
 
     def _jitted(self, kind: str, settings: DEQSettings, make: Any) -> Any:
-        """The compiled function of ``kind`` for ``settings`` (``make()`` builds it once)."""
+        """The compiled function of ``kind`` for ``settings`` (``make()`` builds it once); on a
+        mesh every result is replicated."""
         key = (kind, repr(settings))
         if key not in self._compiled:
-            self._compiled[key] = self._jax.jit(make())
+            jit, fn = self._jax.jit, make()
+            self._compiled[key] = jit(fn) if self._mesh is None else jit(fn, out_shardings=self._whole)
         return self._compiled[key]
+
+    def _replicated(self, tree: Any) -> Any:
+        """``tree`` on every device of the mesh (as it is without one); a no-op for arrays
+        already there."""
+        return tree if self._mesh is None else self._jax.device_put(tree, self._whole)
+
+    def _split(self, batch: int, tree: Any) -> Any:
+        """``tree`` (inputs, targets, masks or probe: every array has the batch on axis 0) split
+        along axis 0 over the mesh."""
+        if self._mesh is None:
+            return tree
+        n = self.device_count
+        for leaf in self._jax.tree_util.tree_leaves(tree):
+            if not leaf.shape or leaf.shape[0] != batch:
+                raise ValueError(f"an array of shape {tuple(leaf.shape)} has no batch of {batch} on axis 0 "
+                                 f"to split over the devices")
+        if batch % n:
+            raise DeviceCountError(f"a batch of {batch} does not split evenly over {n} devices")
+        return self._jax.device_put(tree, self._rows)
 
     def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe) -> tuple[Any, ...]:
         jax, ops, task, tx = self._jax, self.ops, self.task, self.tx
@@ -295,9 +368,11 @@ class JaxEngine(_Engine):
 
         # the reports are made while the step is traced (a step with a probe and one without
         # compile apart) and filled each time it runs
+        params, state, opt_state = self._replicated((self.params, self.state, self.opt_state))
+        x, y, masks, probe = self._split(x.shape[0], (x, y, masks, probe))
         with collect_backward_reports() as traced:
-            out = self._jitted("step", settings, make)(self.params, self.state, self.opt_state, x, y, masks,
-                                                       np.float32(lr), probe)
+            out = self._jitted("step", settings, make)(params, state, opt_state, x, y, masks, np.float32(lr),
+                                                       probe)
         key = (repr(settings), probe is None)
         if traced:
             self._reports[key] = traced
@@ -315,7 +390,9 @@ class JaxEngine(_Engine):
 
             return ev
 
-        return self._jitted("eval", settings, make)(self.params, state, x, y)
+        n = self.device_count
+        x, y = self._split(x.shape[0], (x, y)) if x.shape[0] % n == 0 else self._replicated((x, y))
+        return self._jitted("eval", settings, make)(*self._replicated((self.params, state)), x, y)
 
     def _gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, Any]:
         jax, ops, task = self._jax, self.ops, self.task
@@ -326,7 +403,9 @@ class JaxEngine(_Engine):
 
             return grads
 
-        return dict(self._jitted("grad", settings, make)(self.params, self.state, x, y, masks))
+        x, y, masks = self._split(x.shape[0], (x, y, masks))
+        params, state = self._replicated((self.params, self.state))
+        return dict(self._jitted("grad", settings, make)(params, state, x, y, masks))
 
     def _adam_index(self) -> int:
         return next(i for i, s in enumerate(self.opt_state) if isinstance(s, self._optax.ScaleByAdamState))
@@ -370,16 +449,20 @@ def require_framework(backend: str) -> None:
 
 
 def make_engine(backend: str, task: Any, params, state, weight_decay: float, clip_norm: float | None = None,
-                *, replicas: Any = None, batch_state: tuple[str, ...] = ()):
+                devices: int | str = 1, *, replicas: Any = None, batch_state: tuple[str, ...] = ()):
     """The training engine of ``backend`` (``"torch"`` or ``"jax"``): Adam with L2
     ``weight_decay``, after clipping the gradient's global norm to ``clip_norm`` (None: no
-    clipping). ``replicas`` (:class:`~deqcore_models._replicas.Replicas` of several processes,
-    torch only) makes it data-parallel; ``params`` are global, ``state`` this process's share
+    clipping), on ``devices`` local devices (JAX only: an int or ``"all"``, see
+    :class:`JaxEngine`; more than exist is a :class:`DeviceCountError`). ``replicas``
+    (:class:`~deqcore_models._replicas.Replicas` of several processes, torch only) makes it
+    data-parallel over processes; ``params`` are global, ``state`` this process's share
     (``batch_state``: the names of its arrays with one row per batch row). A missing framework
     is an ``ImportError`` saying what to install."""
     require_framework(backend)
-    cls = {"torch": TorchEngine, "jax": JaxEngine}[backend]
     _, extra, what = _ENGINES[backend]
+    if backend == "torch" and devices != 1:
+        raise DeviceCountError(f"the torch engine trains on one device per process, got devices={devices!r}: "
+                               f"launch one process per device with torchrun --nproc-per-node N")
     parallel: dict[str, Any] = {}
     if replicas is not None and replicas.distributed:
         if backend != "torch":
@@ -387,7 +470,9 @@ def make_engine(backend: str, task: Any, params, state, weight_decay: float, cli
                              f"over processes")
         parallel = {"replicas": replicas, "batch_state": tuple(batch_state)}
     try:
-        return cls(task, params, state, weight_decay, clip_norm, **parallel)
+        if backend == "jax":
+            return JaxEngine(task, params, state, weight_decay, clip_norm, devices)
+        return TorchEngine(task, params, state, weight_decay, clip_norm, **parallel)
     except ModuleNotFoundError as exc:
         raise ImportError(f"backend {backend!r} needs {what}, which is not installed ({exc}); "
                           f"install it with pip install {extra}") from exc

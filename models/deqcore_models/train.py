@@ -47,7 +47,7 @@ from ._equilibrium_layer import DEQSettings, collect_forward_solves, unconverged
 from ._progress import Progress
 from ._replicas import Replicas, WorkerLost
 from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
-from ._training_engines import make_engine, optimizer_specs
+from ._training_engines import DeviceCountError, make_engine, optimizer_specs
 from .checkpoint import (
     GROUPS,
     Checkpoint,
@@ -129,6 +129,11 @@ def _options_dict(v: Any) -> str | None:
         "a dict of option names to values"
 
 
+def _device_count(v: Any) -> str | None:
+    ok = v == "all" or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1)
+    return None if ok else "an int >= 1 or 'all'"
+
+
 def _family_name(v: Any) -> str | None:
     return None if v in FAMILIES else "one of " + ", ".join(repr(name) for name in FAMILIES)
 
@@ -163,6 +168,8 @@ class TrainConfig:
     """
 
     backend: str = _setting("torch", one_of("torch", "jax"))
+    devices: int | str = _setting(1, _device_count, (numbers.Integral, str),
+                                  "JAX only: 'all' is every local device")
     model: str = _setting("mdeq", _family_name)
     config: str = _setting("cpu")
     dataset: str = _setting("fashion-mnist")
@@ -229,10 +236,22 @@ class TrainConfig:
         if self.bn_groups is not None and self.batch_size % self.bn_groups:
             raise ConfigError("bn_groups", f"must divide --batch-size {self.batch_size} (groups of equal "
                                            f"size), got {self.bn_groups}")
+        self._check_devices()
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
         self._check_solve()
+
+    def _check_devices(self) -> None:
+        """``devices`` is a JAX setting, and an int count must split the batch evenly (``"all"``
+        is checked once the devices are known, by the trainer)."""
+        if self.devices != 1 and self.backend != "jax":
+            raise ConfigError("devices", f"is a JAX setting (got {self.devices!r} with --backend "
+                                         f"{self.backend}): on PyTorch launch one process per device with "
+                                         f"torchrun --nproc-per-node N, or add --backend jax")
+        if isinstance(self.devices, numbers.Integral) and self.batch_size % int(self.devices):
+            raise ConfigError("devices", f"must divide --batch-size {self.batch_size} (each device takes an "
+                                         f"equal share of every batch), got {self.devices}")
 
     @property
     def family(self) -> Family:
@@ -311,7 +330,7 @@ _FLAGGED_SOLVE = {"tol", "max_iter", "stop_mode", "batched", "backend", "solver"
 MODEL_SETTINGS = ("model", "config", "dataset")
 #: Settings ``--resume`` may change: the stopping point, where it runs and reads, and how often
 #: it saves; every other setting must equal the checkpoint's.
-RESUME_FREE = ("epochs", "max_steps", "backend", "checkpoint_every", "data", "out")
+RESUME_FREE = ("epochs", "max_steps", "backend", "devices", "checkpoint_every", "data", "out")
 
 
 def flag_of(setting: str) -> str | None:
@@ -349,8 +368,9 @@ def _resolve(setting: str, owner: str, spec: Mapping[str, Any], given: Mapping[s
 
 
 def config_from_checkpoint(ck: Checkpoint, source: str, **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` saved in ``ck`` with ``overrides`` (None values ignored). Saved
-    settings that are missing, unknown or invalid are a :class:`CheckpointError` naming
+    """The :class:`TrainConfig` saved in ``ck`` with ``overrides`` (None values ignored), on one
+    device unless ``overrides`` say otherwise (the saved ``devices`` says where that run ran).
+    Saved settings that are missing, unknown or invalid are a :class:`CheckpointError` naming
     ``source``; an invalid override is the :class:`ConfigError` of its flag."""
     saved = ck.meta.get("train_config")
     if not isinstance(saved, Mapping):
@@ -362,7 +382,7 @@ def config_from_checkpoint(ck: Checkpoint, source: str, **overrides: Any) -> Tra
         raise CheckpointError(f"{source}: its train_config has unknown settings {', '.join(unknown)} "
                               f"(written by another version of deqcore?)")
     try:
-        stored = TrainConfig(**saved)
+        stored = TrainConfig(**{**saved, "devices": 1})
     except ConfigError as exc:
         raise CheckpointError(f"{source}: its train_config is invalid: {exc}") from None
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -498,9 +518,16 @@ class Trainer:
         self.params0, self.state0 = self.work.params0, self.work.state0
         self.task = self.work.task
         self.batch_state = tuple(getattr(self.work, "batch_state", ()))
-        self.engine = make_engine(cfg.backend, self.task, self.params0,
-                                  self.replicas.shard_state(self.state0, self.batch_state), cfg.weight_decay,
-                                  cfg.clip_norm, replicas=self.replicas, batch_state=self.batch_state)
+        try:
+            state = self.replicas.shard_state(self.state0, self.batch_state)
+            self.engine = make_engine(cfg.backend, self.task, self.params0, state, cfg.weight_decay,
+                                      cfg.clip_norm, cfg.devices, replicas=self.replicas,
+                                      batch_state=self.batch_state)
+        except DeviceCountError as exc:
+            raise ConfigError("devices", str(exc)) from None
+        if cfg.batch_size % self.engine.device_count:
+            raise ConfigError("devices", f"is {cfg.devices!r}, {self.engine.device_count} devices, which do "
+                                         f"not divide --batch-size {cfg.batch_size}")
         self.steps_per_epoch = self.work.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:

@@ -17,6 +17,14 @@ def _default(name: str) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def _devices(text: str) -> int | str:
+    """``--devices``: an int, or the word ``all`` (TrainConfig checks the value)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     """The :class:`~deqcore_models.train.TrainConfig` flags. Every default is left out of the
     namespace (``SUPPRESS``), so the one default of each setting is the TrainConfig field's;
@@ -25,6 +33,11 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--backend", choices=["torch", "jax"],
                    help=f"framework to train on (default {d('backend')})")
+    g.add_argument("--devices", type=_devices, metavar="N",
+                   help="JAX only: train data-parallel on N local devices, or 'all' (default "
+                        f"{d('devices')}); on CPU, N host devices need "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts. "
+                        "PyTorch: launch N processes with torchrun instead")
     families = FAMILIES.values()
     g.add_argument("--model", choices=list(FAMILIES),
                    help="model family: " + " or ".join(f"{f.name} ({f.summary})" for f in families)
