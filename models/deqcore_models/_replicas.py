@@ -201,9 +201,13 @@ class Replicas:
     def close(self) -> None:
         """Leave the process group (its resources; nothing when one process)."""
         if self.distributed:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # a DistributedDataParallel reducer freed after its group aborts the process at exit
+                gc.collect()
                 dist.destroy_process_group()
 
 
