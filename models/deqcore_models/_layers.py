@@ -80,10 +80,12 @@ def batch_norm(xp: Any, x: Any, params: Params, state: Params, name: str, train:
         if over.replica_sum is None:
             mean = xp.mean(xg, axis=(1, 3, 4))
             var = xp.mean((xg - xp.reshape(mean, (g, 1, c, 1, 1))) ** 2, axis=(1, 3, 4))
-        else:
-            mean = over.replica_sum(xp.sum(xg, axis=(1, 3, 4))) / n
-            centred = xg - xp.reshape(mean, (g, 1, c, 1, 1))
-            var = over.replica_sum(xp.sum(centred * centred, axis=(1, 3, 4))) / n
+        else:  # one collective: sums about the running mean (the same on every process, near the mean)
+            shift = state[f"{name}.running_mean"]
+            d = xg - xp.reshape(shift, (1, 1, c, 1, 1))
+            sums = over.replica_sum(xp.stack([xp.sum(d, axis=(1, 3, 4)), xp.sum(d * d, axis=(1, 3, 4))])) / n
+            mean = shift + sums[0]
+            var = sums[1] - sums[0] * sums[0]
         batch_stats = {"running_mean": xp.mean(mean, axis=0),
                        "running_var": xp.mean(var, axis=0) * (n / max(n - 1, 1))}
         for key, value in batch_stats.items():

@@ -158,19 +158,25 @@ class Replicas:
         return out
 
     def average(self, tensors: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
-        """torch tensors (not ``skip``) averaged over the processes, in place: state every process
-        updates from its share (BatchNorm running statistics of per-replica groups, whose update
-        is linear in the groups' statistics)."""
+        """torch tensors (not ``skip``) averaged over the processes, in one collective: state every
+        process updates from its share (BatchNorm running statistics of per-replica groups, whose
+        update is linear in the groups' statistics)."""
         if not self.distributed:
             return dict(tensors)
+        import torch
         import torch.distributed as dist
 
         skipped = set(skip)
-        for k in sorted(tensors):
-            if k not in skipped and tensors[k].is_floating_point():
-                self._collective(dist.all_reduce, tensors[k])
-                tensors[k].div_(self.size)
-        return dict(tensors)
+        names = [k for k in sorted(tensors) if k not in skipped and tensors[k].is_floating_point()]
+        if not names:
+            return dict(tensors)
+        flat = torch.cat([tensors[k].reshape(-1) for k in names])
+        self._collective(dist.all_reduce, flat)
+        out = dict(tensors)
+        parts = torch.split(flat / self.size, [tensors[k].numel() for k in names])
+        for k, part in zip(names, parts, strict=True):
+            out[k] = part.reshape(tensors[k].shape)
+        return out
 
     def replica_sum(self, t: Any) -> Any:
         """The sum of torch tensor ``t`` over the processes; its backward sums the cotangents
