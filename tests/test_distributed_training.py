@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from deqcore_models.mdeq import MDEQ_CONFIGS, MDEQConfig, dropout_masks, equilib
 from deqcore_models.train import KILL_ENV, ConfigError, TrainConfig, Trainer
 from deqcore_models.transformer import TRANSFORMER_CONFIGS, init_transformer, transformer_masks
 from models_helpers import BN_AFTER_FED_BIASES, BN_FED_BIASES, grad_rel_diff
+from process_group import free_port
 
 pytestmark = pytest.mark.backend("torch")
 
@@ -109,12 +109,6 @@ def train_cases(replicas: Replicas) -> dict[str, np.ndarray]:
         out.update({f"{case}/params/{k}": v for k, v in params.items()})
         out.update({f"{case}/state/{k}": v for k, v in replicas.gather_state(state, batch_state).items()})
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env(rank: int, size: int, port: int) -> dict[str, str]:
