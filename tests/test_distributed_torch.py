@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ddp_equilibrium import batch, gradients_worker, training_worker
 from process_group import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.backend("torch")
@@ -63,10 +62,19 @@ GRADIENT_CASES = [
 IDS = [name for name, _ in GRADIENT_CASES]
 
 
+def _network():
+    """tests/ddp_equilibrium.py, imported when a test runs: it imports torch, which the JAX-only
+    environment that collects (and deselects) this file does not have."""
+    import ddp_equilibrium
+
+    return ddp_equilibrium
+
+
 @pytest.fixture(scope="module")
 def gradients():
     """Per case: (rank 0's DDP gradients, rank 1's, the one-process gradients, the parameter names)."""
-    ranks = run_ranks(gradients_worker, 2, [case for _, case in GRADIENT_CASES], batch(N_PER_RANK, 2))
+    net = _network()
+    ranks = run_ranks(net.gradients_worker, 2, [case for _, case in GRADIENT_CASES], net.batch(N_PER_RANK, 2))
     return {name: (ranks[0][i]["ddp"], ranks[1][i]["ddp"], ranks[0][i]["reference"], ranks[0][i]["names"])
             for i, name in enumerate(IDS)}
 
@@ -130,7 +138,8 @@ def training():
     """Per case, (rank 0's DDP run, rank 1's, the one-process run); per PRETRAIN_ERRORS case,
     the two ranks' error messages. See ``training_worker``."""
     cases = [c for _, c in TRAINING_CASES] + [c for c, _ in PRETRAIN_ERRORS]
-    rank0, rank1 = run_ranks(training_worker, 2, cases, batch(N_PER_RANK, 2), STEPS)
+    net = _network()
+    rank0, rank1 = run_ranks(net.training_worker, 2, cases, net.batch(N_PER_RANK, 2), STEPS)
     assert (rank0["rank"], rank0["threads"], rank1["rank"], rank1["threads"]) == (0, 1, 1, 1)
     assert rank0["counted"] == rank1["counted"] == ["barrier"]  # the count sees a collective
     runs = {name: (rank0["cases"][i]["ddp"], rank1["cases"][i]["ddp"], rank0["cases"][i]["reference"])
