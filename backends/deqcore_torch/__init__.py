@@ -1,10 +1,25 @@
-"""deqcore's PyTorch backend, registered as a plugin. Importing this package does not import torch."""
+"""deqcore's PyTorch backend, registered as a plugin, and :class:`DEQ`, the equilibrium layer as an
+``nn.Module``. Importing this package does not import torch; its public names import it when first
+used."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deqcore.extend import hookimpl
+
+if TYPE_CHECKING:
+    from ._module import DEQ
+
+__all__ = ["DEQ"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEQ":
+        from ._module import DEQ
+
+        return DEQ
+    raise AttributeError(f"module 'deqcore_torch' has no attribute {name!r}")
 
 
 def _make_backend() -> Any:
