@@ -78,18 +78,21 @@ class DEQ(nn.Module):
         return types.MappingProxyType({**self._shared, **self._modes[_MODES[not training]]})
 
     def configure(self, *, train: Mapping[str, Any] | None = None, eval: Mapping[str, Any] | None = None,
-                  **settings: Any) -> DEQ:
+                  replace: bool = False, **settings: Any) -> DEQ:
         """Update settings, checked as at construction; ``self`` is returned.
 
         ``**settings`` update the shared settings, ``train`` and ``eval`` those of each mode
-        (names not given keep their values). Nothing changes when a check fails.
+        (names not given keep their values). With ``replace=True`` the settings given replace
+        all current ones, shared and per mode (what is not given takes the solve's default):
+        the way to drop a solver option when changing solver. Nothing changes when a check fails.
         """
-        shared = {**self._shared, **settings}
+        kept = not replace
+        shared = {**(self._shared if kept else {}), **settings}
         modes = {}
         for mode, given in zip(_MODES, (train, eval), strict=True):
             if given is not None and not isinstance(given, Mapping):
                 raise TypeError(f"DEQ: {mode}= must be a dict of settings, got {type(given).__name__}")
-            modes[mode] = {**self._modes[mode], **(given or {})}
+            modes[mode] = {**(self._modes[mode] if kept else {}), **(given or {})}
         for mode in _MODES:
             try:
                 check_solve_settings("deqcore.solve", {**shared, **modes[mode]}, "torch")
