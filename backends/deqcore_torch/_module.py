@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 import deqcore
+from deqcore.extend import SOLUTION_DATA_FIELDS
 from deqcore.internal import check_solve_settings
 
 _MODES = ("train", "eval")
@@ -49,9 +51,9 @@ class DEQ(nn.Module):
 
     Attributes:
         last_solution: the :class:`deqcore.Solution` of the latest forward pass (None before
-            one), for logging (``nfe``, ``rel_residual``, ``summary()``): its ``z`` is detached and
-            it holds no autograd graph. Its ``backward`` report fills in when the backward pass
-            runs.
+            one), for logging (``nfe``, ``rel_residual``, ``summary()``): its tensors are
+            detached, so it keeps no autograd graph alive. Its ``backward`` report fills in when
+            the backward pass runs.
     """
 
     last_solution: deqcore.Solution | None
@@ -106,14 +108,14 @@ class DEQ(nn.Module):
         takes) from ``z0`` (default: zeros shaped like ``x``; see :func:`deqcore.solve`)."""
         return self._solve(x, z0)
 
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="deqcore_torch.DEQ: the fixed-point solve runs eagerly (its loop "
+                                   "is data-dependent); the model's graph resumes after it")
     def _solve(self, x: Any, z0: Any) -> tuple[Any, deqcore.Solution]:
-        # the one deliberate graph break of a compiled model: the solver loop is data-dependent
         solution = deqcore.solve(self.f, x, z0, backend="torch", **self.settings)
-        z = solution.z
-        detached = tuple(t.detach() for t in z) if isinstance(z, tuple) else z.detach()
-        self.last_solution = dataclasses.replace(solution, z=detached)
-        return z, solution
+        self.last_solution = dataclasses.replace(solution, **{
+            name: tree_map_only(torch.Tensor, torch.Tensor.detach, getattr(solution, name))
+            for name in SOLUTION_DATA_FIELDS})
+        return solution.z, solution
 
     def extra_repr(self) -> str:
         parts = [f"{k}={v!r}" for k, v in self._shared.items()]
