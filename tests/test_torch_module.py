@@ -105,7 +105,7 @@ def test_train_and_eval_modes_solve_with_their_own_settings(nets):
 
 
 @pytest.mark.parametrize(("settings", "error", "match"), [
-    (dict(tol=-1.0), ValueError, "train settings: deqcore.solve: option 'tol' must be a finite float > 0"),
+    (dict(tol=-1.0), ValueError, "DEQ (training mode): deqcore.solve: option 'tol' must be a finite float"),
     (dict(max_iter=0), ValueError, "'max_iter' must be an int >= 1"),
     (dict(stop_mode="max"), ValueError, "'stop_mode' must be one of 'rel', 'abs'"),
     (dict(memroy=4), TypeError, "unknown option 'memroy'. Valid options: beta, lam, memory"),
@@ -114,8 +114,8 @@ def test_train_and_eval_modes_solve_with_their_own_settings(nets):
     (dict(grad="gdeq"), ValueError, "needs solver='broyden'"),
     (dict(grad="implicit", grad_options={"kk": 1}), TypeError, "unknown option 'kk'"),
     (dict(grad=None, grad_options={"k": 1}), TypeError, "grad_options were given but grad=None"),
-    (dict(train=dict(memory=0)), ValueError, "train settings: solver 'anderson': option 'memory' must be"),
-    (dict(eval=dict(tol="small")), ValueError, "eval settings: deqcore.solve: option 'tol'"),
+    (dict(train=dict(memory=0)), ValueError, "DEQ (training mode): solver 'anderson': option 'memory'"),
+    (dict(eval=dict(tol="small")), ValueError, "DEQ (evaluation mode): deqcore.solve: option 'tol'"),
     (dict(train=[("tol", 1e-3)]), TypeError, "train= must be a dict of settings, got list"),
     (dict(backend="jax"), TypeError, "'backend' cannot be a setting"),
     (dict(eval=dict(z0=None)), TypeError, "'z0' cannot be a setting"),

@@ -16,6 +16,7 @@ from deqcore.extend import SOLUTION_DATA_FIELDS
 from deqcore.internal import check_solve_settings
 
 _MODES = ("train", "eval")
+_MODE_NAMES = {"train": "training", "eval": "evaluation"}
 
 
 class DEQ(nn.Module):
@@ -76,7 +77,7 @@ class DEQ(nn.Module):
         return self.settings_for(self.training)
 
     def settings_for(self, training: bool) -> Mapping[str, Any]:
-        """The settings of training (``True``) or evaluation mode, whichever mode is current."""
+        """The settings of training (``True``) or evaluation mode, whatever the current mode is."""
         return types.MappingProxyType({**self._shared, **self._modes[_MODES[not training]]})
 
     def configure(self, *, train: Mapping[str, Any] | None = None, eval: Mapping[str, Any] | None = None,
@@ -99,7 +100,7 @@ class DEQ(nn.Module):
             try:
                 check_solve_settings("deqcore.solve", {**shared, **modes[mode]}, "torch")
             except (TypeError, ValueError) as error:
-                raise type(error)(f"DEQ, {mode} settings: {error}") from None
+                raise type(error)(f"DEQ ({_MODE_NAMES[mode]} mode): {error}") from None
         self._shared, self._modes = shared, modes
         return self
 
