@@ -3,7 +3,8 @@
 Guarantees: its forward pass and gradients are those of :func:`deqcore.solve` with the same
 settings (float64, 1e-12) for several gradient modes and a tuple state, and those of the JAX
 functional solve for the same weights (1e-10); ``.train()``/``.eval()`` pick their own settings;
-bad settings fail when the module is built or reconfigured, never at the first forward; the module
+bad settings fail when the module is built or reconfigured, never at the first forward, while a
+keyword ``deqcore.solve`` gains later passes through without code in the module; the module
 survives ``state_dict``, ``copy.deepcopy``, pickling and ``.to(dtype)``; a compiled model breaks
 its graph once, at the solve, and computes what the eager one does; under DDP (2 gloo processes)
 the gradients are those of one process on the whole batch (1e-10).
@@ -148,6 +149,31 @@ def test_configure_updates_checked_settings_and_f_must_be_callable(nets):
         deq.settings["tol"] = 1.0
     with pytest.raises(TypeError, match="f must be a module or a callable f\\(z, x\\), got Tensor"):
         deqcore_torch.DEQ(_tensor([1.0]))
+
+
+def test_a_keyword_the_solve_gains_later_passes_through_to_it(nets, monkeypatch):
+    import inspect
+
+    import deqcore_torch
+
+    from deqcore import _solve_settings
+
+    seen, real_solve = {}, deqcore.solve
+
+    def solve(f, x, z0=None, *, extra_option=None, **settings):
+        seen["extra_option"] = extra_option
+        return real_solve(f, x, z0, **settings)
+
+    parameters = [*inspect.signature(deqcore.solve).parameters.values(),
+                  inspect.Parameter("extra_option", inspect.Parameter.KEYWORD_ONLY)]
+    solve.__signature__ = inspect.Signature(sorted(parameters, key=lambda p: p.kind))  # **options last
+    monkeypatch.setattr(_solve_settings, "solve", solve)
+    monkeypatch.setattr(deqcore, "solve", solve)
+    deq = deqcore_torch.DEQ(nets.TanhLayer(), tol=1e-8, eval=dict(extra_option=3))
+    with pytest.raises(TypeError, match="unknown option 'extra_optoin'"):
+        deq.configure(extra_optoin=3)
+    deq.eval()(_tensor(np.zeros((2, nets.D))))
+    assert seen == {"extra_option": 3}
 
 
 def test_last_solution_is_kept_for_logging_without_a_graph(nets):
