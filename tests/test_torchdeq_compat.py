@@ -52,9 +52,8 @@ def _model(get_deq, seed=3, **deq_args):
 
 
 def _both(**deq_args):
-    from torchdeq import get_deq as torchdeq_get_deq
-
     from deqcore_torch.compat import get_deq
+    from torchdeq import get_deq as torchdeq_get_deq
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,9 +123,8 @@ def test_eval_mode_solves_with_the_eval_budget_and_no_gradient(solver):
 def test_list_states_in_mdeq_style():
     """``z_init`` a list of tensors, ``func`` taking and returning them as in TorchDEQ's MDEQ."""
     import torch
-    from torchdeq import get_deq as torchdeq_get_deq
-
     from deqcore_torch.compat import get_deq
+    from torchdeq import get_deq as torchdeq_get_deq
 
     x = _input()
     w = torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
@@ -145,7 +143,7 @@ def test_list_states_in_mdeq_style():
         out.append((z, gw))
     (z_ref, gw_ref), (z, gw) = out
     assert isinstance(z, list) and len(z) == 2
-    for a, b in zip(z, z_ref):
+    for a, b in zip(z, z_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(gw, gw_ref, rtol=0, atol=1e-5)
 
@@ -153,9 +151,8 @@ def test_list_states_in_mdeq_style():
 def test_unknown_and_unsupported_arguments_are_errors():
     import argparse
 
-    from torchdeq.utils import add_deq_args
-
     from deqcore_torch.compat import ARGUMENTS, get_deq
+    from torchdeq.utils import add_deq_args
 
     with pytest.raises(TypeError, match="f_max_iters"):
         get_deq(f_max_iters=10)
@@ -201,12 +198,12 @@ def test_compat_norms_equal_torchdeq(norm_type):
 
     import torch
     import torchdeq.norm as reference_norm
-
     from deqcore_torch import compat
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Conv2d(3, 4, 3), torch.nn.ConvTranspose2d(4, 2, 3),
-                              torch.nn.Linear(4, 4)).double()
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(5, 4), nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3), nn.Linear(4, 4))
+    net = net.double()
     ref, ours = copy.deepcopy(net), copy.deepcopy(net)
     settings = {"norm_type": norm_type, "norm_clip": True, "norm_clip_value": 1.5, "sn_n_power_iters": 3}
     reference_norm.apply_norm(ref, filter_out="3", args=settings)
@@ -222,10 +219,9 @@ def test_compat_norms_equal_torchdeq(norm_type):
         for i in range(3):
             torch.testing.assert_close(ours[i].weight, ref[i].weight, rtol=0, atol=1e-12)
     assert not torch.nn.utils.parametrize.is_parametrized(ours[3])
-    loss_ref = sum((m.weight ** 2 * torch.arange(m.weight.numel()).reshape(m.weight.shape)).sum() for m in ref[:3])
-    loss = sum((m.weight ** 2 * torch.arange(m.weight.numel()).reshape(m.weight.shape)).sum() for m in ours[:3])
-    loss_ref.backward()
-    loss.backward()
+    for model in (ref, ours):  # a loss that weighs every entry differently
+        sum((m.weight ** 2 * torch.arange(m.weight.numel()).reshape(m.weight.shape)).sum()
+            for m in model[:3]).backward()
     for i in range(3):
         rescale = ours[i].parametrizations.weight
         torch.testing.assert_close(rescale.original.grad, ref[i].weight_v.grad if norm_type == "weight_norm"

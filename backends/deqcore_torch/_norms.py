@@ -152,25 +152,26 @@ def apply_norm(
         raise ValueError(f"apply_norm: target_norm, clip_value and eps must be > 0, got {target_norm!r}, "
                          f"{clip_value!r}, {eps!r}")
     skip, skip_prefix = _names(skip, "skip"), _names(skip_prefix, "skip_prefix")
-    done = []
-    for module_name, module in list(model.named_modules()):
+    plan = []  # checked in full before anything changes
+    for module_name, module in model.named_modules():
         if any(s in module_name for s in skip) or any(module_name.startswith(p) for p in skip_prefix):
             continue
-        names, dim = (DEFAULT_TARGETS if targets is None else targets).get(type(module), ((), 0))
+        names, dim = (DEFAULT_TARGETS if targets is None else targets).get(_module_type(module), ((), 0))
         for name in (names,) if isinstance(names, str) else tuple(names):
             qualified = f"{module_name}.{name}" if module_name else name
             if parametrize.is_parametrized(module, name):
                 raise ValueError(f"apply_norm: {qualified} is already parametrized (normalised "
                                  "twice?); remove_norm first")
-            weight = getattr(module, name, None)
-            if not isinstance(weight, nn.Parameter):
-                raise ValueError(f"apply_norm: {type(module).__name__} {module_name!r} has no "
+            if not isinstance(getattr(module, name, None), nn.Parameter):
+                raise ValueError(f"apply_norm: {_module_type(module).__name__} {module_name!r} has no "
                                  f"parameter {name!r}")
-            rescale = _Rescaled(weight.detach(), norm, dim % weight.ndim, learn_scale, target_norm,
-                                clip_value, n_power_iterations, eps)
-            parametrize.register_parametrization(module, name, rescale)
-            done.append(qualified)
-    return done
+            plan.append((qualified, module, name, dim))
+    for _, module, name, dim in plan:
+        weight = getattr(module, name).detach()
+        rescale = _Rescaled(weight, norm, dim % weight.ndim, learn_scale, target_norm, clip_value,
+                            n_power_iterations, eps)
+        parametrize.register_parametrization(module, name, rescale)
+    return [qualified for qualified, *_ in plan]
 
 
 def reset_norm(model: nn.Module) -> None:
@@ -211,6 +212,12 @@ def _parametrizations(model: nn.Module) -> list[tuple[_Rescaled, torch.Tensor]]:
     return [(p, plist.original) for module in model.modules()
             for plist in (getattr(module, "parametrizations", None) or {}).values()
             for p in plist if isinstance(p, _Rescaled)]
+
+
+def _module_type(module: nn.Module) -> type:
+    """The module's own class (parametrizing a module swaps in a subclass of it)."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def _names(value: Iterable[str] | str, what: str) -> tuple[str, ...]:

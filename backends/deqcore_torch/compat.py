@@ -136,7 +136,7 @@ _warned: set[str] = set()
 def _warn_once(key: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"deqcore_torch.compat: {_DIFFERENCES[key]}", TorchDEQCompatWarning, stacklevel=3)
+        warnings.warn(f"deqcore_torch.compat: {_DIFFERENCES[key]}", TorchDEQCompatWarning, stacklevel=4)
 
 
 def _config(args: Any, kwargs: Mapping[str, Any], owner: str) -> dict[str, Any]:
