@@ -227,3 +227,15 @@ def test_compat_norms_equal_torchdeq(norm_type):
         torch.testing.assert_close(rescale.original.grad, ref[i].weight_v.grad if norm_type == "weight_norm"
                                    else ref[i].weight_orig.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(rescale[0].g.grad, ref[i].weight_g.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_migration_page_maps_every_argument():
+    import re
+    from pathlib import Path
+
+    from deqcore_torch.compat import ARGUMENTS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "migrating-from-torchdeq.md").read_text()
+    table = page.split("## Every argument of `get_deq`")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(\w+)` \(", table, flags=re.M)
+    assert sorted(rows) == sorted(ARGUMENTS) and len(rows) == len(set(rows))
