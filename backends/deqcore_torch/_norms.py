@@ -44,6 +44,10 @@ class _Rescaled(nn.Module):
     is the row's 2-norm (weight norm) or the weight's largest singular value (spectral norm).
     """
 
+    u: torch.Tensor  # spectral norm's singular-vector estimates (buffers)
+    v: torch.Tensor
+    g: nn.Parameter | None
+
     def __init__(self, weight: torch.Tensor, kind: str, dim: int, learn_scale: bool,
                  target_norm: float, clip_value: float | None, n_power_iterations: int,
                  eps: float) -> None:
