@@ -5,7 +5,11 @@ Each normalised weight is a :mod:`torch.nn.utils.parametrize` parametrization of
 ``module.weight`` is computed from the stored ``parametrizations.weight.original`` on access,
 so it is always the current parameters' normalised weight (after ``optimizer.step()``, after
 ``load_state_dict``), it moves with ``.to()``, and ``torch.nn.utils.parametrize.cached()``
-computes it once for everything run inside the context.
+computes it once for everything run inside the context. The parametrization is this module's
+own rather than ``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``: TorchDEQ's
+behaviour, the reference, has a fixed-target and a clipped form of weight norm and a learnt
+scale on spectral norm, which torch's have not, and torch's spectral norm advances its power
+iteration at every read in training mode (see :func:`reset_norm` for why a DEQ must not).
 """
 
 from __future__ import annotations
