@@ -13,7 +13,9 @@ beyond this repository: names here change with the packages that use them.
 - the unrolled Cholesky solve of tiny SPD systems, batched over samples:
   :func:`spd_solve_unrolled`, used up to ``UNROLLED_SPD_MAX`` unknowns;
 - option resolution: :func:`resolve` (unknown names a ``TypeError``, bad values a ``ValueError``,
-  with the validators of :mod:`deqcore.validators`).
+  with the validators of :mod:`deqcore.validators`);
+- the solve settings a framework's DEQ module holds, checked when it is built:
+  :func:`check_solve_settings`.
 """
 
 from ._arrays_io import (
@@ -28,10 +30,12 @@ from ._arrays_io import (
 )
 from ._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
 from ._options import resolve
+from ._solve_settings import check_solve_settings
 
 __all__ = [
     "UNROLLED_SPD_MAX",
     "WriteError",
+    "check_solve_settings",
     "dumps_json",
     "json_safe",
     "load_arrays",
