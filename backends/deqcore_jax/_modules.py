@@ -51,24 +51,25 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def module_settings(owner: str, settings: Mapping[str, Any],
-                    inference_settings: Mapping[str, Any] | None) -> tuple[SolveSettings, SolveSettings]:
-    """The training and inference settings of a module: ``settings``, and ``inference_settings``
-    merged over them, each checked by :func:`deqcore.internal.check_solve_settings`."""
+def module_parts(
+    owner: str, layer: Any, flag: tuple[str, Any], settings: Mapping[str, Any],
+    inference_settings: Mapping[str, Any] | None,
+) -> tuple[Any, SolveSettings, SolveSettings, bool]:
+    """A module's layer, training settings, inference settings (``inference_settings`` merged over
+    ``settings``, each checked by :func:`deqcore.internal.check_solve_settings`) and inference flag
+    (``flag``: its name and value, a bool), or the error that names what is wrong."""
+    if not callable(layer):
+        raise TypeError(f"{owner}: layer must be callable as layer(z, x), got {type(layer).__name__}")
     if inference_settings is not None and not isinstance(inference_settings, Mapping):
         raise TypeError(f"{owner}: inference_settings must be a dict of deqcore.solve arguments or None, "
                         f"got {type(inference_settings).__name__}")
+    name, value = flag
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
     train = check_solve_settings(owner, "jax", settings)
     inference = check_solve_settings(f"{owner} (inference_settings)", "jax",
                                      {**train, **dict(inference_settings or {})})
-    return SolveSettings(train), SolveSettings(inference)
-
-
-def check_flag(owner: str, name: str, value: Any) -> bool:
-    """``value`` when it is a bool, else a ``TypeError`` naming the module's flag."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
-    return value
+    return layer, SolveSettings(train), SolveSettings(inference), value
 
 
 def solve_layer(layer: Callable[[Any, Any], Any], x: Any, z0: Any,

@@ -10,7 +10,7 @@ import equinox as eqx
 
 import deqcore
 
-from ._modules import SolveSettings, check_flag, module_settings, solve_layer
+from ._modules import SolveSettings, module_parts, solve_layer
 
 __all__ = ["DEQ"]
 
@@ -44,12 +44,8 @@ class DEQ(eqx.Module):
 
     def __init__(self, layer: Callable[[Any, Any], Any], *, inference: bool = False,
                  inference_settings: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        owner = "deqcore_jax.equinox.DEQ"
-        if not callable(layer):
-            raise TypeError(f"{owner}: layer must be callable as layer(z, x), got {type(layer).__name__}")
-        self.layer = layer
-        self.settings, self.inference_settings = module_settings(owner, settings, inference_settings)
-        self.inference = check_flag(owner, "inference", inference)
+        self.layer, self.settings, self.inference_settings, self.inference = module_parts(
+            "deqcore_jax.equinox.DEQ", layer, ("inference", inference), settings, inference_settings)
 
     def __call__(self, x: Any, z0: Any = None, *,
                  inference: bool | None = None) -> tuple[Any, deqcore.Solution]:

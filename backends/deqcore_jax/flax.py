@@ -13,7 +13,7 @@ from flax import nnx
 
 import deqcore
 
-from ._modules import check_flag, module_settings, solve_layer
+from ._modules import module_parts, solve_layer
 
 __all__ = ["DEQ"]
 
@@ -41,12 +41,8 @@ class DEQ(nnx.Module):
 
     def __init__(self, layer: Callable[[Any, Any], Any], *, deterministic: bool = False,
                  inference_settings: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        owner = "deqcore_jax.flax.DEQ"
-        if not callable(layer):
-            raise TypeError(f"{owner}: layer must be callable as layer(z, x), got {type(layer).__name__}")
-        self.layer = layer
-        self.settings, self.inference_settings = module_settings(owner, settings, inference_settings)
-        self.deterministic = check_flag(owner, "deterministic", deterministic)
+        self.layer, self.settings, self.inference_settings, self.deterministic = module_parts(
+            "deqcore_jax.flax.DEQ", layer, ("deterministic", deterministic), settings, inference_settings)
 
     def __call__(self, x: Any, z0: Any = None, *,
                  deterministic: bool | None = None) -> tuple[Any, deqcore.Solution]:
