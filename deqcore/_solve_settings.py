@@ -33,7 +33,8 @@ def check_solve_settings(owner: str, backend: str, settings: Mapping[str, Any]) 
     if taken:
         raise TypeError(f"{owner}: {', '.join(repr(n) for n in taken)} cannot be set: the module "
                         f"passes {'it' if len(taken) == 1 else 'them'} to deqcore.solve itself")
-    parameters = inspect.signature(solve).parameters
+    parameters = {name: p for name, p in inspect.signature(solve).parameters.items()
+                  if p.kind is not p.VAR_KEYWORD}
     reg = registry()
     opt.resolve(owner, COMMON_OPTIONS, {k: v for k, v in given.items() if k in COMMON_OPTIONS})
     solver = given.get("solver", parameters["solver"].default)

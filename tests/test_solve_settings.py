@@ -24,6 +24,7 @@ BAD = [
     {"grad": "implicit", "grad_options": {"tol": 1e-6, "bogus": 1}},
     {"grad": None, "grad_options": {"k": 1}},
     {"grad_options": [("k", 1)]},
+    {"options": {"memory": 2}},  # the name of solve's **options is not an argument
 ]
 
 
