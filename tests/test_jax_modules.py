@@ -1,21 +1,20 @@
 """The Equinox and Flax DEQ modules (deqcore_jax.equinox.DEQ, deqcore_jax.flax.DEQ): the same fixed
 point and gradients as the functional ``deqcore.solve`` under each framework's jit and gradient
 transforms, their training and inference settings, setting errors at construction, ``jax.vmap``
-per sample, and serialisation round trips."""
+per sample, and serialisation round trips. JAX, Equinox and Flax are imported by the tests that use
+them, so that the other environments collect (and deselect) this file without them."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax_module_layers import FRAMEWORKS, build, value_and_grads
 from problems import tanh_deq, tanh_layer, two_scale_deq, two_scale_layer
 
 import deqcore
 
 pytestmark = pytest.mark.backend("jax")
 
+FRAMEWORKS = ("equinox", "flax")
 SOLVE = {"solver": "anderson", "tol": 1e-12, "max_iter": 80}
 
 
@@ -26,11 +25,14 @@ def _tanh_problem(seed):
 
 def _two_scale_problem(seed):
     params, x, z0 = two_scale_deq(seed=seed)
-    return two_scale_layer, params, x, tuple(jnp.asarray(z) for z in z0)
+    return two_scale_layer, params, x, z0
 
 
 def _loss(z):
     """A scalar of every leaf of the state, weighted differently per leaf."""
+    import jax
+    import jax.numpy as jnp
+
     return sum(jnp.sum(jnp.sin(leaf) * (k + 1.5)) for k, leaf in enumerate(jax.tree.leaves(z)))
 
 
@@ -47,7 +49,12 @@ CASES = [  # (framework, problem, gradient mode, its options)
 @pytest.mark.parametrize(("framework", "problem", "grad", "grad_options"), CASES,
                          ids=[f"{fw}-{p.__name__.strip('_')}-{g}" for fw, p, g, _ in CASES])
 def test_module_equals_functional_solve(framework, problem, grad, grad_options):
+    import jax
+    import jax.numpy as jnp
+    from jax_module_layers import build, value_and_grads
+
     fn, params, x_np, z0 = problem(seed=5)
+    z0 = None if z0 is None else tuple(jnp.asarray(z) for z in z0)
     settings = dict(SOLVE, grad=grad, grad_options=grad_options)
     model = build(framework, fn, params, **settings)
     loss = _loss
@@ -69,6 +76,9 @@ def test_module_equals_functional_solve(framework, problem, grad, grad_options):
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_training_and_inference_settings(framework):
+    import jax.numpy as jnp
+    from jax_module_layers import build
+
     fn, params, x_np, _ = _tanh_problem(seed=6)
     settings = {"solver": "fixed_point", "tol": 1e-3, "max_iter": 40,
                 "inference_settings": {"solver": "anderson", "tol": 1e-11}}
@@ -116,6 +126,8 @@ def test_training_and_inference_settings(framework):
     ({"inference_settings": [("tol", 1e-3)]}, TypeError, r"inference_settings must be a dict"),
 ])
 def test_bad_settings_are_errors_at_construction(framework, settings, error, match):
+    from jax_module_layers import build
+
     fn, params, _, _ = _tanh_problem(seed=7)
     with pytest.raises(error, match=match):
         build(framework, fn, params, **settings)
@@ -123,6 +135,8 @@ def test_bad_settings_are_errors_at_construction(framework, settings, error, mat
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_flags_and_layer_are_checked(framework):
+    from jax_module_layers import build
+
     fn, params, _, _ = _tanh_problem(seed=7)
     flag = {"equinox": "inference", "flax": "deterministic"}[framework]
     with pytest.raises(TypeError, match=rf"{flag} must be True or False, got 1"):
@@ -136,6 +150,9 @@ def test_flags_and_layer_are_checked(framework):
 
 def test_equinox_vmap_per_sample_equals_batched_solve():
     import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from jax_module_layers import build
 
     fn, params, x_np, _ = _tanh_problem(seed=8)
     x = jnp.asarray(x_np)
@@ -150,6 +167,8 @@ def test_equinox_vmap_per_sample_equals_batched_solve():
 
 def test_equinox_serialise_leaves_round_trip(tmp_path):
     import equinox as eqx
+    import jax.numpy as jnp
+    from jax_module_layers import build
 
     fn, params, x_np, _ = _tanh_problem(seed=9)
     model = eqx.nn.inference_mode(build("equinox", fn, params, **SOLVE))
@@ -165,7 +184,9 @@ def test_equinox_serialise_leaves_round_trip(tmp_path):
 
 
 def test_flax_state_round_trip_through_serialization():
+    import jax.numpy as jnp
     from flax import nnx, serialization
+    from jax_module_layers import build
 
     fn, params, x_np, _ = _tanh_problem(seed=9)
     model = build("flax", fn, params, **SOLVE)

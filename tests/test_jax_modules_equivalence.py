@@ -1,13 +1,11 @@
 """The Equinox and Flax DEQ modules agree with a torch solve of the same layer with the same
-weights: fixed point and gradients (weights and input), float64."""
+weights: fixed point and gradients (weights and input), float64. The frameworks are imported by the
+test, so that the single-framework environments collect (and deselect) this file without them."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from jax_module_layers import build, value_and_grads
 from problems import tanh_deq, tanh_layer, two_scale_deq, two_scale_layer
 
 import deqcore
@@ -23,6 +21,10 @@ SOLVE = {"solver": "anderson", "tol": 1e-12, "max_iter": 80}
     ("flax", "array", "npg", {"k": 3, "lam": 0.6}),
 ])
 def test_module_on_jax_equals_torch_solve(framework, state, grad, grad_options):
+    import jax.numpy as jnp
+    import torch
+    from jax_module_layers import build, value_and_grads
+
     if state == "array":
         W, U, b, x = tanh_deq(seed=11, d=8, batch=3, rho=0.8)
         fn, params, z0 = tanh_layer, {"W": W, "U": U, "b": b}, None
