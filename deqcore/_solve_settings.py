@@ -1,5 +1,5 @@
-"""Keyword settings of :func:`deqcore.solve`, checked before any solve: what a module that holds
-solve settings (``deqcore_torch.DEQ`` ...) validates when it is built or reconfigured."""
+"""Solve settings held by a framework's DEQ module: checked once, when the module is built, the way
+``deqcore.solve`` checks them, then passed to every solve unchanged."""
 
 from __future__ import annotations
 
@@ -13,36 +13,38 @@ from ._inputs import COMMON_OPTIONS
 from ._registry import registry
 from ._solve import _bindable, _gradient_mode, solve
 
-#: Arguments of :func:`deqcore.solve` that are a call's data, not settings a module holds.
-CALL_ARGUMENTS = ("f", "x", "z0")
+#: ``solve``'s arguments that a module supplies itself on every call.
+_CALL_ARGUMENTS = ("f", "x", "z0", "backend")
 
 
-def check_solve_settings(owner: str, settings: Mapping[str, Any], backend: str) -> None:
-    """Raise the error :func:`deqcore.solve` on ``backend`` would raise for the keyword
-    ``settings`` (unknown names a ``TypeError``, bad values a ``ValueError``), without solving.
+def check_solve_settings(owner: str, backend: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (keyword arguments of :func:`deqcore.solve`) checked as ``solve`` would check
+    them on ``backend``, without solving: the common options by their validators, the solver's
+    own options by the solver (a name or an instance), the gradient mode and its options by the
+    mode, which must also accept the solver. Unknown names and bad values raise the ``TypeError``
+    / ``ValueError`` that ``solve`` raises, and naming an argument the module passes itself
+    (``f``, ``x``, ``z0``, ``backend``) is a ``TypeError`` from ``owner``.
 
-    Checked: the common options, the solver (a registered name with its options, or an instance),
-    the gradient mode with its options and its fit to the solver. A keyword parameter of
-    :func:`deqcore.solve` beyond those is accepted by name and checked when the solve runs, so
-    options added to the solve later pass through without code here. ``backend`` and the call's
-    data (``f``, ``x``, ``z0``) are not settings and are refused.
+    Returns the settings as given (a new dict): defaults are left to ``solve``, where they are
+    declared. Arguments of ``solve`` that are not checked here reach its own checks on the first
+    call.
     """
     given = dict(settings)
-    refused = sorted(set(given) & {*CALL_ARGUMENTS, "backend"})
-    if refused:
-        raise TypeError(f"{owner}: {', '.join(map(repr, refused))} cannot be a setting: the backend is "
-                        f"{backend!r} and f, x, z0 are the call's")
-    parameters = inspect.signature(solve).parameters
-    keywords = {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    opt.resolve(owner, COMMON_OPTIONS, {k: given.pop(k) for k in COMMON_OPTIONS if k in given})
-    solver, grad, grad_options = (given.pop(k, parameters[k].default)
-                                  for k in ("solver", "grad", "grad_options"))
-    for name in keywords & set(given):  # checked by the solve itself
-        del given[name]
+    taken = [name for name in _CALL_ARGUMENTS if name in given]
+    if taken:
+        raise TypeError(f"{owner}: {', '.join(repr(n) for n in taken)} cannot be a setting: the module "
+                        f"passes {'it' if len(taken) == 1 else 'them'} to deqcore.solve itself")
+    parameters = {name: p for name, p in inspect.signature(solve).parameters.items()
+                  if p.kind is not p.VAR_KEYWORD}
     reg = registry()
-    bindable = _bindable(reg, solver, given)  # what is left are the solver's own options
+    opt.resolve(owner, COMMON_OPTIONS, {k: v for k, v in given.items() if k in COMMON_OPTIONS})
+    solver = given.get("solver", parameters["solver"].default)
+    solver_options = {k: v for k, v in given.items() if k not in parameters}
+    name = _bindable(reg, solver, solver_options).name
+    grad = given.get("grad", parameters["grad"].default)
     be = reg.backend(backend)
     if grad == "auto":
         grad = "implicit" if be.capabilities.autodiff else None
     check_gradient_mode(be, grad)
-    _gradient_mode(reg, grad, grad_options, bindable.name)
+    _gradient_mode(reg, grad, given.get("grad_options"), name)
+    return given

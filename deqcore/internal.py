@@ -13,9 +13,9 @@ beyond this repository: names here change with the packages that use them.
 - the unrolled Cholesky solve of tiny SPD systems, batched over samples:
   :func:`spd_solve_unrolled`, used up to ``UNROLLED_SPD_MAX`` unknowns;
 - option resolution: :func:`resolve` (unknown names a ``TypeError``, bad values a ``ValueError``,
-  with the validators of :mod:`deqcore.validators`); :func:`check_solve_settings`, the errors
-  :func:`deqcore.solve` would raise for keyword settings, raised before any solve (the modules of
-  the backends check their settings with it when built).
+  with the validators of :mod:`deqcore.validators`);
+- the solve settings a framework's DEQ module holds, checked when it is built:
+  :func:`check_solve_settings`.
 """
 
 from ._arrays_io import (

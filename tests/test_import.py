@@ -80,3 +80,17 @@ def test_models_package_and_data_loaders_import_no_framework():
     """)
     assert "fashion_mnist" in out["loaders"] and "wikitext2" in out["loaders"]
     assert out["final"] == []
+
+
+@pytest.mark.backend("jax")
+def test_jax_backend_imports_neither_equinox_nor_flax():
+    out = _run("""
+        import jax.numpy as jnp
+        import deqcore_jax
+        deqcore.solve(lambda z, x: 0.5 * z + x, jnp.ones((2, 3)))
+        out["modules"] = sorted({m.split(".")[0] for m in sys.modules} & {"equinox", "flax"})
+        import deqcore_jax.equinox, deqcore_jax.flax
+        out["on_demand"] = sorted({m.split(".")[0] for m in sys.modules} & {"equinox", "flax"})
+    """)
+    assert out["modules"] == []
+    assert out["on_demand"] == ["equinox", "flax"]  # the check above would see them

@@ -103,7 +103,7 @@ def test_wheel_has_every_source_module(wheel):
 def test_wheel_metadata_pins_torch_in_the_torch_extra(wheel):
     meta = _metadata(wheel)
     assert meta["Name"] == "deqcore"
-    assert {"torch", "jax"} <= set(meta.get_all("Provides-Extra"))
+    assert {"torch", "jax", "equinox", "flax"} <= set(meta.get_all("Provides-Extra"))
     requires = meta.get_all("Requires-Dist")
     assert 'torch==2.13.0; extra == "torch"' in requires
     torch_reqs = [Requirement(r) for r in requires if Requirement(r).name == "torch"]
@@ -182,6 +182,16 @@ def test_pyproject_pins_torch_exactly():
     assert reqs, "pyproject.toml requires torch nowhere"
     for req in reqs:
         assert str(req.specifier) == TORCH_PIN, f"pyproject.toml: unpinned {req}"
+
+
+def test_module_extras_are_installed_where_the_jax_tests_run():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["equinox"]] == ["equinox"]
+    assert [Requirement(r).name for r in extras["flax"]] == ["flax"]
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "tox.ini")
+    for env in ("jax", "both"):
+        assert {"jax", "equinox", "flax"} <= set(parser[f"testenv:{env}"]["extras"].split()), env
 
 
 @pytest.mark.parametrize("pyproject", sorted(ROOT.glob("plugins/*/pyproject.toml")),

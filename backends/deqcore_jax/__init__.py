@@ -1,6 +1,7 @@
 """deqcore's JAX backend, registered as a plugin, and solves over device meshes
 (:func:`solve_per_shard`). Importing this package does not import jax; its public names import
-it when first used."""
+it when first used. The DEQ modules of Equinox and Flax NNX are its submodules
+:mod:`deqcore_jax.equinox` and :mod:`deqcore_jax.flax`, each importing its framework."""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ class DEQ(nn.Module):
             modes[mode] = {**(self._modes[mode] if kept else {}), **(given or {})}
         for mode in _MODES:
             try:
-                check_solve_settings("deqcore.solve", {**shared, **modes[mode]}, "torch")
+                check_solve_settings("deqcore.solve", "torch", {**shared, **modes[mode]})
             except (TypeError, ValueError) as error:
                 raise type(error)(f"DEQ ({_MODE_NAMES[mode]} mode): {error}") from None
         self._shared, self._modes = shared, modes
