@@ -20,11 +20,12 @@ def correction_steps(value: int | Sequence[int], max_iter: int) -> tuple[int, ..
     i = 1 .. k (every ``max_iter // k`` steps, ending at ``max_iter``, as TorchDEQ's ``n_states``);
     a sequence as given. ``ValueError`` when a step lies past ``max_iter``."""
     if isinstance(value, numbers.Integral):
-        value = int(value)
-        if value > max_iter:
-            raise ValueError(f"deqcore.solve: correction_states={value} asks for more states than "
+        k = int(value)
+        if k > max_iter:
+            raise ValueError(f"deqcore.solve: correction_states={k} asks for more states than "
                              f"max_iter={max_iter} steps; use at most max_iter states")
-        return tuple(max_iter - (value - i) * (max_iter // value) for i in range(1, value + 1))
+        return tuple(max_iter - (k - i) * (max_iter // k) for i in range(1, k + 1))
+    assert not isinstance(value, int)
     steps = tuple(int(s) for s in value)
     if steps[-1] > max_iter:
         raise ValueError(f"deqcore.solve: correction_states step {steps[-1]} lies past max_iter={max_iter}; "
