@@ -13,7 +13,8 @@ beyond this repository: names here change with the packages that use them.
 - the unrolled Cholesky solve of tiny SPD systems, batched over samples:
   :func:`spd_solve_unrolled`, used up to ``UNROLLED_SPD_MAX`` unknowns;
 - option resolution: :func:`resolve` (unknown names a ``TypeError``, bad values a ``ValueError``,
-  with the validators of :mod:`deqcore.validators`).
+  with the validators of :mod:`deqcore.validators`);
+- the steps ``deqcore.solve(..., correction_states=k)`` records states at: :func:`correction_steps`.
 """
 
 from ._arrays_io import (
@@ -27,11 +28,13 @@ from ._arrays_io import (
     write_text,
 )
 from ._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from ._correction import correction_steps
 from ._options import resolve
 
 __all__ = [
     "UNROLLED_SPD_MAX",
     "WriteError",
+    "correction_steps",
     "dumps_json",
     "json_safe",
     "load_arrays",
