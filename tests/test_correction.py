@@ -212,6 +212,12 @@ def test_jit_and_vmap_record_the_same_states():
     mapped = per_sample(h.asarray(x))
     for a, b_ in zip(mapped, eager.correction_states, strict=True):
         np.testing.assert_allclose(h.numpy(a)[:, 0], h.numpy(b_), rtol=0, atol=1e-12)
+    # the per-shard solve returns no states: asking for them is an error, not a silent drop
+    from deqcore_jax import solve_per_shard
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    with pytest.raises(ValueError, match="solve_per_shard does not return correction states"):
+        solve_per_shard(layer, h.asarray(x), mesh=mesh, correction_states=2)
 
 
 @pytest.mark.equivalence
