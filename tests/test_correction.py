@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import Harness
 from problems import tanh_deq
 
 import deqcore
@@ -70,8 +71,11 @@ def test_fixed_point_states_equal_a_hand_rolled_iteration(h):
     np.testing.assert_array_equal(h.numpy(sol.correction_states[-1]), h.numpy(sol.z))
 
 
+# JAX runs these through the equivalence test below (torch == JAX for every solver)
+@pytest.mark.backend("torch")
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_states_are_what_solves_stopped_at_those_steps_return(h, solver):
+def test_states_are_what_solves_stopped_at_those_steps_return(solver):
+    h = Harness("torch")
     sol = _solve(h, solver=solver, tol=1e-9, max_iter=12, correction_states=2)  # steps 6 and 12
     short = _solve(h, solver=solver, tol=1e-9, max_iter=6)
     np.testing.assert_allclose(h.numpy(sol.correction_states[0]), h.numpy(short.z), rtol=0, atol=1e-12)
@@ -83,7 +87,9 @@ def test_states_are_what_solves_stopped_at_those_steps_return(h, solver):
     assert int(h.numpy(plain.nfe)) == int(h.numpy(sol.nfe))
 
 
-def test_steps_after_every_sample_stopped_repeat_the_answer(h):
+@pytest.mark.backend("torch")
+def test_steps_after_every_sample_stopped_repeat_the_answer():
+    h = Harness("torch")
     sol = _solve(h, solver="anderson", tol=1e-6, max_iter=200, correction_states=(2, 150, 200))
     assert int(h.numpy(sol.steps)) < 150
     early = _solve(h, solver="anderson", tol=1e-6, max_iter=2)
@@ -92,7 +98,9 @@ def test_steps_after_every_sample_stopped_repeat_the_answer(h):
         np.testing.assert_array_equal(h.numpy(state), h.numpy(sol.z))
 
 
-def test_states_keep_the_structure_of_z(h):
+@pytest.mark.backend("torch")
+def test_states_keep_the_structure_of_z():
+    h = Harness("torch")
     W, U, b, x = tanh_deq(**PROBLEM)
     layer = h.tanh_layer(W, U, b)
 
@@ -154,8 +162,6 @@ def test_gradient_of_the_states_is_the_phantom_gradient(h):
 
 @pytest.mark.backend("torch")  # the choice is made in deqcore.solve, the same for every backend
 def test_z_keeps_its_own_gradient_mode():
-    from conftest import Harness
-
     h = Harness("torch")
     W, U, b, x = tanh_deq(**PROBLEM)
     xb, Wb = h.asarray(x), h.asarray(W)
@@ -198,7 +204,6 @@ def test_compiled_torch_loop_records_the_same_states():
 @pytest.mark.backend("jax")
 def test_jit_and_vmap_record_the_same_states():
     import jax
-    from conftest import Harness
 
     h = Harness("jax")
     kw = dict(solver="fixed_point", tol=1e-6, max_iter=20, correction_states=(2, 6, 20))
