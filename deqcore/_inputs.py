@@ -33,12 +33,16 @@ COMMON_OPTIONS: dict[str, opt.Option[Any]] = {
                               "(samples still freeze every step)", opt.positive_int),
     "compile": opt.Option(False, "compile the solver loop (torch: torch.compile, True or a mode name; "
                           "JAX: always compiled)", opt.bool_or_nonempty_str),
+    "correction_states": opt.Option(0, "intermediate states returned with a phantom gradient: 0 none, k "
+                                    "states evenly spaced over max_iter, or a sequence of steps",
+                                    opt.count_or_increasing_steps),
 }
 
 #: The parameters of ``deqcore.solve`` besides ``**options``: a solver option of one of these
 #: names could never reach the solver (the registry rejects it). A test keeps it equal to the
 #: signature.
-SOLVE_PARAMETERS = ("f", "x", "z0", "backend", "solver", *COMMON_OPTIONS, "grad", "grad_options")
+SOLVE_PARAMETERS = ("f", "x", "z0", "backend", "solver", *COMMON_OPTIONS, "grad", "grad_options",
+                    "correction_grad_options")
 
 
 def default(name: str) -> Any:

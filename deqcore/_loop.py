@@ -4,7 +4,8 @@ A solver supplies ``init`` (its state from ``z0`` and ``f(z0)``), ``step`` (prop
 the next iterate for the active samples) and ``commit`` (update its memory for the samples that
 stay active). Everything else, which is the same for every solver, lives here: the stop
 test and the outcome per sample (``terminate``), the divergence and non-finite checks, the
-lowest-residual iterate, the traces, and after the loop the diagnosis of residual norms that
+lowest-residual iterate, the traces, the intermediate states kept for a fixed-point correction,
+and after the loop the diagnosis of residual norms that
 overflowed the state's dtype.
 
 Residuals are plain norms (one pass over the state per step). For half-precision states
@@ -14,6 +15,7 @@ ends at 65504, which a norm of moderate entries already exceeds.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -29,7 +31,8 @@ class LoopState(NamedTuple):
     """The loop's carry. ``best`` and ``last`` stack the (abs, rel) residuals, shape (2, B):
     ``best`` of ``best_z``, ``last`` of each sample's latest iterate (its final one once it is
     frozen). ``trace`` is a (2, rows + 1, B) buffer whose last row takes the writes of steps past
-    the recorded ones, or None when no trace is kept."""
+    the recorded ones, or None when no trace is kept. ``states`` is likewise a (k + 1, B, n)
+    buffer of the best iterates at the ``record`` steps of :func:`run` (None when none are)."""
 
     solver: Any
     it: Any
@@ -40,6 +43,7 @@ class LoopState(NamedTuple):
     best: Any
     last: Any
     trace: Any
+    states: Any = None
 
 
 def residuals(xp: Any, g: Any, fz: Any, dtype: Any = None) -> tuple[Any, Any]:
@@ -142,7 +146,7 @@ def _capped(xp: Any, index: Any, cap: int) -> Any:
 @np.errstate(all="ignore")
 def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int, stop_mode: str,
         divergence: float | None, differentiable: bool = False, trace: int = TRACE_STEPS,
-        check_every: int = 1, fz0: Any = None) -> tuple[LoopState, Any]:
+        check_every: int = 1, fz0: Any = None, record: tuple[int, ...] = ()) -> tuple[LoopState, Any]:
     """Solve ``z = fn(z)`` from the flat ``z0``; return the final loop state and per-sample status.
 
     A sample stays active while its stop residual is above ``tol`` and its abs residual below
@@ -154,6 +158,13 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     backends); a sample still freezes at the step it stops, so the only difference from 1 is up
     to ``check_every - 1`` extra batched evaluations once all samples are frozen. ``fz0`` is
     ``fn(z0)`` when the caller evaluated it already (it counts in ``nfe`` all the same).
+
+    ``record`` (increasing steps >= 1, at most ``max_iter``) asks for ``state.states``: (k, B, n),
+    row i the ``best_z`` after step ``record[i]``, which is what a solve with
+    ``max_iter=record[i]`` returns (a frozen sample's best iterate; a step the loop never reached,
+    because every sample had stopped, and the step the loop ended at hold the final ``best_z``).
+    One row is written per step, into a fixed-shape buffer, so memory is O(k) whatever
+    ``max_iter`` is and the loop stays traceable.
 
     Residuals, their traces and the best/last records have the :func:`statistics_dtype` of the
     state. A sample whose residual norm overflowed that dtype while its iterate stayed finite
@@ -183,6 +194,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     if rows:
         buffer = xp.empty((2, rows + 1, problem.batch), dtype=res0.dtype, device=device)
         buffer = backend.set_index(buffer, 0, res0, axis=1)
+    recorded_at = None
+    states = None
+    if record:
+        recorded_at = xp.asarray(record, device=device)
+        states = xp.zeros((len(record) + 1, problem.batch, problem.n), dtype=z0.dtype, device=device)
     state = LoopState(
         solver=solver.init(problem, z0, fz0),
         it=0,
@@ -193,6 +209,7 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         best=xp.where(finite0, res0, inf),
         last=res0,
         trace=buffer,
+        states=states,
     )
 
     def cond(s: LoopState) -> Any:
@@ -210,17 +227,24 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         better = active & (res[k] < s.best[k])
         last = xp.where(active, res, s.last)
         it = s.it + 1
+        best_z = select_rows(xp, better, z_new, s.best_z)
+        states = s.states
+        if states is not None:
+            # the row of the first recorded step >= it; steps past the last one write the spare row
+            row = bisect.bisect_left(record, it) if isinstance(it, int) else xp.sum(recorded_at < it)
+            states = backend.set_index(states, row, best_z)
         return LoopState(
             solver=sstate,
             it=it,
             nfe=s.nfe + nfe,
             active=keep,
             iterations=s.iterations + active,
-            best_z=select_rows(xp, better, z_new, s.best_z),
+            best_z=best_z,
             best=xp.where(better, res, s.best),
             last=last,
             trace=None if s.trace is None else backend.set_index(s.trace, _capped(xp, it, rows), last,
                                                                  axis=1),
+            states=states,
         )
 
     loop = backend.differentiable_loop if differentiable else backend.while_loop
@@ -242,6 +266,11 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     state, overflow = diagnose_overflow(problem, solver, state, stop_mode=stop_mode, dtype=stats)
     status = terminate(xp, state.last[0], state.last[1], inf[0] if limit is None else limit, tol=tol,
                        stop_mode=stop_mode)
+    if state.states is not None:
+        # rows at or after the loop's last step hold the final best iterate (overflow re-measures
+        # included); earlier rows were written at their step
+        pending = xp.reshape(recorded_at >= state.it, (-1, 1, 1))
+        state = state._replace(states=xp.where(pending, state.best_z[None], state.states[:-1]))
     if overflow is not None:
         status = xp.where(overflow & (status != int(Status.CONVERGED)), int(Status.OVERFLOW), status)
     return state._replace(solver=solver.final_state(problem, state.solver)), xp.astype(status, xp.int32)

@@ -118,6 +118,14 @@ def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "True or False"
 
 
+def count_or_increasing_steps(v: Any) -> str | None:
+    if _is_int(v) and v >= 0:
+        return None
+    ok = (isinstance(v, (tuple, list)) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)
+          and all(a < b for a, b in zip(v[:-1], v[1:], strict=True)))
+    return None if ok else "an int >= 0 or a non-empty sequence of increasing ints >= 1"
+
+
 def one_of(*choices: Any) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)

@@ -84,6 +84,9 @@ class Solution:
         stop_mode: ``"abs"`` or ``"rel"``, the residual ``tol`` applied to.
         tol: the tolerance.
         grad: the gradient mode attached to ``z`` (None: no gradient path).
+        correction_states: a tuple of states, each with the structure of ``z``, recorded at the
+            steps ``correction_states`` asked for (in step order) and carrying their own phantom
+            gradient; empty when none were asked for.
         backward: a :class:`deqcore.BackwardReport` filled in when a backward pass runs
             (backward-solve statistics of the ``implicit`` mode), None when ``grad`` is None.
     """
@@ -99,6 +102,7 @@ class Solution:
     abs_trace: Any
     rel_trace: Any
     solver_state: Any
+    correction_states: Any = ()
     solver: str = dataclasses.field(default="", metadata={"static": True})
     stop_mode: str = dataclasses.field(default="rel", metadata={"static": True})
     tol: float = dataclasses.field(default=0.0, metadata={"static": True})

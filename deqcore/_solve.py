@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ from . import _inputs
 from . import _options as opt
 from ._batched_linalg import statistics_dtype
 from ._capabilities import check_gradient_mode
+from ._correction import attach_correction, correction_mode, correction_steps
 from ._inputs import COMMON_OPTIONS, default, first_floating, note_default_z0, resolve_backend, zeros_like
 from ._loop import run
 from ._registry import registry
@@ -37,8 +38,10 @@ def solve(
     trace: bool | int = default("trace"),
     check_every: int = default("check_every"),
     compile: bool | str = default("compile"),
+    correction_states: int | Sequence[int] = default("correction_states"),
     grad: str | None = "auto",
     grad_options: Mapping[str, Any] | None = None,
+    correction_grad_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Solution:
     """Find ``z*`` with ``z* = f(z*, x)``, per sample of a batch.
@@ -89,6 +92,17 @@ def solve(
             eager ones to rounding. Gradients run eagerly. Where compilation fails the loop runs
             eagerly with a :class:`deqcore.CompileWarning`. JAX: no effect (its loops are
             always compiled).
+        correction_states: intermediate states to return with a cheap gradient, for a loss on
+            several iterates (fixed-point correction, as in DEQ-Flow): 0 (default) none, at no
+            cost; an int ``k`` the states after steps ``max_iter - (k - i) * (max_iter // k)``,
+            i = 1 .. k (evenly spaced, the last at ``max_iter``, so it equals ``z`` in value);
+            or a sequence of increasing steps in 1 .. ``max_iter``. The state of step ``s`` is,
+            per sample, what a solve with ``max_iter=s`` returns: the lowest-residual iterate up
+            to step ``s``, so a sample frozen earlier contributes the iterate it froze with (a
+            step after the loop ended, all samples frozen, repeats ``z``). Returned as
+            ``solution.correction_states``, each with ``z``'s structure and the ``upg`` (phantom)
+            gradient from the detached state (``correction_grad_options``), whatever ``grad``
+            is; none when ``grad`` is None. Memory: ``k`` states, whatever ``max_iter`` is.
         grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
             (exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``, ``"gdeq"``
             (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None`` returns ``z``
@@ -99,6 +113,10 @@ def solve(
         grad_options: the gradient mode's options, for example ``{"k": 5, "lam": 0.5}`` for
             ``npg``, or ``{"solver": "broyden", "tol": 1e-8}`` for ``implicit``. Unknown names are a
             ``TypeError`` listing the valid ones.
+        correction_grad_options: the options of the correction states' ``upg`` gradient: ``k``
+            damped steps ``z <- z + lam (f(z) - z)`` from each detached state (default
+            ``{"k": 5, "lam": 0.5}``; ``{"k": 1, "lam": 1.0}`` is TorchDEQ's default). Unknown names
+            are a ``TypeError``.
         **options: the solver's own options (``memory``, ``beta``, ``lam``, ``damping``,
             ``line_search`` ...). Unknown names are a ``TypeError`` listing the valid ones.
 
@@ -114,8 +132,9 @@ def solve(
         COMMON_OPTIONS,
         {"tol": tol, "max_iter": max_iter, "stop_mode": stop_mode, "divergence": divergence,
          "batched": batched, "throw": throw, "trace": trace, "check_every": check_every,
-         "compile": compile},
+         "compile": compile, "correction_states": correction_states},
     )
+    record = correction_steps(common["correction_states"], common["max_iter"])
     be = resolve_backend(reg, backend, "deqcore.solve", {"z0": z0, "x": x})
     loop_be = be
     if common["compile"] is not False:
@@ -131,6 +150,9 @@ def solve(
                             "autodiff, so no gradient mode applies (grad='auto' is None there)")
     check_gradient_mode(be, grad)
     mode = _gradient_mode(reg, grad, grad_options, bindable.name)
+    if correction_grad_options is not None and not record:
+        raise TypeError("deqcore.solve: correction_grad_options were given but correction_states=0")
+    correcting = correction_mode(reg, correction_grad_options) if record and mode is not None else None
 
     if z0 is None:
         with be.no_grad():
@@ -162,17 +184,22 @@ def solve(
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
                             stop_mode=common["stop_mode"], divergence=common["divergence"],
                             differentiable=unrolled, trace=trace_steps,
-                            check_every=common["check_every"], fz0=fz0)
+                            check_every=common["check_every"], fz0=fz0, record=record)
     xp = be.xp
     report = BackwardReport(mode.name) if mode is not None else None
     z_flat = state.best_z
     if not unrolled:
         z_flat = be.stop_gradient(z_flat)
+
+    def f_flat(zf: Any, x_: Any) -> Any:
+        return structure.flatten(be, f(structure.unflatten(be, zf), x_))
+
+    corrections: tuple[Any, ...] = ()
+    if record:
+        flat = attach_correction(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver_name,
+                                                 BackwardReport("upg"), problem), correcting, state.states)
+        corrections = tuple(structure.unflatten(be, s) for s in flat)
     if mode is not None and not unrolled:
-
-        def f_flat(zf: Any, x_: Any) -> Any:
-            return structure.flatten(be, f(structure.unflatten(be, zf), x_))
-
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver_name, report,
                                              problem))
@@ -192,6 +219,7 @@ def solve(
         abs_trace=None if state.trace is None else state.trace[0],
         rel_trace=None if state.trace is None else state.trace[1],
         solver_state=state.solver,
+        correction_states=corrections,
         solver=solver_name,
         stop_mode=common["stop_mode"],
         tol=float(common["tol"]),

@@ -15,7 +15,8 @@ beyond this repository: names here change with the packages that use them.
 - option resolution: :func:`resolve` (unknown names a ``TypeError``, bad values a ``ValueError``,
   with the validators of :mod:`deqcore.validators`);
 - the solve settings a framework's DEQ module holds, checked when it is built:
-  :func:`check_solve_settings`.
+  :func:`check_solve_settings`;
+- the steps ``deqcore.solve(..., correction_states=k)`` records states at: :func:`correction_steps`.
 """
 
 from ._arrays_io import (
@@ -29,6 +30,7 @@ from ._arrays_io import (
     write_text,
 )
 from ._batched_linalg import UNROLLED_SPD_MAX, spd_solve_unrolled
+from ._correction import correction_steps
 from ._options import resolve
 from ._solve_settings import check_solve_settings
 
@@ -36,6 +38,7 @@ __all__ = [
     "UNROLLED_SPD_MAX",
     "WriteError",
     "check_solve_settings",
+    "correction_steps",
     "dumps_json",
     "json_safe",
     "load_arrays",

@@ -101,6 +101,9 @@ def solve_per_shard(
     if options.get("batched", True) is not True:
         raise ValueError("deqcore_jax.solve_per_shard splits the batch axis over the mesh; "
                          "batched=False has no batch to split (use deqcore.solve)")
+    if options.get("correction_states", 0):
+        raise ValueError("deqcore_jax.solve_per_shard does not return correction states; solve with "
+                         "correction_states=0 or with deqcore.solve")
     options = {**options, "backend": "jax"}
     shards = math.prod(mesh.shape[a] for a in names)
     sizes = {int(jnp.shape(a)[0]) if jnp.ndim(a) else None for a in jax.tree.leaves((x, z0))}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import deqcore
+from deqcore.internal import correction_steps
 
 _COLLECTORS: list[list[deqcore.BackwardReport]] = []
 _SOLVES: list[list[deqcore.Solution]] = []
@@ -56,7 +57,10 @@ class DEQSettings:
     differentiates with ``grad``. ``solver_options`` and ``grad_options`` go to
     :func:`deqcore.solve` (unknown names are errors there). ``jac_weight`` multiplies the Jacobian
     penalty (:func:`deqcore.jacobian_penalty`) in the training loss of a step that is given a
-    Hutchinson probe.
+    Hutchinson probe. ``correction_states`` = k > 1 (solves only) asks the solve for the states
+    after the first k - 1 of the k steps :func:`deqcore.internal.correction_steps` spaces over
+    ``max_iter``, for a loss on them besides the one on ``z*`` (the k-th state): fixed-point
+    correction; 0 and 1 train on ``z*`` alone.
     """
 
     solver: str = "broyden"
@@ -68,24 +72,40 @@ class DEQSettings:
     grad_options: Mapping[str, Any] = field(default_factory=dict)
     unrolled: int = 0
     jac_weight: float = 0.0
+    correction_states: int = 0
 
     def __post_init__(self) -> None:
         if self.unrolled < 0:
             raise ValueError(f"unrolled must be >= 0, got {self.unrolled}")
         if not self.jac_weight >= 0:
             raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
+        if self.correction_states < 0:
+            raise ValueError(f"correction_states must be >= 0, got {self.correction_states}")
+
+    def correction_steps(self) -> tuple[int, ...]:
+        """The steps whose states the solve returns for a correction loss (empty: none)."""
+        if self.unrolled or self.correction_states < 2:
+            return ()
+        return correction_steps(self.correction_states, self.max_iter)[:-1]
 
 
 @dataclass
 class LayerStats:
     """What one equilibrium-layer evaluation did: f-evaluations, the worst relative residual
     (arrays of the framework; NaN for unrolled runs, which have no residual), the solution
-    (None for unrolled runs) and the Jacobian penalty at the output (None without a probe)."""
+    (None for unrolled runs), the Jacobian penalty at the output (None without a probe) and the
+    model's outputs at the solution's correction states, in step order (set by the model)."""
 
     nfe: Any
     rel_residual: Any
     solution: deqcore.Solution | None
     jac_penalty: Any = None
+    correction_outputs: tuple[Any, ...] = ()
+
+    @property
+    def correction_states(self) -> tuple[Any, ...]:
+        """The solution's correction states (empty for unrolled runs and without correction)."""
+        return () if self.solution is None else tuple(self.solution.correction_states)
 
 
 def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
@@ -103,7 +123,9 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
     else:
         sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
                             max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
-                            grad_options=dict(settings.grad_options), **dict(settings.solver_options))
+                            grad_options=dict(settings.grad_options),
+                            correction_states=settings.correction_steps() or 0,
+                            **dict(settings.solver_options))
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
         if _COLLECTORS and sol.backward is not None:
             _COLLECTORS[-1].append(sol.backward)

@@ -14,6 +14,10 @@ from ._layers import cross_entropy, output_cross_entropy, token_cross_entropy
 #: (docs/models.md, "Training memory").
 DEFAULT_SOFTMAX_CHUNK = 32
 
+#: The weight of the loss on correction state i of k (the k-th is ``z*``) is
+#: ``CORRECTION_GAMMA ** (k - i)``, DEQ-Flow's.
+CORRECTION_GAMMA = 0.8
+
 #: ``apply(ops, params, state, x, *, train, settings, masks, probe) -> (outputs, new_state, LayerStats)``
 Apply = Callable[..., tuple[Any, dict[str, Any], Any]]
 
@@ -33,7 +37,7 @@ class ClassifierTask:
         xp = ops.xp
         logits, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
                                               masks=masks, probe=probe)
-        loss = cross_entropy(xp, logits, y)
+        loss = _corrected(cross_entropy(xp, logits, y), stats, lambda out: cross_entropy(xp, out, y))
         correct = xp.sum(xp.astype(xp.argmax(logits, axis=-1) == xp.argmax(y, axis=-1), xp.int32))
         loss, jac = _regularised(xp, loss, stats, settings)
         return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, logits)
@@ -59,13 +63,28 @@ class LanguageModelTask:
         the target. With ``output`` set, the last aux item is the hidden states, not logits."""
         outputs, new_state, stats = self.apply(ops, params, state, x, train=train, settings=settings,
                                                masks=masks, probe=probe)
-        if self.output is None:
-            total, correct = token_cross_entropy(ops.xp, outputs, y, ops.stop_gradient)
-        else:
-            weight, bias = (params[name] for name in self.output)
-            total, correct = output_cross_entropy(ops, outputs, weight, bias, y, self.chunk)
-        loss, jac = _regularised(ops.xp, total / (y.shape[0] * y.shape[1]), stats, settings)
+
+        def mean_loss(out: Any) -> tuple[Any, Any]:
+            if self.output is None:
+                total, correct = token_cross_entropy(ops.xp, out, y, ops.stop_gradient)
+            else:
+                weight, bias = (params[name] for name in self.output)
+                total, correct = output_cross_entropy(ops, out, weight, bias, y, self.chunk)
+            return total / (y.shape[0] * y.shape[1]), correct
+
+        loss, correct = mean_loss(outputs)
+        loss = _corrected(loss, stats, lambda out: mean_loss(out)[0])
+        loss, jac = _regularised(ops.xp, loss, stats, settings)
         return loss, (new_state, correct, stats.nfe, stats.rel_residual, jac, outputs)
+
+
+def _corrected(loss: Any, stats: Any, loss_of: Callable[[Any], Any]) -> Any:
+    """``loss`` (on ``z*``, the k-th state) plus ``CORRECTION_GAMMA ** (k - i)`` times the loss of
+    the i-th of the k - 1 correction outputs of ``stats``: DEQ-Flow's fixed-point correction."""
+    k = len(stats.correction_outputs) + 1
+    for i, out in enumerate(stats.correction_outputs, start=1):
+        loss = loss + CORRECTION_GAMMA ** (k - i) * loss_of(out)
+    return loss
 
 
 def _regularised(xp: Any, loss: Any, stats: Any, settings: DEQSettings) -> tuple[Any, Any]:

@@ -245,6 +245,8 @@ def mdeq_apply(ops: Any, cfg: MDEQConfig, params: dict[str, Any], state: dict[st
     f = _layer(ops, cfg, params, masks)
     z0 = tuple(ops.xp.zeros(s, dtype=inj.dtype) for s in equilibrium_shapes(cfg, x.shape))
     z, stats = run_layer(ops.name, f, inj, z0, settings, ops.xp, probe)
+    # before z's: the head's BatchNorm running statistics are those of the last call
+    stats.correction_outputs = tuple(_head(ops, cfg, params, norm, s) for s in stats.correction_states)
     logits = _head(ops, cfg, params, norm, z)
     return logits, new_state, stats
 

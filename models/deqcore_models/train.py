@@ -184,6 +184,7 @@ class TrainConfig:
     grad: str = _setting("implicit")
     grad_options: dict[str, Any] = _setting(check=_options_dict, kind=_DICT, factory=dict,
                                             flag="--grad-option")
+    correction_states: int = _setting(0, nonnegative_int, _INT, "0 (or 1) trains on the fixed point alone")
     pretrain_steps: int = _setting(0, nonnegative_int, _INT)
     unrolled_layers: int = _setting(6, positive_int, _INT)
     jac_weight: float = _setting(0.0, _float32(nonnegative_float), _FLOAT, "0 turns the penalty off")
@@ -281,6 +282,9 @@ class TrainConfig:
         _resolve("solver_options", "deqcore.solve", deqcore.COMMON_OPTIONS,
                  {**common, "tol": self.tol, "max_iter": self.max_iter})
         self._check_grad("grad", self.grad, "grad_options", self.grad_options_used())
+        if self.correction_states > self.max_iter:
+            raise ConfigError("correction_states", f"must be <= --max-iter {self.max_iter} (one state per "
+                                                   f"step at most), got {self.correction_states}")
         if self.cosine_every:
             self._check_grad("cosine_every", "implicit", "cosine_reference", dict(self.cosine_reference))
 
@@ -308,7 +312,8 @@ class TrainConfig:
     def deq_settings(self) -> DEQSettings:
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
                            solver_options=dict(self.solver_options), grad=self.grad,
-                           grad_options=self.grad_options_used(), jac_weight=self.jac_weight)
+                           grad_options=self.grad_options_used(), jac_weight=self.jac_weight,
+                           correction_states=self.correction_states)
 
     def pretrain_settings(self) -> DEQSettings:
         return DEQSettings(unrolled=self.unrolled_layers, jac_weight=self.jac_weight)
@@ -325,7 +330,8 @@ class TrainConfig:
 
 
 #: Solve settings with flags of their own, so not accepted in ``solver_options``.
-_FLAGGED_SOLVE = {"tol", "max_iter", "stop_mode", "batched", "backend", "solver", "grad", "grad_options"}
+_FLAGGED_SOLVE = {"tol", "max_iter", "stop_mode", "batched", "backend", "solver", "grad", "grad_options",
+                  "correction_states"}
 #: Settings that define the model a checkpoint holds (with its ``model_config``).
 MODEL_SETTINGS = ("model", "config", "dataset")
 #: Settings ``--resume`` may change: the stopping point, where it runs and reads, and how often

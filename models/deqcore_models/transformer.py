@@ -237,6 +237,7 @@ def transformer_apply(ops: Any, cfg: TransformerConfig, params: dict[str, Any], 
     z0 = xp.zeros((b, L, cfg.d_model), dtype=u.dtype)
     z, stats = run_layer(ops.name, f, u, z0, settings, xp, probe)
     out = _logits(xp, params, z) if logits else z
+    stats.correction_outputs = tuple(_logits(xp, params, s) if logits else s for s in stats.correction_states)
     new_state = dict(state)
     if cfg.mem_len:
         stop = ops.stop_gradient

@@ -72,6 +72,11 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
     s.add_argument("--grad-option", action="append", metavar="KEY=VALUE",
                    help="a gradient-mode option, repeatable (e.g. k=5, lam=0.5 for npg; max_iter=20 for "
                         "implicit)")
+    s.add_argument("--correction-states", type=int, metavar="K",
+                   help="fixed-point correction (DEQ-Flow): add to the loss on z* the losses on K - 1 "
+                        "earlier states of the solve, evenly spaced over --max-iter and weighted "
+                        "0.8^(K - i), each with a phantom gradient (default "
+                        f"{d('correction_states')}: off; 1 is the same)")
     s.add_argument("--pretrain-steps", type=int,
                    help="first N steps run the layer unrolled (weight-tied) with ordinary backprop "
                         f"(default {d('pretrain_steps')})")
