@@ -49,17 +49,15 @@ def _tensor(a):
     return torch.from_numpy(np.array(a, dtype=np.float64))
 
 
-def _run(deq, layer, x, z0, weights, settings=None):
+def _run(deq, layer, x, z0, weights, settings=None, outputs=lambda solution: solution.z):
     """(z, gradients of a fixed linear loss of z with respect to x and the layer's weights) by
-    the module (``settings`` None) or by deqcore.solve with ``settings``."""
+    the module (``settings`` None) or by deqcore.solve with ``settings``; ``outputs`` picks
+    another differentiable part of the solution than z."""
     import torch
 
     x = x.detach().clone().requires_grad_(True)
-    if settings is None:
-        z, solution = deq(x, z0)
-    else:
-        solution = deqcore.solve(layer, x, z0, **settings)
-        z = solution.z
+    solution = deq(x, z0)[1] if settings is None else deqcore.solve(layer, x, z0, **settings)
+    z = outputs(solution)
     parts = z if isinstance(z, tuple) else (z,)
     loss = sum((p * w).sum() for p, w in zip(parts, weights, strict=True))
     grads = torch.autograd.grad(loss, [x, *layer.parameters()])
@@ -83,6 +81,30 @@ def test_forward_and_gradients_equal_the_functional_solve(nets, settings, tuple_
     for a, b in zip(z_mod + g_mod, z_ref + g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     assert all(np.abs(g).max() > 1e-3 for g in g_mod)  # the gradients reach x and every weight
+
+
+def test_correction_states_pass_through_with_the_functional_solves_gradients(nets):
+    """``correction_states`` is no setting of the module: it reaches the solve unchanged, and
+    each state carries the functional solve's phantom gradient."""
+    import deqcore_torch
+
+    layer = nets.TanhLayer(False)
+    settings = dict(solver="anderson", tol=1e-12, max_iter=10, correction_states=2,
+                    correction_grad_options={"k": 3, "lam": 0.7})
+    deq = deqcore_torch.DEQ(layer, **settings)
+    rng = np.random.default_rng(4)
+    x = _tensor(rng.standard_normal((4, nets.D)))
+    z0 = nets.zeros_state(x, False)
+    weights = [_tensor(rng.standard_normal(z0.shape)) for _ in range(2)]
+    def states(solution):
+        return solution.correction_states
+
+    states_mod, g_mod, _ = _run(deq, layer, x, z0, weights, outputs=states)
+    states_ref, g_ref, _ = _run(None, layer, x, z0, weights, settings, outputs=states)
+    assert len(states_mod) == 2 and np.abs(states_mod[0] - states_mod[1]).max() > 1e-6  # steps 5 and 10
+    for a, b in zip(states_mod + g_mod, states_ref + g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert all(np.abs(g).max() > 1e-3 for g in g_mod)
 
 
 def test_train_and_eval_modes_solve_with_their_own_settings(nets):

@@ -158,8 +158,14 @@ def test_unknown_and_unsupported_arguments_are_errors():
         get_deq(f_max_iters=10)
     with pytest.raises(TypeError, match="solver"):
         get_deq({"f_solver": "anderson"}, solver="anderson")
-    with pytest.raises(ValueError, match="correction states are not available"):
-        get_deq(n_states=2)
+    with pytest.raises(ValueError, match="increasing"):
+        get_deq(indexing=[9, 4])
+    with pytest.raises(ValueError, match="after the second evaluation"):
+        get_deq(n_states=10, f_max_iter=10)  # a state at f evaluation 1
+    with pytest.raises(ValueError, match="end at f_max_iter"):
+        get_deq(indexing=[5, 50], f_max_iter=40)
+    with pytest.raises(ValueError, match="phantom gradient steps"):
+        get_deq(n_states=3, grad=[1, 2, 3])
     with pytest.raises(ValueError, match="not supported"):
         get_deq(sup_gap=2)
     with pytest.raises(ValueError, match="f_solver"):
@@ -178,6 +184,72 @@ def test_unknown_and_unsupported_arguments_are_errors():
         deq(lambda z: 0.5 * z, torch.ones(2, 3), solver_kwargs={"m_size": 3})
     with pytest.raises(ValueError, match="sradius_mode"):
         deq(lambda z: 0.5 * z, torch.ones(2, 3), sradius_mode=True)
+
+
+def _states_and_gradient(model, x, scale):
+    """The returned states and the gradient of a loss on all of them, for the layer's ``mix``
+    scaled to spectral norm ``scale``."""
+    import torch
+
+    with torch.no_grad():
+        model.layer.mix.weight.mul_(scale / torch.linalg.matrix_norm(model.layer.mix.weight, 2))
+    z_out, _ = model.deq(lambda z: model.layer(z, x), torch.zeros_like(x))
+    sum(i * torch.sin(z).sum() for i, z in enumerate(z_out, start=1)).backward()
+    return [z.detach() for z in z_out], model.layer.mix.weight.grad
+
+
+@pytest.mark.parametrize(("core", "ift"), [("indexing", False), ("indexing", True), ("sliced", False)])
+def test_correction_states_equal_torchdeqs_near_the_fixed_point(core, ift):
+    """n_states=3 in f_max_iter=30: the states at f evaluations 10, 20, 30, each with its phantom
+    gradient (the last with ift's, when on). Close to the fixed point the value differences the
+    module warns about vanish."""
+    import torch
+    from deqcore_torch.compat import get_deq
+    from torchdeq import get_deq as torchdeq_get_deq
+
+    x = _input()
+    settings = {"core": core, "ift": ift, "n_states": 3, "f_max_iter": 30, "grad": 2, "tau": 0.8,
+                "b_tol": 1e-12, "b_max_iter": 100}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _states_and_gradient(_model(torchdeq_get_deq, f_tol=0.0, **settings), x, 0.15)  # never stops
+        ours = _states_and_gradient(_model(get_deq, f_tol=1e-300, **settings), x, 0.15)
+    assert len(ours[0]) == len(ref[0]) == 3
+    for a, b in zip(ours[0], ref[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=1e-5)
+
+
+def test_correction_states_far_from_the_fixed_point_are_deqcores_documented_values():
+    """On a slow contraction the states differ from TorchDEQ's as the warning says: deqcore's
+    state for f evaluation s is the iterate of a solve with max_iter = s - 1; TorchDEQ's is
+    ``grad`` damped steps (``tau``) from f of it."""
+    import torch
+    from deqcore_torch import compat
+    from torchdeq import get_deq as torchdeq_get_deq
+
+    import deqcore
+
+    x = _input()
+    settings = {"core": "indexing", "indexing": [5, 12], "f_max_iter": 20, "grad": 2, "tau": 0.8}
+    compat._warned.clear()
+    with pytest.warns(compat.TorchDEQCompatWarning, match="step s - 1"):
+        ours_model = _model(compat.get_deq, f_tol=1e-300, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _ = _states_and_gradient(_model(torchdeq_get_deq, f_tol=0.0, **settings), x, 0.95)
+    ours, _ = _states_and_gradient(ours_model, x, 0.95)
+    layer = ours_model.layer
+    with torch.no_grad():
+        for s, z, z_ref in zip((5, 12, 20), ours, ref, strict=True):
+            alone = deqcore.solve(lambda z, _: layer(z, x), None, torch.zeros_like(x), backend="torch",
+                                  solver="fixed_point", tol=1e-300, max_iter=s - 1, grad=None)
+            torch.testing.assert_close(z, alone.z, rtol=0, atol=1e-12)
+            step = layer(z, x)
+            for _ in range(2):
+                step = step + 0.8 * (layer(step, x) - step)
+            torch.testing.assert_close(z_ref, step, rtol=0, atol=1e-12)
+            assert (z - z_ref).abs().max() > 1e-6  # the difference the test is about
 
 
 def test_differences_warn_once():

@@ -41,6 +41,12 @@ def _steps(v: Any) -> str | None:
     return None if ok or seq else "an int >= 1 or a list of them"
 
 
+def _increasing_steps(v: Any) -> str | None:
+    good = isinstance(v, (list, tuple)) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 2
+                                                for k in v) and list(v) == sorted(set(v))
+    return None if v is None or good else "None or an increasing list of ints >= 2"
+
+
 def _int_list(v: Any) -> str | None:
     good = v is None or (isinstance(v, (list, tuple)) and all(isinstance(k, int) for k in v))
     return None if good else "None or a list of ints"
@@ -62,7 +68,7 @@ _SOLVERS = {"anderson": "anderson", "broyden": "broyden", "fixed_point_iter": "f
             "simple_fixed_point_iter": "fixed_point"}
 
 ARGUMENTS: Mapping[str, Option[Any]] = {
-    "core": Option("sliced", "'sliced' or 'indexing' (the same graph for one state)",
+    "core": Option("sliced", "'sliced' or 'indexing' (the states of one solve either way)",
                    one_of("sliced", "indexing")),
     "f_solver": Option("fixed_point_iter", "forward solver", _solver_name),
     "b_solver": Option("fixed_point_iter", "backward solver of ift", _solver_name),
@@ -86,10 +92,11 @@ ARGUMENTS: Mapping[str, Option[Any]] = {
                       "supported)"),
     "sup_loc": Option(None, "phantom gradient steps to return", lambda v: None if not v else
                       "None or [] (returning phantom gradient steps is not supported)"),
-    "n_states": Option(1, "trajectory states returned for fixed-point correction", lambda v: None if v == 1
-                       else "1 (fixed-point correction states are not available yet)"),
-    "indexing": Option(None, "solver steps returned for fixed-point correction", lambda v: None if not v
-                       else "None or [] (fixed-point correction states are not available yet)"),
+    "n_states": Option(1, "evenly spaced trajectory states returned for fixed-point correction",
+                       lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                       else "an int >= 1"),
+    "indexing": Option(None, "solver steps (f evaluations) of the states returned for fixed-point "
+                       "correction", _increasing_steps),
     "norm_type": _ignored("read by apply_norm"),
     "norm_no_scale": _ignored("read by apply_norm"),
     "norm_clip": _ignored("read by apply_norm"),
@@ -127,6 +134,14 @@ _DIFFERENCES = {
               "lowest-residual iterate; TorchDEQ's runs all f_max_iter steps and returns the last",
     "return_final": "return_final: deqcore returns each sample's lowest-residual iterate, never the last "
                     "one; the option is ignored",
+    "states": "n_states/indexing: TorchDEQ's state at f evaluation s is f of the lowest-residual iterate "
+              "among its first s evaluations; deqcore returns that iterate itself (solver step s - 1), "
+              "which differs from it by its residual, with the phantom gradient taken from there. A state "
+              "after the solve stopped (tol reached) is the final z on deqcore; TorchDEQ leaves it out "
+              "and returns a shorter list",
+    "sliced": "core='sliced': TorchDEQ restarts the solver at each returned state from its phantom "
+              "gradient output (f_max_iter + n_states * grad evaluations in all); deqcore records the "
+              "states of one uninterrupted solve, as core='indexing' does",
     "lam": "lam: deqcore's Anderson regularisation is relative to the mean squared residual; "
            "TorchDEQ's is absolute",
 }
@@ -164,10 +179,20 @@ class _TorchDEQStyleDEQ(nn.Module):
         self.solver = _SOLVERS[c["f_solver"]]
         self.f_max_iter = c["f_max_iter"]
         self.eval_f_max_iter = c["eval_f_max_iter"] or int(c["f_max_iter"] * c["eval_factor"])
-        steps = c["grad"] if isinstance(c["grad"], int) else c["grad"][0]
-        if isinstance(c["grad"], (list, tuple)) and len(set(c["grad"])) > 1:
-            raise ValueError("get_deq: several grad values apply to several correction states "
-                             "(n_states > 1), which are not available yet; give one value")
+        grads = [c["grad"]] if isinstance(c["grad"], int) else list(c["grad"])
+        n_out = len(self._torchdeq_steps(self.f_max_iter))
+        if len(grads) not in (1, n_out):
+            raise ValueError(f"get_deq: grad gives {len(grads)} values for {n_out} returned states; give one "
+                             f"value or one per state")
+        if len(set(grads[:-1])) > 1:
+            raise ValueError(f"get_deq: grad={grads} gives the states before the last different phantom "
+                             f"gradient steps; deqcore gives them one (the last state's may differ)")
+        steps = grads[-1]
+        self.correction_grad_options = {"k": grads[0], "lam": c["tau"]}
+        if n_out > 1:
+            _warn_once("states")
+            if c["core"] == "sliced":
+                _warn_once("sliced")
         if c["ift"] or c["hook_ift"]:
             self.grad, self.grad_options = "implicit", {
                 "solver": _SOLVERS[c["b_solver"]], "tol": c["b_tol"], "max_iter": c["b_max_iter"],
@@ -183,16 +208,34 @@ class _TorchDEQStyleDEQ(nn.Module):
         _warn_once("stop")
         self.last_solution: deqcore.Solution | None = None
 
+    def _torchdeq_steps(self, f_max_iter: int) -> list[int]:
+        """TorchDEQ's steps (f evaluations) of the returned states for ``f_max_iter``, the last
+        being ``f_max_iter``: ``n_states`` evenly spaced ones ending there, else ``indexing``."""
+        n_states, indexing = min(self.config["n_states"], f_max_iter), self.config["indexing"] or []
+        if n_states > 1:
+            steps = [f_max_iter - (n_states - i) * (f_max_iter // n_states) for i in range(1, n_states + 1)]
+        else:
+            steps = [*indexing, f_max_iter]
+        if steps[0] < 2 or steps != sorted(set(steps)):
+            raise ValueError(f"get_deq: the states at f evaluations {steps} (n_states="
+                             f"{self.config['n_states']}, indexing={indexing}, f_max_iter={f_max_iter}) "
+                             f"must increase, end at f_max_iter and start after the second evaluation at "
+                             f"the earliest: deqcore's first state follows one solver step")
+        return steps
+
     def forward(self, func: Callable[..., Any], z_init: Any, solver_kwargs: Mapping[str, Any] | None = None,
                 sradius_mode: bool = False, backward_writer: Callable[..., Any] | None = None,
                 **kwargs: Any) -> tuple[list[Any], dict[str, torch.Tensor]]:
         """Solve ``z* = func(z*)`` from ``z_init`` (a tensor, or a list of tensors that ``func``
         takes as separate arguments and returns as a list).
 
-        Returns ``([z], info)``: ``z`` with the gradient of the configured mode (none in eval
-        mode), with ``z_init``'s structure, and TorchDEQ's ``info`` keys: ``abs_lowest``,
-        ``rel_lowest`` (B,) at the returned ``z``, ``abs_trace``, ``rel_trace`` (B, steps + 1;
-        column 0: ``z_init``), ``nstep`` (B,) the steps each sample ran, and ``sradius``, -1
+        Returns ``(z_out, info)``: ``z_out`` is ``[z]`` in eval mode (no gradient); in training
+        mode the states at the configured f evaluations (``n_states`` / ``indexing``, each with
+        the phantom gradient) followed by ``z`` (the configured gradient), as many and in the
+        order TorchDEQ returns (a state after the solve stopped repeats ``z``); each with
+        ``z_init``'s structure. ``info`` has TorchDEQ's keys:
+        ``abs_lowest``, ``rel_lowest`` (B,) at the returned ``z``, ``abs_trace``, ``rel_trace``
+        (B, steps + 1; column 0: ``z_init``), ``nstep`` (B,) the steps each sample ran, ``sradius`` -1
         (not computed). The whole :class:`deqcore.Solution` is ``self.last_solution``.
         """
         if kwargs:
@@ -232,12 +275,18 @@ class _TorchDEQStyleDEQ(nn.Module):
         c = self.config
         # TorchDEQ's f_max_iter counts every evaluation of f; deqcore's max_iter counts the steps
         # after the first evaluation, f(z0)
+        if self.training:  # TorchDEQ's state at f evaluation s is deqcore's at step s - 1
+            correction = [s - 1 for s in self._torchdeq_steps(int(max_iter))[:-1]]
+            if correction:
+                solver_options.update(correction_states=correction,
+                                      correction_grad_options=self.correction_grad_options)
         solution = deqcore.solve(
             f, None, z0, backend="torch", solver=self.solver, tol=c["f_tol"], stop_mode=c["f_stop_mode"],
             max_iter=int(max_iter) - 1, grad=self.grad if self.training else None,
             grad_options=self.grad_options if self.training else None, **solver_options)
         self.last_solution = solution
-        z = list(solution.z) if isinstance(z_init, (list, tuple)) else solution.z
+        as_given = list if isinstance(z_init, (list, tuple)) else lambda z: z
+        z_out = [as_given(z) for z in (*solution.correction_states, solution.z)]
         info = {
             "abs_lowest": solution.abs_residual,
             "rel_lowest": solution.rel_residual,
@@ -246,7 +295,7 @@ class _TorchDEQStyleDEQ(nn.Module):
             "nstep": solution.iterations.to(solution.abs_residual.dtype),
             "sradius": torch.full((1,), -1.0, device=solution.abs_residual.device),
         }
-        return [z], info
+        return z_out, info
 
 
 def get_deq(args: Any = None, **kwargs: Any) -> nn.Module:
@@ -259,11 +308,14 @@ def get_deq(args: Any = None, **kwargs: Any) -> nn.Module:
 
     Returns:
         An ``nn.Module`` called as ``z_out, info = deq(func, z_init, solver_kwargs=None)`` with
-        ``func(z)`` the layer (the input injection closed over). ``z_out`` is a list holding the
-        fixed point, differentiable with the configured gradient in training mode: ``ift=True``
+        ``func(z)`` the layer (the input injection closed over). ``z_out`` is a list ending with
+        the fixed point, differentiable with the configured gradient in training mode: ``ift=True``
         (or ``hook_ift``) is deqcore's ``implicit`` mode with ``b_solver``, ``b_tol``,
         ``b_max_iter``, ``b_stop_mode``; otherwise ``grad=k`` with ``tau`` is ``upg`` (k damped
-        steps from z*). In eval mode ``z_out`` has no gradient and the solve runs up to
+        steps from z*). In training mode ``n_states > 1`` or ``indexing`` put before it the
+        states at those f evaluations: TorchDEQ's evaluation ``s`` is deqcore's solver step
+        ``s - 1`` (``correction_states``), each state with ``upg``'s gradient (``grad``'s value for
+        it, ``tau``). In eval mode ``z_out`` has no gradient and the solve runs up to
         ``eval_f_max_iter`` (or ``f_max_iter * eval_factor``) evaluations of ``func``.
         ``solver_kwargs`` per call: ``f_max_iter``, ``return_final`` and the solver's own
         options (Anderson ``m``, ``lam``, ``tau``; Broyden ``LBFGS_thres``, ``ls``; fixed-point
@@ -274,8 +326,9 @@ def get_deq(args: Any = None, **kwargs: Any) -> nn.Module:
             another type. Keep only these names from a larger namespace with
             ``{k: v for k, v in vars(args).items() if k in ARGUMENTS}``.
         ValueError: a bad value, or an argument whose TorchDEQ behaviour is not available:
-            ``n_states > 1`` or ``indexing`` (fixed-point correction states), ``sup_gap`` or
-            ``sup_loc`` (phantom gradient steps returned as extra states).
+            ``sup_gap`` or ``sup_loc`` (phantom gradient steps returned as extra states), a
+            state at the first f evaluation, or different ``grad`` values for the states
+            before the last.
     """
     config = resolve("get_deq", ARGUMENTS, _config(args, kwargs, "get_deq"))
     return _TorchDEQStyleDEQ(config)
