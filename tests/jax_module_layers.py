@@ -45,14 +45,14 @@ def build(framework: str, fn, params: dict[str, np.ndarray], **settings):
     return DEQ(FlaxLayer(fn, arrays), **settings)
 
 
-def value_and_grads(framework: str, model, loss, x, z0=None, jit: bool = True):
-    """``loss(z*)`` and its gradients (the layer's weights by name, and ``x``) through the module,
-    under the framework's jit and gradient transforms."""
+def value_and_grads(framework: str, model, loss, x, z0=None, jit: bool = True, of=lambda out: out[0]):
+    """``loss(z*)`` (``loss(of((z*, solution)))``) and its gradients (the layer's weights by name,
+    and ``x``) through the module, under the framework's jit and gradient transforms."""
     if framework == "equinox":
-        run = eqx.filter_value_and_grad(lambda mx: loss(mx[0](mx[1], z0)[0]))
+        run = eqx.filter_value_and_grad(lambda mx: loss(of(mx[0](mx[1], z0))))
         value, (gm, gx) = (eqx.filter_jit(run) if jit else run)((model, x))
         return value, dict(gm.layer.params), gx
-    run = nnx.value_and_grad(lambda m, x: loss(m(x, z0)[0]), argnums=(0, 1))
+    run = nnx.value_and_grad(lambda m, x: loss(of(m(x, z0))), argnums=(0, 1))
     value, (gm, gx) = (nnx.jit(run) if jit else run)(model, x)
     layer = nnx.to_pure_dict(gm)["layer"]
     return value, {n: layer[n] for n in model.layer.names}, gx

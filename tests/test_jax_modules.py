@@ -46,24 +46,22 @@ CASES = [  # (framework, problem, gradient mode, its options)
 ]
 
 
-@pytest.mark.parametrize(("framework", "problem", "grad", "grad_options"), CASES,
-                         ids=[f"{fw}-{p.__name__.strip('_')}-{g}" for fw, p, g, _ in CASES])
-def test_module_equals_functional_solve(framework, problem, grad, grad_options):
+def _assert_module_equals_functional_solve(framework, problem, settings, of=lambda solution: solution.z):
+    """``_loss(of(solution))`` and its gradients (weights, ``x``) through the module equal the
+    functional solve's with the same ``settings``, under jit."""
     import jax
     import jax.numpy as jnp
     from jax_module_layers import build, value_and_grads
 
     fn, params, x_np, z0 = problem(seed=5)
     z0 = None if z0 is None else tuple(jnp.asarray(z) for z in z0)
-    settings = dict(SOLVE, grad=grad, grad_options=grad_options)
     model = build(framework, fn, params, **settings)
-    loss = _loss
     x = jnp.asarray(x_np)
-    value, grads, gx = value_and_grads(framework, model, loss, x, z0)
+    value, grads, gx = value_and_grads(framework, model, _loss, x, z0, of=lambda out: of(out[1]))
 
     def reference(p, x):
         f = lambda z, x_: fn(jnp.tanh, p, z, x_)  # noqa: E731
-        return loss(deqcore.solve(f, x, z0, **settings).z)
+        return _loss(of(deqcore.solve(f, x, z0, **settings)))
 
     ref_value, (ref_grads, ref_gx) = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(
         {k: jnp.asarray(v) for k, v in params.items()}, x)
@@ -72,6 +70,21 @@ def test_module_equals_functional_solve(framework, problem, grad, grad_options):
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-12, atol=1e-13, err_msg=name)
     np.testing.assert_allclose(gx, ref_gx, rtol=1e-12, atol=1e-13)
     assert float(jnp.max(jnp.abs(ref_gx))) > 0.1  # a gradient that is really there
+
+
+@pytest.mark.parametrize(("framework", "problem", "grad", "grad_options"), CASES,
+                         ids=[f"{fw}-{p.__name__.strip('_')}-{g}" for fw, p, g, _ in CASES])
+def test_module_equals_functional_solve(framework, problem, grad, grad_options):
+    settings = dict(SOLVE, grad=grad, grad_options=grad_options)
+    _assert_module_equals_functional_solve(framework, problem, settings)
+
+
+def test_equinox_correction_states_pass_through_with_the_functional_solves_gradients():
+    """``correction_states`` reaches the solve unchanged: the states and the gradients of a loss
+    on them equal the functional solve's."""
+    settings = dict(SOLVE, max_iter=10, correction_states=2, correction_grad_options={"k": 3, "lam": 0.7})
+    _assert_module_equals_functional_solve("equinox", _tanh_problem, settings,
+                                           of=lambda solution: solution.correction_states)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
