@@ -250,6 +250,15 @@ def test_correction_states_far_from_the_fixed_point_are_deqcores_documented_valu
                 step = step + 0.8 * (layer(step, x) - step)
             torch.testing.assert_close(z_ref, step, rtol=0, atol=1e-12)
             assert (z - z_ref).abs().max() > 1e-6  # the difference the test is about
+    with pytest.warns(compat.TorchDEQCompatWarning, match="restarts"):
+        evenly = _model(compat.get_deq, f_tol=1e-300, n_states=3, f_max_iter=30)
+    # a call's own f_max_iter moves the states, as in TorchDEQ: evaluations 4, 8, 12
+    z_out, _ = evenly.deq(lambda z: evenly.layer(z, x), torch.zeros_like(x), solver_kwargs={"f_max_iter": 12})
+    assert len(z_out) == 3 and len(evenly.deq.last_solution.correction_states) == 2
+    with torch.no_grad():
+        alone = deqcore.solve(lambda z, _: evenly.layer(z, x), None, torch.zeros_like(x), backend="torch",
+                              solver="fixed_point", tol=1e-300, max_iter=3, grad=None)
+    torch.testing.assert_close(z_out[0].detach(), alone.z, rtol=0, atol=1e-12)
 
 
 def test_differences_warn_once():
