@@ -38,7 +38,8 @@ COMMON_OPTIONS: dict[str, opt.Option[Any]] = {
 #: The parameters of ``deqcore.solve`` besides ``**options``: a solver option of one of these
 #: names could never reach the solver (the registry rejects it). A test keeps it equal to the
 #: signature.
-SOLVE_PARAMETERS = ("f", "x", "z0", "backend", "solver", *COMMON_OPTIONS, "grad", "grad_options")
+SOLVE_PARAMETERS = ("f", "x", "z0", "backend", "solver", *COMMON_OPTIONS, "grad", "grad_options",
+                   "f_dtype")
 
 
 def default(name: str) -> Any:

@@ -47,6 +47,10 @@ def worst_backward_residual(reports: list[deqcore.BackwardReport]) -> float:
     return max(values) if values else float("nan")
 
 
+#: The precisions a model can compute in (``DEQSettings.precision``).
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class DEQSettings:
     """Forward solver, gradient mode and pre-training switch of an equilibrium layer.
@@ -56,7 +60,10 @@ class DEQSettings:
     differentiates with ``grad``. ``solver_options`` and ``grad_options`` go to
     :func:`deqcore.solve` (unknown names are errors there). ``jac_weight`` multiplies the Jacobian
     penalty (:func:`deqcore.jacobian_penalty`) in the training loss of a step that is given a
-    Hutchinson probe.
+    Hutchinson probe. ``precision``: ``"float32"``, or a half dtype (``"bfloat16"``,
+    ``"float16"``) the engine runs the model's convolutions and matrix products in
+    (:meth:`deqcore_models._ops.Ops.precision`) while the equilibrium state stays float32: the
+    solve gets ``f_dtype`` (:func:`deqcore.solve`).
     """
 
     solver: str = "broyden"
@@ -68,8 +75,11 @@ class DEQSettings:
     grad_options: Mapping[str, Any] = field(default_factory=dict)
     unrolled: int = 0
     jac_weight: float = 0.0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.unrolled < 0:
             raise ValueError(f"unrolled must be >= 0, got {self.unrolled}")
         if not self.jac_weight >= 0:
@@ -101,9 +111,15 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
             z = f(z, inj)
         stats = LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
     else:
+        mixed: dict[str, Any] = {}
+        if settings.precision != "float32":  # the state stays float32, f runs in the half dtype
+            multi = isinstance(z0, (tuple, list))
+            z0 = tuple(xp.astype(a, xp.float32) for a in z0) if multi else xp.astype(z0, xp.float32)
+            mixed["f_dtype"] = getattr(xp, settings.precision)
         sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
                             max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
-                            grad_options=dict(settings.grad_options), **dict(settings.solver_options))
+                            grad_options=dict(settings.grad_options), **mixed,
+                            **dict(settings.solver_options))
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
         if _COLLECTORS and sol.backward is not None:
             _COLLECTORS[-1].append(sol.backward)
