@@ -47,7 +47,8 @@ def solve(
 
     Args:
         f: the layer, called as ``f(z, x)``. ``z`` is an array or a tuple of arrays (several
-            resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device.
+            resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device
+            (with ``f_dtype``: that dtype or the state's).
         x: the input injection, passed to ``f`` unchanged (an array, a tuple of arrays, or None).
         z0: the initial state; default zeros with the structure of ``x`` (an error ``f`` raises
             on that default carries a note saying so, with the shape it had). Any floating dtype:

@@ -209,6 +209,17 @@ def _assert_step_close(run32, run16, rounded) -> None:
 
 
 @pytest.mark.backend("jax")
+def test_jax_float16_on_the_cpu_is_refused():
+    from deqcore_models._ops import ops_for
+    from deqcore_models.train import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="float16 needs a GPU and JAX runs on the CPU"):
+        TrainConfig(backend="jax", precision="float16")
+    with pytest.raises(ValueError, match="'float16' needs a GPU"):
+        ops_for("jax").precision("float16").__enter__()
+
+
+@pytest.mark.backend("jax")
 def test_jax_mdeq_bfloat16_step_matches_float32_step():
     """The torch test's DEQ step on the JAX engine, on a one-branch MDEQ (compiling the two-branch
     model twice would take a minute): gradients by :meth:`JaxEngine.gradients`, the step's signs

@@ -252,6 +252,8 @@ class TrainConfig:
         if self.precision == "float16" and self.backend == "torch":
             raise ConfigError("precision", "float16 needs a GPU and the torch trainer runs on the CPU: "
                                            "use bfloat16")
+        if self.precision == "float16" and self.backend == "jax" and _jax_platform() == "cpu":
+            raise ConfigError("precision", "float16 needs a GPU and JAX runs on the CPU here: use bfloat16")
         if self.precision != "float32" and self.backend == "jax" and self.model != "mdeq":
             raise ConfigError("precision", f"{self.precision} on JAX is for model mdeq (its convolutions); "
                                            f"train the {self.model} in {self.precision} with --backend torch")
@@ -347,6 +349,12 @@ MODEL_SETTINGS = ("model", "config", "dataset")
 #: Settings ``--resume`` may change: the stopping point, where it runs and reads, and how often
 #: it saves; every other setting must equal the checkpoint's.
 RESUME_FREE = ("epochs", "max_steps", "backend", "devices", "checkpoint_every", "data", "out")
+
+
+def _jax_platform() -> str:
+    import jax
+
+    return str(jax.default_backend())
 
 
 def flag_of(setting: str) -> str | None:
