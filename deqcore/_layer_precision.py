@@ -60,6 +60,15 @@ class LayerPrecision:
         cast = [a if a.dtype == self.state_dtype else xp.astype(a, self.state_dtype) for a in leaves(out)]
         return tuple(cast) if isinstance(out, (tuple, list)) else cast[0]
 
+    def evaluate(self, backend: Any, structure: Structure, f: Any, zf: Any, x: Any, ref: Any = None,
+                 defaulted: bool = False) -> Any:
+        """``f`` at the flat state ``zf``, flat and in the state's dtype; with ``ref`` (an array
+        on the state's device) its output is checked first (:meth:`Structure.check_output`)."""
+        out = f(structure.unflatten(backend, self.inward(backend, zf)), x)
+        if ref is not None:
+            structure.check_output(backend, out, ref, defaulted, self.output_dtypes())
+        return structure.flatten(backend, self.outward(backend, out))
+
     def output_dtypes(self) -> tuple[Any, ...]:
         """The dtypes ``f`` may return: the state's, and ``f_dtype`` when given."""
         return (self.state_dtype,) if self.f_dtype is None else (self.state_dtype, self.f_dtype)

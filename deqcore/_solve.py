@@ -157,9 +157,7 @@ def solve(
     solver_name = bindable.name
 
     def fn(zf: Any) -> Any:
-        out = f(structure.unflatten(be, precision.inward(be, zf)), x)
-        structure.check_output(be, out, ref, defaulted, precision.output_dtypes())
-        return structure.flatten(be, precision.outward(be, out))
+        return precision.evaluate(be, structure, f, zf, x, ref, defaulted)
 
     unrolled = mode is not None and mode.unrolled
     with contextlib.nullcontext() if unrolled else be.no_grad():
@@ -184,8 +182,7 @@ def solve(
     if mode is not None and not unrolled:
 
         def f_flat(zf: Any, x_: Any) -> Any:
-            out = f(structure.unflatten(be, precision.inward(be, zf)), x_)
-            return structure.flatten(be, precision.outward(be, out))
+            return precision.evaluate(be, structure, f, zf, x_)
 
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver_name, report,

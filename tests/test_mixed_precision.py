@@ -74,6 +74,15 @@ def test_torch_autocast_solve_state_float32_f_bfloat16_and_gradient():
     assert sol.backward.residual.dtype == np.float32  # the adjoint solve ran in float32
     error = float((w16.grad - w32.grad).norm() / w32.grad.norm())
     assert error <= _bound(lip) and _cosine(w16.grad, w32.grad) >= 1 - _bound(lip) ** 2
+    # the Jacobian penalty at the same point: one VJP of f in bfloat16, summed in float32
+    noise = torch.from_numpy(np.random.default_rng(2).standard_normal((B, N)).astype(np.float32))
+    z = ref.z.detach()
+    exact = deqcore.jacobian_penalty(make_f(w32), z, x, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = deqcore.jacobian_penalty(make_f(w16), z, x, noise, f_dtype=torch.bfloat16)
+    assert mixed.dtype == torch.float32
+    exact, mixed = float(exact.detach()), float(mixed.detach())
+    assert abs(mixed - exact) <= 8 * BF16_EPS * exact  # a square of 4 roundings
 
 
 @pytest.mark.backend("torch")

@@ -105,13 +105,13 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
     ``probe`` (a sequence of noise arrays, one per array of ``z0`` in order, or None) asks for the
     Hutchinson Jacobian penalty at the layer's output (the fixed point, or the last unrolled step)
     in the stats."""
+    mixed: dict[str, Any] = {}
     if settings.unrolled:
         z = z0
         for _ in range(settings.unrolled):
             z = f(z, inj)
         stats = LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
     else:
-        mixed: dict[str, Any] = {}
         if settings.precision != "float32":  # the state stays float32, f runs in the half dtype
             multi = isinstance(z0, (tuple, list))
             z0 = tuple(xp.astype(a, xp.float32) for a in z0) if multi else xp.astype(z0, xp.float32)
@@ -128,5 +128,6 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
     if probe is not None:
         multi = isinstance(z, (tuple, list))
         noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))
-        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if multi else noise[0], backend=backend)
+        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if multi else noise[0], backend=backend,
+                                                     **mixed)
     return z, stats
