@@ -136,18 +136,12 @@ def test_jax_bfloat16_parameters_solve_state_float32_and_gradient():
     assert error <= _bound(lip) and _cosine(np.asarray(g16), np.asarray(g32)) >= 1 - _bound(lip) ** 2
 
 
-def _mdeq_batch(batch: int):
+def _mdeq_batch(root: Path, batch: int):
     from deqcore_models.data import fashion_mnist, to_float_nchw
 
-    data = fashion_mnist(Path(deqcore_data()), limit=batch)
+    data = fashion_mnist(root, limit=batch)
     x = to_float_nchw(data.train_x[:batch], np.array([0.286], np.float32), np.array([0.353], np.float32))
     return x, np.eye(10, dtype=np.float32)[data.train_y[:batch]]
-
-
-def deqcore_data() -> str:
-    from deqcore_models.data import data_dir
-
-    return str(data_dir(None))
 
 
 def _flat(grads: dict[str, np.ndarray]) -> np.ndarray:
@@ -162,7 +156,7 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.backend("torch")
 @pytest.mark.parametrize("mode", ["deq", "unrolled"])
-def test_torch_mdeq_bfloat16_step_matches_float32_step(mode):
+def test_torch_mdeq_bfloat16_step_matches_float32_step(mode, data_root):
     """A training step of MDEQ-micro under ``--precision bfloat16`` against the float32 step.
 
     The yardstick is the float32 step's own sensitivity to bfloat16 rounding: the same float32
@@ -184,7 +178,7 @@ def test_torch_mdeq_bfloat16_step_matches_float32_step(mode):
 
     cfg = MDEQ_CONFIGS["micro"]
     params, state = init_mdeq(cfg, 1, 0)
-    x, y = _mdeq_batch(16)
+    x, y = _mdeq_batch(data_root, 16)
     if mode == "deq":
         options = {"solver": "anderson", "tol": TOL, "max_iter": 30,
                    "grad_options": {"max_iter": 30, "tol": TOL, "on_fail": "ignore"}}
@@ -229,7 +223,7 @@ def test_jax_float16_on_the_cpu_is_refused():
 
 
 @pytest.mark.backend("jax")
-def test_jax_mdeq_bfloat16_step_matches_float32_step():
+def test_jax_mdeq_bfloat16_step_matches_float32_step(data_root):
     """The torch test's DEQ step on the JAX engine, on a one-branch MDEQ (compiling the two-branch
     model twice would take a minute): gradients by :meth:`JaxEngine.gradients`, the step's signs
     those of Adam's first update (``-lr g / (|g| + eps)``); the loss is the torch test's. Measured:
@@ -243,7 +237,7 @@ def test_jax_mdeq_bfloat16_step_matches_float32_step():
     cfg = MDEQConfig(channels=(8,), head_channels=(2,), final_channels=16, expansion=2, groups=4,
                      fuse_groups=4, dropout=0.0)
     params, state = init_mdeq(cfg, 1, 0)
-    x, y = _mdeq_batch(16)
+    x, y = _mdeq_batch(data_root, 16)
     options = {"solver": "anderson", "tol": TOL, "max_iter": 30,
                "grad_options": {"max_iter": 30, "tol": TOL, "on_fail": "ignore"}}
     out = {}
