@@ -42,7 +42,7 @@ COMMON_OPTIONS: dict[str, opt.Option[Any]] = {
 #: names could never reach the solver (the registry rejects it). A test keeps it equal to the
 #: signature.
 SOLVE_PARAMETERS = ("f", "x", "z0", "backend", "solver", *COMMON_OPTIONS, "grad", "grad_options",
-                    "correction_grad_options")
+                    "correction_grad_options", "f_dtype")
 
 
 def default(name: str) -> Any:

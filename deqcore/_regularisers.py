@@ -7,12 +7,13 @@ from typing import Any
 
 from ._capabilities import require_autodiff
 from ._inputs import resolve_backend
+from ._layer_precision import LayerPrecision
 from ._registry import registry
 from ._structure import Structure
 
 
 def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *,
-                     backend: str | None = None, batched: bool = True) -> Any:
+                     backend: str | None = None, batched: bool = True, f_dtype: Any = None) -> Any:
     """Hutchinson estimate of ``||J||_F^2 / numel``, ``J = df/dz`` at ``z``: the Jacobian
     regularisation of Bai, Koltun and Kolter (2021).
 
@@ -33,6 +34,8 @@ def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *
             it (so a run is reproducible, and two backends can use the same draw).
         backend: ``"torch"``, ``"jax"`` or a plugin's backend; inferred from ``z`` if None.
         batched: as in :func:`deqcore.solve` (only changes how shapes are validated here).
+        f_dtype: as in :func:`deqcore.solve`: ``f`` gets ``z`` in this half dtype and its output
+            is cast up to ``z``'s dtype, in which the penalty is computed.
 
     Raises:
         ValueError / TypeError: ``noise`` does not match ``z``, or ``f``'s output does not.
@@ -46,11 +49,10 @@ def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, x: Any, noise: Any, *
                          f"{structure.shapes} ({structure.dtype}); draw the noise like z")
     zf = be.stop_gradient(structure.flatten(be, z))
     vf = structure.flatten(be, noise)
+    precision = LayerPrecision.of(be, f_dtype, structure)
 
     def fn(flat: Any) -> Any:
-        out = f(structure.unflatten(be, flat), x)
-        structure.check_output(be, out, flat)
-        return structure.flatten(be, out)
+        return precision.evaluate(be, structure, f, flat, x, ref=flat)
 
     _, pullback = be.vjp(fn, zf, create_graph=True)
     (vjp,) = pullback(vf)

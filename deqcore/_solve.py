@@ -14,6 +14,7 @@ from ._batched_linalg import statistics_dtype
 from ._capabilities import check_gradient_mode
 from ._correction import attach_correction, correction_mode, correction_steps
 from ._inputs import COMMON_OPTIONS, default, first_floating, note_default_z0, resolve_backend, zeros_like
+from ._layer_precision import LayerPrecision
 from ._loop import run
 from ._registry import registry
 from ._results import ConvergenceError, Solution, Status
@@ -42,13 +43,15 @@ def solve(
     grad: str | None = "auto",
     grad_options: Mapping[str, Any] | None = None,
     correction_grad_options: Mapping[str, Any] | None = None,
+    f_dtype: Any = None,
     **options: Any,
 ) -> Solution:
     """Find ``z*`` with ``z* = f(z*, x)``, per sample of a batch.
 
     Args:
         f: the layer, called as ``f(z, x)``. ``z`` is an array or a tuple of arrays (several
-            resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device.
+            resolutions, as in MDEQ); ``f`` returns the same structure, shapes, dtype and device
+            (with ``f_dtype``: that dtype or the state's).
         x: the input injection, passed to ``f`` unchanged (an array, a tuple of arrays, or None).
         z0: the initial state; default zeros with the structure of ``x`` (an error ``f`` raises
             on that default carries a note saying so, with the shape it had). Any floating dtype:
@@ -117,6 +120,15 @@ def solve(
             damped steps ``z <- z + lam (f(z) - z)`` from each detached state (default
             ``{"k": 5, "lam": 0.5}``; ``{"k": 1, "lam": 1.0}`` is TorchDEQ's default). Unknown names
             are a ``TypeError``.
+        f_dtype: mixed precision: a half dtype (``torch.bfloat16``, ``torch.float16``,
+            ``jnp.bfloat16`` ...) narrower than the state's, usually float32. Every evaluation of
+            ``f`` then gets the state cast to ``f_dtype`` and may return ``f_dtype`` or the state's
+            dtype (``torch.autocast`` decides per operation), cast up to the state's dtype. The
+            state, residuals, stop test, the solvers' updates (Anderson's mixing solve, Broyden's
+            rank-one updates) and the implicit adjoint solve stay in the state's dtype; the VJPs
+            of ``f`` run in the dtypes its forward ran in. Residuals then level off at the half
+            dtype's rounding (about 4e-3 relative for bfloat16): use a ``tol`` above it. Default
+            None: ``f`` gets and must return the state's dtype; nothing is cast.
         **options: the solver's own options (``memory``, ``beta``, ``lam``, ``damping``,
             ``line_search`` ...). Unknown names are a ``TypeError`` listing the valid ones.
 
@@ -161,14 +173,13 @@ def solve(
     if defaulted:
         z0 = zeros_like(be, x)
     structure = Structure.of(be, z0, common["batched"])
+    precision = LayerPrecision.of(be, f_dtype, structure)
     ref = leaves(z0)[0]
     solver_obj = bindable.bind(be, structure, ref, max_iter=common["max_iter"])
     solver_name = bindable.name
 
     def fn(zf: Any) -> Any:
-        out = f(structure.unflatten(be, zf), x)
-        structure.check_output(be, out, ref, defaulted)
-        return structure.flatten(be, out)
+        return precision.evaluate(be, structure, f, zf, x, ref, defaulted)
 
     unrolled = mode is not None and mode.unrolled
     with contextlib.nullcontext() if unrolled else be.no_grad():
@@ -176,9 +187,9 @@ def solve(
         fz0 = None
         if defaulted:
             with note_default_z0(structure):
-                out0 = f(structure.unflatten(be, z0f), x)
-            structure.check_output(be, out0, ref, defaulted)
-            fz0 = structure.flatten(be, out0)
+                out0 = f(structure.unflatten(be, precision.inward(be, z0f)), x)
+            structure.check_output(be, out0, ref, defaulted, precision.output_dtypes())
+            fz0 = structure.flatten(be, precision.outward(be, out0))
         problem = Problem(loop_be, fn, structure.batch, structure.n, structure.dtype)
         trace_steps = _inputs.TRACE_STEPS if common["trace"] is True else int(common["trace"])
         state, status = run(problem, solver_obj, z0f, tol=common["tol"], max_iter=common["max_iter"],
@@ -192,7 +203,7 @@ def solve(
         z_flat = be.stop_gradient(z_flat)
 
     def f_flat(zf: Any, x_: Any) -> Any:
-        return structure.flatten(be, f(structure.unflatten(be, zf), x_))
+        return precision.evaluate(be, structure, f, zf, x_)
 
     corrections: tuple[Any, ...] = ()
     if record:

@@ -107,11 +107,14 @@ class Structure:
         shapes = ", ".join(str(s) for s in self.shapes)
         return f"({shapes}) {self.dtype}" if self.is_tuple else f"{shapes} {self.dtype}"
 
-    def check_output(self, backend: Backend, out: Any, ref: Any, defaulted: bool = False) -> None:
+    def check_output(self, backend: Backend, out: Any, ref: Any, defaulted: bool = False,
+                     dtypes: tuple[Any, ...] = ()) -> None:
         """Raise a clear error unless ``f``'s output ``out`` matches this structure (and ``ref``'s device).
 
         ``defaulted``: z0 was not given but made as zeros like ``x``; the messages say so.
+        ``dtypes``: the dtypes ``f`` may return (default: the state's only).
         """
+        allowed = dtypes or (self.dtype,)
         if self.is_tuple != isinstance(out, (tuple, list)):
             kind = "a tuple" if self.is_tuple else "a single array"
             raise TypeError(f"deqcore.solve: f must return {kind} like z0, got {type(out).__name__}"
@@ -134,10 +137,13 @@ class Structure:
                     f"deqcore.solve: {name} has shape {tuple(item.shape)}, z0 has {shape}"
                     f"{self._hint(defaulted)}"
                 )
-            if item.dtype != self.dtype:
+            if item.dtype not in allowed:
+                also = f" (or f_dtype {allowed[1]})" if len(allowed) > 1 else ""
                 raise TypeError(
-                    f"deqcore.solve: {name} has dtype {item.dtype}, z0 has {self.dtype}; make f "
-                    "return the state's dtype (or pass z0 of the dtype f returns)"
+                    f"deqcore.solve: {name} has dtype {item.dtype}, z0 has {self.dtype}{also}; make f "
+                    "return the state's dtype (or pass z0 of the dtype f returns; to run f in a half "
+                    "dtype, under torch.autocast or with half parameters, while the state stays "
+                    "float32, pass f_dtype=)"
                     f"{self._hint(True) if defaulted else ''}"
                 )
             device = backend.device(item)

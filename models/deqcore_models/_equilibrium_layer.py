@@ -48,6 +48,10 @@ def worst_backward_residual(reports: list[deqcore.BackwardReport]) -> float:
     return max(values) if values else float("nan")
 
 
+#: The precisions a model can compute in (``DEQSettings.precision``).
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class DEQSettings:
     """Forward solver, gradient mode and pre-training switch of an equilibrium layer.
@@ -60,7 +64,10 @@ class DEQSettings:
     Hutchinson probe. ``correction_states`` = k > 1 (solves only) asks the solve for the states
     after the first k - 1 of the k steps :func:`deqcore.internal.correction_steps` spaces over
     ``max_iter``, for a loss on them besides the one on ``z*`` (the k-th state): fixed-point
-    correction; 0 and 1 train on ``z*`` alone.
+    correction; 0 and 1 train on ``z*`` alone. ``precision``: ``"float32"``, or a half dtype (``"bfloat16"``,
+    ``"float16"``) the engine runs the model's convolutions and matrix products in
+    (:meth:`deqcore_models._ops.Ops.precision`) while the equilibrium state stays float32: the
+    solve gets ``f_dtype`` (:func:`deqcore.solve`).
     """
 
     solver: str = "broyden"
@@ -73,8 +80,11 @@ class DEQSettings:
     unrolled: int = 0
     jac_weight: float = 0.0
     correction_states: int = 0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.unrolled < 0:
             raise ValueError(f"unrolled must be >= 0, got {self.unrolled}")
         if not self.jac_weight >= 0:
@@ -115,16 +125,21 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
     ``probe`` (a sequence of noise arrays, one per array of ``z0`` in order, or None) asks for the
     Hutchinson Jacobian penalty at the layer's output (the fixed point, or the last unrolled step)
     in the stats."""
+    mixed: dict[str, Any] = {}
     if settings.unrolled:
         z = z0
         for _ in range(settings.unrolled):
             z = f(z, inj)
         stats = LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
     else:
+        if settings.precision != "float32":  # the state stays float32, f runs in the half dtype
+            multi = isinstance(z0, (tuple, list))
+            z0 = tuple(xp.astype(a, xp.float32) for a in z0) if multi else xp.astype(z0, xp.float32)
+            mixed["f_dtype"] = getattr(xp, settings.precision)
         sol = deqcore.solve(f, inj, z0, backend=backend, solver=settings.solver, tol=settings.tol,
                             max_iter=settings.max_iter, stop_mode=settings.stop_mode, grad=settings.grad,
                             grad_options=dict(settings.grad_options),
-                            correction_states=settings.correction_steps() or 0,
+                            correction_states=settings.correction_steps() or 0, **mixed,
                             **dict(settings.solver_options))
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
         if _COLLECTORS and sol.backward is not None:
@@ -134,5 +149,6 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
     if probe is not None:
         multi = isinstance(z, (tuple, list))
         noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))
-        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if multi else noise[0], backend=backend)
+        stats.jac_penalty = deqcore.jacobian_penalty(f, z, inj, noise if multi else noise[0], backend=backend,
+                                                     **mixed)
     return z, stats

@@ -7,6 +7,7 @@ written once over ``xp``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -26,6 +27,14 @@ class Ops(Protocol):
 
     def conv2d(self, x: Any, w: Any, stride: int = 1, padding: int = 0) -> Any:
         """2-D cross-correlation, NCHW input, OIHW weight, symmetric zero padding, no bias."""
+        ...
+
+    def precision(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A block whose model code runs its convolutions (torch: also its matrix products) in
+        ``name``, ``"float32"`` (nothing changes), ``"bfloat16"`` or ``"float16"``; other
+        operations run in float32, the dtype of the parameters, which stay float32 (gradients
+        too). torch: ``torch.autocast`` on the CPU (the engine's device); JAX: :meth:`conv2d`
+        casts its operands. float16 needs a GPU: on a CPU it is a ``ValueError``."""
         ...
 
     def asarray(self, a: np.ndarray, dtype: str | None = None) -> Any:
@@ -60,6 +69,10 @@ def _same(a: Any) -> Any:
     return a
 
 
+def _half_precision_error(name: str, where: str) -> ValueError:
+    return ValueError(f"precision {name!r} needs a GPU ({where}); on a CPU use 'bfloat16' or 'float32'")
+
+
 class TorchOps:
     """PyTorch. A data-parallel engine sets :attr:`replicas` and :attr:`replica_sum` (an
     all-reduce whose backward all-reduces the cotangent)."""
@@ -80,6 +93,13 @@ class TorchOps:
 
     def conv2d(self, x, w, stride=1, padding=0):
         return self._F.conv2d(x, w, stride=stride, padding=padding)
+
+    def precision(self, name):
+        if name == "float32":
+            return contextlib.nullcontext()
+        if name == "float16":
+            raise _half_precision_error(name, "the torch engine trains on the CPU")
+        return self._torch.autocast("cpu", dtype=getattr(self._torch, name))
 
     def asarray(self, a, dtype=None):
         # np.array, not ascontiguousarray: the latter turns 0-d arrays into shape (1,)
@@ -118,9 +138,25 @@ class JaxOps:
         self.xp = jnp
         self.stop_gradient = deqcore.registry().backend("jax").stop_gradient
         self._conv = _jax_conv2d()
+        self._compute_dtype: Any = None
 
     def conv2d(self, x, w, stride=1, padding=0):
+        if self._compute_dtype is not None:
+            x, w = x.astype(self._compute_dtype), w.astype(self._compute_dtype)
         return self._conv(x, w, stride, padding)
+
+    @contextlib.contextmanager
+    def precision(self, name):
+        import jax
+
+        if name == "float16" and jax.default_backend() == "cpu":
+            raise _half_precision_error(name, "JAX runs on the CPU here")
+        before = self._compute_dtype
+        self._compute_dtype = None if name == "float32" else getattr(self._jnp, name)
+        try:
+            yield
+        finally:
+            self._compute_dtype = before
 
     def asarray(self, a, dtype=None):
         return self._jnp.asarray(a if dtype is None else np.asarray(a, dtype=dtype))

@@ -186,7 +186,7 @@ class TorchEngine(_Engine):
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        with collect_backward_reports() as reports:
+        with collect_backward_reports() as reports, self.ops.precision(settings.precision):
             loss, (new_state, correct, nfe, res, jac, _) = self._loss(
                 self.ops, self.params, self.state, x, y, masks, settings, True, probe)
         loss.backward()
@@ -199,13 +199,14 @@ class TorchEngine(_Engine):
         return loss.detach(), correct, nfe, res, jac.detach(), reports
 
     def _evaluate(self, state, x, y, settings: DEQSettings) -> tuple[Any, ...]:
-        with self._torch.no_grad():
+        with self._torch.no_grad(), self.ops.precision(settings.precision):
             loss, (new_state, correct, nfe, res, _, _) = self.task.loss(
                 self.ops, self.params, state, x, y, None, settings, False)
         return loss, correct, nfe, res, new_state
 
     def _gradients(self, x, y, masks, settings: DEQSettings) -> dict[str, Any]:
-        loss, _ = self.task.loss(self.ops, self.params, self.state, x, y, masks, settings, True)
+        with self.ops.precision(settings.precision):
+            loss, _ = self.task.loss(self.ops, self.params, self.state, x, y, masks, settings, True)
         names = list(self.params)
         grads = self._torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True)
         return dict(zip(names, grads, strict=True))
@@ -356,7 +357,8 @@ class JaxEngine(_Engine):
         def make():
             def step(params, state, opt_state, x, y, masks, lr, probe):
                 def lossf(p):
-                    return task.loss(ops, p, state, x, y, masks, settings, True, probe)
+                    with ops.precision(settings.precision):
+                        return task.loss(ops, p, state, x, y, masks, settings, True, probe)
 
                 value_and_grad = jax.value_and_grad(lossf, has_aux=True)
                 (loss, (new_state, correct, nfe, res, jac, _)), grads = value_and_grad(params)
@@ -384,8 +386,9 @@ class JaxEngine(_Engine):
 
         def make():
             def ev(params, state, x, y):
-                loss, (new_state, correct, nfe, res, _, _) = task.loss(ops, params, state, x, y, None,
-                                                                       settings, False)
+                with ops.precision(settings.precision):
+                    loss, (new_state, correct, nfe, res, _, _) = task.loss(ops, params, state, x, y, None,
+                                                                           settings, False)
                 return loss, correct, nfe, res, new_state
 
             return ev
@@ -399,7 +402,11 @@ class JaxEngine(_Engine):
 
         def make():
             def grads(params, state, x, y, masks):
-                return jax.grad(lambda p: task.loss(ops, p, state, x, y, masks, settings, True)[0])(params)
+                def lossf(p):
+                    with ops.precision(settings.precision):
+                        return task.loss(ops, p, state, x, y, masks, settings, True)[0]
+
+                return jax.grad(lossf)(params)
 
             return grads
 

@@ -43,7 +43,7 @@ from deqcore.validators import (
     unit_interval,
 )
 
-from ._equilibrium_layer import DEQSettings, collect_forward_solves, unconverged_samples
+from ._equilibrium_layer import PRECISIONS, DEQSettings, collect_forward_solves, unconverged_samples
 from ._progress import Progress
 from ._replicas import Replicas, WorkerLost
 from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
@@ -210,6 +210,9 @@ class TrainConfig:
     cosine_every: int = _setting(0, nonnegative_int, _INT, "0 turns the probe off")
     cosine_reference: dict[str, Any] = _setting(check=_options_dict, kind=_DICT,
                                                 factory=lambda: {"max_iter": 40}, flag=None)
+    precision: str = _setting("float32", one_of(*PRECISIONS), _STR,
+                              "bfloat16 runs the convolutions and matrix products in bfloat16, the "
+                              "equilibrium state and the solver's arithmetic in float32")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -242,6 +245,19 @@ class TrainConfig:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
         self._check_solve()
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """float16 needs a GPU, which the torch engine does not use; JAX computes only MDEQ's
+        convolutions in a half dtype (the transformer has none)."""
+        if self.precision == "float16" and self.backend == "torch":
+            raise ConfigError("precision", "float16 needs a GPU and the torch trainer runs on the CPU: "
+                                           "use bfloat16")
+        if self.precision == "float16" and self.backend == "jax" and _jax_platform() == "cpu":
+            raise ConfigError("precision", "float16 needs a GPU and JAX runs on the CPU here: use bfloat16")
+        if self.precision != "float32" and self.backend == "jax" and self.model != "mdeq":
+            raise ConfigError("precision", f"{self.precision} on JAX is for model mdeq (its convolutions); "
+                                           f"train the {self.model} in {self.precision} with --backend torch")
 
     def _check_devices(self) -> None:
         """``devices`` is a JAX setting, and an int count must split the batch evenly (``"all"``
@@ -313,20 +329,21 @@ class TrainConfig:
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
                            solver_options=dict(self.solver_options), grad=self.grad,
                            grad_options=self.grad_options_used(), jac_weight=self.jac_weight,
-                           correction_states=self.correction_states)
+                           correction_states=self.correction_states, precision=self.precision)
 
     def pretrain_settings(self) -> DEQSettings:
-        return DEQSettings(unrolled=self.unrolled_layers, jac_weight=self.jac_weight)
+        return DEQSettings(unrolled=self.unrolled_layers, jac_weight=self.jac_weight,
+                           precision=self.precision)
 
     def reference_settings(self) -> DEQSettings:
         """The implicit gradient the cosine probe compares against (same forward solve)."""
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
                            solver_options=dict(self.solver_options), grad="implicit",
-                           grad_options=dict(self.cosine_reference))
+                           grad_options=dict(self.cosine_reference), precision=self.precision)
 
     def eval_settings(self) -> DEQSettings:
         return DEQSettings(solver=self.solver, tol=self.tol, max_iter=self.max_iter,
-                           solver_options=dict(self.solver_options), grad=None)
+                           solver_options=dict(self.solver_options), grad=None, precision=self.precision)
 
 
 #: Solve settings with flags of their own, so not accepted in ``solver_options``.
@@ -337,6 +354,12 @@ MODEL_SETTINGS = ("model", "config", "dataset")
 #: Settings ``--resume`` may change: the stopping point, where it runs and reads, and how often
 #: it saves; every other setting must equal the checkpoint's.
 RESUME_FREE = ("epochs", "max_steps", "backend", "devices", "checkpoint_every", "data", "out")
+
+
+def _jax_platform() -> str:
+    import jax
+
+    return str(jax.default_backend())
 
 
 def flag_of(setting: str) -> str | None:

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from .._command_line import key_values
+from .._equilibrium_layer import PRECISIONS
 from ..families import FAMILIES
 from ..train import TrainConfig
 
@@ -99,6 +100,11 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
                         "samples of the global batch, K dividing --batch-size (default 1: the whole batch, "
                         "synchronised over the workers of a torchrun launch; K = the number of workers: "
                         "per-worker statistics, no communication; K must be 1 or a multiple of it)")
+    s.add_argument("--precision", choices=PRECISIONS,
+                   help="dtype of the model's convolutions and matrix products (torch: torch.autocast; "
+                        "JAX: mdeq's convolutions); parameters, gradients, the equilibrium state and the "
+                        "solver's arithmetic stay float32. float16 needs a GPU (default "
+                        f"{d('precision')})")
     t = p.add_argument_group("optimisation and output")
     if output:
         t.add_argument("--epochs", type=int, help=f"epochs (default {d('epochs')})")
