@@ -94,6 +94,17 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
                         "samples of the global batch, K dividing --batch-size (default 1: the whole batch, "
                         "synchronised over the workers of a torchrun launch; K = the number of workers: "
                         "per-worker statistics, no communication; K must be 1 or a multiple of it)")
+    if output:
+        s.add_argument("--warm-start", action="store_true",
+                       help="start each training sample's forward solve from the fixed point it reached "
+                            "when last seen (mdeq; kept on the device for the converged samples, not in "
+                            "checkpoints: a resumed run starts cold)")
+        s.add_argument("--warm-start-max-age", type=int, metavar="N",
+                       help="with --warm-start: a cached fixed point expires N optimiser steps after it "
+                            "was stored (default: no limit)")
+        s.add_argument("--warm-start-keep", choices=["converged", "best"],
+                       help="with --warm-start: which fixed points are kept: those of converged solves "
+                            "(default), or also the lowest-residual iterate of solves stopped by --max-iter")
     t = p.add_argument_group("optimisation and output")
     if output:
         t.add_argument("--epochs", type=int, help=f"epochs (default {d('epochs')})")
