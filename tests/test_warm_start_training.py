@@ -20,32 +20,29 @@ MICRO = MDEQ_CONFIGS["micro"]
 
 @pytest.mark.parametrize("backend", SELECTED)
 def test_an_engine_step_starts_its_solve_from_the_given_state(backend, data_root):
-    """The same batch and weights (lr 0): one solver step from the iterate a 12-step solve
-    returned ends at least as close to the fixed point in every sample (the start is one of its
-    iterates), where one step from the model's zeros is far from it."""
+    """The same batch and weights (lr 0), two solver steps a solve: started from the iterate the
+    first solve returned, the second ends at least as close to the fixed point in every sample
+    (its start is one of its iterates) and closer in some."""
     ds = D.fashion_mnist(data_root, limit=16)
     x = D.to_float_nchw(ds.train_x, [0.286], [0.353])
     y = np.eye(10, dtype=np.float32)[ds.train_y]
     params, state = init_mdeq(MICRO, 1, seed=0)
     engine = make_engine(backend, mdeq_task(MICRO), params, state, weight_decay=0.0)
-    long, short = (DEQSettings(solver="anderson", tol=1e-3, max_iter=k, grad="jfb") for k in (12, 1))
-    solved = engine.train_step(x, y, None, long, 0.0, keep_solution=True)
-    sol = solved["solution"]
+    settings = DEQSettings(solver="anderson", tol=1e-3, max_iter=2, grad="jfb")
+    cold = engine.train_step(x, y, None, settings, 0.0, keep_solution=True)
+    sol = cold["solution"]
     assert [tuple(a.shape) for a in sol.z] == equilibrium_shapes(MICRO, x.shape)
     assert sol.solver_state is None and sol.abs_trace is None
-    warm = engine.train_step(x, y, None, short, 0.0, z0=sol.z, keep_solution=True)
-    cold = engine.train_step(x, y, None, short, 0.0, keep_solution=True)
-    before, after, zero = (np.asarray(engine.ops.to_numpy(r["solution"].rel_residual))
-                           for r in (solved, warm, cold))
+    warm = engine.train_step(x, y, None, settings, 0.0, z0=sol.z, keep_solution=True)
+    before, after = (np.asarray(engine.ops.to_numpy(r["solution"].rel_residual)) for r in (cold, warm))
     assert (after <= before * (1 + 1e-5)).all()
-    assert (zero > 2 * before).all()
-    assert warm["nfe"] == cold["nfe"] == 2
-    assert "solution" not in engine.train_step(x, y, None, short, 0.0)
+    assert (after < 0.9 * before).any()
+    assert warm["nfe"] == cold["nfe"] == 3
 
 
 def _config(data_root, tmp_path, **overrides):
-    settings = {"backend": SELECTED[0], "config": "micro", "data": str(data_root), "train_limit": 64,
-                "test_limit": 32, "batch_size": 32, "epochs": 3, "max_iter": 4, "pretrain_steps": 1,
+    settings = {"backend": "torch", "config": "micro", "data": str(data_root), "train_limit": 64,
+                "test_limit": 32, "batch_size": 32, "epochs": 2, "max_iter": 4, "pretrain_steps": 1,
                 "unrolled_layers": 2, "grad": "jfb", "out": str(tmp_path / "run")}
     return TrainConfig(**{**settings, **overrides})
 
@@ -57,29 +54,32 @@ def _steps(cfg):
         return list(csv.DictReader(fh)), trainer
 
 
+@pytest.mark.backend("torch")
 def test_the_trainer_keeps_each_samples_fixed_point_and_logs_the_hit_rate(data_root, tmp_path):
     """Two batches per epoch, the first step pre-training: a DEQ step hits the samples an earlier
     DEQ step solved when unconverged solves are kept (``best``; 4 steps reach no tolerance),
-    none when only converged ones are; misses start where a cold run starts."""
+    none when only converged ones are; misses start where a cold run starts. (PyTorch: the loop
+    is the same for both engines, and the JAX engine's warm step is tested above.)"""
     cold, _ = _steps(_config(data_root, tmp_path / "cold"))
     best, trainer = _steps(_config(data_root, tmp_path / "best", warm_start=True, warm_start_keep="best"))
     converged, _ = _steps(_config(data_root, tmp_path / "converged", warm_start=True))
     seen: set[int] = set()
     expected = [""]
-    for step in range(1, 6):
+    for step in range(1, 4):
         indices = trainer.work.train_batch(step).indices.tolist()
         expected.append(f"{np.mean([i in seen for i in indices]):.4e}")
         seen.update(indices)
-    assert expected[1] == "0.0000e+00" and expected[-1] == "1.0000e+00"
-    assert [r["warm_hits"] for r in cold] == [""] * 6
+    assert expected[1] == "0.0000e+00" and 0 < float(expected[-1]) < 1
+    assert [r["warm_hits"] for r in cold] == [""] * 4
     assert [r["warm_hits"] for r in best] == expected
-    assert [r["warm_hits"] for r in converged] == ["", *["0.0000e+00"] * 5]
+    assert [r["warm_hits"] for r in converged] == ["", *["0.0000e+00"] * 3]
     assert [r["loss"] for r in best[:2]] == [r["loss"] for r in cold[:2]]
     assert [r["loss"] for r in converged] == [r["loss"] for r in cold]
     assert best[2]["loss"] != cold[2]["loss"]  # started elsewhere: another z*, another loss
-    assert trainer.cache is not None and trainer.cache.updates == 6 and len(trainer.cache) == 64
+    assert trainer.cache is not None and trainer.cache.updates == 4 and len(trainer.cache) == len(seen)
 
 
+@pytest.mark.backend("torch")
 def test_warm_start_settings_are_checked(data_root, tmp_path):
     with pytest.raises(ConfigError, match=r"warm_start_max_age \(--warm-start-max-age\) is a warm-start "
                                           r"setting: add --warm-start"):
