@@ -169,11 +169,13 @@ class FixedPointCache:
         rows = list(last.values())[-self.capacity:]
         slots = np.full(len(keys), self.capacity, np.int64)  # the extra row takes what is not kept
         taken: set[int] = set()
+        free = list(np.flatnonzero(self._key < 0)[::-1])
+        oldest = iter(np.argsort(self._serial, kind="stable"))  # when full: evicted in this order
         for row in rows:
             key = int(keys[row])
             slot = self._slot_of.get(key)
             if slot is None:
-                slot = self._free_slot(taken)
+                slot = int(free.pop()) if free else int(next(s for s in oldest if int(s) not in taken))
                 self._drop_slot(slot)
                 self._slot_of[key] = slot
                 self._key[slot] = key
@@ -219,7 +221,7 @@ class FixedPointCache:
 
     def __len__(self) -> int:
         """Entries that would hit now."""
-        return sum(1 for slot in self._slot_of.values() if self._fresh(slot))
+        return int((self._key >= 0).sum()) - int(self._stale().sum())
 
     def __contains__(self, key: object) -> bool:
         """Whether a lookup of ``key`` would hit now."""
@@ -264,10 +266,15 @@ class FixedPointCache:
     def _fresh(self, slot: int) -> bool:
         return self.max_age is None or self.updates - int(self._written[slot]) <= self.max_age
 
+    def _stale(self) -> np.ndarray:
+        """Which rows hold an entry older than ``max_age`` updates."""
+        if self.max_age is None:
+            return np.zeros(self.capacity, bool)
+        return (self._key >= 0) & (self.updates - self._written > self.max_age)
+
     def _expire(self) -> None:
-        for key, slot in list(self._slot_of.items()):
-            if not self._fresh(slot):
-                self._drop(key)
+        for key in self._key[self._stale()]:
+            self._drop(int(key))
 
     def _drop(self, key: int) -> None:
         slot = self._slot_of.pop(key, None)
@@ -277,14 +284,6 @@ class FixedPointCache:
     def _drop_slot(self, slot: int) -> None:
         if self._key[slot] >= 0:
             self._drop(int(self._key[slot]))
-
-    def _free_slot(self, taken: set[int]) -> int:
-        """An empty row, else the row written longest ago outside ``taken`` (this store's)."""
-        free = np.flatnonzero(self._key < 0)
-        if free.size:
-            return int(free[0])
-        order = np.argsort(self._serial, kind="stable")
-        return int(next(s for s in order if int(s) not in taken))
 
     def _write_rows(self, be: Any, structure: Structure, z: Any, slots: np.ndarray) -> None:
         xp = be.xp
