@@ -10,7 +10,9 @@ import pytest
 from conftest import SELECTED
 from deqcore_models import data as D
 from deqcore_models._equilibrium_layer import DEQSettings
+from deqcore_models._replicas import Replicas
 from deqcore_models._training_engines import make_engine
+from deqcore_models.families import Batch
 from deqcore_models.families.mdeq import mdeq_task
 from deqcore_models.mdeq import MDEQ_CONFIGS, equilibrium_shapes, init_mdeq
 from deqcore_models.train import ConfigError, TrainConfig, Trainer
@@ -92,3 +94,12 @@ def test_warm_start_settings_are_checked(data_root, tmp_path):
                       warm_start=True, out=str(tmp_path / "lm"))
     with pytest.raises(ConfigError, match="model transformer's have none"):
         Trainer(cfg, progress=False)
+
+
+@pytest.mark.backend("torch")
+def test_each_data_parallel_worker_gets_the_indices_of_its_rows():
+    batch = Batch(np.arange(8.0)[:, None], np.zeros((8, 10)), None, 8, None, np.arange(100, 108))
+    shares = [Replicas(rank, 2).shard_batch(batch) for rank in (0, 1)]
+    for share in shares:
+        np.testing.assert_array_equal(share.indices, 100 + share.x[:, 0].astype(int))
+    np.testing.assert_array_equal(np.concatenate([s.indices for s in shares]), batch.indices)
