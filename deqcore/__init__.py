@@ -18,6 +18,7 @@ from ._registry import PluginError, PluginWarning, available, registry
 from ._regularisers import jacobian_penalty
 from ._results import CompileWarning, ConvergenceError, Solution, Status
 from ._solve import solve
+from ._warm_start import FixedPointCache
 from .gradients._base import BackwardReport, BackwardWarning, HigherOrderError
 from .hypersolvers import HyperAnderson, load_hypersolver, train_hypersolver
 
@@ -29,6 +30,7 @@ __all__ = [
     "BackwardWarning",
     "CompileWarning",
     "ConvergenceError",
+    "FixedPointCache",
     "HigherOrderError",
     "HyperAnderson",
     "CapabilityError",

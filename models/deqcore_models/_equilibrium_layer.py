@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from deqcore.internal import correction_steps
 
 _COLLECTORS: list[list[deqcore.BackwardReport]] = []
 _SOLVES: list[list[deqcore.Solution]] = []
+_STARTS: list[Any] = []
 
 
 @contextlib.contextmanager
@@ -33,8 +35,33 @@ def collect_backward_reports() -> contextlib.AbstractContextManager[list[deqcore
 
 def collect_forward_solves() -> contextlib.AbstractContextManager[list[deqcore.Solution]]:
     """The :class:`deqcore.Solution` of every equilibrium solve :func:`run_layer` runs in the
-    block (eager frameworks: under ``jax.jit`` they hold tracers)."""
+    block, also in blocks nested in it (eager frameworks: under ``jax.jit`` they hold tracers)."""
     return _collecting(_SOLVES)
+
+
+@contextlib.contextmanager
+def starting_from(z0: Any) -> Iterator[None]:
+    """Equilibrium solves :func:`run_layer` runs in the block start from ``z0`` (a warm start,
+    with the structure of the layer's state; None: the model's own start). Unrolled runs keep
+    their start."""
+    _STARTS.append(z0)
+    try:
+        yield
+    finally:
+        _STARTS.pop()
+
+
+def fixed_points(solves: list[deqcore.Solution], stop_gradient: Callable[[Any], Any]) -> deqcore.Solution:
+    """The one solve of ``solves`` cut to what a :class:`deqcore.FixedPointCache` keeps: ``z``
+    (without a gradient path) and the per-sample results, without the solver's state and the
+    traces (under ``jax.jit``: fewer outputs of the compiled step). A step of several solves is a
+    ``ValueError``: its samples have no one fixed point to keep."""
+    if len(solves) != 1:
+        raise ValueError(f"a warm-started step needs exactly one equilibrium solve, this one ran "
+                         f"{len(solves)}")
+    sol = solves[0]
+    z = tuple(stop_gradient(a) for a in sol.z) if isinstance(sol.z, tuple) else stop_gradient(sol.z)
+    return dataclasses.replace(sol, z=z, solver_state=None, abs_trace=None, rel_trace=None, backward=None)
 
 
 def unconverged_samples(solves: list[deqcore.Solution]) -> int:
@@ -132,6 +159,8 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
             z = f(z, inj)
         stats = LayerStats(settings.unrolled, xp.asarray(float("nan")), None)
     else:
+        if _STARTS and _STARTS[-1] is not None:
+            z0 = _STARTS[-1]
         if settings.precision != "float32":  # the state stays float32, f runs in the half dtype
             multi = isinstance(z0, (tuple, list))
             z0 = tuple(xp.astype(a, xp.float32) for a in z0) if multi else xp.astype(z0, xp.float32)
@@ -144,8 +173,8 @@ def run_layer(backend: str, f: Callable[[Any, Any], Any], inj: Any, z0: Any,
         z, stats = sol.z, LayerStats(sol.nfe, xp.max(sol.rel_residual), sol)
         if _COLLECTORS and sol.backward is not None:
             _COLLECTORS[-1].append(sol.backward)
-        if _SOLVES:
-            _SOLVES[-1].append(sol)
+        for solves in _SOLVES:
+            solves.append(sol)
     if probe is not None:
         multi = isinstance(z, (tuple, list))
         noise = tuple(xp.astype(p, a.dtype) for p, a in zip(probe, z if multi else (z,), strict=True))

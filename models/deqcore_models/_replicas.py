@@ -92,14 +92,16 @@ class Replicas:
         return np.array_split(np.arange(n), self.size)[self.rank]
 
     def shard_batch(self, batch: Batch) -> Batch:
-        """This process's share of ``batch``: its rows of x, y, and of every mask and probe array
-        whose axis 0 is the batch (all of them, in both families); ``count`` stays global."""
+        """This process's share of ``batch``: its rows of x, y, the sample indices, and of every
+        mask and probe array whose axis 0 is the batch (all of them, in both families); ``count``
+        stays global."""
         if not self.distributed:
             return batch
         n = batch.x.shape[0]
         rows = self.rows(n)
         return replace(batch, x=batch.x[rows], y=batch.y[rows], masks=_rows_of(batch.masks, rows, n),
-                       probe=_rows_of(batch.probe, rows, n))
+                       probe=_rows_of(batch.probe, rows, n),
+                       indices=None if batch.indices is None else batch.indices[rows])
 
     def shard_state(self, state: Mapping[str, np.ndarray] | None, batch_state: Iterable[str],
                     rows: Any = None) -> dict[str, np.ndarray] | None:

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from ._equilibrium_layer import DEQSettings, collect_backward_reports, worst_backward_residual
+from ._equilibrium_layer import (
+    DEQSettings,
+    collect_backward_reports,
+    collect_forward_solves,
+    fixed_points,
+    starting_from,
+    worst_backward_residual,
+)
 from ._ops import ops_for
 from .checkpoint import Checkpoint, Schema, array_specs, check_checkpoint
 
@@ -66,14 +73,22 @@ class _Engine:
             return {k: self.ops.asarray(v) if isinstance(v, np.ndarray) else v for k, v in tree.items()}
         return [self.ops.asarray(v) if isinstance(v, np.ndarray) else v for v in tree]
 
-    def train_step(self, x, y, masks, settings: DEQSettings, lr: float, probe=None) -> dict[str, float]:
+    def train_step(self, x, y, masks, settings: DEQSettings, lr: float, probe=None, z0=None,
+                   keep_solution: bool = False) -> dict[str, Any]:
         """One Adam step on a batch; ``probe`` (NumPy Hutchinson noise or None) adds the Jacobian
         penalty. Returns loss, correct count, NFE, worst residual, the penalty (NaN without) and
-        the worst residual of the step's implicit backward solves (NaN without)."""
-        loss, correct, nfe, res, jac, reports = self._step(
-            self.ops.asarray(x), self.ops.asarray(y), self._arrays(masks), settings, lr, self._arrays(probe))
-        return {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
-                "jac": float(jac), "bwd_residual": worst_backward_residual(reports)}
+        the worst residual of the step's implicit backward solves (NaN without). ``z0``
+        (framework arrays with the equilibrium state's structure, or None for the model's start)
+        warm-starts the equilibrium solve; ``keep_solution`` adds its ``"solution"`` (the
+        :func:`~deqcore_models._equilibrium_layer.fixed_points` a warm-start cache stores)."""
+        loss, correct, nfe, res, jac, reports, solution = self._step(
+            self.ops.asarray(x), self.ops.asarray(y), self._arrays(masks), settings, lr, self._arrays(probe),
+            z0, keep_solution)
+        out = {"loss": float(loss), "correct": int(correct), "nfe": int(nfe), "residual": float(res),
+               "jac": float(jac), "bwd_residual": worst_backward_residual(reports)}
+        if keep_solution:
+            out["solution"] = solution
+        return out
 
     def evaluate(self, x, y, settings: DEQSettings, state: dict[str, Any] | None = None) -> dict[str, Any]:
         """Loss, correct count, NFE and residual of a batch without dropout; ``state`` (NumPy or
@@ -130,8 +145,10 @@ class _Engine:
         self._load_adam(step, moments)
 
     # the framework's part
-    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe) -> tuple[Any, ...]:
-        """``(loss, correct, nfe, residual, jac, backward reports)`` of one Adam step, applied."""
+    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe, z0, keep_solution: bool
+              ) -> tuple[Any, ...]:
+        """``(loss, correct, nfe, residual, jac, backward reports, solution or None)`` of one Adam
+        step from the warm start ``z0`` (None: the model's), applied."""
         raise NotImplementedError
 
     def _evaluate(self, state, x, y, settings: DEQSettings) -> tuple[Any, ...]:
@@ -181,14 +198,17 @@ class TorchEngine(_Engine):
             p.requires_grad_(True)
         self.opt = torch.optim.Adam(list(self.params.values()), lr=1e-3, weight_decay=weight_decay)
 
-    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe) -> tuple[Any, ...]:
+    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe, z0, keep_solution: bool
+              ) -> tuple[Any, ...]:
         torch = self._torch
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        with collect_backward_reports() as reports, self.ops.precision(settings.precision):
+        with collect_backward_reports() as reports, collect_forward_solves() as solves, starting_from(z0), \
+                self.ops.precision(settings.precision):
             loss, (new_state, correct, nfe, res, jac, _) = self._loss(
                 self.ops, self.params, self.state, x, y, masks, settings, True, probe)
+        solution = fixed_points(solves, self.ops.stop_gradient) if keep_solution else None
         loss.backward()
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
@@ -196,7 +216,7 @@ class TorchEngine(_Engine):
         self.state = {k: v.detach() for k, v in new_state.items()}
         if self.replicas is not None:
             self.state = self.replicas.average(self.state, skip=self.batch_state)
-        return loss.detach(), correct, nfe, res, jac.detach(), reports
+        return loss.detach(), correct, nfe, res, jac.detach(), reports, solution
 
     def _evaluate(self, state, x, y, settings: DEQSettings) -> tuple[Any, ...]:
         with self._torch.no_grad(), self.ops.precision(settings.precision):
@@ -321,7 +341,7 @@ class JaxEngine(_Engine):
         self.tx = optax.chain(*clip, optax.add_decayed_weights(weight_decay), optax.scale_by_adam())
         self.opt_state = self.tx.init(self.params)
         self._compiled: dict[tuple[str, str], Any] = {}
-        self._reports: dict[tuple[str, bool], list[Any]] = {}
+        self._reports: dict[tuple[str, str, bool, bool], list[Any]] = {}
 
     def _jitted(self, kind: str, settings: DEQSettings, make: Any) -> Any:
         """The compiled function of ``kind`` for ``settings`` (``make()`` builds it once); on a
@@ -351,35 +371,39 @@ class JaxEngine(_Engine):
             raise DeviceCountError(f"a batch of {batch} does not split evenly over {n} devices")
         return self._jax.device_put(tree, self._rows)
 
-    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe) -> tuple[Any, ...]:
+    def _step(self, x, y, masks, settings: DEQSettings, lr: float, probe, z0, keep_solution: bool
+              ) -> tuple[Any, ...]:
         jax, ops, task, tx = self._jax, self.ops, self.task, self.tx
 
         def make():
-            def step(params, state, opt_state, x, y, masks, lr, probe):
+            def step(params, state, opt_state, x, y, masks, lr, probe, z0):
                 def lossf(p):
-                    with ops.precision(settings.precision):
-                        return task.loss(ops, p, state, x, y, masks, settings, True, probe)
+                    with ops.precision(settings.precision), collect_forward_solves() as solves, \
+                            starting_from(z0):
+                        loss, aux = task.loss(ops, p, state, x, y, masks, settings, True, probe)
+                    return loss, (aux, fixed_points(solves, ops.stop_gradient) if keep_solution else None)
 
                 value_and_grad = jax.value_and_grad(lossf, has_aux=True)
-                (loss, (new_state, correct, nfe, res, jac, _)), grads = value_and_grad(params)
+                (loss, ((new_state, correct, nfe, res, jac, _), solution)), grads = value_and_grad(params)
                 updates, opt_state = tx.update(grads, opt_state, params)
                 params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
-                return params, new_state, opt_state, loss, correct, nfe, res, jac
+                return params, new_state, opt_state, loss, correct, nfe, res, jac, solution
 
             return step
 
-        # the reports are made while the step is traced (a step with a probe and one without
-        # compile apart) and filled each time it runs
+        # the reports are made while the step is traced (a step with a probe and one without,
+        # or with a warm start and without, compile apart) and filled each time it runs
         params, state, opt_state = self._replicated((self.params, self.state, self.opt_state))
-        x, y, masks, probe = self._split(x.shape[0], (x, y, masks, probe))
+        x, y, masks, probe, z0 = self._split(x.shape[0], (x, y, masks, probe, z0))
+        kind = "step+solution" if keep_solution else "step"
         with collect_backward_reports() as traced:
-            out = self._jitted("step", settings, make)(params, state, opt_state, x, y, masks, np.float32(lr),
-                                                       probe)
-        key = (repr(settings), probe is None)
+            out = self._jitted(kind, settings, make)(params, state, opt_state, x, y, masks, np.float32(lr),
+                                                     probe, z0)
+        key = (kind, repr(settings), probe is None, z0 is None)
         if traced:
             self._reports[key] = traced
-        self.params, self.state, self.opt_state, loss, correct, nfe, res, jac = out
-        return loss, correct, nfe, res, jac, self._reports.get(key, [])
+        self.params, self.state, self.opt_state, loss, correct, nfe, res, jac, solution = out
+        return loss, correct, nfe, res, jac, self._reports.get(key, []), solution
 
     def _evaluate(self, state, x, y, settings: DEQSettings) -> tuple[Any, ...]:
         ops, task = self.ops, self.task

@@ -35,6 +35,7 @@ import numpy as np
 import deqcore
 from deqcore.internal import dumps_json, resolve, write_error, write_text
 from deqcore.validators import (
+    boolean,
     nonnegative_float,
     nonnegative_int,
     one_of,
@@ -213,6 +214,13 @@ class TrainConfig:
     precision: str = _setting("float32", one_of(*PRECISIONS), _STR,
                               "bfloat16 runs the convolutions and matrix products in bfloat16, the "
                               "equilibrium state and the solver's arithmetic in float32")
+    warm_start: bool = _setting(False, boolean, (bool,), "True starts each sample's solve from its "
+                                "last fixed point (deqcore.FixedPointCache)")
+    warm_start_max_age: int | None = _setting(None, nonnegative_int, _INT, "None: cached fixed points do not "
+                                              "expire by age", none_ok=True)
+    warm_start_keep: str = _setting("converged", one_of("converged", "best"), _STR,
+                                    "best also keeps the lowest-residual iterate of solves stopped by "
+                                    "--max-iter")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -241,6 +249,9 @@ class TrainConfig:
             raise ConfigError("bn_groups", f"must divide --batch-size {self.batch_size} (groups of equal "
                                            f"size), got {self.bn_groups}")
         self._check_devices()
+        for name, default in (("warm_start_max_age", None), ("warm_start_keep", "converged")):
+            if getattr(self, name) != default and not self.warm_start:
+                raise ConfigError(name, "is a warm-start setting: add --warm-start")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"must be <= lr (--lr {self.lr:g}), got {self.min_lr:g}: the "
                                         f"schedule anneals from lr down to min_lr")
@@ -426,7 +437,7 @@ def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
 
 #: The columns of steps.csv.
 STEP_COLUMNS = ("step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_residual",
-                "bwd_unconverged", "lr", "seconds")
+                "bwd_unconverged", "lr", "seconds", "warm_hits")
 #: The files a run writes in its folder; ``--overwrite`` replaces exactly these.
 RUN_FILES = ("steps.csv", "epochs.csv", "cosine.csv", "ranks.csv", "summary.json", "checkpoint.npz",
              "curves.png")
@@ -437,7 +448,8 @@ RANK_COLUMNS = ("step", "rank", "loss", "acc", "nfe", "residual", "unconverged",
 #: counts, the slowest solve): ``(key, NumPy reduction over the processes)``.
 _STEP_REDUCTIONS: tuple[tuple[str, Callable[[np.ndarray], Any]], ...] = (
     ("loss", np.mean), ("correct", np.sum), ("nfe", np.max), ("residual", np.max), ("jac", np.mean),
-    ("bwd_residual", np.max), ("unconverged", np.sum), ("bwd_unconverged", np.max), ("seconds", np.max))
+    ("bwd_residual", np.max), ("unconverged", np.sum), ("bwd_unconverged", np.max), ("seconds", np.max),
+    ("warm_hits", np.mean))
 
 
 class RunFolderError(FileExistsError):
@@ -557,6 +569,7 @@ class Trainer:
         if cfg.batch_size % self.engine.device_count:
             raise ConfigError("devices", f"is {cfg.devices!r}, {self.engine.device_count} devices, which do "
                                          f"not divide --batch-size {cfg.batch_size}")
+        self.cache = self._warm_start_cache()
         self.steps_per_epoch = self.work.steps_per_epoch
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
@@ -573,6 +586,18 @@ class Trainer:
             raise ConfigError("bn_groups", f"must be 1 (statistics over the whole batch) or a multiple of "
                                            f"the {n} workers (each worker's groups are its own), got "
                                            f"{cfg.bn_groups}")
+
+    def _warm_start_cache(self) -> deqcore.FixedPointCache | None:
+        """The cache of each training sample's last fixed point (``--warm-start``; None without).
+        It is not saved in checkpoints: a resumed run starts cold."""
+        if not self.cfg.warm_start:
+            return None
+        samples = getattr(self.work, "train_samples", None)
+        if samples is None:
+            raise ConfigError("warm_start", f"needs batches of samples that come back, with their indices; "
+                                            f"model {self.cfg.model}'s have none")
+        return deqcore.FixedPointCache(samples, max_age=self.cfg.warm_start_max_age,
+                                       keep=self.cfg.warm_start_keep)
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self, step: int, epoch_acc: dict[str, float], history: list[dict]) -> dict[str, Any]:
@@ -710,7 +735,15 @@ class Trainer:
                 # an unconverged implicit backward warns every step: count it in the CSV instead
                 with warnings.catch_warnings(record=True) as caught, collect_forward_solves() as solves:
                     warnings.simplefilter("always", deqcore.BackwardWarning)
-                    r = self.engine.train_step(mine.x, mine.y, mine.masks, settings, lr, mine.probe)
+                    warm = None if pre else self.cache  # pre-training starts its unrolled steps at zero
+                    z0, hits = warm.lookup(mine.indices) if warm is not None else (None, np.zeros(0, bool))
+                    r = self.engine.train_step(mine.x, mine.y, mine.masks, settings, lr, mine.probe, z0,
+                                               keep_solution=warm is not None)
+                if warm is not None:
+                    warm.store(mine.indices, r.pop("solution"))
+                if self.cache is not None:
+                    self.cache.advance()
+                r["warm_hits"] = float(hits.mean()) if warm is not None else math.nan
                 dt = time.perf_counter() - t0
                 for w in caught:
                     if not issubclass(w.category, deqcore.BackwardWarning):
@@ -744,7 +777,8 @@ class Trainer:
                                      "nfe": r["nfe"], "residual": f"{r['residual']:.4e}",
                                      "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
                                      "bwd_residual": _blank_nan(r.get("bwd_residual", float("nan"))),
-                                     "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}"})
+                                     "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}",
+                                     "warm_hits": _blank_nan(r["warm_hits"])})
                 if kill_at is not None and step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:

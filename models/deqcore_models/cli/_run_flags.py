@@ -105,6 +105,17 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
                         "JAX: mdeq's convolutions); parameters, gradients, the equilibrium state and the "
                         "solver's arithmetic stay float32. float16 needs a GPU (default "
                         f"{d('precision')})")
+    if output:
+        s.add_argument("--warm-start", action="store_true",
+                       help="start each training sample's forward solve from the fixed point it reached "
+                            "when last seen (mdeq; kept on the device for the converged samples, not in "
+                            "checkpoints: a resumed run starts cold)")
+        s.add_argument("--warm-start-max-age", type=int, metavar="N",
+                       help="with --warm-start: a cached fixed point expires N optimiser steps after it "
+                            "was stored (default: no limit)")
+        s.add_argument("--warm-start-keep", choices=["converged", "best"],
+                       help="with --warm-start: which fixed points are kept: those of converged solves "
+                            "(default), or also the lowest-residual iterate of solves stopped by --max-iter")
     t = p.add_argument_group("optimisation and output")
     if output:
         t.add_argument("--epochs", type=int, help=f"epochs (default {d('epochs')})")

@@ -75,14 +75,17 @@ PERPLEXITY = Metric("perplexity", "test_ppl", "ppl", higher_is_better=False, per
 @dataclass
 class Batch:
     """One training batch: inputs, targets, dropout masks (NumPy, or None), how many items
-    (images or predicted tokens) it holds, and the Hutchinson probe of the Jacobian penalty (a
-    list of standard-normal arrays shaped like the equilibrium state, or None on steps without it)."""
+    (images or predicted tokens) it holds, the Hutchinson probe of the Jacobian penalty (a
+    list of standard-normal arrays shaped like the equilibrium state, or None on steps without it)
+    and the training-set indices of its rows (the keys of a warm-start cache; None for a
+    workload whose samples do not come back)."""
 
     x: np.ndarray
     y: np.ndarray
     masks: Any
     count: int
     probe: list[np.ndarray] | None = None
+    indices: np.ndarray | None = None
 
 
 class Workload(Protocol):
@@ -92,7 +95,9 @@ class Workload(Protocol):
     ``(seed, epoch)`` and ``(seed, step)``, so both backends and a resumed run see the same ones.
     ``batch_state`` names the state arrays with one row per batch row (axis 0): data-parallel
     processes each hold their rows of them, and a checkpoint the whole batch's (a workload
-    without the attribute has none)."""
+    without the attribute has none). ``train_samples``, where present, is the number of
+    training samples, whose indices its batches carry (:attr:`Batch.indices`): the samples a
+    warm-start cache keeps; a workload without it cannot warm-start."""
 
     cfg: Any
     model_cfg: Any

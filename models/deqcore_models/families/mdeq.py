@@ -75,6 +75,7 @@ class MDEQWorkload:
         self.task = mdeq_task(self.model_cfg, cfg.bn_groups or 1)
         self.steps_per_epoch = len(self.x_train) // cfg.batch_size
         self.eval_batch_size = cfg.eval_batch_size or 500
+        self.train_samples = len(self.x_train)
 
     def describe(self) -> str:
         return f"{len(self.x_train)} train, {len(self.x_test)} test images"
@@ -90,7 +91,7 @@ class MDEQWorkload:
         masks = dropout_masks(self.model_cfg, len(idx), np.random.default_rng([self.cfg.seed, 1, step]))
         x = self.x_train[idx]
         probe = jacobian_probe(self.cfg, step, equilibrium_shapes(self.model_cfg, x.shape))
-        return Batch(x, self.onehot(self.y_train[idx]), masks, len(idx), probe)
+        return Batch(x, self.onehot(self.y_train[idx]), masks, len(idx), probe, idx)
 
     def fresh_state(self, step: int) -> dict[str, np.ndarray] | None:
         return None
