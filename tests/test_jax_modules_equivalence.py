@@ -1,14 +1,13 @@
-"""The Equinox and Flax DEQ modules agree with a torch solve of the same layer with the same
-weights: fixed point and gradients (weights and input), float64. The frameworks are imported by the
-test, so that the single-framework environments collect (and deselect) this file without them."""
+"""The Equinox and Flax DEQ modules agree with the PyTorch module (``deqcore_torch.DEQ``) holding
+the same layer with the same weights: fixed point and gradients (weights and input), float64.
+The frameworks are imported by the test, so that the single-framework environments collect (and
+deselect) this file without them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from problems import tanh_deq, tanh_layer, two_scale_deq, two_scale_layer
-
-import deqcore
 
 pytestmark = pytest.mark.equivalence
 
@@ -20,9 +19,10 @@ SOLVE = {"solver": "anderson", "tol": 1e-12, "max_iter": 80}
     ("flax", "tuple", "jfb", None),
     ("flax", "array", "npg", {"k": 3, "lam": 0.6}),
 ])
-def test_module_on_jax_equals_torch_solve(framework, state, grad, grad_options):
+def test_module_on_jax_equals_torch_module(framework, state, grad, grad_options):
     import jax.numpy as jnp
     import torch
+    from deqcore_torch import DEQ
     from jax_module_layers import build, value_and_grads
 
     if state == "array":
@@ -37,11 +37,20 @@ def test_module_on_jax_equals_torch_solve(framework, state, grad, grad_options):
         leaves = z if isinstance(z, tuple) else (z,)
         return sum(w * (sin(leaf) ** 2).sum() for w, leaf in zip(weights, leaves, strict=True))
 
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    class TorchLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.ParameterDict({k: torch.tensor(v) for k, v in params.items()})
+
+        def forward(self, z, x_):
+            return fn(torch.tanh, dict(self.weights), z, x_)
+
+    torch_module = DEQ(TorchLayer(), **settings)
+    tp = dict(torch_module.f.weights)
     tx = torch.tensor(x, requires_grad=True)
     tz0 = None if z0 is None else tuple(torch.tensor(z) for z in z0)
-    sol = deqcore.solve(lambda z, x_: fn(torch.tanh, tp, z, x_), tx, tz0, **settings)
-    t_value = loss(sol.z, torch.sin)
+    t_z, _ = torch_module(tx, tz0)
+    t_value = loss(t_z, torch.sin)
     t_value.backward()
 
     model = build(framework, fn, params, **settings)
@@ -49,7 +58,7 @@ def test_module_on_jax_equals_torch_solve(framework, state, grad, grad_options):
     value, grads, gx = value_and_grads(framework, model, lambda z: loss(z, jnp.sin), jnp.asarray(x), jz0)
     np.testing.assert_allclose(float(value), t_value.item(), rtol=1e-10, atol=0)
     z_star, _ = model(jnp.asarray(x), jz0)
-    for jax_leaf, torch_leaf in zip(*(z if isinstance(z, tuple) else (z,) for z in (z_star, sol.z)),
+    for jax_leaf, torch_leaf in zip(*(z if isinstance(z, tuple) else (z,) for z in (z_star, t_z)),
                                     strict=True):
         np.testing.assert_allclose(jax_leaf, torch_leaf.detach().numpy(), rtol=0, atol=1e-10)
     for name in params:
