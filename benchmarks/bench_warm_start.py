@@ -130,14 +130,18 @@ def plot(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, variant in results.items():
         ep = [e for e in variant["epochs"] if e["nfe"] is not None]
-        ax[0].plot([e["epoch"] for e in ep], [e["nfe"] for e in ep], marker="o", label=name)
+        line, = ax[0].plot([e["epoch"] for e in ep], [e["nfe"] for e in ep], marker="o", label=name)
+        steps = [e for e in ep if e.get("iterations") is not None]
+        if steps:
+            ax[0].plot([e["epoch"] for e in steps], [e["iterations"] for e in steps], marker="x", ls="--",
+                       color=line.get_color(), label=f"{name}: steps per sample")
         ax[1].plot([e["epoch"] for e in variant["epochs"]], [100 * e["test_acc"] for e in variant["epochs"]],
                    marker="o", label=name)
-    ax[0].set(xlabel="epoch", ylabel="forward NFE per DEQ step (mean)", title="NFE per step")
+    ax[0].set(xlabel="epoch", ylabel="per DEQ step (mean)", title="NFE per step, solver steps per sample")
     ax[1].set(xlabel="epoch", ylabel="test accuracy %", title="accuracy")
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend()
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
