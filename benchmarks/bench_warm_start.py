@@ -14,11 +14,15 @@ initial weights; only the start of each forward solve differs:
 The subset is small so that every sample comes back once per epoch, many times in the run.
 Reported per variant and epoch, from the runs' ``steps.csv`` and ``epochs.csv``: the mean
 forward NFE of the DEQ steps and their median worst residual (a batch's solve runs until its
-slowest sample stops, so a step's NFE is that of its slowest sample), the cache's hit rate, the
+slowest sample stops, so a step's NFE is that of its slowest sample), the mean solver steps per
+sample (``iterations``: what a warm start shortens even while one slow sample holds the
+batch), the cache's hit rate, the
 median step time (forward, backward, Adam, and the cache's lookup and store) and the test
 accuracy after the epoch; and
 over the DEQ steps of the epochs after the first DEQ epoch (where cached fixed points exist) the
-NFE, time and residual, and the change of NFE, time and final accuracy against ``cold``.
+NFE, per-sample steps, time and residual, and the change of NFE, per-sample steps, time and
+final accuracy against ``cold``. ``--jac-weight`` adds the Jacobian penalty to every DEQ step,
+which keeps the layer contractive so that solves reach ``--tol`` within ``--max-iter``.
 
     python benchmarks/bench_warm_start.py --data ../shared/data
     python benchmarks/bench_warm_start.py --data ../shared/data --variants cold,best --epochs 4
@@ -52,7 +56,8 @@ def train_command(variant: str, args: argparse.Namespace, out: Path, data: bool 
             "--test-limit", str(args.test_limit), "--batch-size", str(args.batch_size), "--epochs",
             str(args.epochs), "--pretrain-steps", str(args.pretrain_steps), "--lr", str(args.lr),
             "--solver", "broyden", "--tol", str(args.tol), "--max-iter", str(args.max_iter),
-            "--seed", str(args.seed), "--checkpoint-every", "100000", "--no-progress", "--out", str(out),
+            "--seed", str(args.seed), *(["--jac-weight", str(args.jac_weight)] if args.jac_weight else []),
+            "--checkpoint-every", "100000", "--no-progress", "--out", str(out),
             *(["--data", args.data] if args.data and data else []), *VARIANTS[variant]]
 
 
@@ -68,38 +73,45 @@ def summarise(variant: str, run: Path) -> dict:
     for e in epochs:
         deq = [s for s in steps if s["epoch"] == e["epoch"] and s["phase"] == "deq"]
         hits = [float(s["warm_hits"]) for s in deq if s["warm_hits"]]
+        iterations = [float(s["iterations"]) for s in deq if s["iterations"]]
         per_epoch.append({
             "epoch": int(e["epoch"]), "deq_steps": len(deq),
             "nfe": statistics.mean(int(s["nfe"]) for s in deq) if deq else None,
             "hit_rate": statistics.mean(hits) if hits else None,
+            "iterations": statistics.mean(iterations) if iterations else None,
             "residual": statistics.median(float(s["residual"]) for s in deq) if deq else None,
             "seconds": statistics.median(float(s["seconds"]) for s in deq) if deq else None,
             "test_acc": float(e["test_acc"]), "train_acc": float(e["train_acc"])})
     return {"variant": variant, "epochs": per_epoch, "final_test_acc": per_epoch[-1]["test_acc"],
             "steps": [{"step": int(s["step"]), "epoch": int(s["epoch"]), "phase": s["phase"],
-                       "nfe": int(s["nfe"]), "residual": float(s["residual"]), "seconds": float(s["seconds"])}
+                       "nfe": int(s["nfe"]),
+                       "iterations": float(s["iterations"]) if s["iterations"] else None,
+                       "residual": float(s["residual"]), "seconds": float(s["seconds"])}
                       for s in steps]}
 
 
 def compare(results: dict, first_warm_epoch: int) -> dict:
     """Mean NFE and median step time of every variant over the DEQ steps from
     ``first_warm_epoch`` on, and their change against ``cold``."""
-    def window(variant: dict) -> tuple[float, float, float]:
+    def window(variant: dict) -> tuple[float, float, float, float]:
         rows = [s for s in variant["steps"] if s["phase"] == "deq" and s["epoch"] >= first_warm_epoch]
         return (statistics.mean(s["nfe"] for s in rows), statistics.median(s["seconds"] for s in rows),
-                statistics.median(s["residual"] for s in rows))
+                statistics.median(s["residual"] for s in rows),
+                statistics.mean(s["iterations"] for s in rows))
 
     out = {}
     base = window(results["cold"]) if "cold" in results else None
     for name, variant in results.items():
-        nfe, seconds, residual = window(variant)
+        nfe, seconds, residual, iterations = window(variant)
         hits = [e["hit_rate"] for e in variant["epochs"]
                 if e["epoch"] >= first_warm_epoch and e["hit_rate"] is not None]
-        row = {"variant": name, "nfe": nfe, "seconds": seconds, "residual": residual,
+        row = {"variant": name, "nfe": nfe, "iterations": iterations, "seconds": seconds,
+               "residual": residual,
                "hit_rate": statistics.mean(hits) if hits else None,
                "final_test_acc": variant["final_test_acc"]}
         if base is not None:
             row["nfe_saving"] = 1 - nfe / base[0]
+            row["iterations_saving"] = 1 - iterations / base[3]
             row["time_saving"] = 1 - seconds / base[1]
             row["acc_change"] = variant["final_test_acc"] - results["cold"]["final_test_acc"]
         out[name] = row
@@ -118,14 +130,18 @@ def plot(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, variant in results.items():
         ep = [e for e in variant["epochs"] if e["nfe"] is not None]
-        ax[0].plot([e["epoch"] for e in ep], [e["nfe"] for e in ep], marker="o", label=name)
+        line, = ax[0].plot([e["epoch"] for e in ep], [e["nfe"] for e in ep], marker="o", label=name)
+        steps = [e for e in ep if e.get("iterations") is not None]
+        if steps:
+            ax[0].plot([e["epoch"] for e in steps], [e["iterations"] for e in steps], marker="x", ls="--",
+                       color=line.get_color(), label=f"{name}: steps per sample")
         ax[1].plot([e["epoch"] for e in variant["epochs"]], [100 * e["test_acc"] for e in variant["epochs"]],
                    marker="o", label=name)
-    ax[0].set(xlabel="epoch", ylabel="forward NFE per DEQ step (mean)", title="NFE per step")
+    ax[0].set(xlabel="epoch", ylabel="per DEQ step (mean)", title="NFE per step, solver steps per sample")
     ax[1].set(xlabel="epoch", ylabel="test accuracy %", title="accuracy")
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend()
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tol", type=float, default=1e-2, help="forward relative tolerance (default 1e-2)")
     p.add_argument("--max-iter", type=int, default=30, help="forward Broyden steps at most (default 30)")
+    p.add_argument("--jac-weight", type=float, default=0.0,
+                   help="Jacobian penalty weight of every DEQ step (default 0: none); a penalty keeps "
+                        "the layer contractive, so that solves reach --tol within --max-iter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--out", default="benchmarks/results/warm_start.json")

@@ -82,6 +82,18 @@ def test_the_trainer_keeps_each_samples_fixed_point_and_logs_the_hit_rate(data_r
 
 
 @pytest.mark.backend("torch")
+def test_steps_csv_records_the_mean_solver_steps_per_sample(data_root, tmp_path):
+    """``iterations``: empty on pre-training steps; 4 where no sample reaches the tolerance in
+    4 steps; below the budget where some do, the NFE still the budget's (the slowest sample's)."""
+    tight, _ = _steps(_config(data_root, tmp_path / "tight", tol=1e-9))
+    assert [r["iterations"] for r in tight] == ["", *["4.0000e+00"] * 3]
+    assert {r["nfe"] for r in tight[1:]} == {"5"}
+    loose, _ = _steps(_config(data_root, tmp_path / "loose", tol=0.5, max_iter=8))
+    assert loose[0]["iterations"] == "" and all(0 < float(r["iterations"]) < 8 for r in loose[1:])
+    assert {r["nfe"] for r in loose[1:]} == {"9"}
+
+
+@pytest.mark.backend("torch")
 def test_warm_start_settings_are_checked(data_root, tmp_path):
     with pytest.raises(ConfigError, match=r"warm_start_max_age \(--warm-start-max-age\) is a warm-start "
                                           r"setting: add --warm-start"):

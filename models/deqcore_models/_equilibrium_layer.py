@@ -69,6 +69,14 @@ def unconverged_samples(solves: list[deqcore.Solution]) -> int:
     return sum(int((~s.converged).sum()) for s in solves)
 
 
+def mean_iterations(solves: list[deqcore.Solution]) -> float:
+    """The mean of the solver steps each sample of ``solves`` (eager arrays) took before it
+    stopped (NaN when none solved): what a warm start shortens even while one slow sample holds
+    the batch's solve, and its NFE, at the budget."""
+    samples = sum(int(s.iterations.shape[0]) for s in solves)
+    return sum(float(s.iterations.sum()) for s in solves) / samples if samples else float("nan")
+
+
 def worst_backward_residual(reports: list[deqcore.BackwardReport]) -> float:
     """The largest residual any backward solve of ``reports`` reached (NaN when none solved)."""
     values = [float(r.residual.max()) for r in reports if r.residual is not None and r.residual.size]

@@ -55,6 +55,8 @@ class _Engine:
     backend: str
     #: How many devices share each batch.
     device_count = 1
+    #: Whether the solves a step runs are eager arrays after it (not traced by a compiler).
+    eager = True
 
     def __init__(self, task: Any, params: dict[str, np.ndarray], state: dict[str, np.ndarray],
                  weight_decay: float, clip_norm: float | None = None) -> None:
@@ -318,6 +320,8 @@ class JaxEngine(_Engine):
     live on JAX's default device, as without a mesh. Evaluation batches are split the same way
     when their size divides the device count, and replicated (every device computes the whole
     batch) otherwise."""
+
+    eager = False
 
     backend = "jax"
 

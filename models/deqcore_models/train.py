@@ -44,7 +44,13 @@ from deqcore.validators import (
     unit_interval,
 )
 
-from ._equilibrium_layer import PRECISIONS, DEQSettings, collect_forward_solves, unconverged_samples
+from ._equilibrium_layer import (
+    PRECISIONS,
+    DEQSettings,
+    collect_forward_solves,
+    mean_iterations,
+    unconverged_samples,
+)
 from ._progress import Progress
 from ._replicas import Replicas, WorkerLost
 from ._results_files import csv_text, pyplot, read_csv, save_figure, write_csv
@@ -437,7 +443,7 @@ def cosine_lr(step: int, total: int, base: float, minimum: float) -> float:
 
 #: The columns of steps.csv.
 STEP_COLUMNS = ("step", "epoch", "phase", "loss", "acc", "nfe", "residual", "jac", "bwd_residual",
-                "bwd_unconverged", "lr", "seconds", "warm_hits")
+                "bwd_unconverged", "lr", "seconds", "warm_hits", "iterations")
 #: The files a run writes in its folder; ``--overwrite`` replaces exactly these.
 RUN_FILES = ("steps.csv", "epochs.csv", "cosine.csv", "ranks.csv", "summary.json", "checkpoint.npz",
              "curves.png")
@@ -449,7 +455,7 @@ RANK_COLUMNS = ("step", "rank", "loss", "acc", "nfe", "residual", "unconverged",
 _STEP_REDUCTIONS: tuple[tuple[str, Callable[[np.ndarray], Any]], ...] = (
     ("loss", np.mean), ("correct", np.sum), ("nfe", np.max), ("residual", np.max), ("jac", np.mean),
     ("bwd_residual", np.max), ("unconverged", np.sum), ("bwd_unconverged", np.max), ("seconds", np.max),
-    ("warm_hits", np.mean))
+    ("warm_hits", np.mean), ("iterations", np.mean))
 
 
 class RunFolderError(FileExistsError):
@@ -739,8 +745,11 @@ class Trainer:
                     z0, hits = warm.lookup(mine.indices) if warm is not None else (None, np.zeros(0, bool))
                     r = self.engine.train_step(mine.x, mine.y, mine.masks, settings, lr, mine.probe, z0,
                                                keep_solution=warm is not None)
+                kept = r.pop("solution", None)
                 if warm is not None:
-                    warm.store(mine.indices, r.pop("solution"))
+                    warm.store(mine.indices, kept)
+                eager = [kept] if kept is not None else solves if self.engine.eager else []
+                r["iterations"] = mean_iterations(eager)
                 if self.cache is not None:
                     self.cache.advance()
                 r["warm_hits"] = float(hits.mean()) if warm is not None else math.nan
@@ -778,7 +787,8 @@ class Trainer:
                                      "jac": "" if batch.probe is None else f"{r['jac']:.4e}",
                                      "bwd_residual": _blank_nan(r.get("bwd_residual", float("nan"))),
                                      "bwd_unconverged": bwd_bad, "lr": f"{lr:.3e}", "seconds": f"{dt:.4f}",
-                                     "warm_hits": _blank_nan(r["warm_hits"])})
+                                     "warm_hits": _blank_nan(r["warm_hits"]),
+                                     "iterations": _blank_nan(r["iterations"])})
                 if kill_at is not None and step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if bar:
