@@ -149,9 +149,11 @@ def _flat(grads: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
-    import torch
-
-    return torch.from_numpy(a).bfloat16().float().numpy()
+    """``a`` rounded to bfloat16 (to nearest, ties to even) and back to float32, in NumPy alone so
+    that each framework's environment can run it."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32).reshape(np.shape(a))
 
 
 @pytest.mark.backend("torch")
