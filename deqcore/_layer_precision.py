@@ -44,10 +44,6 @@ class LayerPrecision:
                             "the state stays wider (pass z0 in float32, or leave f_dtype None)")
         return cls(f_dtype, state)
 
-    @property
-    def mixed(self) -> bool:
-        return self.f_dtype is not None
-
     def inward(self, backend: Any, zf: Any) -> Any:
         """The flat state as ``f`` gets it."""
         return zf if self.f_dtype is None else backend.xp.astype(zf, self.f_dtype)
