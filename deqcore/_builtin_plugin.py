@@ -6,20 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 from ._hookspecs import hookimpl
-from .gradients import GDEQ, JFB, NPG, UPG, Implicit, Unroll
+from .gradients import GDEQ, JFB, NPG, UPG, GDEQRefined, Implicit, Reversible, Unroll
 from .hypersolvers import HyperAnderson
 from .solvers import Anderson, Broyden, FixedPoint
+from .solvers import Reversible as ReversibleSolver
 
 
 @hookimpl
 def deqcore_register_solvers(register: Any) -> None:
-    for cls in (FixedPoint, Anderson, Broyden):
+    for cls in (FixedPoint, Anderson, Broyden, ReversibleSolver):
         register(cls.name, cls)
 
 
 @hookimpl
 def deqcore_register_gradients(register: Any) -> None:
-    for cls in (Implicit, JFB, NPG, UPG, GDEQ, Unroll):
+    for cls in (Implicit, JFB, NPG, UPG, GDEQ, GDEQRefined, Unroll, Reversible):
         register(cls.name, cls)
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._capabilities import Capabilities, require_autodiff
+from ._capabilities import Capabilities, CapabilityError, require_autodiff
 from ._protocol import Array, Backend, State
 
 
@@ -19,15 +19,16 @@ class EagerBackend:
     implements ``is_array``.
 
     The defaults: Python loops (``while_loop``, ``differentiable_loop``, ``fori_loop``), ``jit``
-    returning its function, in-place ``set_index`` by item assignment, ``active_prefix`` as a
-    slice, ``linear_solve`` by ``xp.linalg.solve``, host checks and callbacks by direct calls on
+    returning its function, in-place ``set_index`` by item assignment, ``active_prefix`` as a slice,
+    ``linear_solve`` by ``xp.linalg.solve``, host checks and callbacks by direct calls on
     ``to_numpy`` copies (``numpy.asarray``), no pytrees and no compiled mode. Without autodiff
-    (``capabilities = Capabilities()``, the default) ``vjp`` and ``attach_adjoint`` raise
-    :class:`deqcore.CapabilityError` and ``stop_gradient``/``first_order_only`` return their
-    input. A backend overrides what its library does better or differently: ``linear_solve``
-    must never raise on a singular system (``numpy.linalg.solve`` does), ``to_numpy`` must copy
-    from an accelerator, and a backend with autodiff overrides ``vjp``, ``attach_adjoint``,
-    ``stop_gradient``, ``first_order_only``, ``no_grad`` and declares ``autodiff=True``.
+    (``capabilities = Capabilities()``, the default) ``vjp``, ``attach_adjoint`` and
+    ``attach_reverse`` raise :class:`deqcore.CapabilityError` and
+    ``stop_gradient``/``first_order_only`` return their input. A backend overrides what its library
+    does better or differently: ``linear_solve`` must never raise on a singular system
+    (``numpy.linalg.solve`` does), ``to_numpy`` must copy from an accelerator, and a backend with
+    autodiff overrides ``vjp``, ``attach_adjoint``, ``attach_reverse``, ``stop_gradient``,
+    ``first_order_only``, ``no_grad`` and declares ``autodiff=True``.
     """
 
     name: ClassVar[str]
@@ -84,10 +85,20 @@ class EagerBackend:
 
     def attach_adjoint(self, f: Callable[[Array, Any], Array], z_star: Array, x: Any,
                        adjoint: Callable[..., Array], saved: tuple[Array, ...] = (),
-                       higher_order_error: Callable[[], Exception] | None = None) -> Array:
+                       higher_order_error: Callable[[], Exception] | None = None,
+                       linear_solve: Callable[[Array, Callable[[Array], Array]], Array] | None = None,
+                       ) -> Array:
         require_autodiff(self, "a gradient mode (Backend.attach_adjoint)", "solve with grad=None")
         raise NotImplementedError(f"{type(self).__name__} declares autodiff but does not implement "
                                   "attach_adjoint")
+
+    def attach_reverse(self, f: Callable[[Array, Any], Array], z_star: Array, x: Any,
+                       backward: Callable[..., Any], saved: tuple[Array, ...] = (),
+                       higher_order_error: Callable[[], Exception] | None = None) -> Array:
+        require_autodiff(self, "a gradient mode (Backend.attach_reverse)", "solve with grad=None")
+        raise CapabilityError(f"deqcore: backend {self.name!r} does not implement attach_reverse, which "
+                              f"grad='reversible' needs; use grad='unroll' with solver='reversible' for "
+                              f"the same gradient (memory then grows with the steps)")
 
     def first_order_only(self, x: Array, make_error: Callable[[], Exception]) -> Array:
         return x

@@ -76,13 +76,15 @@ def deqcore_register_gradients(register):  # type: ignore[no-untyped-def]
     ``u ~ g (I - J)^-1``, carried back through the backend's ``attach_adjoint`` hook) or
     :class:`deqcore.extend.GradientMode` (implementing ``attach``). Its class attribute
     ``exact_higher_order`` (default False) declares whether its gradient may be differentiated
-    again; when False, a second derivative raises :class:`deqcore.HigherOrderError`.
+    again; when False, a second derivative raises :class:`deqcore.HigherOrderError`. An
+    ``AdjointMode`` that declares it (its adjoint is exact) implements ``linear_solver``.
 
     Checked at registration: the base class; ``attach`` (``adjoint`` for an ``AdjointMode``)
     implemented, and every method it overrides callable with the base's arguments; a class
     attribute ``name`` equal to the registered name (``solution.backward`` reports it);
     ``options`` as for solvers (a mode's option names are its own: ``tol`` is allowed);
-    ``unrolled`` and ``exact_higher_order`` bools.
+    ``unrolled`` and ``exact_higher_order`` bools; ``linear_solver`` implemented by an
+    ``AdjointMode`` that declares ``exact_higher_order``.
     """
 
 

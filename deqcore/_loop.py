@@ -32,7 +32,9 @@ class LoopState(NamedTuple):
     ``best`` of ``best_z``, ``last`` of each sample's latest iterate (its final one once it is
     frozen). ``trace`` is a (2, rows + 1, B) buffer whose last row takes the writes of steps past
     the recorded ones, or None when no trace is kept. ``states`` is likewise a (k + 1, B, n)
-    buffer of the best iterates at the ``record`` steps of :func:`run` (None when none are)."""
+    buffer of the best iterates at the ``record`` steps of :func:`run` (None when none are).
+    ``best_step`` (B,) is the step at which each sample's ``best_z`` was reached (0: ``z0``), which
+    a gradient mode that reverses the iteration needs."""
 
     solver: Any
     it: Any
@@ -44,6 +46,7 @@ class LoopState(NamedTuple):
     last: Any
     trace: Any
     states: Any = None
+    best_step: Any = None
 
 
 def residuals(xp: Any, g: Any, fz: Any, dtype: Any = None) -> tuple[Any, Any]:
@@ -123,6 +126,7 @@ def diagnose_overflow(problem: Problem, solver: Solver, state: LoopState, *, sto
         last=fixed,
         best=xp.stack([best[0], xp.where(unknown, float("inf"), best[1])]),
         best_z=select_rows(xp, take, z, state.best_z),
+        best_step=None if state.best_step is None else xp.where(take, state.iterations, state.best_step),
     )
     # in abs mode a rel residual of 0 over an overflowed ||f(z)|| did not decide the stop test
     return state, remeasure & (suspect if stop_mode == "rel" else ~(finite_abs & finite_rel))
@@ -199,17 +203,19 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
     if record:
         recorded_at = xp.asarray(record, device=device)
         states = xp.zeros((len(record) + 1, problem.batch, problem.n), dtype=z0.dtype, device=device)
+    iterations = xp.zeros(problem.batch, dtype=xp.int32, device=device)
     state = LoopState(
         solver=solver.init(problem, z0, fz0),
         it=0,
         nfe=1,
         active=res0[k] > tol,
-        iterations=xp.zeros(problem.batch, dtype=xp.int32, device=device),
+        iterations=iterations,
         best_z=best_z,
         best=xp.where(finite0, res0, inf),
         last=res0,
         trace=buffer,
         states=states,
+        best_step=xp.zeros_like(iterations),
     )
 
     def cond(s: LoopState) -> Any:
@@ -227,6 +233,7 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
         better = active & (res[k] < s.best[k])
         last = xp.where(active, res, s.last)
         it = s.it + 1
+        iterations = s.iterations + active
         best_z = select_rows(xp, better, z_new, s.best_z)
         states = s.states
         if states is not None:
@@ -238,13 +245,14 @@ def run(problem: Problem, solver: Solver, z0: Any, *, tol: float, max_iter: int,
             it=it,
             nfe=s.nfe + nfe,
             active=keep,
-            iterations=s.iterations + active,
+            iterations=iterations,
             best_z=best_z,
             best=xp.where(better, res, s.best),
             last=last,
             trace=None if s.trace is None else backend.set_index(s.trace, _capped(xp, it, rows), last,
                                                                  axis=1),
             states=states,
+            best_step=xp.where(better, iterations, s.best_step),
         )
 
     loop = backend.differentiable_loop if differentiable else backend.while_loop

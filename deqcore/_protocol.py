@@ -151,6 +151,7 @@ class Backend(Protocol):
         adjoint: Callable[..., Array],
         saved: tuple[Array, ...] = (),
         higher_order_error: Callable[[], Exception] | None = None,
+        linear_solve: Callable[[Array, Callable[[Array], Array]], Array] | None = None,
     ) -> Array:
         """The custom-gradient hook every gradient mode is built on.
 
@@ -165,12 +166,27 @@ class Backend(Protocol):
         ``saved_tensors_hooks`` see them; JAX: ``custom_vjp`` residuals), and ``adjoint`` must not
         close over any other array: under ``jax.jit`` that would leak a tracer.
 
-        First derivatives only: ``adjoint`` runs without recording a graph, and the backward
-        holds ``z_star`` constant, so the gradient it gives cannot be differentiated correctly
-        again. A derivative of that gradient (with respect to anything: the parameters, ``x``,
-        or what the cotangent ``g`` depends on, also for losses linear in ``z*``) raises
-        ``higher_order_error()`` (None: a :class:`deqcore.HigherOrderError` naming no mode); the
-        first derivative itself is unaffected, also when taken with ``create_graph=True``.
+        Without ``linear_solve``, first derivatives only: ``adjoint`` runs without recording a
+        graph, and the backward holds ``z_star`` constant, so the gradient it gives cannot be
+        differentiated correctly again. A derivative of that gradient (with respect to anything:
+        the parameters, ``x``, or what the cotangent ``g`` depends on, also for losses linear in
+        ``z*``) raises ``higher_order_error()`` (None: a :class:`deqcore.HigherOrderError` naming
+        no mode); the first derivative itself is unaffected, also when taken with
+        ``create_graph=True``.
+
+        With ``linear_solve`` (given by modes whose adjoint is the exact ``g (I - J)^-1``, such as
+        ``implicit``): exact to every order. ``linear_solve(b, op)`` returns ``w = b + op(w)`` per
+        sample for a linear ``op`` on (B, n) arrays; the backend calls it with ``op`` a JVP
+        ``v -> J v`` or a VJP ``v -> v J`` of ``f`` at ``z*`` (with ``z*`` carrying its own
+        implicit derivative) for every linear system a derivative of the gradient needs: the
+        tangent of ``z*``, ``(I - J) dz = f_x dx + f_theta dtheta``; that of the adjoint,
+        ``du (I - J) = dg + u dJ``; their transposes in reverse mode. Those solves are
+        differentiated implicitly (never through their iterations), so a third derivative is
+        exact too. The first derivative is unchanged: ``u = adjoint(g, ...)``, the same VJPs;
+        ``linear_solve`` runs only when a higher derivative is taken. A backend that cannot do
+        this ignores ``linear_solve`` and keeps the ``higher_order_error()`` check (the error
+        then names the backend); it must never give a derivative that holds ``z*`` or ``u``
+        constant.
 
         torch: an identity ``autograd.Function`` on ``f(z*)`` (parameters of modules used by ``f``
         receive ``.grad`` through ``loss.backward()``); nothing is attached when grad mode is off or
@@ -180,7 +196,50 @@ class Backend(Protocol):
         ``jax.grad``, ``jax.jit`` and ``jax.vmap``; the backward starts with a ``custom_jvp``
         identity on ``g`` and the residuals whose JVP rule raises when any of them carries a
         tangent (an outer derivative). Forward-mode differentiation of the returned array is not
-        supported (JAX's ``custom_vjp`` error).
+        supported (JAX's ``custom_vjp`` error). With ``linear_solve``: torch, a backward recorded
+        under ``create_graph`` rebuilds ``z*`` (this hook again) and ``u`` (this hook on
+        ``u = g + u J``, whose adjoint solves ``w = b + J w``, the JVP by a VJP of the VJP) with
+        their implicit gradients on the graph, and returns ``u f(z*)`` differentiated with
+        respect to the leaves and ``x`` ``f`` reaches (a tensor ``f`` closes over that is neither
+        gives the error instead); JAX, the residual ``z*`` and ``u`` are ``custom_jvp``
+        functions whose rules solve through ``lax.custom_linear_solve``.
+        """
+        ...
+
+    def attach_reverse(
+        self,
+        f: Callable[[Array, Any], Array],
+        z_star: Array,
+        x: Any,
+        backward: Callable[..., Any],
+        saved: tuple[Array, ...] = (),
+        higher_order_error: Callable[[], Exception] | None = None,
+    ) -> Array:
+        """The custom-gradient hook of modes whose gradient is a sum of VJPs of ``f`` at many
+        points (``grad="reversible"``, which reverses the forward iteration step by step).
+
+        Returns an array equal to ``z_star`` whose backward pass calls
+        ``backward(g, pullback, acc, *saved)`` once, with the incoming cotangent ``g``, and
+        delivers the accumulator it returns to ``x`` and to everything ``f`` closes over.
+        ``pullback(p, v, acc)`` evaluates ``f`` at a (B, n) point ``p`` and returns
+        ``(f(p, x), v @ df/dz at p, acc + v @ df/d(x, parameters) at p)``; ``acc`` is opaque to
+        the caller (the backend creates the zero it starts from and reads the final one), so
+        ``backward`` only carries it, for example through ``backend.while_loop`` (on JAX it is a
+        pytree of arrays in the loop's carry). No gradient flows into ``z_star``. ``saved`` are kept
+        the framework's own way (as in :meth:`attach_adjoint`) and ``backward`` must not close
+        over any other array of the forward pass.
+
+        First derivatives only: ``backward`` runs without recording a graph, and a derivative of
+        the gradient raises ``higher_order_error()`` (None: a :class:`deqcore.HigherOrderError`).
+
+        torch: the tensors ``f`` uses that require grad are found by evaluating ``f`` once at
+        ``(z*, x)`` and walking its graph to the leaves (``AccumulateGrad`` nodes); they and the
+        tensors of ``x`` that require grad are the inputs of an ``autograd.Function`` whose backward
+        returns their accumulated gradients, so a non-leaf ``x`` passes its gradient on to what
+        computed it and ``loss.backward()`` and ``torch.autograd.grad`` both work; nothing is
+        attached when grad mode is off or nothing requires grad. JAX: ``custom_vjp`` with closure
+        conversion (``acc`` holds the cotangents of ``x`` and of the closed-over arrays), under
+        ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
         """
         ...
 

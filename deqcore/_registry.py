@@ -453,6 +453,12 @@ def _check_entry(entry: Entry) -> None:
         value = getattr(cls, flag, False)
         if not isinstance(value, bool):
             problems.append(f"its class attribute {flag} is {value!r}, not True or False")
+    adjoint_base: Any = next((o for o, m in required if m == "adjoint"), None)
+    exact = getattr(cls, "exact_higher_order", False) is True
+    if (exact and adjoint_base is not None and issubclass(cls, adjoint_base)
+            and inspect.getattr_static(cls, "linear_solver") is vars(adjoint_base)["linear_solver"]):
+        problems.append("it declares exact_higher_order but does not implement linear_solver, which "
+                        "the backend needs for the linear systems of higher derivatives")
     name = getattr(cls, "name", None)
     if named and name != entry.name:
         problems.append("it has no class attribute name" if name is None else f"its class attribute name "

@@ -107,8 +107,11 @@ def solve(
             gradient from the detached state (``correction_grad_options``), whatever ``grad``
             is; none when ``grad`` is None. Memory: ``k`` states, whatever ``max_iter`` is.
         grad: the gradient mode that makes ``solution.z`` differentiable: ``"implicit"``
-            (exact up to its backward tolerance), ``"jfb"``, ``"npg"``, ``"upg"``, ``"gdeq"``
-            (needs ``solver="broyden"``), ``"unroll"``, or a plugin's mode; ``None`` returns ``z``
+            (exact up to its backward tolerance, to every order: Hessian-vector products,
+            ``create_graph=True``, ``jax.hessian``), ``"jfb"``, ``"npg"``, ``"upg"``, ``"gdeq"``
+            (needs ``solver="broyden"``), ``"unroll"`` (also exact to every order), or a plugin's
+            mode (the approximate ones raise :class:`deqcore.HigherOrderError` on a second
+            derivative); ``None`` returns ``z``
             with no gradient path. The default ``"auto"`` is ``"implicit"`` on backends with
             autodiff (torch, JAX) and ``None`` on others (NumPy); naming a mode on a backend
             without autodiff is a :class:`deqcore.CapabilityError`. On torch nothing is attached (and no extra
@@ -213,7 +216,7 @@ def solve(
     if mode is not None and not unrolled:
         assert report is not None
         z_flat = mode.attach(BackwardProblem(be, f_flat, x, z_flat, state.solver, solver_name, report,
-                                             problem))
+                                             problem, state.iterations, state.best_step))
     if mode is not None and not mode.exact_higher_order and not isinstance(mode, AdjointMode):
         # an adjoint mode's attach_adjoint already guards its backward
         z_flat = be.first_order_only(z_flat, higher_order_error(mode.name))

@@ -38,7 +38,7 @@ def test_the_suite_covers_the_protocol_solvers_and_gradient_modes(h):
     # every protocol method is checked by name but attach_adjoint, which the grad-* checks run, and
     # compiled, which a backend may refuse (the eager base raises TypeError)
     assert methods - covered == {"attach_adjoint", "compiled"}
-    for solver in ("anderson", "broyden", "fixed_point"):
+    for solver in ("anderson", "broyden", "fixed_point", "reversible"):
         assert {f"{solver}-linear", f"{solver}-tanh", f"{solver}-tuple", f"{solver}-freezing"} <= checks
     modes = {f"grad-{m}" for m in deqcore.available()["gradients"]
              if deqcore.registry().get("gradients", m).plugin == "deqcore"}
@@ -120,7 +120,7 @@ def test_an_unknown_backend_or_reference_is_an_error_before_any_check():
 def test_the_kit_compares_a_backend_with_a_reference(both):
     checks = conformance_checks("jax", reference="torch")
     compared = [label for label in checks if label.endswith("-equals-torch")]
-    assert len(compared) == 9  # three solvers, three problems
+    assert len(compared) == 12  # four solvers (anderson, broyden, fixed_point, reversible), three problems
     for label in compared:
         checks[label]()
 
@@ -177,6 +177,8 @@ def test_the_eager_base_refuses_differentiation_without_autodiff():
         be.vjp(lambda a: a, np.ones(2))
     with pytest.raises(CapabilityError, match=r"backend 'lists'.*solve with grad=None"):
         be.attach_adjoint(lambda z, x: z, np.ones(2), None, lambda g, vjp: g)
+    with pytest.raises(CapabilityError, match=r"attach_reverse\).*backend 'lists'.*solve with grad=None"):
+        be.attach_reverse(lambda z, x: z, np.ones(2), None, lambda g, pullback, acc: acc)
     with pytest.raises(TypeError, match="backend 'lists' has no compiled mode"):
         be.compiled()
 

@@ -30,7 +30,7 @@ from deqcore import _registry
 # deqcore's own plugins, in registration order (more may be added; these three must be there)
 BUILTIN_PLUGINS = [name for name, _ in _registry.BUILTIN_PLUGINS]
 assert BUILTIN_PLUGINS[:3] == ["deqcore", "deqcore_torch", "deqcore_jax"]
-BUILTIN_SOLVERS = ["anderson", "broyden", "fixed_point"]
+BUILTIN_SOLVERS = ["anderson", "broyden", "fixed_point", "reversible"]
 
 _unique = itertools.count()
 
@@ -688,6 +688,10 @@ BROKEN_REGISTRATIONS = {
     "gradient_exact_higher_order_not_bool": (
         "gradients", _mode(*_NAMED, "exact_higher_order = 1", base="JFB"),
         r"its class attribute exact_higher_order is 1, not True or False$"),
+    "adjoint_exact_without_linear_solver": (
+        "gradients", _mode(*_NAMED, "exact_higher_order = True", base="JFB"),
+        r"it declares exact_higher_order but does not implement linear_solver, which the backend "
+        r"needs for the linear systems of higher derivatives$"),
     "hypersolver_not_a_hypersolver": (
         "hypersolvers", "register('bad_entry', FixedPoint)",
         r"registered hypersolver 'bad_entry' as class deqcore.solvers.*FixedPoint, "

@@ -67,6 +67,32 @@ def _checked(make_error, ct, anchors):
     return check(ct, floating)
 
 
+def _closed(f, z_star, x, saved, higher_order_error):
+    """What the custom-gradient hooks start from: ``z*`` and ``saved`` cut from the forward's
+    graph, ``f`` closure-converted (its closed-over arrays as ``consts``) and the error factory."""
+    z_star = jax.lax.stop_gradient(z_star)
+    saved = tuple(jax.lax.stop_gradient(s) for s in saved)
+    f_closed, consts = jax.closure_convert(f, z_star, x)
+    return z_star, saved, f_closed, consts, higher_order_error or _higher_order_error(None)
+
+
+def _identity(bwd, point=None):
+    """``(z, x, consts, saved) -> z`` whose backward is ``bwd(residuals, g)``, the residuals being
+    the four arguments; ``point(z, x, consts)``, when given, replaces ``z`` (in value the same) in
+    the output and the residuals."""
+
+    @jax.custom_vjp
+    def identity(z, x, consts, saved):
+        return z
+
+    def fwd(z, x, consts, saved):
+        z = z if point is None else point(z, x, consts)
+        return z, (z, x, consts, saved)
+
+    identity.defvjp(fwd, bwd)
+    return identity
+
+
 class JaxBackend:
     """The protocol on JAX: ``lax`` loops over fixed-shape state, so a whole solve runs under
     ``jax.jit`` and ``jax.vmap``; ``custom_vjp`` with closure conversion for gradients.
@@ -134,31 +160,44 @@ class JaxBackend:
     def stop_gradient(self, x):
         return jax.lax.stop_gradient(x)
 
-    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None):
-        z_star = jax.lax.stop_gradient(z_star)
-        saved = tuple(jax.lax.stop_gradient(s) for s in saved)
-        f_closed, consts = jax.closure_convert(f, z_star, x)
-        make_error = higher_order_error or _higher_order_error(None)
-
-        @jax.custom_vjp
-        def fixed_point(z, x, consts, saved):
-            return z
-
-        def fwd(z, x, consts, saved):
-            return z, (z, x, consts, saved)
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None, linear_solve=None):
+        z_star, saved, f_closed, consts, make_error = _closed(f, z_star, x, saved, higher_order_error)
+        exact = None if linear_solve is None else _ExactAdjoint(f_closed, adjoint, linear_solve)
 
         def bwd(res, g):
-            # first, before the adjoint's loops are traced: a derivative of this backward (the
-            # residuals or g carry tangents) is an error, not a wrong answer
-            g = _checked(make_error, g, res)
+            if exact is None:
+                # first, before the adjoint's loops are traced: a derivative of this backward (the
+                # residuals or g carry tangents) is an error, not a wrong answer
+                g = _checked(make_error, g, res)
             z, x, consts, saved = res
             _, pullback = jax.vjp(lambda z_, x_, c_: f_closed(z_, x_, *c_), z, x, consts)
-            u = adjoint(g, lambda v: pullback(v)[0], *saved)
+            if exact is None:
+                u = adjoint(g, lambda v: pullback(v)[0], *saved)
+            else:
+                u = exact.adjoint(g, z, x, consts, saved)
             _, gx, gc = pullback(u)
             return jnp.zeros_like(z), gx, gc, tuple(jnp.zeros_like(s) for s in saved)
 
-        fixed_point.defvjp(fwd, bwd)
-        return fixed_point(z_star, x, consts, saved)
+        # exact: z* carries its implicit tangent, to the loss and into the residuals, when an outer
+        # transformation differentiates the gradient (it differentiates fwd and bwd)
+        return _identity(bwd, None if exact is None else exact.point)(z_star, x, consts, saved)
+
+    def attach_reverse(self, f, z_star, x, backward, saved=(), higher_order_error=None):
+        z_star, saved, f_closed, consts, make_error = _closed(f, z_star, x, saved, higher_order_error)
+
+        def bwd(res, g):
+            g = _checked(make_error, g, res)
+            _, x, consts, saved = res
+
+            def pullback(p, v, acc):
+                out, pb = jax.vjp(lambda p_, x_, c_: f_closed(p_, x_, *c_), p, x, consts)
+                gp, gx, gc = pb(v)
+                return out, gp, jax.tree.map(jnp.add, acc, (gx, gc))
+
+            acc = backward(g, pullback, jax.tree.map(jnp.zeros_like, (x, consts)), *saved)
+            return jnp.zeros_like(g), acc[0], acc[1], tuple(jnp.zeros_like(s) for s in saved)
+
+        return _identity(bwd)(z_star, x, consts, saved)
 
     def first_order_only(self, x, make_error):
         @jax.custom_vjp
@@ -213,6 +252,70 @@ class JaxBackend:
             jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
         except ValueError:  # already registered (registry reset in tests)
             pass
+
+
+class _ExactAdjoint:
+    """The implicit function theorem at every order, for ``attach_adjoint(linear_solve=...)``.
+
+    ``point(z, x, consts)`` is ``z*`` whose tangent solves ``(I - J) dz = f_x dx + f_c dc``;
+    ``adjoint(g, z, x, consts, saved)`` is the first-order adjoint ``u`` whose tangent solves
+    ``du (I - J) = dg + u dJ``. Both are ``custom_jvp`` functions: their rules run only when a
+    transformation differentiates them, so the first derivative is the mode's own. The rules call
+    the functions themselves for the primal (a third derivative differentiates the rule again) and
+    solve through ``lax.custom_linear_solve``, whose solves are ``linear_solve`` with JVPs
+    (``v -> J v``) and, transposed, VJPs (``v -> v J``) of ``f``: the iterations are never
+    differentiated, and the derivative of the solve with respect to ``z*``, ``x`` and the
+    constants ``f`` closes over is the implicit one.
+    """
+
+    def __init__(self, f: Callable[..., Any], adjoint: Callable[..., Any],
+                 linear_solve: Callable[[Any, Any], Any]) -> None:
+        self.f, self.first_adjoint, self.linear_solve = f, adjoint, linear_solve
+        self.point = jax.custom_jvp(lambda z, x, consts: z)
+        self.point.defjvp(self._point_jvp)
+        self.adjoint = jax.custom_jvp(self._adjoint)
+        self.adjoint.defjvp(self._adjoint_jvp)
+
+    def _at(self, z: Any, x: Any, consts: Any) -> Callable[[Any], Any]:
+        return lambda z_: self.f(z_, x, *consts)
+
+    def _solve(self, b: Any, z: Any, x: Any, consts: Any, transpose: bool) -> Any:
+        """``w = b + J w`` (or ``w = b + w J`` with ``transpose``), differentiable implicitly."""
+        fz = self._at(z, x, consts)
+        _, pullback = jax.vjp(fz, z)
+
+        def jvp_z(v: Any) -> Any:
+            return jax.jvp(fz, (z,), (v,))[1]
+
+        def vjp_z(v: Any) -> Any:
+            return pullback(v)[0]
+
+        op, op_t = (vjp_z, jvp_z) if transpose else (jvp_z, vjp_z)
+        return jax.lax.custom_linear_solve(
+            lambda v: v - op(v), b, solve=lambda _, r: self.linear_solve(r, op),
+            transpose_solve=lambda _, r: self.linear_solve(r, op_t))
+
+    def _point_jvp(self, primals: Any, tangents: Any) -> Any:
+        z, x, consts = primals
+        _, dx, dconsts = tangents
+        z = self.point(z, x, consts)
+        df = jax.jvp(lambda x_, c_: self.f(z, x_, *c_), (x, consts), (dx, dconsts))[1]
+        return z, self._solve(df, z, x, consts, transpose=False)
+
+    def _adjoint(self, g: Any, z: Any, x: Any, consts: Any, saved: Any) -> Any:
+        _, pullback = jax.vjp(self._at(z, x, consts), z)
+        return self.first_adjoint(g, lambda v: pullback(v)[0], *saved)
+
+    def _adjoint_jvp(self, primals: Any, tangents: Any) -> Any:
+        g, z, x, consts, saved = primals
+        dg, dz, dx, dconsts, _ = tangents
+        u = self.adjoint(g, z, x, consts, saved)
+
+        def u_jacobian(z_: Any, x_: Any, c_: Any) -> Any:  # u J at (z_, x_, c_), u held
+            return jax.vjp(lambda zz: self.f(zz, x_, *c_), z_)[1](u)[0]
+
+        du_j = jax.jvp(u_jacobian, (z, x, consts), (dz, dx, dconsts))[1]
+        return u, self._solve(dg + du_j, z, x, consts, transpose=True)
 
 
 def _loop(run: Callable[[Any], Any], state: Any) -> Any:

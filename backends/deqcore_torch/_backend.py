@@ -8,7 +8,9 @@ from typing import Any
 import array_api_compat.torch as compat
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from deqcore import HigherOrderError
 from deqcore.extend import Capabilities, EagerBackend
 from deqcore.extend import higher_order_error as _higher_order_error
 
@@ -91,11 +93,11 @@ def _solve(a, b):
     return torch.linalg.solve_ex(a, b, check_errors=False)[0]
 
 
-def _needs_gradient(fz, z):
-    """Whether the graph of ``fz`` reaches a leaf requiring grad other than ``z`` (depth-first)."""
-    if fz.grad_fn is None:
-        return False
-    stack, seen = [fz.grad_fn], set()
+def _graph_leaves(out):
+    """The leaf tensors requiring grad that the graph of ``out`` reaches (depth-first, in order)."""
+    if out.grad_fn is None:
+        return []
+    stack, seen, found = [out.grad_fn], set(), {}
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -103,33 +105,156 @@ def _needs_gradient(fz, z):
         seen.add(node)
         leaf = getattr(node, "variable", None)
         if leaf is not None:
-            if leaf is not z:
-                return True
+            found[id(leaf)] = leaf
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return list(found.values())
+
+
+def _needs_gradient(fz, z):
+    """Whether the graph of ``fz`` reaches a leaf requiring grad other than ``z``."""
+    return any(leaf is not z for leaf in _graph_leaves(fz))
+
+
+def _discard(t):
+    return None
+
+
+def _discarded(_):
+    raise RuntimeError("deqcore: a graph built only to find the tensors f uses was differentiated")
+
+
+def _requires_grad(t):
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _sequence_mark():
+    """A number below that of every autograd node recorded after this call (in this thread)."""
+    with torch.enable_grad():
+        return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
+
+
+def _intermediate_error():
+    return HigherOrderError(
+        "deqcore: the gradient mode is exact to every order (grad='implicit'), but f closes over a "
+        "tensor that requires grad and was computed outside f (neither a leaf, such as a parameter, "
+        "nor part of x), so a derivative of the gradient could not reach it and is refused. Pass "
+        "that tensor through x (f(z, x) with x a tuple), or compute it inside f")
 
 
 class _Adjoint(torch.autograd.Function):
     """Identity on ``f(z*)`` whose backward replaces the cotangent ``g`` by ``adjoint(g, ...)``.
 
-    The adjoint is computed without a graph; when the backward is recorded (``create_graph``) it
-    is returned through :class:`_HigherOrderCheck`, tied to ``g`` and ``f(z*)``.
+    The adjoint is computed without a graph. When the backward is recorded (``create_graph``) it
+    is returned through :class:`_HigherOrderCheck`, tied to ``g`` and ``f(z*)``, unless ``exact``
+    (an :class:`_ExactAdjoint`) makes the recorded backward exact; its inputs then follow the
+    saved arrays and receive the recorded gradients.
     """
 
     @staticmethod
-    def forward(ctx, fz, adjoint, vjp_z, make_error, *saved):
+    def forward(ctx, fz, adjoint, vjp_z, make_error, exact, n_saved, *arrays):
         # f(z*) is kept alive by vjp_z's closure already; the check needs its graph, not its data
         ctx.adjoint, ctx.vjp_z, ctx.make_error, ctx.fz = adjoint, vjp_z, make_error, fz
-        ctx.save_for_backward(*saved)
+        ctx.exact, ctx.n_saved = exact, n_saved
+        ctx.save_for_backward(*arrays[:n_saved])
+        ctx.n_inputs = len(arrays) - n_saved
+        ctx.set_materialize_grads(False)  # no cotangent (a stopped _Reconnect): nothing to solve
         return fz.view_as(fz)
 
     @staticmethod
     def backward(ctx, g):
+        if g is None:
+            return (None,) * (6 + ctx.n_saved + ctx.n_inputs)
+        saved = ctx.saved_tensors
         with torch.no_grad():
-            u = ctx.adjoint(g.detach(), ctx.vjp_z, *ctx.saved_tensors)
+            u = ctx.adjoint(g.detach(), ctx.vjp_z, *saved)
+        none = (None,) * (5 + ctx.n_saved)
+        if ctx.exact is not None and torch.is_grad_enabled():
+            return (None, *none, *ctx.exact.backward(g, u))
         u = _checked(u, ctx.make_error, g, ctx.fz)
-        return (u, None, None, None) + (None,) * len(ctx.saved_tensors)
+        return (u, *none) + (None,) * ctx.n_inputs
+
+
+class _Reconnect(torch.autograd.Function):
+    """Identity on ``x`` whose backward passes the cotangent on, except while ``cell.stop``."""
+
+    @staticmethod
+    def forward(ctx, x, cell):
+        ctx.cell = cell
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None if ctx.cell.stop else g), None
+
+
+class _ExactAdjoint:
+    """The recorded backward of an adjoint mode that is exact to every order.
+
+    ``x``'s tensors that require grad are passed to ``f`` through :class:`_Reconnect` identities
+    (``self.x``); ``f``'s graph ends there, at ``z`` and at leaves (parameters), which become
+    inputs of :class:`_Adjoint` next to the identities. Under ``create_graph`` its backward
+    rebuilds ``z*`` with its implicit gradient (``attach_adjoint`` again), solves for the adjoint
+    as an attached linear fixed point ``u = g + u J(z*)`` (whose own adjoint solves the transposed
+    system ``w = b + J w``, the JVP being the VJP of the VJP), and differentiates
+    ``u f(z*, x)`` with respect to those inputs with ``create_graph``: every term of the next
+    derivative, ``dz*`` included, is then on the recorded graph. The identities stop while that
+    derivative is taken, so what reaches a parameter through ``x`` is not counted twice.
+    """
+
+    def __init__(self, backend, f, z_star, x, adjoint, linear_solve):
+        self.backend, self.f, self.z_star, self.adjoint, self.linear_solve = (
+            backend, f, z_star, adjoint, linear_solve)
+        # the identities' switch; not self, which holds their outputs (no reference cycle)
+        self.cell = types.SimpleNamespace(stop=False)
+        leaves, self.spec = tree_flatten(x)
+        self.inputs = tuple(_Reconnect.apply(t, self.cell) for t in leaves if _requires_grad(t))
+        it = iter(self.inputs)
+        self.x = tree_unflatten([next(it) if _requires_grad(t) else t for t in leaves], self.spec)
+
+    def leaves(self, fz, z, mark):
+        """The leaves ``f``'s graph reaches other than ``z`` and through ``self.x``; None when it
+        reaches a tensor computed before ``f`` ran that is neither (it cannot be an input)."""
+        stops = {t.grad_fn for t in self.inputs}
+        stack, seen, found = [fz.grad_fn], set(), {}
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stops:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                if leaf is not z:
+                    found[id(leaf)] = leaf
+                continue
+            if node._sequence_nr() < mark:
+                return None
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        self.leaf_tensors = tuple(found.values())
+        return self.leaf_tensors
+
+    def backward(self, g, u):
+        be, f = self.backend, self.f
+        z_att = be.attach_adjoint(f, self.z_star, self.x, self.adjoint, linear_solve=self.linear_solve)
+
+        def h(u_, state):  # g + u J(z*), linear in u
+            g_, z_, x_ = state
+            if not z_.requires_grad:
+                z_ = z_.detach().requires_grad_(True)
+            (uj,) = torch.autograd.grad(f(z_, x_), z_, u_, create_graph=True)
+            return g_ + uj
+
+        transposed = lambda b, vjp_w: self.linear_solve(b, vjp_w)  # noqa: E731
+        u_att = be.attach_adjoint(h, u, (g, z_att, self.x), transposed, linear_solve=self.linear_solve)
+        # the partial derivative at z*: the path through z_att is on the graph, cut while it is taken
+        fz = f(_Reconnect.apply(z_att, self.cell), self.x)
+        self.cell.stop = True
+        try:
+            grads = torch.autograd.grad(fz, self.inputs + self.leaf_tensors, u_att, create_graph=True,
+                                        allow_unused=True)
+        finally:
+            self.cell.stop = False
+        return grads
 
 
 class _HigherOrderCheck(torch.autograd.Function):
@@ -189,6 +314,27 @@ class _FirstOrderOnly(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise ctx.make_error()
+
+
+class _Reverse(torch.autograd.Function):
+    """Identity on ``z*`` whose backward runs ``backward(g, pullback, acc0, *saved)`` without a
+    graph and returns the accumulator as the gradients of its ``inputs`` (``x``'s tensors and
+    the leaves ``f`` uses)."""
+
+    @staticmethod
+    def forward(ctx, z, backward, pullback, make_error, n_saved, *tensors):
+        ctx.backward_fn, ctx.pullback, ctx.make_error, ctx.n_saved = backward, pullback, make_error, n_saved
+        ctx.save_for_backward(*tensors[:n_saved])
+        ctx.inputs = tensors[n_saved:]
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        acc0 = tuple(torch.zeros_like(t) for t in ctx.inputs)
+        with torch.no_grad():
+            acc = ctx.backward_fn(g.detach(), ctx.pullback, acc0, *ctx.saved_tensors)
+        acc = tuple(_checked(a, ctx.make_error, g, *ctx.inputs) for a in acc)
+        return (None, None, None, None, None) + (None,) * ctx.n_saved + acc
 
 
 class TorchBackend(EagerBackend):
@@ -251,11 +397,16 @@ class TorchBackend(EagerBackend):
     def stop_gradient(self, x):
         return x.detach()
 
-    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None):
+    def attach_adjoint(self, f, z_star, x, adjoint, saved=(), higher_order_error=None, linear_solve=None):
         z_star = z_star.detach()
         if not torch.is_grad_enabled():
             return z_star
         z = z_star.detach().requires_grad_(True)
+        exact = None
+        if linear_solve is not None:
+            exact = _ExactAdjoint(self, f, z_star, x, adjoint, linear_solve)
+            x = exact.x
+        mark = None if exact is None else _sequence_mark()
         with torch.enable_grad():
             fz = f(z, x)
         if not _needs_gradient(fz, z):  # nothing f uses but z requires a gradient
@@ -266,11 +417,59 @@ class TorchBackend(EagerBackend):
             return out
 
         make_error = higher_order_error or _higher_order_error(None)
-        out = _Adjoint.apply(fz, adjoint, vjp_z, make_error, *(s.detach() for s in saved))
+        inputs = ()
+        if exact is not None:
+            leaves = exact.leaves(fz, z, mark)
+            if leaves is None:  # f closes over an intermediate tensor: first derivatives only
+                exact, make_error = None, _intermediate_error
+            else:
+                inputs = (*exact.inputs, *leaves)
+        out = _Adjoint.apply(fz, adjoint, vjp_z, make_error, exact, len(saved),
+                             *(s.detach() for s in saved), *inputs)
         # Equal to z_star in value; the gradient path runs through f(z*, x). A non-finite f(z*)
         # (a flagged sample) must not turn the returned value into NaN.
         delta = out - out.detach()
         return z_star + torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+
+    def attach_reverse(self, f, z_star, x, backward, saved=(), higher_order_error=None):
+        z_star = z_star.detach()
+        if not torch.is_grad_enabled():
+            return z_star
+        x_leaves, spec = torch.utils._pytree.tree_flatten(x)
+        slots = [i for i, t in enumerate(x_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        x_inputs = tuple(x_leaves[i] for i in slots)
+        # x's differentiated tensors as leaves of their own: f's graph then ends at them and at
+        # the tensors f closes over, whatever computed x
+        x_own = [t.detach().requires_grad_(True) for t in x_inputs]
+        for i, t in zip(slots, x_own, strict=True):
+            x_leaves[i] = t
+        x_local = torch.utils._pytree.tree_unflatten(x_leaves, spec)
+        z = z_star.requires_grad_(True)
+        # a graph only to find the leaves: it keeps no tensor (nothing differentiates it)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _discarded):
+            fz = f(z, x_local)
+        own = {id(t) for t in (z, *x_own)}
+        params = tuple(t for t in _graph_leaves(fz) if id(t) not in own)
+        z_star = z_star.detach()
+        del fz
+        if not params and not x_inputs:
+            return z_star
+        wrt = (*x_own, *params)
+
+        def pullback(p, v, acc):
+            p = p.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = f(p, x_local)
+                # the graph above the parameters (a weight computed outside f) is shared with
+                # the caller's and with later pullbacks: keep it
+                grads = torch.autograd.grad(out, (p, *wrt), v, retain_graph=True, allow_unused=True)
+            gp = torch.zeros_like(p) if grads[0] is None else grads[0]
+            acc = tuple(a if d is None else a + d for a, d in zip(acc, grads[1:], strict=True))
+            return out.detach(), gp, acc
+
+        make_error = higher_order_error or _higher_order_error(None)
+        saved = tuple(s.detach() for s in saved)
+        return _Reverse.apply(z_star, backward, pullback, make_error, len(saved), *saved, *x_inputs, *params)
 
     def first_order_only(self, x, make_error):
         # attached for reverse mode, and for forward mode (a dual x), which it does not support

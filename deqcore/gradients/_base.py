@@ -7,10 +7,12 @@ most modes turn the incoming cotangent ``g`` into an adjoint ``u ~ g (I - J)^-1`
 few extra evaluations of ``f`` (UPG). Every mode works on the flat (B, n) state, per sample.
 
 Higher-order derivatives: only modes that declare :attr:`GradientMode.exact_higher_order`
-(``unroll``) may be differentiated twice. Every other mode gives its first derivative as usual, and
-a derivative of that gradient raises :class:`HigherOrderError` (the backend's
-:meth:`Backend.first_order_only` and :meth:`Backend.attach_adjoint` put the check on the gradient
-path, so it fires only when a second derivative is actually taken).
+(``unroll``, ``implicit``) may be differentiated twice. ``implicit`` hands the backend a linear
+solver (:meth:`AdjointMode.linear_solver`) with which :meth:`Backend.attach_adjoint` solves the
+further linear fixed-point problems a derivative of its gradient needs. Every other mode gives
+its first derivative as usual, and a derivative of that gradient raises :class:`HigherOrderError`
+(the backend's :meth:`Backend.first_order_only` and :meth:`Backend.attach_adjoint` put the check
+on the gradient path, so it fires only when a second derivative is actually taken).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..solvers._base import Problem
 
 
 class HigherOrderError(NotImplementedError):
-    """A gradient mode that gives first derivatives only was differentiated twice.
+    """A gradient mode whose first derivative is approximate was differentiated twice.
 
     Raised when a derivative of a gradient reaches a mode that does not declare
     :attr:`GradientMode.exact_higher_order`: on torch, a second ``backward`` or
@@ -38,22 +40,48 @@ class HigherOrderError(NotImplementedError):
     """
 
 
-def higher_order_error(mode: str | None) -> Callable[[], HigherOrderError]:
+def higher_order_error(mode: str | None, backend: str | None = None,
+                       why: str | None = None) -> Callable[[], HigherOrderError]:
     """The error for a second derivative through gradient mode ``mode`` (None: a mode built on
-    :meth:`Backend.attach_adjoint` directly), as a factory for the backends' checks."""
+    :meth:`Backend.attach_adjoint` directly), as a factory for the backends' checks. With
+    ``backend``: the mode is exact to every order but that backend's ``attach_adjoint`` cannot
+    differentiate its adjoint again. ``why`` replaces the default reason (an approximate first
+    derivative) for a mode whose first derivative is exact but not differentiable again."""
     what = "a gradient built on Backend.attach_adjoint" if mode is None else f"gradient mode {mode!r}"
+    how = ("(a second backward through a gradient taken with create_graph=True; jax.grad of "
+           "jax.grad, jax.hessian, jax.jacfwd of jax.grad) or in forward mode")
 
     def make() -> HigherOrderError:
-        return HigherOrderError(
-            f"deqcore: {what} gives first derivatives only, by reverse-mode differentiation, and was "
-            f"differentiated twice (a second backward through a gradient taken with create_graph=True; "
-            f"jax.grad of jax.grad, jax.hessian, jax.jacfwd of jax.grad) or in forward mode. Its "
-            f"backward pass holds z* constant, so a derivative of its gradient would miss how z* moves "
-            f"with the parameters and be wrong. For exact higher-order derivatives solve with "
-            f"grad='unroll' (it differentiates the forward iterations; memory grows with them), or take "
-            f"finite differences of first-order gradients")
+        return HigherOrderError(message())
+
+    def message() -> str:
+        if backend is not None:
+            return (f"deqcore: {what} is exact to every order, but backend {backend!r} gives first "
+                    f"derivatives of it only (its attach_adjoint does not differentiate the adjoint "
+                    f"solve again), and it was differentiated twice {how}. Solve on a backend that "
+                    f"does (torch, jax), or with grad='unroll'")
+        reason = why or ("Its first derivative is approximate (its backward pass holds z* constant, or "
+                         "stands in for the exact adjoint), so a derivative of it would miss how z* "
+                         "moves with the parameters and be wrong")
+        return (f"deqcore: {what} gives first derivatives only, and was differentiated twice {how}. "
+                f"{reason}. The modes exact to every order are "
+                f"{', '.join(repr(m) for m in exact_modes())}: solve with grad='implicit' (a tight "
+                f"grad_options tol) or grad='unroll' (it differentiates the forward iterations; "
+                f"memory grows with them), or take finite differences of first-order gradients")
 
     return make
+
+
+def exact_modes() -> list[str]:
+    """The names of the gradient mode classes defined so far (built-in and plugin modes, which
+    are imported when they register) that declare :attr:`GradientMode.exact_higher_order`."""
+    found, stack = set(), [GradientMode]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.exact_higher_order and isinstance(getattr(cls, "name", None), str):
+            found.add(cls.name)
+    return sorted(found)
 
 
 class BackwardReport:
@@ -97,7 +125,10 @@ class BackwardProblem(NamedTuple):
 
     ``f(zf, x)`` maps the flat (B, n) state to the flat next state; ``z_star`` is the flat fixed
     point (no gradient attached); ``solver_state`` is the forward solver's final state and
-    ``solver`` its name; ``report`` is where backward statistics go.
+    ``solver`` its name; ``report`` is where backward statistics go. ``iterations`` (B,) are the
+    steps each sample took and ``best_step`` (B,) the step whose iterate ``z_star`` is, per sample
+    (it may precede the last one: the loop returns the lowest-residual iterate); None where a
+    caller does not supply them.
     """
 
     backend: Backend
@@ -108,6 +139,8 @@ class BackwardProblem(NamedTuple):
     solver: str
     report: BackwardReport
     problem: Problem
+    iterations: Any = None
+    best_step: Any = None
 
 
 class GradientMode(Configurable):
@@ -118,10 +151,13 @@ class GradientMode(Configurable):
     solvers the mode cannot work with, before anything is solved.
 
     ``exact_higher_order`` declares whether the gradient path this mode attaches can itself be
-    differentiated exactly (second derivatives, Hessian-vector products). Only ``unroll`` can: it
-    differentiates the forward iterations, which depend on the parameters. Every other built-in
-    mode holds ``z*`` constant in its backward pass (an adjoint at ``z*``, or steps from
-    ``stop_gradient(z*)``), so a derivative of its gradient would miss ``dz*/dtheta``; for those
+    differentiated exactly (second derivatives, Hessian-vector products). ``unroll`` can: it
+    differentiates the forward iterations, which depend on the parameters. ``implicit`` can: its
+    adjoint solves the exact linear system, and the derivatives of that system are further linear
+    fixed-point problems (an :class:`AdjointMode` that declares it supplies their solver,
+    :meth:`AdjointMode.linear_solver`). ``jfb``, ``npg``, ``upg`` and ``gdeq`` cannot: their
+    adjoint stands in for the exact one (or their steps start from ``stop_gradient(z*)``), so a
+    derivative of their gradient would be a derivative of an approximation; for those
     (False, the default) :meth:`Backend.attach_adjoint` checks its own backward (every
     :class:`AdjointMode`), and ``deqcore.solve`` passes the result of any other mode's
     :meth:`attach` through :meth:`Backend.first_order_only`:
@@ -133,8 +169,8 @@ class GradientMode(Configurable):
     #: True for modes that differentiate through the forward solve itself (``unroll``): the
     #: forward then runs with gradient recording and :meth:`attach` is not called.
     unrolled: ClassVar[bool] = False
-    #: True for modes whose gradient is exact to every order (``unroll``); False: first
-    #: derivatives only, a second derivative raises :class:`HigherOrderError`.
+    #: True for modes whose gradient is exact to every order (``unroll``, ``implicit``); False:
+    #: first derivatives only, a second derivative raises :class:`HigherOrderError`.
     exact_higher_order: ClassVar[bool] = False
 
     def check(self, solver: str) -> None:
@@ -151,8 +187,11 @@ class AdjointMode(GradientMode):
     :meth:`saved` names the arrays of the forward solve the adjoint needs (they are kept for the
     backward pass and counted as such); :meth:`adjoint` gets them back, with the backend and the
     report, and must not use any other array of the forward pass. The adjoint is computed without
-    recording a graph (first derivatives only): :meth:`Backend.attach_adjoint` raises
-    :class:`HigherOrderError`, naming the mode, when its gradient is differentiated again.
+    recording a graph. A mode that does not declare ``exact_higher_order`` gives first derivatives
+    only: :meth:`Backend.attach_adjoint` raises :class:`HigherOrderError`, naming the mode, when
+    its gradient is differentiated again. A mode that declares it (its adjoint is the exact
+    ``g (I - J)^-1``, however it is computed) implements :meth:`linear_solver`, which the backend
+    uses for the linear systems of higher derivatives.
     """
 
     def saved(self, bp: BackwardProblem) -> tuple[Any, ...]:
@@ -162,14 +201,26 @@ class AdjointMode(GradientMode):
                 saved: tuple[Any, ...]) -> Any:
         raise NotImplementedError
 
+    def linear_solver(self, ctx: AdjointContext) -> Callable[[Any, Any], Any]:
+        """``linear_solve(b, op)``: the ``u`` with ``u = b + op(u)`` per sample, for a linear
+        ``op`` on (B, n) arrays (``v -> v J`` or ``v -> J v`` at ``z*``). Modes that declare
+        ``exact_higher_order`` implement it; the backend calls it for every linear system of a
+        higher derivative, never for the first derivative."""
+        raise NotImplementedError(f"gradient mode {self.name!r} declares exact_higher_order but does "
+                                  f"not implement AdjointMode.linear_solver")
+
     def attach(self, bp: BackwardProblem) -> Any:
         ctx = AdjointContext(bp.backend, bp.report, bp.problem.batch, bp.problem.n, bp.problem.dtype)
 
         def adjoint(g: Any, vjp_z: Callable[[Any], Any], *saved: Any) -> Any:
             return self.adjoint(ctx, g, vjp_z, saved)
 
+        if not self.exact_higher_order:
+            return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
+                                             higher_order_error=higher_order_error(self.name))
         return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
-                                         higher_order_error=higher_order_error(self.name))
+                                         higher_order_error=higher_order_error(self.name, bp.backend.name),
+                                         linear_solve=self.linear_solver(ctx))
 
 
 class AdjointContext(NamedTuple):

@@ -26,9 +26,15 @@ class Implicit(AdjointMode):
     converge, ``on_fail`` decides: ``"warn"`` (a :class:`deqcore.BackwardWarning`), ``"raise"``
     (:class:`deqcore.ConvergenceError`) or ``"ignore"``. Statistics of the latest backward pass
     are in ``solution.backward``.
+
+    Exact to every order: a derivative of its gradient (Hessian-vector products, ``jax.hessian``,
+    ``create_graph=True``) is the implicit function theorem applied again; each further linear
+    system (the tangent of ``z*``, ``(I - J) dz = df``, and that of the adjoint) is solved by
+    :meth:`solve_linear` with the same options, and its statistics replace the report's.
     """
 
     name = "implicit"
+    exact_higher_order = True
     solver = Option("anderson", "backward solver (any registered solver)", lambda v: None
                     if isinstance(v, str) else "a solver name")
     tol = Option(1e-6, "stop tolerance of the backward solve", opt.positive_float)
@@ -51,10 +57,24 @@ class Implicit(AdjointMode):
             raise type(error)(f"implicit backward {error}") from None
 
     def adjoint(self, ctx: AdjointContext, g: Any, vjp_z: Any, saved: tuple[Any, ...]) -> Any:
+        return self.solve_linear(ctx, g, vjp_z)
+
+    def linear_solver(self, ctx: AdjointContext) -> Any:
+        return lambda b, op: self.solve_linear(ctx, b, op)
+
+    def solve_linear(self, ctx: AdjointContext, b: Any, op: Any, *, u0: Any = None,
+                     solver: Any = None) -> Any:
+        """Solve ``u = b + op(u)`` per sample for a linear ``op`` on (B, n) arrays.
+
+        From ``u0`` (default ``b``) with this mode's ``tol``, ``max_iter`` and ``stop_mode``, by its
+        backward solver or by ``solver`` (a bound :class:`deqcore.extend.Solver`). The backward
+        report is filled and ``on_fail`` applied; the lowest-residual ``u`` is returned.
+        """
         be = ctx.backend
-        problem = Problem(be, lambda u: g + vjp_z(u), ctx.batch, ctx.n, ctx.dtype)
+        problem = Problem(be, lambda u: b + op(u), ctx.batch, ctx.n, ctx.dtype)
         with be.no_grad():
-            state, status = run(problem, self._solver, g, tol=self.tol, max_iter=self.max_iter,
+            state, status = run(problem, self._solver if solver is None else solver,
+                                b if u0 is None else u0, tol=self.tol, max_iter=self.max_iter,
                                 stop_mode=self.stop_mode, divergence=None, trace=0)
         converged = status == int(Status.CONVERGED)
         residual = state.best[1] if self.stop_mode == "rel" else state.best[0]

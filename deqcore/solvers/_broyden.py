@@ -78,16 +78,20 @@ class Broyden(Solver):
         return self.budget if self.memory is None else min(self.memory, self.budget)
 
     def capacities(self, backend: Any) -> list[int]:
+        return self._stages(backend, self.m)
+
+    @staticmethod
+    def _stages(backend: Any, m: int) -> list[int]:
         # Static shapes: a step multiplies the whole ring, so it starts at 8 pairs and doubles
         # between loop stages (a step costs about the filled slots). Dynamic shapes multiply a
         # prefix view whatever the capacity; there the stages only keep memory to the steps run.
         first = 8 if backend.static_shapes else 64
-        if self.m <= 2 * first:
+        if m <= 2 * first:
             return []
         caps = [first]
-        while caps[-1] * 2 < self.m:
+        while caps[-1] * 2 < m:
             caps.append(caps[-1] * 2)
-        return caps + [self.m]
+        return caps + [m]
 
     def _ring(self, backend: Any, like: Any, capacity: int) -> Any:
         # Where shapes are dynamic the loop reads only the slots it has written (a prefix of
@@ -252,3 +256,63 @@ class Broyden(Solver):
         breakdowns = state.breakdowns + (keep & ~usable)
         return BroydenState(z_new, fz_new, g_new, Bg_next, backend.set_index(state.UV, slot, pair, axis=2),
                             count + 1, breakdowns)
+
+
+class SeededBroyden(Broyden):
+    """Broyden started from a given inverse-Jacobian estimate ``B_0 = -I + sum_i U_i V_i^T``.
+
+    ``U`` and ``V`` are (B, k, n) seed pairs (for example the ring of an earlier Broyden solve,
+    or its transpose ``(V, U)``); the first step is then ``z_1 = z_0 - B_0 g(z_0)`` instead of
+    ``f(z_0)``. The ring holds the ``k`` seed pairs in front of up to ``memory`` new ones
+    (``None``: ``max_iter``), ``k + min(memory, max_iter)`` slots: the seed is never dropped to
+    make room while a solve runs its ``max_iter`` steps, and static shapes keep one bound. The
+    new slots grow in loop stages as Broyden's do. With a bounded ``memory`` below ``max_iter``
+    the oldest pairs, the seed first, are overwritten once the ring is full. Not registered:
+    construct it with the seed and pass it as a bound solver (as ``gdeq_refined`` does for its
+    backward solve).
+    """
+
+    name = "seeded_broyden"
+
+    def __init__(self, U: Any, V: Any, *, max_iter: int | None = None, **options: Any) -> None:
+        super().__init__(max_iter=max_iter, **options)
+        if U.shape != V.shape or len(U.shape) != 3:
+            raise ValueError(f"SeededBroyden: U and V must be (B, k, n) arrays of one shape, got "
+                             f"{tuple(U.shape)} and {tuple(V.shape)}")
+        self.seed_u, self.seed_v = U, V
+
+    @property
+    def seeded(self) -> int:
+        """The number ``k`` of seed pairs."""
+        return int(self.seed_u.shape[1])
+
+    @property
+    def m(self) -> int:
+        return self.seeded + super().m
+
+    def capacities(self, backend: Any) -> list[int]:
+        # the stages count new pairs (a stage runs at most its capacity's steps); the ring holds
+        # the seed in front of them (init, grow)
+        return self._stages(backend, super().m)
+
+    def grow(self, problem: Problem, state: BroydenState, capacity: int) -> BroydenState:
+        return super().grow(problem, state, self.seeded + capacity)
+
+    def _wraps(self, backend: Any, state: BroydenState, count: Any) -> bool:
+        if not backend.static_shapes:
+            return count >= self.m
+        return super().m < self.budget and state.UV.shape[2] == self.m
+
+    def init(self, problem: Problem, z0: Any, fz0: Any) -> BroydenState:
+        xp = problem.backend.xp
+        if tuple(self.seed_u.shape[::2]) != tuple(z0.shape):
+            raise ValueError(f"SeededBroyden: seed pairs {tuple(self.seed_u.shape)} do not match the "
+                             f"state {tuple(z0.shape)} (want (B, k, n))")
+        state = super().init(problem, z0, fz0)  # new slots: the first stage's, or k + m
+        if self.m == 0:
+            return state
+        caps = self.capacities(problem.backend)
+        seed = xp.astype(xp.stack([self.seed_u, self.seed_v], axis=1), z0.dtype)
+        UV = xp.concat([seed, state.UV[:, :, : caps[0] if caps else super().m]], axis=2)
+        return state._replace(UV=UV, Bg=apply_inverse(xp, self.seed_u, self.seed_v, state.g),
+                              count=self.seeded)

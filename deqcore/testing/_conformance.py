@@ -18,7 +18,7 @@ from .._capabilities import Capabilities
 from ..hypersolvers import HyperAnderson, IdentityCompression, train_hypersolver
 
 #: The built-in solvers every backend must run, and the problems they are checked on.
-SOLVERS = ("anderson", "broyden", "fixed_point")
+SOLVERS = ("anderson", "broyden", "fixed_point", "reversible")
 PROBLEMS = ("linear", "tanh", "tuple")
 #: Forward settings of the solver checks: tight enough that a solution equals the exact one to 1e-9.
 TIGHT: dict[str, Any] = {"tol": 1e-12, "max_iter": 300}
@@ -301,6 +301,27 @@ def check_vjp(kit: Kit) -> None:
         _close(f"vjp's second cotangent ({attempt} call)", kit.numpy(gb), ct * a, 1e-14)
 
 
+def check_attach_reverse(kit: Kit) -> None:
+    """``attach_reverse`` with ``f(z, x) = sin(z) x`` and a backward of two pullbacks (at ``p``
+    with ``v = g``, then at ``f(p)`` with the first one's ``v @ df/dz``): the value is ``z*`` and
+    the gradient of ``ct . z*`` with respect to ``x`` is the sum of both ``v @ df/dx``."""
+    xp, be = kit.xp, kit.backend
+    z, x, p, ct = (np.array([v]) for v in ([0.2, -0.4, 0.9], [1.5, 0.5, -0.25], [0.3, -1.2, 2.0],
+                                           [1.0, -2.0, 0.5]))
+
+    def backward(g: Any, pullback: Callable[..., Any], acc: Any, point: Any) -> Any:
+        fp, vz, acc = pullback(point, g, acc)
+        return pullback(fp, vz, acc)[2]
+
+    out, vjp = be.vjp(lambda x_: be.attach_reverse(lambda z_, x_: xp.sin(z_) * x_, kit.array(z), x_, backward,
+                                                   saved=(kit.array(p),)), kit.array(x))
+    _close("attach_reverse's value", kit.numpy(out), z, 0.0)
+    (gx,) = vjp(kit.array(ct))
+    fp, vz = np.sin(p) * x, ct * np.cos(p) * x
+    _close("attach_reverse's gradient through two pullbacks", kit.numpy(gx), ct * np.sin(p) + vz * np.sin(fp),
+           1e-14)
+
+
 # ------------------------------------------------------------------------------------------------
 # solvers
 
@@ -385,20 +406,24 @@ def _tanh_state_gradient(z: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, np.
 
 def gradient_check(mode: str) -> Callable[[Kit], None]:
     """``mode``'s gradient of ``sum(ct * z*)`` with respect to ``x``, through the backend's ``vjp``:
-    ``implicit`` and ``unroll`` equal the exact gradient, ``jfb`` the one-step one, the others are
-    finite and shaped like ``x``."""
+    ``implicit``, ``gdeq_refined`` (after Broyden), ``unroll`` and ``reversible`` (by the reversible
+    solver) equal the exact gradient, ``jfb`` the one-step one, the others are finite and shaped
+    like ``x``."""
 
     def check(kit: Kit) -> None:
         f, x, z0 = _problem(kit, "tanh")
-        solver = "broyden" if mode == "gdeq" else "anderson"
-        grad_options = {"tol": 1e-12, "max_iter": 200} if mode == "implicit" else None
+        solver = {"gdeq": "broyden", "gdeq_refined": "broyden",
+                  "reversible": "reversible"}.get(mode, "anderson")
+        grad_options = {"tol": 1e-12, "max_iter": 200} if mode in ("implicit", "gdeq_refined") else None
+        # the reversal restarts from exact pairs every few steps (rounding grows as it reverses)
+        options: dict[str, Any] = {**TIGHT, "checkpoints": 30} if mode == "reversible" else TIGHT
         z, pullback = kit.backend.vjp(lambda x_: solve(f, x_, z0, backend=kit.name, solver=solver, grad=mode,
-                                                       grad_options=grad_options, **TIGHT).z, x)
+                                                       grad_options=grad_options, **options).z, x)
         ct = np.random.default_rng(_RNG_SEED + 5).standard_normal(X_TANH.shape[:1] + (TANH[0].shape[0],))
         (gx,) = pullback(kit.array(ct))
         gx = kit.numpy(gx)
         exact, one_step = _tanh_state_gradient(kit.numpy(z), ct)
-        if mode in ("implicit", "unroll"):
+        if mode in ("implicit", "gdeq_refined", "unroll", "reversible"):
             _close(f"grad={mode!r}: d(ct . z*)/dx", gx, exact, 1e-8)
         elif mode == "jfb":
             _close("grad='jfb': d(ct . z*)/dx", gx, one_step, 1e-10)
@@ -407,6 +432,35 @@ def gradient_check(mode: str) -> Callable[[Kit], None]:
                     f"grad={mode!r}: the gradient has shape {gx.shape} or non-finite entries")
 
     return check
+
+
+def check_implicit_second_order(kit: Kit) -> None:
+    """``implicit`` is exact to second order: through the backend's ``vjp`` (the inner one with
+    ``create_graph=True``), the derivative with respect to the bias ``b`` of ``v . d(ct . z*)/dx``
+    equals central differences of that first-order gradient to 1e-6 (a backend whose
+    ``attach_adjoint`` ignores ``linear_solve`` raises :class:`deqcore.HigherOrderError` here)."""
+    W, U, b = TANH
+    Wt, Ut = kit.array(W.T), kit.array(U.T)
+    rng = np.random.default_rng(_RNG_SEED + 6)
+    ct, v = rng.standard_normal(X_TANH.shape[:1] + (W.shape[0],)), rng.standard_normal(X_TANH.shape)
+    direction = rng.standard_normal(b.shape)
+    x, z0 = kit.array(X_TANH), kit.array(np.zeros(ct.shape))
+    options = {"tol": 1e-13, "max_iter": 300}
+
+    def contracted(b_: Any) -> Any:  # v . d(ct . z*)/dx, differentiable in b_
+        def z_star(x_: Any) -> Any:
+            return solve(lambda z, x__: kit.xp.tanh(z @ Wt + x__ @ Ut + b_), x_, z0, backend=kit.name,
+                         grad="implicit", grad_options=options, tol=1e-13, max_iter=300).z
+
+        _, pullback = kit.backend.vjp(z_star, x, create_graph=True)
+        return kit.xp.sum(pullback(kit.array(ct))[0] * kit.array(v))
+
+    _, pullback = kit.backend.vjp(contracted, kit.array(b))
+    (second,) = pullback(kit.array(1.0))
+    eps = 1e-5
+    plus, minus = (float(kit.numpy(contracted(kit.array(b + s * eps * direction)))) for s in (1, -1))
+    _close("grad='implicit': d/db (v . d(ct . z*)/dx)", np.array(float(kit.numpy(second) @ direction)),
+           np.array((plus - minus) / (2 * eps)), 1e-6)
 
 
 def check_gradients_refused(kit: Kit) -> None:
@@ -466,14 +520,16 @@ def conformance_checks(name: str, reference: str | None = None) -> dict[str, Cal
     """The checks for the registered backend ``name``, by check name; each raises on failure.
 
     Protocol methods (shapes, dtypes, values), every built-in solver (anderson, broyden,
-    fixed_point) against exact float64 solutions of a linear, a tanh and a tuple-state problem,
-    float32 solves, per-sample freezing; where the backend's capabilities declare ``autodiff``,
-    ``vjp`` and every built-in gradient mode (``implicit`` and ``unroll`` against the exact
-    gradient, ``jfb`` against the one-step one), else that gradient modes and hypersolver training
-    are refused with :class:`deqcore.CapabilityError`. With ``reference`` (another registered
-    backend, such as ``"torch"``), every solver's solutions and iteration counts on every problem
-    must equal the reference backend's to 1e-12. Building the backend happens here: a backend
-    that is not registered or does not implement the protocol raises at once.
+    fixed_point, reversible) against exact float64 solutions of a linear, a tanh and a tuple-state
+    problem, float32 solves, per-sample freezing; where the backend's capabilities declare
+    ``autodiff``, ``vjp``, ``attach_reverse`` and every built-in gradient mode (``implicit``,
+    ``unroll`` and ``reversible`` against the exact gradient, ``jfb`` against the one-step one) and
+    ``implicit``'s second derivative (against finite differences of its gradient), else that
+    gradient modes and hypersolver training are refused with :class:`deqcore.CapabilityError`.
+    With ``reference`` (another registered backend, such as ``"torch"``), every solver's solutions
+    and iteration counts on every problem must equal the reference backend's to 1e-12. Building
+    the backend happens here: a backend that is not registered or does not implement the protocol
+    raises at once.
     """
     kit = Kit(name)
     table: dict[str, Callable[[Kit], None]] = dict(PROTOCOL_CHECKS)
@@ -484,9 +540,11 @@ def conformance_checks(name: str, reference: str | None = None) -> dict[str, Cal
         table[f"{solver}-freezing"] = freezing_check(solver)
     if kit.backend.capabilities.autodiff:
         table["vjp"] = check_vjp
+        table["attach_reverse"] = check_attach_reverse
         builtin = [e.name for e in registry().entries("gradients") if e.plugin == "deqcore"]
         for mode in builtin:
             table[f"grad-{mode}"] = gradient_check(mode)
+        table["grad-implicit-second-order"] = check_implicit_second_order
     else:
         table["grad-refused"] = check_gradients_refused
     if reference is not None:
