@@ -40,6 +40,7 @@ def fmnist(data_root):
 
 MODES = [("broyden", "implicit", {"max_iter": 10}), ("broyden", "jfb", {}),
          ("broyden", "npg", {"k": 5, "lam": 0.5}), ("broyden", "gdeq", {}),
+         ("broyden", "gdeq_refined", {"max_iter": 10}),
          ("anderson", "upg", {"k": 2, "lam": 0.5}), ("fixed_point", "unroll", {})]
 
 
@@ -368,6 +369,10 @@ def test_trainer_implicit_backward_defaults_to_the_papers_budget():
     mine = TrainConfig(grad="implicit", grad_options={"max_iter": 5, "tol": 1e-3}).deq_settings()
     assert mine.grad_options == {**IMPLICIT_BACKWARD, "max_iter": 5, "tol": 1e-3}
     assert TrainConfig(grad="jfb").deq_settings().grad_options == {}
+    # gdeq_refined runs implicit's solve from Broyden's estimate: the same budget, and Broyden forward
+    assert TrainConfig(grad="gdeq_refined").deq_settings().grad_options == IMPLICIT_BACKWARD
+    with pytest.raises(ValueError, match="gdeq_refined does not work with --solver anderson"):
+        TrainConfig(grad="gdeq_refined", solver="anderson")
 
 
 @pytest.mark.parametrize("backend", SELECTED)

@@ -75,6 +75,9 @@ from .families import FAMILIES, Family, Workload, family
 #: not warned about every step: steps.csv records the residual the backward reached
 #: (``bwd_residual``). Options given with ``--grad-option`` override these.
 IMPLICIT_BACKWARD: dict[str, Any] = {"max_iter": 20, "on_fail": "ignore"}
+#: The modes that run implicit's backward solve and take its defaults above (gdeq_refined starts
+#: the same solve from Broyden's estimate: same budget, so its steps compare with implicit's).
+IMPLICIT_BACKWARD_MODES = ("implicit", "gdeq_refined")
 #: Fault injection for resume tests: the process SIGKILLs itself right after this step is logged
 #: (``"10"``); ``"10@1"``: only the data-parallel process of rank 1 does.
 KILL_ENV = "DEQCORE_FAULT_KILL_AT_STEP"
@@ -339,7 +342,7 @@ class TrainConfig:
 
     def grad_options_used(self) -> dict[str, Any]:
         """The gradient mode's options: the trainer's defaults for the mode, then ``grad_options``."""
-        defaults = IMPLICIT_BACKWARD if self.grad == "implicit" else {}
+        defaults = IMPLICIT_BACKWARD if self.grad in IMPLICIT_BACKWARD_MODES else {}
         return {**defaults, **self.grad_options}
 
     def deq_settings(self) -> DEQSettings:

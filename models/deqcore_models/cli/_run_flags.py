@@ -68,8 +68,8 @@ def add_run_flags(p: argparse.ArgumentParser, *, output: bool = True) -> None:
                    help="a solver option, repeatable (e.g. memory=8, line_search=True); unknown keys are "
                         "errors listing the valid ones")
     s.add_argument("--grad",
-                   help=f"gradient mode (default {d('grad')}): implicit, jfb, npg, upg, gdeq (needs "
-                        "broyden), unroll, or a plugin's")
+                   help=f"gradient mode (default {d('grad')}): implicit, jfb, npg, upg, gdeq, "
+                        "gdeq_refined (both need broyden), unroll, or a plugin's")
     s.add_argument("--grad-option", action="append", metavar="KEY=VALUE",
                    help="a gradient-mode option, repeatable (e.g. k=5, lam=0.5 for npg; max_iter=20 for "
                         "implicit)")
