@@ -6,9 +6,10 @@ the very same): ``f(z, x) = tanh(z W^T + x U^T + b)``, batch 64, ``d`` in ``--si
 scale 0.1, float32. The loss is ``L = sum(c * z*)`` with a fixed random ``c`` (standard normal, seeded per
 problem); the gradient is taken with respect to W only.
 
-Forward solve (identical for every deqcore mode): Anderson (Broyden for ``gdeq``, which needs its
-inverse-Jacobian estimate), per-sample relative tolerance 1e-4, at most 50 iterations. The anchors
-run their own forward solver with the closest settings they offer (see below).
+Forward solve (identical for every deqcore mode): Anderson (Broyden for ``gdeq`` and
+``gdeq_refined``, which need its inverse-Jacobian estimate; the reversible solver for
+``reversible``), per-sample relative tolerance 1e-4, at most 50 iterations. The anchors run their
+own forward solver with the closest settings they offer (see below).
 
 What is measured, per problem, framework and method:
 
@@ -26,7 +27,10 @@ What is measured, per problem, framework and method:
   increments a counter (torch: an ``autograd.Function``; JAX: a ``custom_vjp`` whose backward
   calls ``jax.debug.callback``), in a separate untimed run. Expected: implicit ``1 +
   solution.backward.vjps`` (printed next to it as a cross-check), jfb / gdeq 1, npg ``k - 1 +
-  1``, upg ``k``, unroll the forward's f evaluations. jaxopt's default normal-CG solve also applies
+  1``, upg ``k``, unroll the forward's f evaluations, gdeq_refined ``1 + solution.backward.vjps`` (its
+  backward is implicit's solve, tol 1e-6, from GDEQ's estimate by Anderson; ``(seeded)``: by a
+  Broyden solve seeded with the forward's ring), reversible ``solution.backward.vjps`` (two per
+  reversed step). jaxopt's default normal-CG solve also applies
   the transposed product (a JVP) once per VJP: its ``J-products`` column counts both.
   optimistix cannot be wrapped that way (its implicit adjoint needs forward-mode through f); its
   count is that of a replica of its backward linear solve (the same lineax GMRES on the transposed
@@ -79,8 +83,11 @@ Goal lines:
   1.05x TorchDEQ IFT's (equal or better accuracy; the 5 % absorbs float32 noise). The total
   error is compared on ``bwd err`` because TorchDEQ's forward runs past the 1e-4 tolerance both
   are given (its stop test differs), which lowers its total error at the price of forward time;
-* memory flat: implicit / jfb / npg / gdeq (memory=8) bytes at max_iter 40 within 5 % of those at
-  10; unroll's grow. gdeq with the default ring (memory = max_iter) is reported, not judged: its
+* gdeq_refined: cosine with the exact gradient >= 0.999 with at most 0.5x the counted VJPs of
+  implicit (same backward tolerance 1e-6), per problem, size and framework; its backward time is
+  printed against implicit's on the same line (reported, not judged);
+* memory flat: implicit / jfb / npg / gdeq (memory=8) / reversible bytes at max_iter 40 within 5 %
+  of those at 10; unroll's grow. gdeq with the default ring (memory = max_iter) is reported, not judged: its
   ring is sized by max_iter by definition (2 m n floats per sample).
 
 Run:  python benchmarks/bench_gradients.py [--sizes 256,1024] [--repeats 7]
@@ -134,16 +141,24 @@ DEQCORE_MODES = (  # label, grad, forward solver, grad_options, solver options
     ("npg", "npg", "anderson", {"k": K, "lam": LAM}, {}),
     ("upg", "upg", "anderson", {"k": K, "lam": LAM}, {}),
     ("gdeq", "gdeq", "broyden", {}, {}),
+    ("gdeq_refined", "gdeq_refined", "broyden", {}, {}),
+    ("gdeq_refined (seeded)", "gdeq_refined", "broyden", {"seed_inverse": True, "solver": "broyden"}, {}),
     ("unroll", "unroll", "anderson", {}, {}),
+    ("reversible", "reversible", "reversible", {}, {}),
 )
 MEM_MODES = DEQCORE_MODES + (("gdeq (memory=8)", "gdeq", "broyden", {}, {"memory": 8}),)
 # gdeq's ring holds `memory` pairs, by default max_iter of them: it is flat in the iterations for a
 # fixed ring, which is what the goal checks; the default row shows the ring growing with max_iter.
-FLAT_MODES = ("implicit", "jfb", "npg", "gdeq (memory=8)")
+FLAT_MODES = ("implicit", "jfb", "npg", "gdeq (memory=8)", "reversible")
 GDEQ_TIME_LIMIT = 1.2
 GDEQ_COS_FACTOR = 0.5
 IFT_TIME_LIMIT = 0.5
 IFT_ACC_SLACK = 1.05
+#: VJPs after the backward report's own (the final one to the parameters; the reversible mode's
+#: reversal carries the parameters' cotangent itself)
+_FINAL_VJPS = {"reversible": 0}
+REFINED_COS = 0.999  # gdeq_refined: cosine with the exact gradient at least this ...
+REFINED_VJP_LIMIT = 0.5  # ... with at most this fraction of implicit's counted VJPs
 FLAT_LIMIT = 1.05
 COUNT_JAX = True  # count JAX VJPs with a tapped f (one more compile per method); off in --quick
 JAX_TURN_S = 0.03  # each JAX timing turn repeats forward and gradient to last about this long
@@ -336,7 +351,7 @@ def torch_cases(p: fwd.Problem, c: np.ndarray, anchors: bool = True) -> list[Cas
             info["vjps_expected"] = meta["nfe"]
         rep = meta.get("report")
         if rep is not None and rep.vjps is not None:
-            info["vjps_reported"] = rep.vjps + 1
+            info["vjps_reported"] = rep.vjps + _FINAL_VJPS.get(method, 1)
             info["bwd_converged"] = bool(np.all(rep.converged))
         notes = sorted({type(w.message).__name__ for w in caught})
         # memory (one forward under saved_tensors_hooks), then drop the graph
@@ -504,7 +519,7 @@ def jax_cases(p: fwd.Problem, c: np.ndarray, zref: np.ndarray, anchors: bool = T
         jax.effects_barrier()
         rep = reports[-1] if reports else None
         if rep is not None and rep.vjps is not None:
-            info["vjps_reported"] = rep.vjps + 1
+            info["vjps_reported"] = rep.vjps + _FINAL_VJPS.get(method, 1)
             info["bwd_converged"] = bool(np.all(rep.converged))
         info["grad"] = np.asarray(g, dtype=np.float64).T
         info["worst"] = float(p.judge(z).max())
@@ -705,6 +720,31 @@ def fmt_row(r: dict) -> str:
             f"{r['note']}")
 
 
+def _refined_goals(rf: dict | None, im: dict | None, kind: str, d: int, be: str) -> list[dict]:
+    """gdeq_refined against implicit on one problem: the cosine and VJP goal, and the backward time."""
+    if rf is None or im is None:
+        return []
+    where = f"({be}, {kind}, d={d})"
+    ratio = None
+    if rf["vjps"] is None or im["vjps"] is None:
+        ok, vjp = None, "VJPs not counted"
+    else:
+        ratio = rf["vjps"] / im["vjps"]
+        ok = rf["cos"] >= REFINED_COS and ratio <= REFINED_VJP_LIMIT
+        vjp = f"VJPs {rf['vjps']} vs implicit's {im['vjps']} = {ratio:.2f}x"
+    mark = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+    time_ratio = rf["bwd_ms"] / im["bwd_ms"] if im["bwd_ms"] > 0 else float("inf")
+    return [{"goal": "refined-vjps", "pass": ok, "ratio": ratio, "problem": kind, "d": d, "backend": be,
+             "line":
+             f"[{mark}] gdeq_refined cosine >= {REFINED_COS} with <= {REFINED_VJP_LIMIT}x implicit's VJPs "
+             f"{where}: cos {rf['cos']:.5f} (implicit {im['cos']:.5f}); {vjp}"},
+            {"goal": "refined-time", "pass": None, "ratio": time_ratio, "problem": kind, "d": d,
+             "backend": be, "line":
+             f"[INFO] gdeq_refined backward vs implicit {where}: {rf['bwd_ms']:.2f} ms vs "
+             f"{im['bwd_ms']:.2f} ms = {time_ratio:.2f}x (min {rf['bwd_min_ms']:.2f} vs "
+             f"{im['bwd_min_ms']:.2f}); forward {rf['fwd_ms']:.2f} vs {im['fwd_ms']:.2f} ms"}]
+
+
 def goals(rows: list[dict], mem: list[dict]) -> list[dict]:
     out = []
 
@@ -718,6 +758,7 @@ def goals(rows: list[dict], mem: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["problem"], r["d"], r["backend"]), []).append(r)
     for (kind, d, be), rs in groups.items():
+        out.extend(_refined_goals(pick(rs, "gdeq_refined"), pick(rs, "implicit"), kind, d, be))
         gd, jf = pick(rs, "gdeq"), pick(rs, "jfb")
         if gd and jf:
             ratio = gd["bwd_ms"] / jf["bwd_ms"] if jf["bwd_ms"] > 0 else float("inf")
@@ -769,10 +810,10 @@ def goals(rows: list[dict], mem: list[dict]) -> list[dict]:
         elif base == "unroll":
             ok = growth > FLAT_LIMIT
             want = "grows"
-        elif base == "gdeq":
+        elif base in ("gdeq", "gdeq_refined"):
             out.append({"goal": "memory-info", "pass": None, "ratio": growth, "backend": m["backend"],
                         "method": base, "line":
-                        f"[INFO] {m['backend']} gdeq with the default ring (memory = max_iter) keeps "
+                        f"[INFO] {m['backend']} {base} with the default ring (memory = max_iter) keeps "
                         f"{a} -> {b} bytes at max_iter {MEM_ITERS[0]} vs {MEM_ITERS[1]} = {growth:.3f}x: "
                         f"the ring is sized by max_iter; set memory=m for a fixed budget"})
             continue

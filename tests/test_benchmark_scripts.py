@@ -172,6 +172,8 @@ def test_bench_gradients_tiny_run_on_torch(tmp_path):
         assert implicit["fwd_converged"] and implicit["cos"] > 0.99999, implicit
         assert implicit["bwd_rel_err"] < 1e-4 and implicit["vjps"] == implicit["vjps_reported"], implicit
         assert rows[kind, "unroll"]["cos"] > 0.999
+        refined = rows[kind, "gdeq_refined"]
+        assert refined["cos"] > 0.99999 and refined["vjps"] == refined["vjps_reported"], refined
         assert {m: rows[kind, m]["vjps"] for m in ("jfb", "gdeq", "npg", "upg")} == {
             "jfb": 1, "gdeq": 1, "npg": bg.K, "upg": bg.K}
         assert rows[kind, "jfb"]["cos"] < rows[kind, "npg"]["cos"] < 0.9999
@@ -183,6 +185,8 @@ def test_bench_gradients_tiny_run_on_torch(tmp_path):
     # the renderer of docs/benchmarks-gradients.md reads this file as it reads the published one
     assert "batch 64, d ∈ {24}, 1 repeats" in render_docs.gradients_run(results)
     assert render_docs.gradients_goals(results).count("- `[SKIP] implicit backward") == 2
+    refined = [g for g in data["goals"] if g["goal"] == "refined-vjps"]
+    assert len(refined) == 2 and all(g["pass"] is not None for g in refined)
     for kind in bg.PROBLEMS:
         assert render_docs.gradients_table(results, kind).count("| 24 | torch | deqcore ") == len(modes)
     assert render_docs.gradients_memory(results).count("| torch |") == len(bg.MEM_MODES)
