@@ -19,6 +19,13 @@ Every table these commands write is a generated block (:mod:`deqcore_models.docs
 from the results files they write, and a rerun renders the blocks of an existing ``README.md`` in
 ``--out`` again, so a report's hand-written reading never disagrees with its numbers.
 
+    python -m deqcore_models.experiments reversible --model mdeq --seconds 600 --out DIR
+
+``reversible``: the reversible solver with its reversed gradient against Broyden with the implicit
+and the GDEQ gradient, each trained for the same wall time (a pilot run measures each setting's
+step time): test metric, NFE, step time, bytes kept for backward, loss over time
+(:mod:`~deqcore_models.experiments.reversible`).
+
 ``backends``: compares two training runs of the same command on different backends (their
 ``steps.csv`` and ``summary.json``): per-step loss difference, final test metrics, median step
 time ratio; writes ``backends.md``, ``backends.json`` and ``backends.png`` (both loss curves).
@@ -32,14 +39,14 @@ from __future__ import annotations
 import argparse
 
 from .._command_line import CommandParser, run_command
-from . import backends, gdeq, hyperdeq, training_runs
+from . import backends, gdeq, hyperdeq, reversible, training_runs
 from .backends import BACKEND_FILES, compare_backends
 from .gdeq import MODES, gdeq_configs, run_gdeq
 from .hyperdeq import HYPERDEQ_GOALS, VARIANTS, run_hyperdeq
 
 PROG = "python -m deqcore_models.experiments"
 #: experiment name -> its module
-EXPERIMENTS = {"gdeq": gdeq, "hyperdeq": hyperdeq, "backends": backends}
+EXPERIMENTS = {"gdeq": gdeq, "hyperdeq": hyperdeq, "reversible": reversible, "backends": backends}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .._command_line import UsageError
 
@@ -52,3 +53,19 @@ def add_output_flags(p: argparse.ArgumentParser, out: str | None = None) -> None
                    help="output folder" + ("" if out is None else f" (default {out})"))
     p.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+
+
+def command_line(experiment: str, args: Mapping[str, Any], skip: Iterable[str] = ()) -> str:
+    """The command that reproduces an experiment from its saved arguments (``vars(args)``): flags
+    left at None or False and the names in ``skip`` are left out, the data folder is written as
+    DATA."""
+    words = [f"python -m deqcore_models.experiments {experiment}"]
+    for key, value in args.items():
+        if key == "experiment" or key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "data":
+            value = "DATA"
+        words.append(flag if value is True else
+                     f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(words)

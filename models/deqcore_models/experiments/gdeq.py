@@ -1,11 +1,12 @@
 """``gdeq``: MDEQ with a Broyden forward trained with the gradient modes implicit, JFB, NPG (k=5,
-lambda=0.5) and GDEQ, with and without unrolled pre-training (the seed paper's Table 2 and
+lambda=0.5), GDEQ and GDEQ-refined, with and without unrolled pre-training (the seed paper's Table 2 and
 Figures 1-2 at CPU scale): seconds per epoch of DEQ training, speedup against implicit, test
 accuracy, and the cosine between each mode's gradient and the implicit gradient over training."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -13,20 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from .._command_line import report_flags
+from .._command_line import UsageError, report_flags
 from .._results_files import pyplot, read_csv, save_figure, save_json
 from ..doc_blocks import load, refresh_pages_of, renderer, write_page
 from ..families.mdeq import MDEQ
 from ..train import TrainConfig, Trainer
-from ._common import add_output_flags, check_names, int_list, names, refuse_existing
+from ._common import add_output_flags, check_names, command_line, int_list, names, refuse_existing
 
-#: Each mode with the trainer's defaults (for implicit, its backward budget of 20 steps) except
-#: NPG's, which are the phantom-gradient paper's k = 5, lam = 0.5.
+#: Each mode with the trainer's defaults (for implicit and gdeq_refined, the backward budget of 20
+#: steps) except NPG's, which are the phantom-gradient paper's k = 5, lam = 0.5.
 MODES: dict[str, tuple[str, dict[str, Any]]] = {
     "implicit": ("implicit", {}),
     "jfb": ("jfb", {}),
     "npg": ("npg", {"k": 5, "lam": 0.5}),
     "gdeq": ("gdeq", {}),
+    "gdeq_refined": ("gdeq_refined", {}),
 }
 
 
@@ -54,13 +56,20 @@ def gdeq_configs(args: argparse.Namespace) -> list[TrainConfig]:
 def run_gdeq(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     configs = gdeq_configs(args)
-    refuse_existing(out, args.overwrite)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the runs in --out, --overwrite replaces them: pass one")
+    if not args.resume:
+        refuse_existing(out, args.overwrite)
     rows = []
     for cfg in configs:
         mode = next(m for m, (g, _) in MODES.items() if g == cfg.grad)
         pretrain = cfg.pretrain_steps
-        print(f"== {mode}, pretrain {pretrain} steps -> {cfg.out}", file=sys.stderr)
-        summary = Trainer(cfg, progress=not args.no_progress).run(overwrite=args.overwrite)
+        run = Path(cfg.out)
+        resume = args.resume and (run / "checkpoint.npz").is_file()
+        print(f"== {mode}, pretrain {pretrain} steps -> {cfg.out}{' (resumed)' if resume else ''}",
+              file=sys.stderr)
+        Trainer(cfg, progress=not args.no_progress).run(resume=resume, overwrite=args.overwrite)
+        summary = json.loads((run / "summary.json").read_text())
         steps = read_csv(Path(cfg.out) / "steps.csv")
         deq = [float(r["seconds"]) for r in steps if r["phase"] == "deq"]
         cos = [float(r["cosine"]) for r in read_csv(Path(cfg.out) / "cosine.csv")]
@@ -82,23 +91,6 @@ def run_gdeq(args: argparse.Namespace) -> dict[str, Any]:
     _report(out, args, rows)
     return result
 
-def _gdeq_command(args: dict[str, Any]) -> str:
-    """The command line that reproduces a ``gdeq`` run from its saved arguments (the data folder
-    written as DATA)."""
-    words = ["python -m deqcore_models.experiments gdeq"]
-    for key, value in args.items():
-        if key == "experiment" or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if key == "data":
-            value = "DATA"
-        if value is True:
-            words.append(flag)
-        else:
-            words.append(f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}")
-    return " ".join(words)
-
-
 @renderer("gdeq.report")
 def render_gdeq_report(source: Path) -> str:
     """The ``gdeq`` experiment's title, command and table, from its ``results.json``."""
@@ -106,7 +98,7 @@ def render_gdeq_report(source: Path) -> str:
     args, rows = result["args"], result["rows"]
     title = f"# GDEQ comparison: MDEQ ({args['config']}) on {args['dataset']}, backend {args['backend']}"
     lines = [title, "",
-             f"Command: `{_gdeq_command(args)}`", "",
+             f"Command: `{command_line('gdeq', args, skip=('resume',))}`", "",
              "| mode | pretrain steps | s / DEQ step (median) | speedup vs implicit | test acc | vs implicit "
              "| forward NFE | mean cos vs implicit | last cos |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -181,7 +173,8 @@ def _report(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
 
 
 def add_parser(sub: Any) -> None:
-    g = sub.add_parser("gdeq", help="implicit / JFB / NPG / GDEQ on MDEQ, with and without pre-training")
+    g = sub.add_parser("gdeq", help="implicit / JFB / NPG / GDEQ / GDEQ-refined on MDEQ, with and "
+                                        "without pre-training")
     g.add_argument("--backend", choices=["torch", "jax"], default="torch", help="framework (default torch)")
     g.add_argument("--config", default="cpu", help="MDEQ config (default cpu)")
     g.add_argument("--dataset", choices=list(MDEQ.datasets), default="fashion-mnist",
@@ -202,6 +195,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--cosine-every", type=int, default=50,
                    help="gradient-cosine probe every N steps (default 50)")
     add_output_flags(g, "docs/experiments/gdeq-fmnist")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the experiment in --out: finished runs are kept, stopped ones resumed "
+                        "from their checkpoint, missing ones run")
 
 
 def run(args: argparse.Namespace) -> int:
