@@ -8,7 +8,8 @@ arithmetic is the same on JAX; the equivalence tests hold them equal to 1e-9).
 * ``drift``: the worst sample's relative error of the reconstructed initial pair, which
   ``grad="reversible"`` reports as ``solution.backward.residual``: the reversal's last state, where
   the amplified rounding is largest, against the exact ``z0``, over the larger of ``||z0||`` and
-  ``||z_N||`` (null where it overflowed). With checkpoints it is the error after the last segment.
+  ``||z_N||`` (null where it overflowed). With checkpoints it is the worst segment's error: each
+  segment's reconstructed pair against the exact one kept at the checkpoint where it ends.
 * ``grad rel err``: relative Frobenius error of ``dL/dW`` (``L = sum(c * z)``) against
   ``grad="unroll"`` of the same solve in the same dtype.
 * ``steps to tol``: the steps the solver takes to a relative residual of 1e-4 and 1e-6 (float64),

@@ -164,6 +164,45 @@ def test_errors(h):
 
 
 @pytest.mark.backend("torch")
+def test_a_drifting_segment_between_checkpoints_is_reported():
+    """With checkpoints the reversal restarts from an exact pair at each one, so the reconstructed
+    initial pair can be exact while a later segment went wrong: the reported drift is the worst
+    segment's. Here f's first two evaluations in the backward pass (the last step's) are off by
+    1e-3, as if the layer were not deterministic; the segment after the last checkpoint drifts,
+    the two before it are exact."""
+    import torch
+
+    W, U, b, x = (torch.tensor(a) for a in WEIGHTS)
+    bumps = [0]
+
+    def f(z, x):
+        out = torch.tanh(z @ W.T + x @ U.T + b)
+        if bumps[0] > 0:
+            bumps[0] -= 1
+            out = out + 1e-3
+        return out
+
+    def drift(corrupted):
+        xt = x.clone().requires_grad_(True)
+        sol = deqcore.solve(f, xt, solver="reversible", grad="reversible", tol=1e-300, max_iter=12,
+                            checkpoints=2, grad_options={"drift_tol": 1e-6, "on_fail": "ignore"})
+        bumps[0] = 2 if corrupted else 0
+        sol.z.sum().backward()
+        assert bumps[0] == 0
+        return sol.backward.residual
+
+    assert np.all(drift(False) <= 1e-12)
+    corrupted = drift(True)
+    assert np.all(corrupted > 1e-4), corrupted
+    with pytest.raises(deqcore.ConvergenceError, match="drifted beyond drift_tol"):
+        xt = x.clone().requires_grad_(True)
+        sol = deqcore.solve(f, xt, solver="reversible", grad="reversible", tol=1e-300, max_iter=12,
+                            checkpoints=2, grad_options={"drift_tol": 1e-6, "on_fail": "raise"})
+        bumps[0] = 2
+        sol.z.sum().backward()
+
+
+@pytest.mark.backend("torch")
 def test_second_derivative_raises_on_torch():
     import torch
 

@@ -24,9 +24,10 @@ class Reversible(GradientMode):
     same solve) up to the rounding that the reversal amplifies by about ``1/|1 - beta|`` a step
     (the solver's ``checkpoints`` bound it). Memory: the final pair, ``z0`` and the checkpoints,
     whatever the number of steps; ``z0`` gets no gradient. Needs ``solver="reversible"``.
-    ``solution.backward`` reports per sample the reconstruction drift (the relative distance of
-    the reconstructed initial pair, or of the pair at the first checkpoint, from the exact one)
-    as ``residual`` and the steps reversed as ``iterations``; ``vjps`` counts VJPs of ``f``. A
+    ``solution.backward`` reports per sample the reconstruction drift as ``residual``: the
+    relative distance of the reconstructed initial pair from the exact one and, with
+    checkpoints, of each segment's reconstructed pair from the exact pair kept where the segment
+    ends, the worst of them. ``iterations`` gives the steps reversed, ``vjps`` the VJPs of ``f``. A
     drift above ``drift_tol`` means the reconstructed states are no longer the forward's and the
     gradient may be wrong: ``on_fail`` then warns (:class:`deqcore.BackwardWarning`), raises
     (:class:`deqcore.ConvergenceError`) or ignores it.
@@ -90,10 +91,18 @@ def _reverse(be: Any, batch: int, g: Any, pullback: Any, acc: Any, y: Any, z: An
              mark_steps: Any = None) -> tuple[Any, Any, Any, Any]:
     """The reversal: from the final pair back to step 0, the adjoints ``(ybar, zbar)`` of the
     state after each step carried back through its two VJPs. Returns the accumulator, the
-    per-sample drift, the iterations and the VJPs taken."""
+    per-sample drift, the iterations and the VJPs taken. The drift is the worst segment's: the
+    reconstructed initial pair against ``start`` and, with checkpoints, each segment's
+    reconstructed pair against the exact one kept at the checkpoint where it ends."""
     xp = be.xp
     a = 1.0 - beta
     zeros = xp.zeros_like(g)
+    scale = xp.maximum(xp.linalg.vector_norm(start, axis=-1), xp.linalg.vector_norm(z, axis=-1))
+    scale = xp.where(scale > 0, scale, 1.0)
+
+    def distance(y1: Any, z1: Any, y2: Any, z2: Any) -> Any:
+        norm = xp.linalg.vector_norm
+        return xp.maximum(norm(y1 - y2, axis=-1), norm(z1 - z2, axis=-1)) / scale
     last = xp.max(iterations) if batch else xp.sum(iterations)
     zbar = select_rows(xp, best_step == last, g, zeros)
 
@@ -101,7 +110,7 @@ def _reverse(be: Any, batch: int, g: Any, pullback: Any, acc: Any, y: Any, z: An
         return s[0] > 0
 
     def body(s: tuple[Any, ...]) -> tuple[Any, ...]:
-        t, y, z, ybar, zbar, acc = s
+        t, y, z, ybar, zbar, acc, worst = s
         t = t - 1
         active = t < iterations
         # z_{t+1} = a z_t + beta f(y_{t+1}): its adjoint reaches y_{t+1} through f
@@ -120,14 +129,15 @@ def _reverse(be: Any, batch: int, g: Any, pullback: Any, acc: Any, y: Any, z: An
             hit = mark_steps == t
             row = xp.sum(xp.where(hit, xp.arange(mark_steps.shape[0], dtype=mark_steps.dtype), 0))
             reset = xp.any(hit)
+            worst = xp.where(reset, xp.maximum(worst, distance(y_prev, z_prev, marks[row, 0], marks[row, 1])),
+                             worst)
             y = xp.where(reset, marks[row, 0], y_prev)
             z = xp.where(reset, marks[row, 1], z_prev)
         else:
             y, z = y_prev, z_prev
-        return t, y, z, ybar, zbar, acc
+        return t, y, z, ybar, zbar, acc, worst
 
-    _, y0, z0, _, _, acc = be.while_loop(cond, body, (last, y, z, zeros, zbar, acc))
-    scale = xp.maximum(xp.linalg.vector_norm(start, axis=-1), xp.linalg.vector_norm(z, axis=-1))
-    drift = xp.maximum(xp.linalg.vector_norm(y0 - start, axis=-1),
-                       xp.linalg.vector_norm(z0 - start, axis=-1)) / xp.where(scale > 0, scale, 1.0)
+    state = (last, y, z, zeros, zbar, acc, xp.zeros_like(scale))
+    _, y0, z0, _, _, acc, worst = be.while_loop(cond, body, state)
+    drift = xp.maximum(worst, distance(y0, z0, start, start))
     return acc, drift, iterations, 2 * last
