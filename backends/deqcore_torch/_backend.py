@@ -435,15 +435,15 @@ class TorchBackend(EagerBackend):
         z_star = z_star.detach()
         if not torch.is_grad_enabled():
             return z_star
-        x_leaves, spec = torch.utils._pytree.tree_flatten(x)
-        slots = [i for i, t in enumerate(x_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        x_leaves, spec = tree_flatten(x)
+        slots = [i for i, t in enumerate(x_leaves) if _requires_grad(t)]
         x_inputs = tuple(x_leaves[i] for i in slots)
         # x's differentiated tensors as leaves of their own: f's graph then ends at them and at
         # the tensors f closes over, whatever computed x
         x_own = [t.detach().requires_grad_(True) for t in x_inputs]
         for i, t in zip(slots, x_own, strict=True):
             x_leaves[i] = t
-        x_local = torch.utils._pytree.tree_unflatten(x_leaves, spec)
+        x_local = tree_unflatten(x_leaves, spec)
         z = z_star.requires_grad_(True)
         # a graph only to find the leaves: it keeps no tensor (nothing differentiates it)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _discarded):

@@ -215,12 +215,12 @@ class AdjointMode(GradientMode):
         def adjoint(g: Any, vjp_z: Callable[[Any], Any], *saved: Any) -> Any:
             return self.adjoint(ctx, g, vjp_z, saved)
 
-        if not self.exact_higher_order:
-            return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
-                                             higher_order_error=higher_order_error(self.name))
-        return bp.backend.attach_adjoint(bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
-                                         higher_order_error=higher_order_error(self.name, bp.backend.name),
-                                         linear_solve=self.linear_solver(ctx))
+        # linear_solve only where it applies: a backend written before it existed still runs the
+        # first-order modes
+        exact = {"linear_solve": self.linear_solver(ctx)} if self.exact_higher_order else {}
+        return bp.backend.attach_adjoint(
+            bp.f, bp.z_star, bp.x, adjoint, saved=self.saved(bp),
+            higher_order_error=higher_order_error(self.name, bp.backend.name if exact else None), **exact)
 
 
 class AdjointContext(NamedTuple):

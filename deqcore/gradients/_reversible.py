@@ -7,7 +7,7 @@ from .. import _options as opt
 from .._options import Option
 from .._results import ConvergenceError
 from ..solvers._base import select_rows
-from ..solvers._reversible import ReversibleState
+from ..solvers._reversible import ReversibleState, checkpoint_row
 from ._base import BackwardProblem, BackwardWarning, GradientMode, higher_order_error
 
 
@@ -103,6 +103,7 @@ def _reverse(be: Any, batch: int, g: Any, pullback: Any, acc: Any, y: Any, z: An
     def distance(y1: Any, z1: Any, y2: Any, z2: Any) -> Any:
         norm = xp.linalg.vector_norm
         return xp.maximum(norm(y1 - y2, axis=-1), norm(z1 - z2, axis=-1)) / scale
+
     last = xp.max(iterations) if batch else xp.sum(iterations)
     zbar = select_rows(xp, best_step == last, g, zeros)
 
@@ -126,9 +127,7 @@ def _reverse(be: Any, batch: int, g: Any, pullback: Any, acc: Any, y: Any, z: An
         if marks is not None:
             # at a checkpoint step every sample's pair is exact there (a sample that stopped
             # earlier kept its final pair, which is what it still holds)
-            hit = mark_steps == t
-            row = xp.sum(xp.where(hit, xp.arange(mark_steps.shape[0], dtype=mark_steps.dtype), 0))
-            reset = xp.any(hit)
+            row, reset = checkpoint_row(xp, mark_steps, t)
             worst = xp.where(reset, xp.maximum(worst, distance(y_prev, z_prev, marks[row, 0], marks[row, 1])),
                              worst)
             y = xp.where(reset, marks[row, 0], y_prev)

@@ -37,6 +37,18 @@ def checkpoint_steps(count: int, max_iter: int) -> tuple[int, ...]:
                         - {max_iter}))
 
 
+def checkpoint_row(xp: Any, mark_steps: Any, step: Any) -> tuple[Any, Any]:
+    """The row of the checkpoint buffer (``ReversibleState.marks``) for the pair after ``step``:
+    the index of ``step`` in ``mark_steps``, or the spare last row when ``step`` is no checkpoint;
+    and whether it is one (0-d arrays, traceable)."""
+    k = mark_steps.shape[0]
+    hit = mark_steps == step
+    index = xp.sum(xp.where(hit, xp.arange(k, dtype=mark_steps.dtype,
+                                           device=array_api_compat.device(mark_steps)), 0))
+    found = xp.any(hit)
+    return xp.where(found, index, k), found
+
+
 class Reversible(Solver):
     """The reversible relaxed iteration of RevDEQ (McCallum, Arora & Foster, 2025).
 
@@ -79,10 +91,7 @@ class Reversible(Solver):
         step = state.step + 1
         marks = state.marks
         if marks is not None:
-            kept = self.steps_kept()
-            # the row of the checkpoint this step is, else the spare last row (traceable arithmetic)
-            k = len(kept)
-            row = k + sum(xp.astype(step == c, xp.int32) * (i - k) for i, c in enumerate(kept))
+            row, _ = checkpoint_row(xp, state.mark_steps, step)
             marks = problem.backend.set_index(marks, row, xp.stack([y, z]))
         return z, fz, state._replace(y=y, z=z, fz=fz, step=step, marks=marks), 2
 
